@@ -1,0 +1,88 @@
+"""Export a run: group-ordered JSONL of complete groups plus a failure report, both atomic."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from stage_a.records import GroupRecord, image_keys
+from stage_a.store import ExportGroup, ResultStore
+from stage_a.store.models import DONE, FAILED
+from merger.jsonl_io import atomic_write_lines
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    jsonl_path: Path
+    failures_path: Path
+    groups_written: int
+    groups_failed: int  # at least one image failed
+    groups_incomplete: int  # images still pending/leased (run not finished)
+
+    @property
+    def groups_not_written(self) -> int:
+        return self.groups_failed + self.groups_incomplete
+
+
+def output_paths(output_dir: Path, mission: str) -> tuple[Path, Path]:
+    return output_dir / f"{mission}_stage_a.jsonl", output_dir / f"{mission}_stage_a_failures.jsonl"
+
+
+def _failure(group: ExportGroup) -> dict[str, object] | None:
+    problems = []
+    incomplete = False
+    for i, img in enumerate(group.images, start=1):
+        if img.status == DONE and img.summary:
+            continue
+        if img.status == FAILED:
+            reason = img.error or "failed"
+        elif img.status == DONE:
+            reason = "empty summary"
+        else:
+            reason = f"not processed yet ({img.status})"
+            incomplete = True
+        problems.append({"image": f"image_{i}", "file": img.file_name, "reason": reason})
+    if not problems and group.images:
+        return None
+    if not group.images:
+        problems.append({"image": None, "file": None, "reason": "group has no image rows"})
+    return {
+        "group_id": group.group_id,
+        "label": group.label,
+        "position": group.position,
+        "status": "incomplete" if incomplete else "failed",
+        "images": problems,
+    }
+
+
+def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportReport:
+    """Stream the run's groups in order; write complete ones, report the rest. Memory stays flat."""
+    run = store.get_run(run_id)
+    output_dir = Path(output_dir)
+    jsonl_path, failures_path = output_paths(output_dir, run.spec.mission)
+    counts = {"written": 0, "failed": 0, "incomplete": 0}
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+
+        def lines() -> Iterator[str]:
+            for group in store.iter_export_groups(run_id):
+                failure = _failure(group)
+                if failure is not None:
+                    counts[str(failure["status"])] += 1
+                    spool.write(json.dumps(failure, ensure_ascii=False) + "\n")
+                    continue
+                record = GroupRecord(
+                    group_id=group.group_id, mission=run.spec.mission, label=group.label,
+                    images=[img.file_name for img in group.images],
+                    per_image=dict(zip(image_keys(len(group.images)), [img.summary or "" for img in group.images],
+                                       strict=True)),
+                )
+                counts["written"] += 1
+                yield record.to_json_line()  # validates before anything is written
+
+        atomic_write_lines(jsonl_path, lines())
+        spool.seek(0)
+        atomic_write_lines(failures_path, spool)
+    return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"])

@@ -1,0 +1,41 @@
+"""Turn an input tree into a recorded run: discover, sample, store groups and pending images."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from producer.discovery import discover
+from producer.sampling import sample_groups
+from stage_a.config import RunSpec
+from stage_a.errors import UserError
+from stage_a.store import GroupInput, ResultStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registered:
+    run_id: int
+    spec: RunSpec
+    groups: int
+    images: int
+    discovered_groups: int
+    warnings: tuple[str, ...]
+
+
+def register_run(store: ResultStore, spec: RunSpec, input_dir: Path) -> Registered:
+    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
+    found = discover(Path(input_dir), spec.mission)
+    kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
+    if not kept:
+        raise UserError(
+            f"sampling kept no groups of {len(found.groups)} found "
+            f"(pass_group_number={spec.pass_group_number}, fail_group_number={spec.fail_group_number})"
+        )
+    spec = replace(spec, input_root=str(found.input_root))
+    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept])
+    n_images = sum(len(g.images) for g in kept)
+    log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), len(found.groups), n_images)
+    return Registered(run_id, spec, len(kept), n_images, len(found.groups), tuple(found.warnings))

@@ -1,0 +1,68 @@
+"""`stage-a` command line. Subcommands are imported only when they run (export never loads torch)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from stage_a.errors import UserError
+
+_COMMANDS = {
+    "run": ("stage_a.commands.run", "run", "Summarize a mission's images on this machine and export the JSONL."),
+    "enqueue": ("stage_a.commands.enqueue", "enqueue", "Record a run and queue its images for the worker farm."),
+    "status": ("stage_a.commands.status", "status", "Show progress of a run (pending/done/failed, ETA, workers)."),
+    "export": ("stage_a.commands.export", "export", "Write a run's JSONL and failure report from the database."),
+    "postprocess": ("stage_a.commands.post", "postprocess", "Re-clean and re-validate an existing Stage-A JSONL."),
+    "add-fail-reasons": ("stage_a.commands.post", "add_fail_reasons",
+                         "Attach reviewer fail reasons from an Excel sheet (BBU only)."),
+    "reclaim": ("stage_a.commands.reclaim", "reclaim",
+                "Re-enqueue images whose worker died (expired leases); run it periodically."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr, _ = _COMMANDS[name]
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help lists commands from the table, without importing every module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in _COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="stage-a")
+def cli() -> None:
+    """Stage-A: Qwen3-VL summaries of inspection photo groups, exported as JSONL for Stage-B."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return cli.main(args=argv, prog_name="stage-a", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"stage-a: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("stage-a: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("stage-a: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""`stage-a export`: JSONL + failure report of a run already in the database."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from stage_a.config import database_url
+from stage_a.errors import UserError
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("run_arg", metavar="[RUN]", type=int, required=False)
+@click.option("--run", "run_id", type=int, help="Run id (same as the RUN argument).")
+@click.option("--mission", help="Export the latest run of this mission instead of a run id.")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the files go.")
+@click.option("--db", help="Results database path or URL (env STAGE_A_DATABASE_URL; default <output-dir>/stage_a_results.db).")
+@click.option("--require-finished", is_flag=True, help="Refuse (exit 4, no files) while images are still pending.")
+@click.option("--postprocess", is_flag=True, help="Re-apply clean-up and validation to the exported JSONL.")
+@click.option("--add-gt-fail-reason", is_flag=True, help="Attach reviewer fail reasons from --excel-path (BBU only).")
+@click.option("--excel-path", type=click.Path(path_type=Path), default=Path("output_post/BBU_scene_latest.xlsx"), help="Excel sheet for --add-gt-fail-reason.")
+def export(run_arg: int | None, run_id: int | None, mission: str | None, output_dir: Path, db: str | None,
+           require_finished: bool, postprocess: bool, add_gt_fail_reason: bool, excel_path: Path) -> None:
+    """Write <output-dir>/<mission>_stage_a.jsonl (complete groups, in order) and the failure report.
+
+    A run that is not finished is exported with its complete groups only, and says so.
+    """
+    from merger.export import export_run
+    from stage_a.store import ResultStore
+
+    run_id = run_id or run_arg
+    if run_id is None and not mission:
+        raise UserError("give a run id (RUN or --run) or --mission")
+    store = ResultStore(database_url(db, output_dir))
+    info = store.get_run(run_id) if run_id else store.latest_run(mission)
+    if info is None:
+        raise UserError(f"no run for mission {mission!r} in {store.display_url}")
+    counts = store.counts(info.id)
+    if not counts.finished:
+        msg = f"run {info.id} is not finished: {counts.pending + counts.leased} of {counts.images_total} images pending"
+        if require_finished:
+            click.echo(f"stage-a: {msg}; nothing written", err=True)
+            sys.exit(4)
+        click.echo(f"stage-a: warning: {msg}; exporting complete groups only", err=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = export_run(store, info.id, output_dir)
+    if postprocess:
+        from merger.postprocess import postprocess_file
+
+        postprocess_file(report.jsonl_path, inplace=True)
+    if add_gt_fail_reason:
+        from merger.fail_reasons import add_fail_reasons_file
+
+        fr = add_fail_reasons_file(report.jsonl_path, excel_path, info.spec.dataset, inplace=True)
+        click.echo(f"stage-a: fail reasons attached to {fr.updated} records; {fr.fail_without_reason} fail records had none", err=True)
+    click.echo(f"stage-a: run {info.id}: {report.groups_written} groups written, {report.groups_failed} failed, "
+               f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
+    if report.groups_not_written:
+        sys.exit(3)

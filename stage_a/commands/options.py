@@ -1,0 +1,82 @@
+"""Options shared by `run` and `enqueue`, and turning them into a RunSpec."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stage_a.config import DEFAULT_BATCH_SIZE, DEFAULT_PROFILE, SHARDING_MODES, GenerationParams, RunSpec
+from stage_a.errors import UserError
+
+F = Callable[..., Any]
+
+
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+run_options = _stack(
+    click.option("--mission", help="Mission name, exactly as in SPEC (e.g. 挡风板安装检查)."),
+    click.option("--input-dir", type=click.Path(path_type=Path), help="Root folder holding <mission>/审核通过|审核不通过/<group>/ (the mission folder itself is accepted)."),
+    click.option("--checkpoint", help="Merged Qwen3-VL folder or LoRA adapter folder. Omit to use the tiny random-weight demo model."),
+    click.option("--dataset", type=click.Choice(["bbu", "rru"]), help="Domain pack for the prompt; default: from the mission."),
+    click.option("--prompt-profile", default=DEFAULT_PROFILE, show_default=True, help="Prompt profile."),
+    click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Images per model batch (per GPU)."),
+    click.option("--max-pixels", type=int, default=0, help="Pixel budget per image after resize; default bbu 1048576, rru 2097152."),
+    click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Generation limit per image."),
+    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 (or <= 1e-4) = greedy decoding."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (sampling only)."),
+    click.option("--repetition-penalty", type=float, default=1.05, show_default=True, help="Penalty for repeated tokens."),
+    click.option("--pass-group-number", type=int, default=None, help="Keep at most this many pass groups (default: all; 0: none)."),
+    click.option("--fail-group-number", type=int, default=None, help="Keep at most this many fail groups (default: all; 0: none)."),
+    click.option("--sample-seed", type=int, default=42, show_default=True, help="Seed of the per-label group sampling."),
+    click.option("--sharding-mode", type=click.Choice(list(SHARDING_MODES)), default="per_group", show_default=True, help="per_group: a group's images batch together; per_image: batches span groups, ordered by length."),
+    click.option("--db", help="Results database: a file path or SQLAlchemy URL (env STAGE_A_DATABASE_URL). Default: <output-dir>/stage_a_results.db."),
+    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="WARNING", show_default=True, help="Logging verbosity."),
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
+
+
+def build_spec(kw: dict[str, Any], checkpoint: str) -> RunSpec:
+    """Validate options (mission, dataset, numbers) into a RunSpec; input_root is set at registration."""
+    from stage_a.missions import get_mission, get_profile, resolve_dataset
+
+    if not kw.get("mission"):
+        raise UserError("--mission is required")
+    mission = get_mission(kw["mission"])
+    get_profile(kw["prompt_profile"])
+    dataset = resolve_dataset(mission, kw.get("dataset"))
+    gen = GenerationParams(
+        max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+        repetition_penalty=kw["repetition_penalty"],
+    )
+    return RunSpec(
+        mission=mission.name, dataset=dataset, input_root="", checkpoint=checkpoint,
+        prompt_profile=kw["prompt_profile"], sharding_mode=kw["sharding_mode"], batch_size=kw["batch_size"],
+        max_pixels=kw["max_pixels"], generation=gen, pass_group_number=kw["pass_group_number"],
+        fail_group_number=kw["fail_group_number"], sample_seed=kw["sample_seed"],
+    )
+
+
+def require_input_dir(path: Path | None) -> Path:
+    if path is None:
+        raise UserError("--input-dir is required")
+    if not path.exists():
+        raise UserError(f"input dir not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"input dir is not a folder: {path}")
+    return path

@@ -1,0 +1,158 @@
+"""`stage-a run`: the whole job on one machine with no broker (the embedded default)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stage_a.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from stage_a.config import database_url, default_cache_dir
+from stage_a.errors import UserError
+
+DEMO_MISSION = "挡风板安装检查"
+
+
+def parse_gpus(value: str | None) -> list[str] | None:
+    """'0,1,2,3' -> one process per GPU; 'cpu' -> one CPU process; 'cpu,cpu' -> two CPU processes."""
+    if value is None or value.strip() == "":
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    for p in parts:
+        if p != "cpu" and not p.isdigit():
+            raise UserError(f"--gpus must be 'cpu' or a comma-separated list of GPU indices like 0,1,2,3; got {value!r}")
+    if len(set(p for p in parts if p != "cpu")) != len([p for p in parts if p != "cpu"]):
+        raise UserError(f"--gpus lists a GPU twice: {value!r}")
+    return parts
+
+
+@click.command(context_settings={"show_default": True})
+@run_options
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the JSONL, failure report (and default database) go.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (single-process runs).")
+@click.option("--gpus", help="Run one pinned engine process per listed GPU, e.g. 0,1,2,3 ('cpu' = CPU; 'cpu,cpu' = two CPU processes).")
+@click.option("--verify-inputs", is_flag=True, help="Log hashes, sizes, image_grid_thw and token counts of the first batch.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (--run ID, default: the mission's latest run in --db): only unfinished images are processed.")
+@click.option("--run", "run_id", type=int, help="Run id to resume.")
+@click.option("--postprocess", is_flag=True, help="Re-apply clean-up and validation to the exported JSONL.")
+@click.option("--add-gt-fail-reason", is_flag=True, help="Attach reviewer fail reasons from --excel-path (BBU only).")
+@click.option("--excel-path", type=click.Path(path_type=Path), default=Path("output_post/BBU_scene_latest.xlsx"), help="Excel sheet for --add-gt-fail-reason.")
+def run(**kw: Any) -> None:
+    """Summarize every image of a mission with Qwen3-VL in left-padded batches and export the JSONL.
+
+    With no --checkpoint a tiny random-weight Qwen3-VL is built (its summaries are meaningless);
+    with neither --checkpoint nor --input-dir a small sample tree is generated too, so a bare
+    `stage-a run` shows the whole job working on a fresh machine.
+    """
+    setup_logging(kw["log_level"])
+    gpus = parse_gpus(kw["gpus"])
+    output_dir: Path = kw["output_dir"]
+    checkpoint = kw["checkpoint"]
+    demo = checkpoint is None and not kw["resume"]
+    if demo:
+        click.secho("stage-a: no --checkpoint: using a tiny RANDOM-WEIGHT Qwen3-VL demo model; its summaries are "
+                    "meaningless (pass --checkpoint for real summaries)", fg="yellow", err=True)
+        if kw["input_dir"] is None:
+            kw["mission"] = kw["mission"] or DEMO_MISSION
+    else:
+        from workers.loader import check_checkpoint
+
+        check_checkpoint(checkpoint)
+    if not kw["resume"]:
+        spec = build_spec(kw, checkpoint or "")
+        input_dir = kw["input_dir"]
+        if input_dir is None and demo:
+            from producer.sample_data import make_sample_tree
+
+            input_dir = default_cache_dir() / "sample-input"
+            if not (input_dir / spec.mission).is_dir():
+                make_sample_tree(input_dir, spec.mission)
+            click.echo(f"stage-a: no --input-dir: using generated sample data in {input_dir}", err=True)
+        input_dir = require_input_dir(input_dir)
+    if demo:
+        from workers.tiny_model import cached_tiny_checkpoint
+
+        checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+
+    from stage_a.store import ResultStore
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(database_url(kw["db"], output_dir))
+    if kw["resume"]:
+        info = store.get_run(kw["run_id"]) if kw["run_id"] else store.latest_run(kw["mission"])
+        if info is None:
+            raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
+        run_id = info.id
+        reset = store.reset_failed(run_id)
+        n_todo = len(store.unfinished_items(run_id))
+        click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
+                   f"({reset} previously failed retried)", err=True)
+    else:
+        from dataclasses import replace
+
+        from producer.register import register_run
+
+        reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
+        run_id = reg.run_id
+        for w in reg.warnings:
+            click.echo(f"stage-a: warning: {w}", err=True)
+        click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
+                   f"{reg.images} images -> {store.display_url}", err=True)
+    run_info = store.get_run(run_id)
+    if checkpoint is None:  # resuming: the run remembers its checkpoint
+        checkpoint = run_info.spec.checkpoint
+    processed, seconds = _process(store, run_info, checkpoint or run_info.spec.checkpoint, kw, gpus)
+    _finish(store, run_id, output_dir, processed, seconds, kw)
+
+
+def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
+             gpus: list[str] | None) -> tuple[int, float]:
+    from workers.local import LocalJob, run_in_process, run_multi
+
+    from stage_a.commands.progress import RunProgress
+
+    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"])
+    start_counts = store.counts(run_info.id)
+    t0 = time.perf_counter()
+    with RunProgress(store, run_info.id, start_counts) as progress:
+        try:
+            if gpus and (len(gpus) > 1 or gpus[0] != "cpu"):
+                run_multi(job, gpus, poll=progress.refresh_from_store)
+            else:
+                device = "cpu" if gpus == ["cpu"] else kw["device"]
+                run_in_process(LocalJob(job.db_url, job.run_id, checkpoint, device, job.verify_inputs),
+                               on_batch=progress.advance, store=store)
+        except KeyboardInterrupt:
+            progress.stop()
+            click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: stage-a run --resume "
+                       f"--run {run_info.id} --db '{store.display_url}' --output-dir {kw['output_dir']}", err=True)
+            sys.exit(130)
+    end_counts = store.counts(run_info.id)
+    processed = (end_counts.done + end_counts.failed) - (start_counts.done + start_counts.failed)
+    return processed, time.perf_counter() - t0
+
+
+def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: float, kw: dict[str, Any]) -> None:
+    from merger.export import export_run
+
+    report = export_run(store, run_id, output_dir)
+    if kw.get("postprocess"):
+        from merger.postprocess import postprocess_file
+
+        postprocess_file(report.jsonl_path, inplace=True)
+    if kw.get("add_gt_fail_reason"):
+        from merger.fail_reasons import add_fail_reasons_file
+
+        fr = add_fail_reasons_file(report.jsonl_path, kw["excel_path"], store.get_run(run_id).spec.dataset, inplace=True)
+        click.echo(f"stage-a: fail reasons attached to {fr.updated} records; {fr.fail_without_reason} fail records had none", err=True)
+    rate = processed / seconds if seconds > 0 else 0.0
+    click.echo(
+        f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "
+        f"{report.groups_incomplete} incomplete; {processed} images in {seconds:.1f}s ({rate:.2f} images/s)\n"
+        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  database: {store.display_url}"
+    )
+    if report.groups_not_written:
+        sys.exit(3)

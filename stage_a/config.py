@@ -1,0 +1,129 @@
+"""Typed configuration shared by `stage-a run`, `stage-a enqueue` and the workers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stage_a.errors import UserError
+
+GREEDY_TEMPERATURE = 1e-4
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_PIXELS = {"bbu": 1_048_576, "rru": 2_097_152}
+SHARDING_MODES = ("per_group", "per_image")
+DEFAULT_PROFILE = "summary_runtime"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings; validated on construction so a bad value never reaches the model."""
+
+    max_new_tokens: int = 1024
+    """Upper bound on generated tokens per image."""
+    temperature: float = 0.0
+    """0 (or anything <= 1e-4) means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; only used when sampling."""
+    repetition_penalty: float = 1.05
+    """>1 discourages repeated tokens (prompt tokens included, padding excluded)."""
+    min_new_tokens: int = 0
+    """Benchmarks set it equal to max_new_tokens to fix output lengths."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run; stored with the run so workers and exports agree on it."""
+
+    mission: str
+    dataset: str
+    input_root: str
+    """Absolute folder that contains the mission folder; workers read only below it."""
+    checkpoint: str = ""
+    prompt_profile: str = DEFAULT_PROFILE
+    sharding_mode: str = "per_group"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_pixels: int = 0
+    """0 = the dataset default (bbu 1048576, rru 2097152)."""
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    pass_group_number: int | None = None
+    fail_group_number: int | None = None
+    sample_seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise UserError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.max_pixels < 0:
+            raise UserError(f"max_pixels must be > 0, got {self.max_pixels}")
+        if self.sharding_mode not in SHARDING_MODES:
+            raise UserError(f"sharding_mode must be one of {', '.join(SHARDING_MODES)}, got {self.sharding_mode!r}")
+        if self.max_pixels == 0:
+            object.__setattr__(self, "max_pixels", DEFAULT_MAX_PIXELS.get(self.dataset, DEFAULT_MAX_PIXELS["bbu"]))
+        for name in ("pass_group_number", "fail_group_number"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"{name} must be >= 0, got {value}")
+
+    def params_dict(self) -> dict[str, Any]:
+        """What the store keeps as the run's generation parameters."""
+        return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, **self.generation.to_dict()}
+
+    def sampling_dict(self) -> dict[str, Any]:
+        return {
+            "pass_group_number": self.pass_group_number,
+            "fail_group_number": self.fail_group_number,
+            "sample_seed": self.sample_seed,
+        }
+
+
+def default_cache_dir() -> Path:
+    """Where the embedded default keeps its tiny model and sample data."""
+    base = os.environ.get("STAGE_A_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stage-a"
+    )
+    return Path(base)
+
+
+def database_url(db: str | None, output_dir: Path | None = None) -> str:
+    """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""
+    value = db or os.environ.get("STAGE_A_DATABASE_URL")
+    if not value:
+        folder = output_dir if output_dir is not None else Path.cwd()
+        return f"sqlite:///{Path(folder).resolve() / 'stage_a_results.db'}"
+    if "://" in value:
+        return value
+    return f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and status output."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        import re
+
+        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

@@ -1,0 +1,9 @@
+"""Error types that the CLI turns into one clear line and a non-zero exit."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flags, paths, data): shown as one line, never a traceback."""
+
+
+class EngineDeadError(RuntimeError):
+    """The model engine can no longer serve any request (OOM loop, CUDA error): stop the worker."""

@@ -1,0 +1,50 @@
+"""Typed units of work and their results, as they flow producer -> broker -> worker -> store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, order=True)
+class ImageKey:
+    """Identity of one image in one run: the store's primary key."""
+
+    run_id: int
+    group_position: int
+    image_index: int  # 1-based, the N of image_N
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    key: ImageKey
+    rel_path: str
+    """Path relative to the run's input root; workers refuse anything that leaves the root."""
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON task payload for one image."""
+        return {
+            "run_id": self.key.run_id,
+            "group_position": self.key.group_position,
+            "image_index": self.key.image_index,
+            "path": self.rel_path,
+        }
+
+
+@dataclass
+class ImageResult:
+    """What the engine produced for one image: a summary, or a one-line error."""
+
+    key: ImageKey
+    summary: str | None = None
+    raw_text: str | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    vision_tokens: int | None = None
+    preprocess_ms: float | None = None
+    generate_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.summary)

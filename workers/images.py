@@ -1,0 +1,95 @@
+"""Reading images safely: confined to the input roots, EXIF-rotated, RGB, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(Exception):
+    """This image cannot be used; the message is the one-line reason stored for it."""
+
+
+class PathOutsideRoots(ImageError):
+    """A task named a file outside the configured input roots (poison message)."""
+
+
+def resolve_under_root(rel_path: str, root: str | Path) -> Path:
+    """The real path of ``rel_path`` below ``root``; refuses absolute paths, '..' and escaping symlinks."""
+    if not isinstance(rel_path, str) or not rel_path:
+        raise PathOutsideRoots("empty image path")
+    if os.path.isabs(rel_path) or rel_path.startswith(("/", "\\")):
+        raise PathOutsideRoots(f"absolute path not allowed: {rel_path}")
+    root_real = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root_real, rel_path))
+    if os.path.commonpath([root_real, full]) != root_real:
+        raise PathOutsideRoots(f"path leaves the input root: {rel_path}")
+    return Path(full)
+
+
+@dataclass
+class LoadedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    size_before: tuple[int, int]  # (width, height) as stored in the file
+    file_sha256: str
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) after EXIF rotation, read from the header only; None if unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_image(path: Path) -> LoadedImage:
+    """Decode fully (truncation is caught here, not inside the model batch) and normalize to RGB."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError(f"empty file: {path.name}")
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                size_before = im.size
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {path.name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image file: {path.name}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt image {path.name}: {exc}") from None
+    return LoadedImage(image=rgb, size_before=size_before, file_sha256=hashlib.sha256(data).hexdigest())
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale to 8 bits instead of clipping everything to white.
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() or 1.0
+        return Image.fromarray((arr * (255.0 / top)).astype("uint8"), "L").convert("RGB")
+    if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,122 @@
+"""Loading a checkpoint (merged model folder or LoRA adapter) for batched left-padded generation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stage_a.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # Qwen3VLForConditionalGeneration (possibly LoRA-merged)
+    processor: Any  # Qwen3VLProcessor with a left-padding tokenizer
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    checkpoint: str
+    adapter: bool
+    attn_implementation: str
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; validates explicit choices."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but no CUDA GPU is visible")
+        return device if ":" in device else "cuda:0"
+    raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def _best_attention(device: str) -> str:
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_checkpoint(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise UserError(f"checkpoint folder not found: {path}")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserError(f"not a model or LoRA adapter folder (no config.json / adapter_config.json): {path}")
+    return path
+
+
+def force_left_padding(processor: Any) -> None:
+    """Decoder-only batches must be left padded whatever the shipped tokenizer config says."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    tok.truncation_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>"
+    if hasattr(processor, "padding_side"):
+        processor.padding_side = "left"
+
+
+def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
+    """Load model + processor once; bf16 and the best attention on CUDA, float32 on CPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = check_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    attn = _best_attention(dev)
+    adapter_cfg = path / "adapter_config.json"
+    is_adapter = adapter_cfg.is_file() and not (path / "config.json").is_file()
+    base_path = path
+    if is_adapter:
+        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path") or ""
+        base_path = Path(base).expanduser()
+        if not base_path.is_absolute() and not base_path.is_dir():
+            base_path = (path / base).resolve()
+        if not base_path.is_dir():
+            raise UserError(f"LoRA base model folder not found: {base} (from {adapter_cfg})")
+    log.info("loading %s%s on %s (%s, %s)", "LoRA adapter " if is_adapter else "", path, dev, dtype, attn)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, attn_implementation=attn)
+        if is_adapter:
+            from peft import PeftModel
+
+            # Merge once at load: generation then runs at the merged model's speed.
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        processor_src = path if (path / "tokenizer_config.json").is_file() else base_path
+        processor = AutoProcessor.from_pretrained(processor_src)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    force_left_padding(processor)
+    model.to(dev).eval()
+    return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
+                       checkpoint=str(path), adapter=is_adapter, attn_implementation=attn)
+
+
+def pin_process_to_gpu(gpu: str | None) -> None:
+    """Restrict this process to one GPU before torch initializes CUDA (so it sees it as cuda:0)."""
+    if gpu is None or gpu == "" or gpu == "cpu":
+        if gpu == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
