@@ -25,7 +25,7 @@ class Registered:
     warnings: tuple[str, ...]
 
 
-def register_run(store: ResultStore, spec: RunSpec, input_dir: Path) -> Registered:
+def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False) -> Registered:
     """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
     found = discover(Path(input_dir), spec.mission)
     kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
@@ -35,7 +35,7 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path) -> Register
             f"(pass_group_number={spec.pass_group_number}, fail_group_number={spec.fail_group_number})"
         )
     spec = replace(spec, input_root=str(found.input_root))
-    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept])
+    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm)
     n_images = sum(len(g.images) for g in kept)
     log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), len(found.groups), n_images)
     return Registered(run_id, spec, len(kept), n_images, len(found.groups), tuple(found.warnings))

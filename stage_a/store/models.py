@@ -32,6 +32,8 @@ class Run(Base):
     n_groups: Mapped[int]
     n_images: Mapped[int]
     created_at: Mapped[datetime]
+    farm: Mapped[bool] = mapped_column(default=False)
+    """True when enqueued for the worker farm (the reclaimer only re-enqueues farm runs)."""
 
 
 class GroupRow(Base):

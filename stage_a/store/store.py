@@ -119,7 +119,7 @@ class ResultStore:
 
     # ---- runs -------------------------------------------------------------------------------
 
-    def create_run(self, spec: RunSpec, groups: Sequence[GroupInput]) -> int:
+    def create_run(self, spec: RunSpec, groups: Sequence[GroupInput], farm: bool = False) -> int:
         """Record a run, its groups in output order and every image as pending, in one transaction."""
         n_images = sum(len(g.images) for g in groups)
         with Session(self.engine) as s, s.begin():
@@ -135,6 +135,7 @@ class ResultStore:
                 n_groups=len(groups),
                 n_images=n_images,
                 created_at=utcnow(),
+                farm=farm,
             )
             s.add(run)
             s.flush()
@@ -248,6 +249,56 @@ class ResultStore:
                 conn.execute(stmt.execution_options(synchronize_session=False), rows)
 
         _retrying(op, "storing results")
+
+    def attempts(self, keys: Sequence[ImageKey]) -> dict[ImageKey, tuple[str, int]]:
+        """(status, delivery attempts) of each key that exists."""
+        out: dict[ImageKey, tuple[str, int]] = {}
+        with Session(self.engine) as s:
+            for run_id, chunk in _by_run(keys):
+                rows = s.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.status, ImageRow.attempts)
+                    .where(ImageRow.run_id == run_id,
+                           tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                ).all()
+                for p, i, st, n in rows:
+                    out[ImageKey(run_id, p, i)] = (st, n)
+        return out
+
+    def orphaned_pending(self, grace_seconds: float, limit: int = 100_000) -> list[WorkItem]:
+        """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost)."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with Session(self.engine) as s:
+            active = s.execute(
+                select(ImageRow.run_id, func.max(ImageRow.updated_at), func.min(Run.created_at))
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(Run.farm.is_(True), ImageRow.status == PENDING)
+                .group_by(ImageRow.run_id)
+            ).all()
+            out: list[WorkItem] = []
+            for run_id, _, created in active:
+                last = s.execute(select(func.max(ImageRow.updated_at)).where(ImageRow.run_id == run_id)).scalar()
+                if (last or created) > cutoff:
+                    continue
+                rows = s.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                    .where(ImageRow.run_id == run_id, ImageRow.status == PENDING)
+                    .order_by(ImageRow.group_position, ImageRow.image_index).limit(limit - len(out))
+                ).all()
+                out += [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
+                if len(out) >= limit:
+                    break
+        return out
+
+    def touch(self, keys: Sequence[ImageKey]) -> None:
+        """Mark re-enqueued pending images as active so the next check does not enqueue them again."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            for run_id, chunk in _by_run(keys):
+                conn.execute(
+                    update(ImageRow).where(ImageRow.run_id == run_id, ImageRow.status == PENDING,
+                                           tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                    .values(updated_at=now)
+                )
 
     def reset_failed(self, run_id: int) -> int:
         """Put failed images back to pending (a --resume retries them)."""

@@ -37,6 +37,7 @@ def upgrade() -> None:
     sa.Column('n_groups', sa.Integer(), nullable=False),
     sa.Column('n_images', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('farm', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_table('groups',

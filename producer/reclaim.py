@@ -1,0 +1,70 @@
+"""Recovery of lost work, driven by the store (which knows what is in flight) rather than the broker.
+
+Two cases: a worker died holding leased images (lease expired), and messages vanished from the
+broker (a Redis restart without persistence) leaving images pending with no activity. Both are
+re-enqueued; result writes are idempotent, so a rare double delivery costs time, never a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from stage_a.settings import FarmSettings
+from stage_a.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReclaimReport:
+    expired: int
+    orphaned: int
+
+
+class Reclaimer:
+    def __init__(self, settings: FarmSettings, store: ResultStore | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._publisher = None
+        self.orphan_grace = float(os.environ.get("STAGE_A_ORPHAN_GRACE", max(120.0, 4 * settings.flush_interval)))
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore(self.settings.require_database())
+        return self._store
+
+    @property
+    def publisher(self):  # type: ignore[no-untyped-def]
+        if self._publisher is None:
+            from producer.publish import Publisher
+
+            self._publisher = Publisher(self.settings)
+        return self._publisher
+
+    def once(self) -> ReclaimReport:
+        stale = self.store.stale_leases()
+        won = self.store.release(stale, self.settings.lease_seconds) if stale else []
+        if won:
+            self.publisher.publish_items(won, "per_image")
+            log.warning("re-enqueued %d images whose lease expired (worker died?)", len(won))
+        orphaned = 0
+        if self.publisher.queue_length() == 0:
+            lost = self.store.orphaned_pending(self.orphan_grace)
+            if lost:
+                self.store.touch([it.key for it in lost])
+                self.publisher.publish_items(lost, "per_image")
+                orphaned = len(lost)
+                log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
+        return ReclaimReport(len(won), orphaned)
+
+    def loop(self) -> None:
+        while True:
+            time.sleep(self.settings.reclaim_interval)
+            try:
+                self.once()
+            except Exception as exc:  # the broker or DB may be restarting; try again next round
+                log.warning("reclaim check failed: %s", str(exc).splitlines()[0] if str(exc) else exc)

@@ -1,0 +1,64 @@
+"""`stage-a enqueue`: record a run in the database and queue its images for the farm."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stage_a.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from stage_a.config import database_url
+from stage_a.errors import UserError
+
+
+@click.command(context_settings={"show_default": True})
+@run_options
+@click.option("--run", "run_id", type=int, help="Re-enqueue what is not done yet of an existing run (input options are then ignored).")
+@click.option("--broker", help="Redis URL (env STAGE_A_BROKER_URL).")
+def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
+    """Scan the input tree, sample, record the run (groups and pending images) and queue its tasks.
+
+    per_image queues one message per image, per_group one per group. Prints the run id and counts.
+    Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
+    """
+    import os
+
+    from producer.publish import Publisher
+    from stage_a.settings import FarmSettings
+    from stage_a.store import ResultStore
+
+    setup_logging(kw["log_level"])
+    settings = FarmSettings.from_env()
+    if broker:
+        settings = replace(settings, broker_url=broker)
+    db = kw["db"] or os.environ.get("STAGE_A_DATABASE_URL")
+    if not db:
+        raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
+    publisher = Publisher(settings)
+    publisher.check()
+    store = ResultStore(database_url(db))
+    if run_id is not None:
+        info = store.get_run(run_id)
+        sharding = info.spec.sharding_mode
+        items = [it for it in store.unfinished_items(run_id)]
+        what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
+    else:
+        checkpoint = kw["checkpoint"] or os.environ.get("STAGE_A_CHECKPOINT", "")
+        spec = build_spec(kw, checkpoint)
+        from producer.register import register_run
+
+        reg = register_run(store, spec, require_input_dir(kw["input_dir"]), farm=True)
+        for w in reg.warnings:
+            click.echo(f"stage-a: warning: {w}", err=True)
+        run_id, sharding = reg.run_id, spec.sharding_mode
+        items = store.unfinished_items(run_id)
+        what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
+    t0 = time.perf_counter()
+    sent = publisher.publish_items(items, sharding)
+    dt = time.perf_counter() - t0
+    click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
+               f"on {settings.queue!r}")
+    click.echo(f"run_id={run_id}")

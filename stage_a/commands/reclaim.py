@@ -1,0 +1,19 @@
+"""`stage-a reclaim`: one recovery pass (the workers also run it in the background)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--loop", is_flag=True, help="Keep running every STAGE_A_RECLAIM_INTERVAL seconds.")
+def reclaim(loop: bool) -> None:
+    """Re-enqueue images whose lease expired and pending images whose messages were lost."""
+    from producer.reclaim import Reclaimer
+    from stage_a.settings import FarmSettings
+
+    r = Reclaimer(FarmSettings.from_env())
+    if loop:
+        r.loop()
+    report = r.once()
+    click.echo(f"re-enqueued {report.expired} expired and {report.orphaned} orphaned images")

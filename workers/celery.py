@@ -1,0 +1,42 @@
+"""The Celery app: `celery -A workers worker` finds it here. Thin on purpose; see workers/tasks.py."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from stage_a.settings import FarmSettings
+
+settings = FarmSettings.from_env()
+
+app = Celery("stage_a", broker=settings.broker_url, include=["workers.tasks"])
+app.conf.update(
+    # JSON only: a pickle payload is refused by the consumer before any code runs.
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_default_queue=settings.queue,
+    task_queues=[Queue(settings.queue)],
+    # Ack after the batch function returned, i.e. after results are committed to the store.
+    task_acks_late=True,
+    task_reject_on_worker_lost=False,  # the store's leases recover lost work, not redelivery loops
+    # celery-batches can only buffer what is prefetched: at least one batch per process.
+    worker_prefetch_multiplier=max(1, settings.batch_size),
+    worker_max_tasks_per_child=None,
+    broker_connection_retry_on_startup=True,
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,  # a restarted Redis is waited for, not fatal
+    broker_transport_options={
+        "visibility_timeout": int(settings.lease_seconds) + 60,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "retry_on_timeout": False,  # keeps kombu's pipelined batch publishing enabled
+    },
+    broker_heartbeat=0,
+    # Flower reads these events.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+)
+
+__all__ = ["app", "settings"]

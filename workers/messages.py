@@ -1,0 +1,60 @@
+"""Task payloads on the broker (JSON only) and their validation: a bad message is poison, not a crash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stage_a.work import ImageKey, WorkItem
+
+PAYLOAD_VERSION = 1
+
+
+class PoisonMessage(ValueError):
+    """A message that can never succeed (malformed, unknown run, path outside the roots)."""
+
+
+def image_payload(item: WorkItem) -> dict[str, Any]:
+    return {"v": PAYLOAD_VERSION, **item.to_message()}
+
+
+def group_payload(items: list[WorkItem]) -> dict[str, Any]:
+    """One message for a whole group (per_group sharding)."""
+    first = items[0].key
+    return {
+        "v": PAYLOAD_VERSION, "run_id": first.run_id, "group_position": first.group_position,
+        "images": [{"image_index": it.key.image_index, "path": it.rel_path} for it in items],
+    }
+
+
+def _int(obj: dict[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if type(value) is not int or value < 0:  # bool is not an int here
+        raise PoisonMessage(f"field {name!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _path(obj: dict[str, Any]) -> str:
+    value = obj.get("path")
+    if not isinstance(value, str) or not value:
+        raise PoisonMessage(f"field 'path' must be a non-empty string, got {value!r}")
+    return value
+
+
+def parse_payload(payload: Any) -> list[WorkItem]:
+    """The work items of one message; raises PoisonMessage naming what is wrong."""
+    if not isinstance(payload, dict):
+        raise PoisonMessage(f"payload must be a JSON object, got {type(payload).__name__}")
+    run_id = _int(payload, "run_id")
+    position = _int(payload, "group_position")
+    if "images" in payload:
+        images = payload["images"]
+        if not isinstance(images, list) or not images:
+            raise PoisonMessage("field 'images' must be a non-empty list")
+        items = []
+        for entry in images:
+            if not isinstance(entry, dict):
+                raise PoisonMessage("each entry of 'images' must be an object")
+            index = _int(entry, "image_index")
+            items.append(WorkItem(ImageKey(run_id, position, index), _path(entry)))
+        return items
+    return [WorkItem(ImageKey(run_id, position, _int(payload, "image_index")), _path(payload))]
