@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger.jsonl_io import atomic_write_lines
 from stage_a.records import GroupRecord, image_keys
 from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
-from merger.jsonl_io import atomic_write_lines
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def output_paths(output_dir: Path, mission: str) -> tuple[Path, Path]:
 
 
 def _failure(group: ExportGroup) -> dict[str, object] | None:
-    problems = []
+    problems: list[dict[str, str | None]] = []
     incomplete = False
     for i, img in enumerate(group.images, start=1):
         if img.status == DONE and img.summary:

@@ -164,9 +164,8 @@ def test_unreadable_images_go_to_the_failure_report(main_run) -> None:  # type: 
 
 @pytest.mark.parametrize("extra", [
     ["--sharding-mode", "per_image", "--batch-size", "3"],
-    ["--sharding-mode", "per_image", "--batch-size", "16"],
     ["--sharding-mode", "per_group", "--batch-size", "1"],
-], ids=["per_image-3", "per_image-16", "per_group-1"])
+], ids=["per_image-3", "per_group-1"])
 def test_sharding_and_batch_size_give_identical_jsonl(main_run, tree: Path, tiny_checkpoint: Path,  # type: ignore[no-untyped-def]
                                                      tmp_path: Path, extra: list[str]) -> None:
     ref_out, _ = main_run

@@ -64,11 +64,10 @@ def load_image(path: Path) -> LoadedImage:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                size_before = im.size
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
+            with Image.open(io.BytesIO(data)) as src:
+                size_before = src.size
+                src.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(src))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large (decompression bomb guard): {path.name}: {exc}") from None
     except UnidentifiedImageError:

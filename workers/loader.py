@@ -80,7 +80,9 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     """Load model + processor once; bf16 and the best attention on CUDA, float32 on CPU."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar is the one users watch
     path = check_checkpoint(checkpoint)
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
@@ -108,7 +110,7 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     force_left_padding(processor)
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]
     return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
                        checkpoint=str(path), adapter=is_adapter, attn_implementation=attn)
 

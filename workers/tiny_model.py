@@ -101,6 +101,9 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
         Qwen3VLVideoProcessor,
     )
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(vocab_size)

@@ -33,7 +33,9 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     run_id = run_id or run_arg
     if run_id is None and not mission:
         raise UserError("give a run id (RUN or --run) or --mission")
-    store = ResultStore(database_url(db, output_dir))
+    url = database_url(db, output_dir)
+    _require_existing_sqlite(url)
+    store = ResultStore(url)
     info = store.get_run(run_id) if run_id else store.latest_run(mission)
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")
@@ -59,3 +61,13 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
     if report.groups_not_written:
         sys.exit(3)
+
+
+def _require_existing_sqlite(url: str) -> None:
+    """Exporting reads a database: never create an empty one as a side effect of a wrong path."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        if not Path(parsed.database).is_file():
+            raise UserError(f"no results database at {parsed.database} (pass --db, or the --output-dir of the run)")

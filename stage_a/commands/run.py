@@ -57,7 +57,7 @@ def run(**kw: Any) -> None:
                     "meaningless (pass --checkpoint for real summaries)", fg="yellow", err=True)
         if kw["input_dir"] is None:
             kw["mission"] = kw["mission"] or DEMO_MISSION
-    else:
+    elif checkpoint is not None:  # --resume without --checkpoint uses the run's recorded one
         from workers.loader import check_checkpoint
 
         check_checkpoint(checkpoint)
@@ -79,28 +79,36 @@ def run(**kw: Any) -> None:
 
     from stage_a.store import ResultStore
 
+    db_url = database_url(kw["db"], output_dir)
+    fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
     output_dir.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(database_url(kw["db"], output_dir))
-    if kw["resume"]:
-        info = store.get_run(kw["run_id"]) if kw["run_id"] else store.latest_run(kw["mission"])
-        if info is None:
-            raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
-        run_id = info.id
-        reset = store.reset_failed(run_id)
-        n_todo = len(store.unfinished_items(run_id))
-        click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
-                   f"({reset} previously failed retried)", err=True)
-    else:
-        from dataclasses import replace
+    store = ResultStore(db_url)
+    try:
+        if kw["resume"]:
+            info = store.get_run(kw["run_id"]) if kw["run_id"] else store.latest_run(kw["mission"])
+            if info is None:
+                raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
+            run_id = info.id
+            reset = store.reset_failed(run_id)
+            n_todo = len(store.unfinished_items(run_id))
+            click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
+                       f"({reset} previously failed retried)", err=True)
+        else:
+            from dataclasses import replace
 
-        from producer.register import register_run
+            from producer.register import register_run
 
-        reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
-        run_id = reg.run_id
-        for w in reg.warnings:
-            click.echo(f"stage-a: warning: {w}", err=True)
-        click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
-                   f"{reg.images} images -> {store.display_url}", err=True)
+            reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
+            run_id = reg.run_id
+            for w in reg.warnings:
+                click.echo(f"stage-a: warning: {w}", err=True)
+            click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
+                       f"{reg.images} images -> {store.display_url}", err=True)
+    except UserError:
+        # Bad input (no mission folder, no groups, nothing to resume): leave no files behind.
+        store.close()
+        _remove_created(fresh)
+        raise
     run_info = store.get_run(run_id)
     if checkpoint is None:  # resuming: the run remembers its checkpoint
         checkpoint = run_info.spec.checkpoint
@@ -110,9 +118,8 @@ def run(**kw: Any) -> None:
 
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
              gpus: list[str] | None) -> tuple[int, float]:
-    from workers.local import LocalJob, run_in_process, run_multi
-
     from stage_a.commands.progress import RunProgress
+    from workers.local import LocalJob, run_in_process, run_multi
 
     job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"])
     start_counts = store.counts(run_info.id)
@@ -156,3 +163,26 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     )
     if report.groups_not_written:
         sys.exit(3)
+
+
+def _not_yet_existing(output_dir: Path, db_url: str) -> list[Path]:
+    """The output folder and SQLite files that this command is about to create."""
+    from sqlalchemy.engine import make_url
+
+    paths = []
+    parsed = make_url(db_url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        paths += [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    paths.append(output_dir)
+    return [p for p in paths if not p.exists()]
+
+
+def _remove_created(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            if p.is_dir():
+                p.rmdir()  # only when empty: never delete anything else
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass

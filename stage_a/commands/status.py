@@ -36,10 +36,10 @@ def _describe(run_id: int, counts, now: datetime) -> str:  # type: ignore[no-unt
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
 def status(run_id: int, db: str | None, watch: bool, interval: float) -> None:
     """Pending / done / failed images and groups, throughput, ETA and which workers of RUN_ID."""
+    import os
+
     from stage_a.errors import UserError
     from stage_a.store import ResultStore
-
-    import os
 
     if not db and not os.environ.get("STAGE_A_DATABASE_URL"):
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")

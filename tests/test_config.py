@@ -1,0 +1,52 @@
+"""Validation of run parameters (SPEC section 4) and URL redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from stage_a.config import GenerationParams, RunSpec, database_url, redact_url
+from stage_a.errors import UserError
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+])
+def test_generation_params_rejects(kwargs: dict[str, float], field: str) -> None:
+    with pytest.raises(UserError, match=field):
+        GenerationParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_greedy_threshold() -> None:
+    assert GenerationParams(temperature=0).greedy
+    assert GenerationParams(temperature=1e-4).greedy
+    assert not GenerationParams(temperature=2e-4).greedy
+
+
+def test_run_spec_defaults_and_checks() -> None:
+    assert RunSpec(mission="m", dataset="bbu", input_root="/x").max_pixels == 1_048_576
+    assert RunSpec(mission="m", dataset="rru", input_root="/x").max_pixels == 2_097_152
+    assert RunSpec(mission="m", dataset="rru", input_root="/x", max_pixels=1000).max_pixels == 1000
+    with pytest.raises(UserError, match="batch_size"):
+        RunSpec(mission="m", dataset="bbu", input_root="/x", batch_size=0)
+    with pytest.raises(UserError, match="sharding_mode"):
+        RunSpec(mission="m", dataset="bbu", input_root="/x", sharding_mode="per_pixel")
+    with pytest.raises(UserError, match="pass_group_number"):
+        RunSpec(mission="m", dataset="bbu", input_root="/x", pass_group_number=-1)
+
+
+def test_database_url_forms(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("STAGE_A_DATABASE_URL", raising=False)
+    assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/stage_a_results.db"
+    assert database_url(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path.resolve()}/x.db"
+    assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    monkeypatch.setenv("STAGE_A_DATABASE_URL", "postgresql+psycopg://u@h/env")
+    assert database_url(None, tmp_path) == "postgresql+psycopg://u@h/env"
+
+
+def test_redact_url_hides_passwords() -> None:
+    assert "s3cret" not in redact_url("postgresql+psycopg://user:s3cret@db:5432/x")
+    assert "s3cret" not in redact_url("redis://:s3cret@127.0.0.1:6379/0")
