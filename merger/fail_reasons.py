@@ -109,6 +109,19 @@ def load_fail_reasons(excel: Path) -> dict[tuple[str, str], list[str]]:
     return {key: sorted(texts) for key, texts in reasons.items()}
 
 
+def _require_supported_mission(mission: str, path: Path, line_no: int) -> None:
+    """A record of a known RRU mission is refused whatever --dataset says (the default is bbu)."""
+    from stage_a.missions import get_mission, list_missions
+
+    if mission in list_missions():
+        dataset = get_mission(mission).dataset
+        if dataset not in SUPPORTED_DATASETS:
+            raise UserError(
+                f"{path}:{line_no}: mission {mission} is {dataset.upper()}; "
+                "add-fail-reasons is supported for BBU only"
+            )
+
+
 def add_fail_reasons_file(
     path: Path, excel: Path, dataset: str, output: Path | None = None, inplace: bool = False
 ) -> FailReasonReport:
@@ -131,8 +144,9 @@ def add_fail_reasons_file(
     report = FailReasonReport()
 
     def updated_lines() -> Iterator[str]:
-        for _, d in read_records(path):
+        for line_no, d in read_records(path):
             rec = GroupRecord.from_dict(d)
+            _require_supported_mission(rec.mission, path, line_no)
             if rec.label == "fail":
                 rec.set_fail_reasons(table.get((rec.group_id, rec.mission), []))
                 report.fail_records += 1

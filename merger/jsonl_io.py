@@ -103,9 +103,9 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def resolve_target(path: Path, output: Path | None, inplace: bool) -> Path:
     """Where a rewrite of ``path`` goes: ``output``, or ``path`` itself when ``inplace``."""
     if output is not None and inplace and Path(output) != Path(path):
-        raise UserError("give either an output path or in-place, not both")
+        raise UserError("give either --output OUT or --inplace, not both")
     if output is not None:
         return Path(output)
     if inplace:
         return Path(path)
-    raise UserError("give an output path or ask for in-place rewriting")
+    raise UserError("give --output OUT to write a new file, or --inplace to rewrite the input")

@@ -111,6 +111,10 @@ class WorkerRuntime:
                 self.store.record_results(gave_up, self.name)
             if not todo:
                 continue
+            # Load the model before leasing: the lease must time the batch, not a cold start
+            # (a first load longer than STAGE_A_LEASE_SECONDS made the reclaimer re-enqueue
+            # images that were never started, and every re-enqueue counts as a delivery).
+            self.runner()
             self.store.lease([it.key for it in todo], self.name, self.settings.lease_seconds)
             processed += self._run_batches(run, todo)
         return processed
@@ -126,7 +130,10 @@ class WorkerRuntime:
                     self._dead(f"image {it.key} is not in run {it.key.run_id}", it.to_message())
                 continue
             if attempts >= self.settings.max_delivery_attempts:
-                gave_up.append(ImageResult(key=it.key, error=f"gave up after {attempts} deliveries without a result"))
+                reason = f"gave up after {attempts} deliveries without a result"
+                gave_up.append(ImageResult(key=it.key, error=reason))
+                # Also a dead letter: a message that kills workers is poison like a malformed one.
+                self._dead(f"image {it.key}: {reason}", it.to_message())
             else:
                 todo.append(it)
         return todo, gave_up
@@ -205,6 +212,35 @@ def _pin_gpu(**_: Any) -> None:
     gpu = settings.gpus[index % len(settings.gpus)]
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     log.info("pool process %d pinned to GPU %s", index, gpu)
+
+
+@signals.worker_init.connect
+def _check_services(**_: Any) -> None:
+    """Fail within seconds, with one line, when Redis or the database cannot be reached at start.
+
+    Celery itself retries the broker forever (right for a Redis restart mid-run, wrong for a
+    mistyped URL), and the database is first touched on the first batch: without this check a
+    worker with a wrong URL hangs silently. Exit status 2 like the CLI; a supervisor (systemd
+    Restart=always) restarts the worker, so a server that is merely late is still waited for.
+    Messages name URLs with their password redacted.
+    """
+    import sys
+
+    from stage_a.config import redact_url
+    from stage_a.errors import UserError
+
+    try:
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
+        except Exception as exc:
+            raise UserError(f"cannot reach broker {redact_url(settings.broker_url)}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        ResultStore(settings.require_database()).close()  # connects and migrates to head
+    except UserError as exc:
+        sys.stderr.write(f"stage-a worker: error: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
 
 
 @signals.worker_ready.connect

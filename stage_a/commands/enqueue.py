@@ -50,8 +50,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         from producer.register import register_run
 
         reg = register_run(store, spec, require_input_dir(kw["input_dir"]), farm=True)
-        for w in reg.warnings:
-            click.echo(f"stage-a: warning: {w}", err=True)
+        # discovery warnings were already logged (once) by producer.discovery
         run_id, sharding = reg.run_id, spec.sharding_mode
         items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"

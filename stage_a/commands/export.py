@@ -28,6 +28,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     A run that is not finished is exported with its complete groups only, and says so.
     """
     from merger.export import export_run
+    from merger.post_steps import apply_post_steps
     from stage_a.store import ResultStore
 
     run_id = run_id or run_arg
@@ -48,15 +49,8 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         click.echo(f"stage-a: warning: {msg}; exporting complete groups only", err=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = export_run(store, info.id, output_dir)
-    if postprocess:
-        from merger.postprocess import postprocess_file
-
-        postprocess_file(report.jsonl_path, inplace=True)
-    if add_gt_fail_reason:
-        from merger.fail_reasons import add_fail_reasons_file
-
-        fr = add_fail_reasons_file(report.jsonl_path, excel_path, info.spec.dataset, inplace=True)
-        click.echo(f"stage-a: fail reasons attached to {fr.updated} records; {fr.fail_without_reason} fail records had none", err=True)
+    for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
+        click.echo(f"stage-a: {note}", err=True)
     click.echo(f"stage-a: run {info.id}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
     if report.groups_not_written:

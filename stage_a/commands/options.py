@@ -45,8 +45,22 @@ run_options = _stack(
 )
 
 
+class _CliFormatter(logging.Formatter):
+    """`stage-a: warning: ...` lines like the CLI's own messages; debug adds time and logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = f"stage-a: {record.levelname.lower()}: {record.getMessage()}"
+        if record.levelno <= logging.DEBUG or logging.getLogger().level <= logging.INFO:
+            base = f"{self.formatTime(record)} {record.name}: {base}"
+        if record.exc_info and logging.getLogger().level <= logging.DEBUG:
+            base += "\n" + self.formatException(record.exc_info)
+        return base
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_CliFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 

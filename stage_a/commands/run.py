@@ -100,8 +100,7 @@ def run(**kw: Any) -> None:
 
             reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
             run_id = reg.run_id
-            for w in reg.warnings:
-                click.echo(f"stage-a: warning: {w}", err=True)
+            # discovery warnings were already logged (once) by producer.discovery
             click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
                        f"{reg.images} images -> {store.display_url}", err=True)
     except UserError:
@@ -144,17 +143,12 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
 
 def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: float, kw: dict[str, Any]) -> None:
     from merger.export import export_run
+    from merger.post_steps import apply_post_steps
 
     report = export_run(store, run_id, output_dir)
-    if kw.get("postprocess"):
-        from merger.postprocess import postprocess_file
-
-        postprocess_file(report.jsonl_path, inplace=True)
-    if kw.get("add_gt_fail_reason"):
-        from merger.fail_reasons import add_fail_reasons_file
-
-        fr = add_fail_reasons_file(report.jsonl_path, kw["excel_path"], store.get_run(run_id).spec.dataset, inplace=True)
-        click.echo(f"stage-a: fail reasons attached to {fr.updated} records; {fr.fail_without_reason} fail records had none", err=True)
+    for note in apply_post_steps(report.jsonl_path, store.get_run(run_id).spec.dataset, kw.get("postprocess", False),
+                                 kw.get("add_gt_fail_reason", False), kw["excel_path"]):
+        click.echo(f"stage-a: {note}", err=True)
     rate = processed / seconds if seconds > 0 else 0.0
     click.echo(
         f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "

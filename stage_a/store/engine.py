@@ -42,8 +42,11 @@ def make_engine(url: str) -> Engine:
             folder = Path(parsed.database).parent
             if not folder.is_dir():
                 raise UserError(f"database folder does not exist: {folder}")
+        # STAGE_A_SQLITE_BUSY_TIMEOUT: how long one statement waits for another writer's lock
+        # before "database is locked"; the store then retries with backoff (tests set it low).
+        busy = float(os.environ.get("STAGE_A_SQLITE_BUSY_TIMEOUT") or SQLITE_BUSY_TIMEOUT_S)
         engine = create_engine(
-            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+            parsed, connect_args={"timeout": busy, "check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
