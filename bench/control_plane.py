@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def bench_store(db: str, n_images: int, group_size: int, batch: int, small_batch
 
             ResultStore(url).close()  # schema once, outside the timings
             c = _phase(["create", url, str(n_images), str(group_size)])
-            print(f"create_run (groups + pending images): {c['seconds']:.1f} s "
+            print(f"create_run (groups + pending images): {c['seconds']:.1f} s (CPU {c['cpu_seconds']:.1f} s) "
                   f"({c['rows'] / c['seconds']:,.0f} rows/s), peak RSS {c['peak_rss_mib']:.0f} MiB")
             if small_batch:  # a separate 50k-image run, so the big run's rows are all still pending
                 n_small = min(n_images, 50_000)
@@ -150,11 +151,12 @@ def bench_store(db: str, n_images: int, group_size: int, batch: int, small_batch
                 print(f"record_results, {small_batch} per transaction (one worker, {s['rows']:,}-image run): "
                       f"{s['rows'] / s['seconds']:,.0f} images/s")
             r = _phase(["record", url, str(c["run_id"]), str(n_images), str(group_size), str(batch), "all"])
-            print(f"record_results, {batch} per transaction: {r['seconds']:.1f} s ({r['rows'] / r['seconds']:,.0f} "
+            print(f"record_results, {batch} per transaction: {r['seconds']:.1f} s (CPU {r['cpu_seconds']:.1f} s; "
+                  f"{r['rows'] / r['seconds']:,.0f} "
                   f"images/s), peak RSS {r['peak_rss_mib']:.0f} MiB")
             print(f"counts (stage-a status) on the finished run: {r['counts_seconds']:.2f} s, correct: {r['counts_ok']}")
             e = _phase(["export", url, str(c["run_id"]), str(tmp / "out"), "0"])
-            print(f"export: {e['seconds']:.1f} s, {e['groups_written']:,} groups written, "
+            print(f"export: {e['seconds']:.1f} s (CPU {e['cpu_seconds']:.1f} s), {e['groups_written']:,} groups written, "
                   f"{e['bytes'] / 2**20:.0f} MiB JSONL, peak RSS {e['peak_rss_mib']:.0f} MiB")
             et = _phase(["export", url, str(c["run_id"]), str(tmp / "out2"), "1"])
             print(f"export under tracemalloc: Python heap peak {et['tracemalloc_peak_mib']:.1f} MiB")
@@ -272,6 +274,8 @@ def _phase_main(argv: list[str]) -> None:
     else:
         out = phase_export(url, int(argv[2]), argv[3], argv[4] == "1")
     out["peak_rss_mib"] = peak_rss_mib()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_seconds"] = ru.ru_utime + ru.ru_stime  # this process only (not the database server)
     print(json.dumps(out))
 
 

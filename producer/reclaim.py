@@ -52,14 +52,29 @@ class Reclaimer:
             self.publisher.publish_items(won, "per_image")
             log.warning("re-enqueued %d images whose lease expired (worker died?)", len(won))
         orphaned = 0
-        if self.publisher.queue_length() == 0:
-            lost = self.store.orphaned_pending(self.orphan_grace)
+        if self._broker_idle():
+            # claim_orphans: only one of the reclaimers (one per worker host) re-sends each image.
+            lost = self.store.claim_orphans(self.store.orphaned_pending(self.orphan_grace), self.orphan_grace)
             if lost:
-                self.store.touch([it.key for it in lost])
                 self.publisher.publish_items(lost, "per_image")
                 orphaned = len(lost)
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
         return ReclaimReport(len(won), orphaned)
+
+    def _broker_idle(self) -> bool:
+        """No message is waiting in the queue and none is delivered but unacknowledged.
+
+        Only then can a pending image have lost its message. Checking the queue alone mistook the
+        batch a live worker had prefetched while it was still loading its model for lost messages
+        and re-enqueued it (double work, and every extra delivery counts toward the attempt limit).
+        A dead worker's unacknowledged messages are restored by the broker after its visibility
+        timeout (STAGE_A_LEASE_SECONDS + 60); a Redis restart wipes both, so lost ones are found.
+        """
+        if self.publisher.queue_length() != 0:
+            return False
+        with self.publisher.app.connection_for_read() as conn:
+            channel = conn.default_channel
+            return int(channel.client.hlen(getattr(channel, "unacked_key", "unacked"))) == 0
 
     def loop(self) -> None:
         while True:

@@ -55,6 +55,8 @@ class FarmSettings:
     """STAGE_A_RECLAIM_INTERVAL: how often each worker host looks for expired leases / lost messages."""
     input_roots: tuple[str, ...] = field(default_factory=tuple)
     """STAGE_A_INPUT_ROOTS: os.pathsep-separated folders workers may read; empty: each run's root."""
+    task_events: bool = True
+    """STAGE_A_TASK_EVENTS: send per-task events so Flower lists tasks (0 to save broker traffic)."""
     max_delivery_attempts: int = 5
     """STAGE_A_MAX_ATTEMPTS: an image delivered this many times without a result is failed."""
 
@@ -75,6 +77,7 @@ class FarmSettings:
             reclaim_interval=_float("STAGE_A_RECLAIM_INTERVAL", 30.0),
             input_roots=roots,
             max_delivery_attempts=_int("STAGE_A_MAX_ATTEMPTS", 5),
+            task_events=os.environ.get("STAGE_A_TASK_EVENTS", "1").lower() not in ("0", "false", "no", "off"),
         )
         if settings.batch_size <= 0:
             raise UserError(f"STAGE_A_BATCH_SIZE must be > 0, got {settings.batch_size}")

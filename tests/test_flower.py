@@ -139,6 +139,25 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path) -
         while not get_json(f"{base}/api/workers?status=true").get(worker_name):
             assert time.monotonic() < deadline, "worker never reported online through events"
             time.sleep(1.0)
+
+        # Tasks show up too: celery-batches sends no events, the batch task sends them itself.
+        # A message for an unknown run is handled (dead-lettered) without loading the model.
+        from dataclasses import replace
+
+        from producer.publish import Publisher
+        from stage_a.settings import FarmSettings
+
+        publisher = Publisher(replace(FarmSettings(), broker_url=redis_url(), queue=queue))
+        publisher.publish([{"v": 1, "run_id": 987654, "group_position": 0, "image_index": 1, "path": "a/b.jpg"}])
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            tasks = get_json(f"{base}/api/tasks")
+            names = {t.get("name") for t in tasks.values()}
+            states = {t.get("state") for t in tasks.values()}
+            if "stage_a.summarize" in names and "SUCCESS" in states:
+                break
+            assert time.monotonic() < deadline, f"Flower never listed a stage_a.summarize task: {tasks}"
+            time.sleep(1.0)
     finally:
         stop(procs)
         clean_redis(before, token)

@@ -277,7 +277,8 @@ def job(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def test_run_applies_postprocess_and_fail_reasons(job: dict[str, Any]) -> None:
-    assert "fail reasons attached to 1 records; 1 fail records had none" in job["proc"].stderr
+    assert "postprocess: 3 records" in job["proc"].stderr
+    assert "fail reasons attached to 1 records; 1 of 2 fail records had none" in job["proc"].stderr
     records = read_jsonl(job["out"] / JSONL)
     assert [r["label"] for r in records] == ["fail", "fail", "pass"]
     by_gid = {r["group_id"]: r for r in records if r["label"] == "fail"}
@@ -296,7 +297,7 @@ def test_export_flags_give_the_run_output(job: dict[str, Any], tmp_path: Path) -
     proc = cli("export", "1", "--db", str(job["db"]), "--output-dir", str(flagged), "--postprocess",
                "--add-gt-fail-reason", "--excel-path", str(job["excel"]))
     assert proc.returncode == 0, proc.stderr
-    assert "fail reasons attached to 1 records; 1 fail records had none" in proc.stderr
+    assert "fail reasons attached to 1 records; 1 of 2 fail records had none" in proc.stderr
     assert (flagged / JSONL).read_bytes() == (job["out"] / JSONL).read_bytes()
     assert leftovers(flagged) == []
 

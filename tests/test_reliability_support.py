@@ -288,8 +288,13 @@ class Farm:
                 c = store.counts(run_id)
                 return c if c.finished else None
 
-            return wait_for(done, timeout, f"run {run_id} to finish", 0.5,
-                            on_timeout=lambda: f"{store.counts(run_id)}\n{self.logs()}")
+            def report() -> str:
+                rows = [(r["group_position"], r["image_index"], r["status"], r["attempts"], r["worker"])
+                        for r in store.image_rows(run_id) if r["status"] != "done"]
+                return (f"{store.counts(run_id)}\nunfinished rows: {rows}\nqueued {self.redis.queued(self.queue)} "
+                        f"unacked {self.redis.unacked() if self.redis.ping() else '?'}\n{self.logs()}")
+
+            return wait_for(done, timeout, f"run {run_id} to finish", 0.5, on_timeout=report)
         finally:
             store.close()
 

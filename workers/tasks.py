@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -41,26 +42,33 @@ class WorkerRuntime:
 
         self.name = worker_name()
 
-    def runner(self) -> Any:
+    def runner(self, run: RunInfo | None = None) -> Any:
         if self._runner is None:
             from stage_a.config import default_cache_dir
             from workers.engine import BatchEngine
             from workers.loader import load_model
             from workers.runner import BatchRunner
 
-            checkpoint = self.settings.checkpoint
+            # The host's STAGE_A_CHECKPOINT wins; otherwise serve the checkpoint the run was enqueued with.
+            checkpoint = self.settings.checkpoint or (run.spec.checkpoint if run else "")
             if not checkpoint:
                 from workers.tiny_model import cached_tiny_checkpoint
 
                 log.warning("STAGE_A_CHECKPOINT not set: using the tiny random-weight demo model")
                 checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
             device = "cuda:0" if self.settings.gpus else self.settings.device
+            self.checkpoint = checkpoint
             self._runner = BatchRunner(BatchEngine(load_model(checkpoint, device)), self.store, self.name)
         return self._runner
 
     def run_info(self, run_id: int) -> RunInfo | None:
         if run_id not in self._runs:
-            self._runs[run_id] = self.store.find_run(run_id)
+            run = self.store.find_run(run_id)
+            self._runs[run_id] = run
+            if run and run.spec.checkpoint and self.settings.checkpoint and \
+                    os.path.realpath(run.spec.checkpoint) != os.path.realpath(self.settings.checkpoint):
+                log.warning("run %d was enqueued with checkpoint %s but this worker serves %s",
+                            run_id, run.spec.checkpoint, self.settings.checkpoint)
         return self._runs[run_id]
 
     def _allowed_root(self, run: RunInfo) -> bool:
@@ -141,7 +149,7 @@ class WorkerRuntime:
     def _run_batches(self, run: RunInfo, items: list[WorkItem]) -> int:
         from workers.prefetch import Prefetcher
 
-        runner = self.runner()
+        runner = self.runner(run)
         ctx = runner.context(run)
         done = 0
         with Prefetcher(lambda b: runner.engine.prepare(ctx, b), runner.batches(run, items)) as pf:
@@ -191,12 +199,32 @@ def runtime() -> WorkerRuntime:
 def summarize(requests: list[SimpleRequest]) -> int:
     """Summarize the buffered images (one JSON payload per message) and commit their results."""
     payloads = [r.args[0] if len(r.args) == 1 else {"bad_args": list(r.args)} for r in requests]
+    rt = runtime()
+    if requests and requests[0].hostname:
+        rt.name = f"{requests[0].hostname}:{os.getpid()}"  # the node name Flower shows
+    t0 = time.monotonic()
     try:
-        return runtime().process(payloads)
+        processed = rt.process(payloads)
     except EngineDeadError as exc:
         # Exit without returning: nothing is acknowledged, leases expire, the reclaimer re-enqueues.
         log.critical("engine dead, exiting process: %s", exc)
         os._exit(70)
+    _send_task_events(requests, time.monotonic() - t0)
+    return processed
+
+
+def _send_task_events(requests: list[SimpleRequest], runtime_s: float) -> None:
+    """celery-batches sends no per-task events; send received/succeeded so Flower lists the tasks."""
+    if not settings.task_events or not requests:
+        return
+    try:
+        with app.events.default_dispatcher(hostname=requests[0].hostname) as dispatcher:
+            for r in requests:
+                dispatcher.send("task-received", uuid=r.id, name=r.name, args=repr(r.args)[:200], kwargs="{}",
+                                retries=0, eta=None, root_id=r.id, parent_id=None)
+                dispatcher.send("task-succeeded", uuid=r.id, result="stored", runtime=runtime_s)
+    except Exception as exc:  # monitoring must never fail a batch whose results are committed
+        log.warning("could not send task events: %s", exc)
 
 
 @signals.worker_process_init.connect
