@@ -7,6 +7,7 @@ re-enqueued; result writes are idempotent, so a rare double delivery costs time,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -69,12 +70,23 @@ class Reclaimer:
         and re-enqueued it (double work, and every extra delivery counts toward the attempt limit).
         A dead worker's unacknowledged messages are restored by the broker after its visibility
         timeout (STAGE_A_LEASE_SECONDS + 60); a Redis restart wipes both, so lost ones are found.
+        kombu keeps every queue's unacknowledged messages of a Redis database in one hash of
+        [message, exchange, routing_key]; only entries of our queue count (the scan stops at the
+        first one, so a farm alone on its database pays one HSCAN page).
         """
         if self.publisher.queue_length() != 0:
             return False
+        queue = self.settings.queue
         with self.publisher.app.connection_for_read() as conn:
             channel = conn.default_channel
-            return int(channel.client.hlen(getattr(channel, "unacked_key", "unacked"))) == 0
+            for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
+                try:
+                    _message, exchange, routing_key = json.loads(raw)
+                except (ValueError, TypeError):
+                    return False  # an entry we cannot read: assume it is ours, never re-send early
+                if queue in (routing_key, exchange):
+                    return False
+        return True
 
     def loop(self) -> None:
         while True:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_reliability_support import Farm, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -23,7 +22,8 @@ RETRY_LINE = "storing results failed (database is locked); retry"
 def test_locked_sqlite_results_are_retried_and_acked_only_after_stored(farm_factory, tmp_path: Path) -> None:  # noqa: F811
     make_tree(tmp_path / "in", groups=2, per_group=2)  # 4 images = exactly one batch of 4
     db = tmp_path / "results.db"
-    farm: Farm = farm_factory(f"sqlite:///{db}", STAGE_A_LEASE_SECONDS="60", STAGE_A_SQLITE_BUSY_TIMEOUT="0.3")
+    farm: Farm = farm_factory(f"sqlite:///{db}", STAGE_A_LEASE_SECONDS="60", STAGE_A_SQLITE_BUSY_TIMEOUT="0.3",
+                             STAGE_A_FLUSH_INTERVAL="3")  # the 4 queued messages flush as one batch
     run_id = farm.enqueue(tmp_path / "in", "--max-new-tokens", "12")
     worker = farm.worker("db")
 

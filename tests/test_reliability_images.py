@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_reliability_support import FAIL, FAILURES, JSONL, MISSION, PASS, base_env, cli, read_jsonl
 
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.work import ImageKey, WorkItem
-from test_reliability_support import FAIL, FAILURES, JSONL, MISSION, PASS, base_env, cli, read_jsonl
 
 # file name -> expected fragment of the one-line failure reason (None: must summarize)
 CASES: dict[str, str | None] = {

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_reliability_support import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
 
 from stage_a.config import GenerationParams, RunSpec
-from test_reliability_support import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_reliability_support import Farm, check_export, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -55,3 +54,58 @@ def test_redis_restart_mid_run_nothing_lost_or_duplicated(pg_url: str, farm_fact
     proc = farm.export(run_id, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_export(out, expected)
+
+
+def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reclaimer's orphan path, step by step on a real Redis and PostgreSQL (no model needed).
+
+    Pending images are re-sent only when no message of their queue exists anywhere on the broker:
+    not while one waits in the queue, nor while a worker holds one unacknowledged (prefetched while
+    its model loads); yes once Redis lost them, whatever other queues hold; and with two reclaimers
+    (two worker hosts) each image is re-sent once.
+    """
+    from kombu import Connection
+    from test_reliability_support import MISSION, RedisServer
+
+    from producer.publish import Publisher
+    from producer.reclaim import Reclaimer
+    from producer.register import register_run
+    from stage_a.config import RunSpec
+    from stage_a.settings import FarmSettings
+    from stage_a.store import ResultStore
+
+    make_tree(tmp_path / "in", groups=1, per_group=2)
+    store = ResultStore(pg_url)
+    reg = register_run(store, RunSpec(mission=MISSION, dataset="bbu", input_root=""), tmp_path / "in", farm=True)
+    redis = RedisServer(tmp_path)
+    redis.start()
+    monkeypatch.setenv("STAGE_A_ORPHAN_GRACE", "0.3")
+    settings = FarmSettings(broker_url=redis.url, database_url=pg_url, queue="orphans")
+    reclaimers = [Reclaimer(settings), Reclaimer(settings)]
+    conn, other = Connection(redis.url), Connection(redis.url)
+    try:
+        Publisher(settings).publish_items(store.unfinished_items(reg.run_id), "per_image")
+        time.sleep(0.5)
+        assert reclaimers[0].once().orphaned == 0  # the messages wait in the queue
+
+        ours = conn.SimpleQueue("orphans")
+        held = [ours.get(timeout=5), ours.get(timeout=5)]  # a worker holds both, unacknowledged
+        assert redis.queued("orphans") == 0 and redis.unacked() == 2
+        time.sleep(0.5)
+        assert reclaimers[0].once().orphaned == 0  # in flight, not lost
+
+        redis.client().flushall()  # Redis lost everything (what a restart without persistence does)
+        foreign = other.SimpleQueue("another_farm")
+        foreign.put({"x": 1})
+        held.append(foreign.get(timeout=5))  # another queue's unacknowledged message does not count
+        assert redis.unacked() == 1
+        time.sleep(0.5)
+        assert sum(r.once().orphaned for r in reclaimers) == 2
+        assert redis.queued("orphans") == 2
+        assert all(r.once().orphaned == 0 for r in reclaimers)  # re-sent, queued again: nothing to do
+    finally:
+        for c in (conn, other):  # closed while Redis is up (kombu hands unacked messages back on close)
+            c.release()
+        redis.kill()
+        store.close()

@@ -126,17 +126,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class RedisServer:
     """A Redis the test owns, on its own port, without persistence (a restart loses every message)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         log = open(self.workdir / f"redis-{self.port}.log", "ab")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.workdir)],
+             "--daemonize", "no", "--dir", str(self.workdir),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(self.ping, 15, f"redis-server on port {self.port}", 0.05)
@@ -144,7 +146,8 @@ class RedisServer:
     def client(self) -> Any:
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1,
+                           socket_timeout=5)
 
     def ping(self) -> bool:
         try:
@@ -222,15 +225,9 @@ class Worker:
                 self.proc.wait(10)
 
     def stop(self) -> None:
-        """Graceful stop (TERM), then SIGKILL the whole group so no pool child is left behind."""
+        """Teardown: SIGKILL the whole group at once (fast; no pool child is left behind)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
         kill_group(self.proc, signal.SIGKILL)
         try:
             self.proc.wait(10)
@@ -241,11 +238,12 @@ class Worker:
 class Farm:
     """One test's farm: its own Redis, a database URL, workers, and the `stage-a` CLI wired to them."""
 
-    def __init__(self, workdir: Path, db_url: str, checkpoint: Path, **settings: str) -> None:
+    def __init__(self, workdir: Path, db_url: str, checkpoint: Path, redis_password: str | None = None,
+                 **settings: str) -> None:
         self.workdir = workdir
         self.db_url = db_url
         self.checkpoint = checkpoint
-        self.redis = RedisServer(workdir)
+        self.redis = RedisServer(workdir, redis_password)
         self.queue = "stage_a_rel"
         self.settings = {
             "STAGE_A_BATCH_SIZE": "4", "STAGE_A_FLUSH_INTERVAL": "0.5", "STAGE_A_LEASE_SECONDS": "10",
@@ -312,8 +310,8 @@ def farm_factory(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Callable[...
     """Build farms (own Redis started); every process is killed at teardown, pass or fail."""
     farms: list[Farm] = []
 
-    def make(db_url: str, **settings: str) -> Farm:
-        farm = Farm(tmp_path, db_url, tiny_checkpoint, **settings)
+    def make(db_url: str, redis_password: str | None = None, **settings: str) -> Farm:
+        farm = Farm(tmp_path, db_url, tiny_checkpoint, redis_password, **settings)
         farms.append(farm)
         farm.redis.start()
         return farm

@@ -184,6 +184,28 @@ class WorkerRuntime:
         return {k for k, (st, _) in state.items() if st in (DONE, "failed")}
 
 
+class ReconnectSafeBatches(Batches):
+    """Batches whose interval flush survives a broker reconnect.
+
+    celery-batches 0.11 arms its repeating flush timer once, on the first message, and keeps the
+    handle on the (long-lived) task. A lost broker connection makes Celery clear the consumer's
+    timer and rebuild the strategy, but the stale handle stays set, so the timer is never armed
+    again: a partial batch (fewer than flush_every messages, e.g. the orphans re-sent after a
+    Redis restart) then sits unacknowledged until the broker's visibility timeout
+    (clokep/celery-batches#107, fixed upstream by #108). Strategy() runs at every consumer
+    (re)start: re-arm there, at once, so requests buffered before the reconnect flush too.
+    """
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
+        handler = super().Strategy(task, app, consumer)
+        stale: Any = getattr(self, "_tref", None)
+        if stale is not None:
+            stale.cancel()
+        # An empty buffer cancels this timer on its first tick; the next message re-arms it.
+        self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        return handler
+
+
 _runtime: WorkerRuntime | None = None
 
 
@@ -194,7 +216,7 @@ def runtime() -> WorkerRuntime:
     return _runtime
 
 
-@app.task(base=Batches, name=TASK_NAME, flush_every=settings.batch_size, flush_interval=settings.flush_interval,
+@app.task(base=ReconnectSafeBatches, name=TASK_NAME, flush_every=settings.batch_size, flush_interval=settings.flush_interval,
           acks_late=True, ignore_result=True)
 def summarize(requests: list[SimpleRequest]) -> int:
     """Summarize the buffered images (one JSON payload per message) and commit their results."""

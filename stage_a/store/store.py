@@ -19,7 +19,17 @@ from sqlalchemy.orm import Session
 from stage_a.config import GenerationParams, RunSpec, redact_url
 from stage_a.errors import UserError
 from stage_a.store.engine import _first_line, make_engine, upgrade_schema
-from stage_a.store.models import DONE, FAILED, LEASED, PENDING, UNFINISHED, DeadLetter, GroupRow, ImageRow, Run
+from stage_a.store.models import (
+    DONE,
+    FAILED,
+    LEASED,
+    PENDING,
+    UNFINISHED,
+    DeadLetter,
+    GroupRow,
+    ImageRow,
+    Run,
+)
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
 log = logging.getLogger(__name__)
@@ -217,9 +227,9 @@ class ResultStore:
             {
                 "k_run": r.key.run_id, "k_pos": r.key.group_position, "k_idx": r.key.image_index,
                 "status": DONE if r.ok else FAILED,
-                "summary": r.summary if r.ok else None,
-                "raw_text": r.raw_text,
-                "error": None if r.ok else (r.error or "empty summary"),
+                "summary": _no_nul(r.summary) if r.ok else None,
+                "raw_text": _no_nul(r.raw_text),
+                "error": None if r.ok else _no_nul(r.error or "empty summary"),
                 "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                 "vision_tokens": r.vision_tokens, "preprocess_ms": r.preprocess_ms,
                 "generate_ms": r.generate_ms, "worker": worker, "updated_at": now,
@@ -387,27 +397,29 @@ class ResultStore:
                     select(ImageRow.status, func.count()).where(ImageRow.run_id == run_id).group_by(ImageRow.status)
                 ).all()
             )
+            # One pass over the run's rows gives the group counts and the first/last result time
+            # (it was two full scans: ~1 s each at 1M images, on every `status --watch` refresh).
+            finished_at = case((ImageRow.status.in_((DONE, FAILED)), ImageRow.updated_at))
             per_group = (
                 select(
                     ImageRow.group_position,
                     func.sum(case((ImageRow.status == DONE, 1), else_=0)).label("n_done"),
                     func.sum(case((ImageRow.status == FAILED, 1), else_=0)).label("n_failed"),
                     func.count().label("n"),
+                    func.min(finished_at).label("first"),
+                    func.max(finished_at).label("last"),
                 )
                 .where(ImageRow.run_id == run_id)
                 .group_by(ImageRow.group_position)
                 .subquery()
             )
-            g_total, g_done, g_failed = s.execute(
+            g_total, g_done, g_failed, first, last = s.execute(
                 select(
                     func.count(),
                     func.coalesce(func.sum(case((per_group.c.n_done == per_group.c.n, 1), else_=0)), 0),
                     func.coalesce(func.sum(case((per_group.c.n_failed > 0, 1), else_=0)), 0),
-                )
-            ).one()
-            first, last = s.execute(
-                select(func.min(ImageRow.updated_at), func.max(ImageRow.updated_at)).where(
-                    ImageRow.run_id == run_id, ImageRow.status.in_((DONE, FAILED))
+                    func.min(per_group.c.first),
+                    func.max(per_group.c.last),
                 )
             ).one()
             workers = tuple(
@@ -461,6 +473,12 @@ class ResultStore:
                 .order_by(ImageRow.group_position, ImageRow.image_index)
             ).all()
             return [{c.name: getattr(r, c.name) for c in ImageRow.__table__.columns} for r in rows]
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL (a byte-level model can emit one): U+FFFD on every backend,
+    so SQLite and PostgreSQL runs store and export the same text."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
 def _run_info(run: Run) -> RunInfo:

@@ -1,0 +1,212 @@
+"""One farm worker (Celery over Redis, results in PostgreSQL) against the engine alone, same batches.
+
+    python bench/farm_overhead.py                          # tiny model on the CPU
+    python bench/farm_overhead.py --images 96 --batch-size 8 --max-new-tokens 16
+    STAGE_A_CHECKPOINT=/models/qwen3-vl-2b python bench/farm_overhead.py --device cuda --images 512 --batch-size 32
+
+Engine alone: BatchRunner.run_items in this process (prefetching loader, per_image batches
+ordered by vision tokens, results committed to the same PostgreSQL server).
+Farm: `celery -A workers worker --concurrency 1` as a separate process, exactly as an operator
+starts it. The worker is warmed first (a warm-up run loads the model), then the measured run is
+enqueued (fast publisher) and the clock runs from the first publish to the last committed result,
+so queueing, celery-batches buffering, leases and per-batch commits are all inside the figure;
+model loading is outside both figures. Target (issue 6): farm >= 95% of the engine's images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MISSION, REDIS_URL, ROOT, machine_line, pg_database, tiny_checkpoint, write_tree  # noqa: E402
+
+SIZES = [(1600, 1200), (320, 240), (1200, 1600), (640, 480), (1920, 1080), (480, 640), (1024, 768),
+         (400, 300), (2048, 1536), (800, 800), (1280, 720), (720, 1280)]
+
+
+def make_input(n_images: int, root: Path) -> Path:
+    groups = []
+    for g in range((n_images + 3) // 4):
+        n = min(4, n_images - 4 * g)
+        groups.append((f"QC-FARM-{g:05d}", "pass" if g % 2 else "fail", [SIZES[(4 * g + i) % len(SIZES)] for i in range(n)]))
+    return write_tree(root, groups)
+
+
+def register(store: Any, spec: Any, input_dir: Path, farm: bool) -> Any:
+    from producer.register import register_run
+
+    reg = register_run(store, spec, input_dir, farm=farm)
+    return store.get_run(reg.run_id)
+
+
+def wait_done(store: Any, run_id: int, n: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> float:
+    """Poll the store until every image of the run is done or failed; returns the time it happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = store.counts(run_id)
+        if c.done + c.failed >= n:
+            return time.perf_counter()
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {c}\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def time_split(store: Any, run_id: int) -> str:
+    """Where the time went, from what the engine recorded per image (batch times / rows)."""
+    rows = store.image_rows(run_id)
+    prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000
+    gen = sum(r["generate_ms"] or 0 for r in rows) / 1000
+    pad = sum((r["prompt_tokens"] or 0) for r in rows)
+    return f"prepare {prep:.1f} s + generate {gen:.1f} s summed over batches ({pad} prompt tokens)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.environ.get("STAGE_A_CHECKPOINT"),
+                    help="model folder (default: the tiny random-weight Qwen3-VL)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--flush-interval", type=float, default=0.2, help="STAGE_A_FLUSH_INTERVAL of the worker")
+    ap.add_argument("--flush-batches", default="1,4",
+                    help="worker flush sizes to try, in model batches (STAGE_A_BATCH_SIZE = k x --batch-size)")
+    ap.add_argument("--rounds", type=int, default=3, help="engine/farm measurement pairs per flush size")
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args()
+
+    from stage_a.config import GenerationParams, RunSpec
+    from stage_a.store import ResultStore
+    from workers.engine import BatchEngine
+    from workers.loader import load_model
+    from workers.runner import BatchRunner
+
+    checkpoint = args.checkpoint or str(tiny_checkpoint())
+    tmp = Path(tempfile.mkdtemp(prefix="stage-a-bench-farm-"))
+    input_dir = make_input(args.images, tmp / "input")
+    warm_dir = make_input(args.batch_size, tmp / "warm")
+    gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=checkpoint, sharding_mode="per_image",
+                   batch_size=args.batch_size, generation=gen)
+    print(machine_line())
+    print(f"model: {checkpoint} on {args.device}; {args.images} images, per_image batches of {args.batch_size}, "
+          f"{args.max_new_tokens} new tokens per image; PostgreSQL results, Redis {REDIS_URL}")
+
+    flushes = [int(k) for k in args.flush_batches.split(",")]
+    summary = []
+    with pg_database("stage_a_bench_farm") as db_url:
+        store = ResultStore(db_url)
+        engine = BatchEngine(load_model(checkpoint, args.device))
+        runner = BatchRunner(engine, store, "bench-engine")
+        warm = register(store, spec, warm_dir, farm=False)
+        runner.run_items(warm, store.unfinished_items(warm.id))  # warm-up, as the worker gets one
+
+        def engine_once() -> float:
+            run = register(store, spec, input_dir, farm=False)
+            t0 = time.perf_counter()
+            n = runner.run_items(run, store.unfinished_items(run.id))
+            dt = time.perf_counter() - t0
+            print(f"  engine alone (BatchRunner.run_items): {n} images in {dt:.1f} s = {n / dt:.2f} images/s; "
+                  f"{time_split(store, run.id)}", flush=True)
+            return n / dt
+
+        try:
+            for k in flushes:
+                print(f"\nworker flushing {k} x {args.batch_size} messages (STAGE_A_BATCH_SIZE={k * args.batch_size}; "
+                      f"model batches stay {args.batch_size}):", flush=True)
+                with Worker(store, spec, warm_dir, checkpoint, db_url, k, args, tmp) as worker:
+                    ratios = []
+                    for _ in range(args.rounds):
+                        # Engine and farm back to back, so both see about the same (shared) machine.
+                        e = engine_once()
+                        f = worker.measure(input_dir)
+                        ratios.append(f / e)
+                        print(f"  farm / engine alone = {f / e:.1%}", flush=True)
+                summary.append((k, sorted(ratios)))
+        finally:
+            store.close()
+    print(f"\n{machine_line()}")
+    for k, ratios in summary:
+        med = ratios[len(ratios) // 2]
+        print(f"worker flush = {k} x batch size ({k * args.batch_size} messages): farm / engine alone, median of "
+              f"{len(ratios)} rounds = {med:.1%} (range {ratios[0]:.1%}..{ratios[-1]:.1%}) -> target >= 95%: "
+              f"{'MET' if med >= 0.95 else 'NOT MET'}")
+
+
+class Worker:
+    """`celery -A workers worker --concurrency 1` flushing k model batches at a time, warmed up."""
+
+    def __init__(self, store: Any, spec: Any, warm_dir: Path, checkpoint: str, db_url: str, k: int, args: Any,
+                 tmp: Path) -> None:
+        from producer.publish import Publisher
+        from stage_a.settings import FarmSettings
+
+        self.store, self.spec, self.args, self.k = store, spec, args, k
+        self.queue = f"stage_a_bench_{uuid.uuid4().hex[:8]}"
+        env = dict(os.environ, STAGE_A_BROKER_URL=REDIS_URL, STAGE_A_QUEUE=self.queue, STAGE_A_DATABASE_URL=db_url,
+                   STAGE_A_CHECKPOINT=checkpoint, STAGE_A_DEVICE=args.device, STAGE_A_GPUS="",
+                   # messages buffered per flush; the model batch stays the run's batch_size
+                   STAGE_A_BATCH_SIZE=str(k * args.batch_size), STAGE_A_FLUSH_INTERVAL=str(args.flush_interval),
+                   STAGE_A_RECLAIM_INTERVAL="3600", STAGE_A_ORPHAN_GRACE="3600", STAGE_A_LEASE_SECONDS="3600")
+        if args.device.startswith("cuda"):
+            env["STAGE_A_GPUS"] = "0"
+        self.log = tmp / f"worker-{self.queue}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", f"bench-{self.queue}@%h",
+                 "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING"],
+                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.publisher = Publisher(replace(FarmSettings.from_env(), broker_url=REDIS_URL, queue=self.queue))
+        self.warm_dir = warm_dir
+
+    def __enter__(self) -> Worker:
+        w0 = time.perf_counter()
+        warm = register(self.store, self.spec, self.warm_dir, farm=True)
+        self.publisher.publish_items(self.store.unfinished_items(warm.id), "per_image")
+        wait_done(self.store, warm.id, warm.n_images, self.args.timeout, self.proc, self.log)
+        print(f"  (worker start + model load + warm-up batch: {time.perf_counter() - w0:.1f} s, not counted)",
+              flush=True)
+        return self
+
+    def measure(self, input_dir: Path) -> float:
+        """Enqueue a fresh run of ``input_dir``; images/s from the first publish to the last commit."""
+        run = register(self.store, self.spec, input_dir, farm=True)
+        items = self.store.unfinished_items(run.id)
+        t0 = time.perf_counter()
+        self.publisher.publish_items(items, "per_image")
+        t1 = wait_done(self.store, run.id, len(items), self.args.timeout, self.proc, self.log)
+        c = self.store.counts(run.id)
+        span = (c.last_update - c.first_update).total_seconds() if c.first_update and c.last_update else 0
+        print(f"  farm, 1 worker (celery + Redis + PostgreSQL): {len(items)} images in {t1 - t0:.1f} s = "
+              f"{len(items) / (t1 - t0):.2f} images/s (done {c.done}, failed {c.failed}; first to last commit "
+              f"{span:.1f} s); {time_split(self.store, run.id)}", flush=True)
+        return len(items) / (t1 - t0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        import redis
+
+        q = self.queue
+        redis.Redis.from_url(REDIS_URL).delete(q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`stage-a run` interrupted (Ctrl-C and SIGKILL), then `--resume` on the same database: only the
+unfinished images are processed, and the JSONL is byte-identical to an uninterrupted greedy run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_reliability_support import FAILURES, JSONL, MISSION, base_env, cli, cli_popen, make_tree, wait_for
+
+pytestmark = pytest.mark.slow
+N_IMAGES = 16
+
+
+def _run_args(tree: Path, out: Path, checkpoint: Path) -> list[str]:
+    return ["run", "--mission", MISSION, "--input-dir", str(tree), "--output-dir", str(out), "--checkpoint",
+            str(checkpoint), "--device", "cpu", "--max-new-tokens", "6", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume") / "in"
+    make_tree(root, groups=8, per_group=2, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tree: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run."""
+    work = tmp_path_factory.mktemp("reference")
+    proc = cli(_run_args(tree, work / "out", tiny_checkpoint), base_env(STAGE_A_CACHE_DIR=str(work / "cache")), work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work / "out"
+
+
+def _done(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+            return int(c.execute("SELECT count(*) FROM images WHERE status IN ('done', 'failed')").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_interrupted_run_resumes_only_unfinished_and_matches_uninterrupted(
+        sig: int, tree: Path, tiny_checkpoint: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    db = out / "stage_a_results.db"
+    env = base_env(STAGE_A_CACHE_DIR=str(tmp_path / "cache"))
+    log = tmp_path / "first.log"
+    proc = cli_popen(_run_args(tree, out, tiny_checkpoint), env, tmp_path, log)
+    try:
+        wait_for(lambda: _done(db) >= 2 or proc.poll() is not None, 120, "the first batch to be stored", 0.05)
+        os.killpg(proc.pid, sig)  # like Ctrl-C in a terminal (the whole foreground group), or a hard kill
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    first = log.read_text(encoding="utf-8", errors="replace")
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, first
+        assert "interrupted; finished batches are saved" in first and "--resume" in first, first
+        assert "Traceback" not in first, first
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    finished = _done(db)
+    assert 2 <= finished < N_IMAGES, "the interruption must land mid-run"
+    left = N_IMAGES - finished
+
+    resumed = cli(["run", "--resume", "--run", "1", "--db", str(db), "--output-dir", str(out), "--device", "cpu"],
+                  env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming run 1: {left} unfinished images to process" in resumed.stderr, resumed.stderr
+    assert f" {left} images in " in resumed.stdout, resumed.stdout
+    assert (out / JSONL).read_bytes() == (reference / JSONL).read_bytes()
+    assert (out / FAILURES).read_bytes() == (reference / FAILURES).read_bytes()
+    assert _done(db) == N_IMAGES
+
+
+def test_resume_of_a_finished_run_processes_nothing(reference: Path, tmp_path: Path) -> None:
+    """Resuming twice is harmless: zero images, the same bytes."""
+    before = (reference / JSONL).read_bytes()
+    proc = cli(["run", "--resume", "--db", str(reference / "stage_a_results.db"), "--output-dir", str(reference),
+                "--device", "cpu"], base_env(STAGE_A_CACHE_DIR=str(tmp_path / "cache")), tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 unfinished images" in proc.stderr and " 0 images in " in proc.stdout
+    assert (reference / JSONL).read_bytes() == before
+
+

@@ -1,0 +1,71 @@
+"""Unreachable services: a wrong Redis or database URL makes every entry point fail within seconds
+with one clear line, and the password in the URL never appears in any output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_reliability_support import MISSION, REPO, base_env, free_port, make_tree
+
+SECRET = "SECRETPW"
+LIMIT_S = 20
+
+
+def _closed_port() -> int:
+    return free_port()  # bound then released: nothing listens there, connections are refused
+
+
+BAD_REDIS = f"redis://:{SECRET}@127.0.0.1:{_closed_port()}/0"
+BAD_DB = f"postgresql+psycopg://u:{SECRET}@127.0.0.1:{_closed_port()}/x"
+BROKER_LINE = "cannot reach broker redis://:***@127.0.0.1:"
+DB_LINE = "cannot connect to database postgresql+psycopg://u:***@127.0.0.1:"
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("unreachable") / "in"
+    make_tree(root, groups=1, per_group=1)
+    return root
+
+
+def _cases(input_dir: Path, good_db: str, good_redis: str) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    enqueue = ["-m", "stage_a.cli", "enqueue", "--mission", MISSION, "--input-dir", str(input_dir)]
+    worker = ["-m", "celery", "-A", "workers", "worker", "--concurrency", "1", "--without-gossip",
+              "--without-mingle", "-n", "unreachable@%h"]
+    return {
+        "enqueue-redis": (enqueue, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": good_db}, BROKER_LINE),
+        "enqueue-db": (enqueue, {"STAGE_A_BROKER_URL": good_redis, "STAGE_A_DATABASE_URL": BAD_DB}, DB_LINE),
+        "status-db": (["-m", "stage_a.cli", "status", "1", "--db", BAD_DB], {}, DB_LINE),
+        "export-db": (["-m", "stage_a.cli", "export", "1", "--db", BAD_DB], {"STAGE_A_BROKER_URL": BAD_REDIS}, DB_LINE),
+        "worker-redis": (worker, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": good_db}, BROKER_LINE),
+        "worker-db": (worker, {"STAGE_A_BROKER_URL": good_redis, "STAGE_A_DATABASE_URL": BAD_DB}, DB_LINE),
+    }
+
+
+@pytest.mark.parametrize("case", ["enqueue-redis", "enqueue-db", "status-db", "export-db", "worker-redis",
+                                  "worker-db"])
+def test_wrong_url_fails_fast_with_one_line_and_no_password(case: str, input_dir: Path, tmp_path: Path) -> None:
+    from conftest import REDIS_URL
+
+    args, env_extra, expected = _cases(input_dir, f"sqlite:///{tmp_path / 'ok.db'}", REDIS_URL)[case]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                              env=base_env(**env_extra), timeout=LIMIT_S + 40)
+    except subprocess.TimeoutExpired as exc:  # a hang: the very thing this test exists to catch
+        pytest.fail(f"{case}: still running after {exc.timeout}s")
+    elapsed = time.monotonic() - t0
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert elapsed < LIMIT_S, f"{case} took {elapsed:.1f}s"
+    assert SECRET not in output, output
+    assert "Traceback" not in output, output
+    errors = [ln for ln in output.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and expected in errors[0], output
+    if args[1] == "stage_a.cli":  # the CLI prints that line and nothing else
+        assert proc.stderr.strip().splitlines() == errors and proc.stdout == ""
