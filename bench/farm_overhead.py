@@ -65,11 +65,18 @@ def wait_done(store: Any, run_id: int, n: int, timeout: float, proc: subprocess.
 
 def time_split(store: Any, run_id: int) -> str:
     """Where the time went, from what the engine recorded per image (batch times / rows)."""
+    from workers.scheduler import padding_fraction
+
     rows = store.image_rows(run_id)
     prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000
     gen = sum(r["generate_ms"] or 0 for r in rows) / 1000
-    pad = sum((r["prompt_tokens"] or 0) for r in rows)
-    return f"prepare {prep:.1f} s + generate {gen:.1f} s summed over batches ({pad} prompt tokens)"
+    # Rows of one model batch share its generate_ms (batch time / rows): regroup them into batches.
+    batches: dict[float, list[int]] = {}
+    for r in rows:
+        batches.setdefault(r["generate_ms"], []).append(r["prompt_tokens"] or 0)
+    pad = padding_fraction(batches.values())
+    return (f"prepare {prep:.1f} s + generate {gen:.1f} s summed over {len(batches)} batches, "
+            f"padding {pad:.3f}")
 
 
 def main() -> None:

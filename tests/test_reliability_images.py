@@ -102,6 +102,7 @@ def test_loader_normalizes_awkward_images(cases_dir: Path) -> None:
         assert load_image(cases_dir / name).image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_engine_mixed_batch_fails_only_the_bad_rows(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     from workers.engine import BatchEngine
 
@@ -131,6 +132,7 @@ def test_engine_mixed_batch_fails_only_the_bad_rows(cases_dir: Path, tiny_loaded
     assert alone == {n: r.summary for n, r in results.items() if r.ok}
 
 
+@pytest.mark.slow
 def test_stage_a_run_reports_bad_images_and_exports_the_rest(cases_dir: Path, tiny_checkpoint: Path,
                                                              tmp_path: Path) -> None:
     root = tmp_path / "in"
