@@ -167,6 +167,9 @@ class WorkerRuntime:
                     self.store.record_results([ImageResult(key=it.key, error=f"internal error: {exc}")
                                                for it in left], self.name)
                     return done + len(left)
+                # Renew the lease of what is about to run: a group message spanning many model
+                # batches must not look abandoned to the reclaimer while it is still being worked on.
+                self.store.renew([it.key for it in prepared.items], self.settings.lease_seconds)
                 try:
                     done += len(runner.execute(prepared))
                 except EngineDeadError:

@@ -100,7 +100,6 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -218,6 +218,24 @@ class ResultStore:
 
         _retrying(op, "lease")
 
+    def renew(self, keys: Sequence[ImageKey], seconds: float) -> None:
+        """Extend the leases of in-flight images (no attempt is counted)."""
+        if not keys:
+            return
+        until = utcnow() + timedelta(seconds=seconds)
+
+        def op() -> None:
+            with self.engine.begin() as conn:
+                for run_id, chunk in _by_run(keys):
+                    conn.execute(
+                        update(ImageRow)
+                        .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
+                               tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                        .values(lease_until=until)
+                    )
+
+        _retrying(op, "lease renewal")
+
     def record_results(self, results: Sequence[ImageResult], worker: str) -> None:
         """Store one model batch of results in one transaction; idempotent, a done row stays done."""
         if not results:
