@@ -152,6 +152,7 @@ class WorkerRuntime:
         runner = self.runner(run)
         ctx = runner.context(run)
         done = 0
+        first = True
         with Prefetcher(lambda b: runner.engine.prepare(ctx, b), runner.batches(run, items)) as pf:
             batches = iter(pf)
             while True:
@@ -169,7 +170,14 @@ class WorkerRuntime:
                     return done + len(left)
                 # Renew the lease of what is about to run: a group message spanning many model
                 # batches must not look abandoned to the reclaimer while it is still being worked on.
-                self.store.renew([it.key for it in prepared.items], self.settings.lease_seconds)
+                # The first batch was just leased; renewal is best effort (a locked DB must not fail it).
+                if first:
+                    first = False
+                else:
+                    try:
+                        self.store.renew([it.key for it in prepared.items], self.settings.lease_seconds)
+                    except Exception as exc:
+                        log.warning("lease renewal failed (%s); continuing", str(exc).splitlines()[0])
                 try:
                     done += len(runner.execute(prepared))
                 except EngineDeadError:
