@@ -6,7 +6,6 @@ import os
 import resource
 import shutil
 import sys
-import time
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -110,17 +109,6 @@ def write_tree(root: Path, groups: Iterable[tuple[str, str, list[tuple[int, int]
 
 
 @contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` then ``t[0]`` is the elapsed wall time in seconds."""
-    box: list[float] = []
-    t0 = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - t0)
-
-
-@contextmanager
 def pg_database(prefix: str = "stage_a_bench") -> Iterator[str]:
     """A fresh PostgreSQL database on the local server, dropped afterwards."""
     import uuid
@@ -138,6 +126,3 @@ def pg_database(prefix: str = "stage_a_bench") -> Iterator[str]:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
-
-def fmt_rate(n: float, seconds: float, unit: str = "images/s") -> str:
-    return f"{n / seconds:,.1f} {unit}" if seconds > 0 else f"inf {unit}"

@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="model folder (default: the tiny random-weight Qwen3-VL)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, auto")
-    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--unordered-at", type=int, default=8,

@@ -57,15 +57,21 @@ def _spec() -> Any:
 # ---- phases, each in its own process --------------------------------------------------------------
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (not of the database server)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def phase_create(url: str, n_images: int, group_size: int) -> dict[str, Any]:
     from stage_a.store import ResultStore
 
     store = ResultStore(url)
     groups = _groups(n_images, group_size)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     run_id = store.create_run(_spec(), groups, farm=True)
     dt = time.perf_counter() - t0
-    return {"run_id": run_id, "seconds": dt, "rows": n_images, "groups": len(groups)}
+    return {"run_id": run_id, "seconds": dt, "cpu_seconds": _cpu() - c0, "rows": n_images, "groups": len(groups)}
 
 
 def phase_record(url: str, run_id: int, n_images: int, group_size: int, batch: int, limit: int | None) -> dict[str, Any]:
@@ -75,7 +81,7 @@ def phase_record(url: str, run_id: int, n_images: int, group_size: int, batch: i
 
     store = ResultStore(url)
     n = n_images if limit is None else min(limit, n_images)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     done = 0
     while done < n:
         chunk = []
@@ -87,7 +93,7 @@ def phase_record(url: str, run_id: int, n_images: int, group_size: int, batch: i
         store.record_results(chunk, "bench-worker")
         done += len(chunk)
     dt = time.perf_counter() - t0
-    out: dict[str, Any] = {"seconds": dt, "rows": done, "batch": batch}
+    out: dict[str, Any] = {"seconds": dt, "cpu_seconds": _cpu() - c0, "rows": done, "batch": batch}
     if limit is None:
         t1 = time.perf_counter()
         c = store.counts(run_id)
@@ -105,11 +111,11 @@ def phase_export(url: str, run_id: int, out_dir: str, trace: bool) -> dict[str, 
         import tracemalloc
 
         tracemalloc.start()
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     report = export_run(store, run_id, Path(out_dir))
     dt = time.perf_counter() - t0
-    out = {"seconds": dt, "groups_written": report.groups_written, "groups_failed": report.groups_failed,
-           "bytes": report.jsonl_path.stat().st_size}
+    out = {"seconds": dt, "cpu_seconds": _cpu() - c0, "groups_written": report.groups_written,
+           "groups_failed": report.groups_failed, "bytes": report.jsonl_path.stat().st_size}
     if trace:
         out["tracemalloc_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
     return out
@@ -274,8 +280,6 @@ def _phase_main(argv: list[str]) -> None:
     else:
         out = phase_export(url, int(argv[2]), argv[3], argv[4] == "1")
     out["peak_rss_mib"] = peak_rss_mib()
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    out["cpu_seconds"] = ru.ru_utime + ru.ru_stime  # this process only (not the database server)
     print(json.dumps(out))
 
 

@@ -1,4 +1,10 @@
-"""Publishing task messages to Redis in pipelined batches (not one round trip per image)."""
+"""Publishing task messages to Redis in pipelined batches (not one round trip per image).
+
+On Redis, messages are Celery's own protocol-2 JSON messages, built once by Celery/kombu as a
+template and then stamped per payload (_FastRedisPublish): ~28k messages/s instead of ~2.5k
+(bench/control_plane.py). Other brokers, or a Celery/kombu whose message shape is not the one
+expected, use Celery's regular send path (publish_via_celery).
+"""
 
 from __future__ import annotations
 
