@@ -105,7 +105,7 @@ def _capturing_producer(conn: Any) -> Any:
 
         # kombu calls _publish(body, priority, content_type, content_encoding, headers, properties,
         # routing_key, mandatory, immediate, exchange, declare, ...) after all of its own processing.
-        def _publish(self, body: Any, priority: Any, content_type: Any, content_encoding: Any,  # noqa: D401
+        def _publish(self, body: Any, priority: Any, content_type: Any, content_encoding: Any,
                      headers: Any, properties: Any, routing_key: Any, mandatory: Any, immediate: Any,
                      exchange: Any, declare: Any, *rest: Any, **kw: Any) -> None:
             for entity in declare or ():
@@ -168,7 +168,8 @@ class _FastRedisPublish:
         # Render the envelope once with a marker in each varying field, then cut it at the markers.
         marks = {f: f"\x00stage-a:{f}\x00" for f in self._FIELDS}
         hdr["id"] = hdr["root_id"] = props["correlation_id"] = marks["id"]
-        hdr["argsrepr"], props["delivery_tag"], envelope["body"] = marks["argsrepr"], marks["delivery_tag"], marks["body"]
+        hdr["argsrepr"], props["delivery_tag"] = marks["argsrepr"], marks["delivery_tag"]
+        envelope["body"] = marks["body"]
         rendered = dumps(envelope)
         quoted = {json.dumps(m): f for f, m in marks.items()}  # a marker as it appears, quotes included
         parts = re.split("(" + "|".join(re.escape(q) for q in quoted) + ")", rendered)
@@ -215,6 +216,7 @@ class _FastRedisPublish:
         return "".join(out)
 
     def publish(self, payloads: Iterable[dict[str, Any]]) -> int:
+        """LPUSH one message per payload, in order (the worker pops the oldest first); returns the count."""
         sent = 0
         ids = _uuid4_strings()
         values: list[str] = []
