@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -213,8 +214,7 @@ def main() -> None:
             line += f"; plain vs per_group (same batches): {same_pg}/{pg['images']}"
         print(line)
 
-    def med(xs: list[float]) -> float:
-        return sorted(xs)[len(xs) // 2]
+    med = statistics.median
 
     ratio = med(ratios)
     figures = {k: med(v) for k, v in rates.items() if v}

@@ -28,6 +28,7 @@ import argparse
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,10 +186,10 @@ def main() -> None:
             store.close()
     print(f"\n{machine_line()}")
     for k, ratios, cpu_ratios in summary:
-        med = ratios[len(ratios) // 2]
+        med = statistics.median(ratios)
         print(f"worker flush = {k} x batch size ({k * args.batch_size} messages): farm / engine alone, median of "
               f"{len(ratios)} rounds = {med:.1%} images/s (range {ratios[0]:.1%}..{ratios[-1]:.1%}), "
-              f"{cpu_ratios[len(cpu_ratios) // 2]:.1%} images per CPU second -> target >= 95%: "
+              f"{statistics.median(cpu_ratios):.1%} images per CPU second -> target >= 95%: "
               f"{'MET' if med >= 0.95 else 'NOT MET'}")
 
 
