@@ -55,7 +55,7 @@ def _rank_main(job: LocalJob, gpu: str, rank: int, world: int) -> None:
 
     pin_process_to_gpu(gpu)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
-    device = "cpu" if gpu == "cpu" else (job.device if job.device != "auto" else "auto")
+    device = "cpu" if gpu == "cpu" else job.device  # a pinned GPU is this process's cuda:0
     run_in_process(LocalJob(job.db_url, job.run_id, job.checkpoint, device, job.verify_inputs and rank == 0),
                    rank=rank, world=world)
 

@@ -199,42 +199,30 @@ class ResultStore:
             ).all()
         return [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
 
+    def _update_keys(self, keys: Sequence[ImageKey], statuses: Sequence[str], values: dict[str, Any]) -> None:
+        """One UPDATE per run (in chunks) of the given images that are in one of ``statuses``."""
+        with self.engine.begin() as conn:
+            for run_id, chunk in _by_run(keys):
+                conn.execute(
+                    update(ImageRow)
+                    .where(ImageRow.run_id == run_id, ImageRow.status.in_(statuses),
+                           tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                    .values(**values)
+                )
+
     def lease(self, keys: Sequence[ImageKey], worker: str, seconds: float) -> None:
         """Mark images as in flight on ``worker`` until now + seconds (stale leases get re-enqueued)."""
-        if not keys:
-            return
-        until = utcnow() + timedelta(seconds=seconds)
-
-        def op() -> None:
-            with self.engine.begin() as conn:
-                for run_id, chunk in _by_run(keys):
-                    conn.execute(
-                        update(ImageRow)
-                        .where(ImageRow.run_id == run_id, ImageRow.status.in_(UNFINISHED),
-                               tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
-                        .values(status=LEASED, worker=worker, lease_until=until,
-                                attempts=ImageRow.attempts + 1, updated_at=utcnow())
-                    )
-
-        _retrying(op, "lease")
+        if keys:
+            until = utcnow() + timedelta(seconds=seconds)
+            values = {"status": LEASED, "worker": worker, "lease_until": until,
+                      "attempts": ImageRow.attempts + 1, "updated_at": utcnow()}
+            _retrying(lambda: self._update_keys(keys, UNFINISHED, values), "lease")
 
     def renew(self, keys: Sequence[ImageKey], seconds: float) -> None:
-        """Extend the leases of in-flight images (no attempt is counted)."""
-        if not keys:
-            return
-        until = utcnow() + timedelta(seconds=seconds)
-
-        def op() -> None:
-            with self.engine.begin() as conn:
-                for run_id, chunk in _by_run(keys):
-                    conn.execute(
-                        update(ImageRow)
-                        .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
-                               tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
-                        .values(lease_until=until)
-                    )
-
-        op()  # best effort: the caller goes on without renewal rather than wait out an outage
+        """Extend the leases of in-flight images (no attempt is counted). Best effort, no retry:
+        the caller goes on without renewal rather than wait out an outage."""
+        if keys:
+            self._update_keys(keys, (LEASED,), {"lease_until": utcnow() + timedelta(seconds=seconds)})
 
     def record_results(self, results: Sequence[ImageResult], worker: str) -> None:
         """Store one model batch of results in one transaction; idempotent, a done row stays done."""
@@ -319,14 +307,7 @@ class ResultStore:
 
     def touch(self, keys: Sequence[ImageKey]) -> None:
         """Mark re-enqueued pending images as active so the next check does not enqueue them again."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            for run_id, chunk in _by_run(keys):
-                conn.execute(
-                    update(ImageRow).where(ImageRow.run_id == run_id, ImageRow.status == PENDING,
-                                           tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
-                    .values(updated_at=now)
-                )
+        self._update_keys(keys, (PENDING,), {"updated_at": utcnow()})
 
     def claim_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> list[WorkItem]:
         """Atomically mark orphaned pending images as re-enqueued; returns only the ones this caller won.
