@@ -23,7 +23,7 @@ REDIS_URL = os.environ.get("STAGE_A_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 
 def cache_dir() -> Path:
-    from stage_a.config import default_cache_dir
+    from stage_a.settings import default_cache_dir
 
     return default_cache_dir()
 

@@ -210,7 +210,7 @@ def main() -> int:
     if args.checkpoint:
         checkpoint = args.checkpoint
     else:
-        from stage_a.config import default_cache_dir
+        from stage_a.settings import default_cache_dir
         from workers.tiny_model import cached_tiny_checkpoint
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
@@ -226,7 +226,7 @@ def main() -> int:
         env.update(
             STAGE_A_BROKER_URL=redis.url, STAGE_A_DATABASE_URL=db_url, STAGE_A_CHECKPOINT=checkpoint,
             STAGE_A_DEVICE=os.environ.get("STAGE_A_DEVICE", "cpu"), STAGE_A_QUEUE="stage_a_chaos",
-            STAGE_A_BATCH_SIZE=str(args.batch_size), STAGE_A_FLUSH_INTERVAL="0.5",
+            STAGE_A_FLUSH_SIZE=str(args.batch_size), STAGE_A_FLUSH_INTERVAL="0.5",
             STAGE_A_LEASE_SECONDS=str(args.lease_seconds), STAGE_A_RECLAIM_INTERVAL="2", STAGE_A_ORPHAN_GRACE="8",
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
         )
@@ -234,7 +234,7 @@ def main() -> int:
         for w in workers:
             w.start()
         enq = subprocess.run(
-            [sys.executable, "-m", "stage_a.cli", "enqueue", "--mission", MISSION, "--input-dir", str(workdir / "in"),
+            [sys.executable, "-m", "cli.main", "enqueue", "--mission", MISSION, "--input-dir", str(workdir / "in"),
              "--checkpoint", checkpoint, "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
              str(args.batch_size), "--sharding-mode", "per_image"],
             capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
@@ -298,7 +298,7 @@ def main() -> int:
         elapsed = time.monotonic() - t0
 
         out = workdir / "out"
-        exp = subprocess.run([sys.executable, "-m", "stage_a.cli", "export", str(run_id), "--output-dir", str(out)],
+        exp = subprocess.run([sys.executable, "-m", "cli.main", "export", str(run_id), "--output-dir", str(out)],
                              capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
         if exp.returncode not in (0, 3):
             log(f"export failed: {exp.stderr.strip()}")

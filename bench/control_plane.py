@@ -179,13 +179,13 @@ def bench_store(db: str, n_images: int, group_size: int, batch: int, small_batch
 def bench_enqueue(n_images: int, reference: int) -> bool:
     import redis
 
-    from producer.publish import Publisher, payloads_for
-    from stage_a.settings import FarmSettings
+    from stage_a.broker import Publisher, payloads_for
+    from stage_a.settings import Settings
     from stage_a.work import ImageKey, WorkItem
 
     print(f"\n== enqueue {n_images:,} images (per_image) to Redis {REDIS_URL} ==")
     queue = f"stage_a_bench_{uuid.uuid4().hex[:8]}"
-    settings = FarmSettings(broker_url=REDIS_URL, queue=queue)
+    settings = Settings(broker_url=REDIS_URL, queue=queue)
     client = redis.Redis.from_url(REDIS_URL)
     items = [WorkItem(ImageKey(1, k // 5, k % 5 + 1), f"{MISSION}/审核通过/{_gid(k // 5)}/{_gid(k // 5)}-{k % 5 + 1}.jpg")
              for k in range(n_images)]

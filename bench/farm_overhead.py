@@ -14,7 +14,7 @@ figure, model loading is outside both. Engine and farm runs alternate (--rounds 
 size) because the shared 2-core machine's load changes by the minute; the median ratio is the
 verdict. Target (issue 6): farm >= 95% of the engine's images/s.
 
---flush-batches sets the worker's STAGE_A_BATCH_SIZE (messages per celery-batches flush) to k x
+--flush-batches sets the worker's STAGE_A_FLUSH_SIZE (messages per celery-batches flush) to k x
 --batch-size; the model batch stays --batch-size (the run's batch_size). A worker can only order
 by length, and overlap decoding with generation, inside one flush: with k = 1 neither happens.
 Besides images/s it prints CPU seconds per image (the bench process for the engine; the Celery
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--flush-interval", type=float, default=0.2, help="STAGE_A_FLUSH_INTERVAL of the worker")
     ap.add_argument("--flush-batches", default="1,4",
-                    help="worker flush sizes to try, in model batches (STAGE_A_BATCH_SIZE = k x --batch-size)")
+                    help="worker flush sizes to try, in model batches (STAGE_A_FLUSH_SIZE = k x --batch-size)")
     ap.add_argument("--rounds", type=int, default=3, help="engine/farm measurement pairs per flush size")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
@@ -169,7 +169,7 @@ def main() -> None:
 
         try:
             for k in flushes:
-                print(f"\nworker flushing {k} x {args.batch_size} messages (STAGE_A_BATCH_SIZE={k * args.batch_size}; "
+                print(f"\nworker flushing {k} x {args.batch_size} messages (STAGE_A_FLUSH_SIZE={k * args.batch_size}; "
                       f"model batches stay {args.batch_size}):", flush=True)
                 with Worker(store, spec, warm_dir, checkpoint, db_url, k, args, tmp) as worker:
                     ratios, cpu_ratios = [], []
@@ -198,15 +198,15 @@ class Worker:
 
     def __init__(self, store: Any, spec: Any, warm_dir: Path, checkpoint: str, db_url: str, k: int, args: Any,
                  tmp: Path) -> None:
-        from producer.publish import Publisher
-        from stage_a.settings import FarmSettings
+        from stage_a.broker import Publisher
+        from stage_a.settings import Settings
 
         self.store, self.spec, self.args, self.k = store, spec, args, k
         self.queue = f"stage_a_bench_{uuid.uuid4().hex[:8]}"
         env = dict(os.environ, STAGE_A_BROKER_URL=REDIS_URL, STAGE_A_QUEUE=self.queue, STAGE_A_DATABASE_URL=db_url,
                    STAGE_A_CHECKPOINT=checkpoint, STAGE_A_DEVICE=args.device, STAGE_A_GPUS="",
                    # messages buffered per flush; the model batch stays the run's batch_size
-                   STAGE_A_BATCH_SIZE=str(k * args.batch_size), STAGE_A_FLUSH_INTERVAL=str(args.flush_interval),
+                   STAGE_A_FLUSH_SIZE=str(k * args.batch_size), STAGE_A_FLUSH_INTERVAL=str(args.flush_interval),
                    STAGE_A_RECLAIM_INTERVAL="3600", STAGE_A_ORPHAN_GRACE="3600", STAGE_A_LEASE_SECONDS="3600")
         if args.device.startswith("cuda"):
             env["STAGE_A_GPUS"] = "0"
@@ -216,7 +216,7 @@ class Worker:
                 [sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", f"bench-{self.queue}@%h",
                  "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING"],
                 env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.publisher = Publisher(replace(FarmSettings.from_env(), broker_url=REDIS_URL, queue=self.queue))
+        self.publisher = Publisher(replace(Settings.from_env(), broker_url=REDIS_URL, queue=self.queue))
         self.warm_dir = warm_dir
 
     def __enter__(self) -> Worker:

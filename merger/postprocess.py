@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.jsonl_io import atomic_write_lines, read_records, resolve_target
+from stage_a.cleanup import clean_summary
 from stage_a.errors import UserError
 from stage_a.records import GroupRecord
-from workers.cleanup import clean_summary
 
 
 @dataclass

@@ -41,7 +41,7 @@
 #   debug                      boolean: true -> `set -x` and --log-level DEBUG
 #
 # Booleans accept true/false, 1/0, yes/no (any case). The stage-a program is $STAGE_A_BIN, else
-# `stage-a` on PATH, else `python -m stage_a.cli` with this repository's .venv.
+# `stage-a` on PATH, else `python -m cli.main` with this repository's .venv.
 #
 # Exit status: a missing mission, a bad gpus list or a bad boolean -> 2 with one line on stderr
 # and nothing run; otherwise the job's own status (0 ok, 2 bad input, 3 some groups not written,
@@ -119,7 +119,7 @@ if [[ -n ${STAGE_A_BIN:-} ]]; then
 elif command -v stage-a >/dev/null 2>&1; then
     stage_a=(stage-a)
 elif [[ -x $repo_root/.venv/bin/python ]]; then
-    stage_a=("$repo_root/.venv/bin/python" -m stage_a.cli)
+    stage_a=("$repo_root/.venv/bin/python" -m cli.main)
 else
     die "stage-a not found: install the package (pip install -e .), or set STAGE_A_BIN"
 fi

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from stage_a.errors import UserError
@@ -96,25 +94,6 @@ class RunSpec:
             "fail_group_number": self.fail_group_number,
             "sample_seed": self.sample_seed,
         }
-
-
-def default_cache_dir() -> Path:
-    """Where the embedded default keeps its tiny model and sample data."""
-    base = os.environ.get("STAGE_A_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stage-a"
-    )
-    return Path(base)
-
-
-def database_url(db: str | None, output_dir: Path | None = None) -> str:
-    """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""
-    value = db or os.environ.get("STAGE_A_DATABASE_URL")
-    if not value:
-        folder = output_dir if output_dir is not None else Path.cwd()
-        return f"sqlite:///{Path(folder).resolve() / 'stage_a_results.db'}"
-    if "://" in value:
-        return value
-    return f"sqlite:///{Path(value).expanduser().resolve()}"
 
 
 def redact_url(url: str) -> str:

@@ -63,7 +63,11 @@ def _package_data() -> Traversable:
 
 def _cache_key(data_dir: DataDir) -> str | None:
     """None for package data, else the resolved override directory. The env var is read per call."""
-    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is None:
+        from stage_a.settings import Settings
+
+        data_dir = Settings.from_env().data_dir or None
+    chosen = data_dir
     if chosen is None:
         return None
     path = Path(chosen).expanduser().resolve()

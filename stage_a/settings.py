@@ -1,93 +1,165 @@
-"""Farm settings, read from the environment (deploy/stage-a.env documents every variable)."""
+"""Every STAGE_A_* environment variable, read here and nowhere else.
+
+Each field below is one variable (its name is STAGE_A_ + the field name upper-cased, unless the
+field says otherwise), its default written once, its meaning in the docstring under it.
+deploy/stage-a.env.example documents the same variables for operators.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from stage_a.config import DEFAULT_BATCH_SIZE
 from stage_a.errors import UserError
 
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"{name} must be an integer, got {raw!r}") from None
+ENGINES = ("transformers", "vllm")
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise UserError(f"{name} must be a number, got {raw!r}") from None
+def _env(name: str, *legacy: str) -> dict[str, Any]:
+    return {"env": name, "legacy": legacy}
 
 
 @dataclass(frozen=True)
-class FarmSettings:
-    """How producers and workers reach each other; credentials only ever come from here."""
+class Settings:
+    """How producers and workers reach each other and behave; credentials only ever come from here."""
 
     broker_url: str = "redis://127.0.0.1:6379/0"
-    """STAGE_A_BROKER_URL: Redis URL of the task queue."""
+    """Redis URL of the task queue."""
     database_url: str = ""
-    """STAGE_A_DATABASE_URL: results store (postgresql+psycopg://... for a farm)."""
+    """Results store (postgresql+psycopg://... for a farm; empty: SQLite next to `run`'s output)."""
     checkpoint: str = ""
-    """STAGE_A_CHECKPOINT: model folder on every worker host (empty: tiny demo model)."""
+    """Model folder a worker is pinned to. Empty: a worker serves each run's own checkpoint."""
     gpus: tuple[str, ...] = ()
-    """STAGE_A_GPUS: GPU indices for this host's worker processes, e.g. 0,1,2,3 (empty: auto/CPU)."""
+    """GPU indices for this host's worker processes, e.g. 0,1,2,3 (empty: STAGE_A_DEVICE)."""
     device: str = "auto"
-    """STAGE_A_DEVICE: auto, cpu or cuda (used when STAGE_A_GPUS is empty)."""
+    """auto, cpu or cuda (used when STAGE_A_GPUS is empty)."""
+    engine: str = "transformers"
+    """Generation engine of workers: transformers (left-padded static batches) or vllm."""
     queue: str = "stage_a"
-    """STAGE_A_QUEUE: queue name."""
-    batch_size: int = 4 * DEFAULT_BATCH_SIZE
-    """STAGE_A_BATCH_SIZE: messages buffered per flush (and prefetch per process). Several model
-    batches per flush let the worker order by length and prefetch inside it (bench/farm_overhead.py:
-    72.9% of the engine's images/s at 1 model batch per flush, 82.4% at 4, 92.6% at 8)."""
+    """Queue name on the broker."""
+    flush_size: int = field(default=4 * DEFAULT_BATCH_SIZE, metadata=_env("STAGE_A_FLUSH_SIZE", "STAGE_A_BATCH_SIZE"))
+    """Messages a worker buffers before it flushes them to the engine (also its prefetch). Not the
+    model batch size (a run's --batch-size): several model batches per flush let the worker order by
+    length and prefetch inside it (bench/farm_overhead.py: 72.9% of the engine's images/s at 1 model
+    batch per flush, 82.4% at 4, 92.6% at 8). STAGE_A_BATCH_SIZE is the old name, still read."""
     flush_interval: float = 1.0
-    """STAGE_A_FLUSH_INTERVAL: seconds before a partial batch is flushed."""
+    """Seconds before a partial buffer is flushed."""
     lease_seconds: float = 1800.0
-    """STAGE_A_LEASE_SECONDS: an in-flight image not finished within this is re-enqueued."""
+    """An in-flight image not finished within this is re-enqueued (keep well above one flush's time)."""
     reclaim_interval: float = 30.0
-    """STAGE_A_RECLAIM_INTERVAL: how often each worker host looks for expired leases / lost messages."""
-    input_roots: tuple[str, ...] = field(default_factory=tuple)
-    """STAGE_A_INPUT_ROOTS: os.pathsep-separated folders workers may read; empty: each run's root."""
+    """How often each worker host looks for expired leases and lost messages."""
+    orphan_grace: float = 0.0
+    """Seconds without activity before a pending image of a farm run counts as lost (0: max(120, 4 x
+    flush interval))."""
+    input_roots: tuple[str, ...] = ()
+    """os.pathsep-separated folders workers may read; empty: each run's own input root."""
     task_events: bool = True
-    """STAGE_A_TASK_EVENTS: send per-task events so Flower lists tasks (0 to save broker traffic)."""
-    max_delivery_attempts: int = 5
-    """STAGE_A_MAX_ATTEMPTS: an image delivered this many times without a result is failed."""
+    """Send per-task events so Flower lists tasks (0 to save broker traffic)."""
+    max_delivery_attempts: int = field(default=5, metadata=_env("STAGE_A_MAX_ATTEMPTS"))
+    """An image delivered this many times without a result is failed."""
+    stall_seconds: float = 300.0
+    """`status` calls a run stalled when it has pending work and no result for this long."""
+    db_pool_size: int = 5
+    """Database connections kept per process (see README: N hosts x M GPUs x this <= max_connections)."""
+    sqlite_busy_timeout: float = 30.0
+    """Seconds one SQLite statement waits for another writer's lock before the store retries."""
+    cache_dir: str = ""
+    """Where the embedded default keeps its tiny model and sample data (empty: ~/.cache/stage-a)."""
+    data_dir: str = ""
+    """Folder of mission and prompt data overriding the packaged one (empty: packaged)."""
+    vllm_max_model_len: int = 8192
+    """vLLM engine: longest prompt + completion in tokens (bounds the KV cache per sequence)."""
+    vllm_gpu_memory_utilization: float = 0.90
+    """vLLM engine: fraction of GPU memory vLLM may take (weights + KV cache)."""
+    vllm_max_num_seqs: int = 128
+    """vLLM engine: sequences decoded at once (keep the flush size at or above it)."""
 
     @classmethod
-    def from_env(cls) -> FarmSettings:
-        gpus = tuple(g.strip() for g in os.environ.get("STAGE_A_GPUS", "").split(",") if g.strip())
-        roots = tuple(r for r in os.environ.get("STAGE_A_INPUT_ROOTS", "").split(os.pathsep) if r)
-        settings = cls(
-            broker_url=os.environ.get("STAGE_A_BROKER_URL", cls.broker_url),
-            database_url=os.environ.get("STAGE_A_DATABASE_URL", ""),
-            checkpoint=os.environ.get("STAGE_A_CHECKPOINT", ""),
-            gpus=gpus,
-            device=os.environ.get("STAGE_A_DEVICE", "auto"),
-            queue=os.environ.get("STAGE_A_QUEUE", cls.queue),
-            batch_size=_int("STAGE_A_BATCH_SIZE", 4 * DEFAULT_BATCH_SIZE),
-            flush_interval=_float("STAGE_A_FLUSH_INTERVAL", 1.0),
-            lease_seconds=_float("STAGE_A_LEASE_SECONDS", 1800.0),
-            reclaim_interval=_float("STAGE_A_RECLAIM_INTERVAL", 30.0),
-            input_roots=roots,
-            max_delivery_attempts=_int("STAGE_A_MAX_ATTEMPTS", 5),
-            task_events=os.environ.get("STAGE_A_TASK_EVENTS", "1").lower() not in ("0", "false", "no", "off"),
-        )
-        if settings.batch_size <= 0:
-            raise UserError(f"STAGE_A_BATCH_SIZE must be > 0, got {settings.batch_size}")
-        if settings.lease_seconds <= 0:
-            raise UserError(f"STAGE_A_LEASE_SECONDS must be > 0, got {settings.lease_seconds}")
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable; a malformed value is a UserError naming the variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            names = (f.metadata.get("env") or f"STAGE_A_{f.name.upper()}", *f.metadata.get("legacy", ()))
+            name, raw = next(((n, env[n]) for n in names if env.get(n, "") != ""), (names[0], None))
+            if raw is not None:
+                values[f.name] = _parse(name, raw, f.default)
+        settings = cls(**values)
+        settings.validate()
         return settings
+
+    def validate(self) -> None:
+        for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"STAGE_A_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+    @property
+    def orphan_grace_seconds(self) -> float:
+        return self.orphan_grace or max(120.0, 4 * self.flush_interval)
+
+    @property
+    def cache_path(self) -> Path:
+        base = self.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "stage-a")
+        return Path(base)
 
     def require_database(self) -> str:
         if not self.database_url:
             raise UserError("STAGE_A_DATABASE_URL is not set (e.g. postgresql+psycopg://user@host/stage_a)")
         return self.database_url
+
+
+def _var(name: str) -> str:
+    f = next(f for f in fields(Settings) if f.name == name)
+    return str(f.metadata.get("env") or f"STAGE_A_{name.upper()}")
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    raw = raw.strip()
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{name} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise UserError(f"{name} must be an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise UserError(f"{name} must be a number, got {raw!r}") from None
+    if isinstance(default, tuple):
+        sep = os.pathsep if name.endswith("INPUT_ROOTS") else ","
+        return tuple(p.strip() for p in raw.split(sep) if p.strip())
+    return raw
+
+
+def settings() -> Settings:
+    """The process's settings, read from the environment now (cheap; tests change the environment)."""
+    return Settings.from_env()
+
+
+def default_cache_dir() -> Path:
+    """Where the embedded default keeps its tiny model and sample data."""
+    return Settings.from_env().cache_path
+
+
+def database_url(db: str | None, output_dir: Path | None = None) -> str:
+    """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""
+    value = db or Settings.from_env().database_url
+    if not value:
+        folder = output_dir if output_dir is not None else Path.cwd()
+        return f"sqlite:///{Path(folder).resolve() / 'stage_a_results.db'}"
+    if "://" in value:
+        return value
+    return f"sqlite:///{Path(value).expanduser().resolve()}"

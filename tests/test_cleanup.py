@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workers.cleanup import CANONICAL_KEYS, clean_summary
+from stage_a.cleanup import CANONICAL_KEYS, clean_summary
 
 HEADER = "<DOMAIN=bbu>, <TASK=挡风板安装检查>"
 OBJ = {"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}}], "备注": ["机柜门未关"]}

@@ -22,7 +22,7 @@ def cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> 
     env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120", STAGE_A_CACHE_DIR=str(cwd / "cache"))
     env.pop("STAGE_A_DATABASE_URL", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=120)
 
 
@@ -148,7 +148,7 @@ def test_unparseable_options_are_usage_errors(inputs: Path, tmp_path: Path, opti
 
 
 def test_export_unknown_run(tmp_path: Path) -> None:
-    from stage_a.config import database_url
+    from stage_a.settings import database_url
     from stage_a.store import ResultStore
 
     out = tmp_path / "out"
@@ -178,14 +178,14 @@ def test_export_needs_a_run_or_mission(tmp_path: Path) -> None:
 def test_top_level_help(tmp_path: Path) -> None:
     proc = cli(["--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    from stage_a.cli import _COMMANDS
+    from cli.main import _COMMANDS
 
     for name in _COMMANDS:
         assert name in proc.stdout
 
 
 def _subcommands() -> list[str]:
-    from stage_a.cli import _COMMANDS
+    from cli.main import _COMMANDS
 
     return list(_COMMANDS)
 

@@ -56,7 +56,7 @@ def cli_env(tmp: Path, queue: str, db_url: str, **extra: str) -> dict[str, str]:
 
 
 def stage_a(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
 
@@ -131,7 +131,7 @@ def reference(tree: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_A_")}
     env.update(STAGE_A_CACHE_DIR=str(tmp / "cache"), PYTHONIOENCODING="utf-8", COLUMNS="120")
     proc = subprocess.run(
-        [sys.executable, "-m", "stage_a.cli", "run", "--mission", MISSION, "--input-dir", str(tree),
+        [sys.executable, "-m", "cli.main", "run", "--mission", MISSION, "--input-dir", str(tree),
          "--output-dir", str(tmp / "out"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
          "--max-new-tokens", "12", "--batch-size", "4"],
         capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
@@ -237,7 +237,7 @@ def farm(farm_db: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     token = uuid.uuid4().hex[:10]
     queue = f"stage_a_test_{token}"
     env = cli_env(tmp, queue, farm_db, STAGE_A_CHECKPOINT=str(tiny_checkpoint), STAGE_A_DEVICE="cpu",
-                  STAGE_A_BATCH_SIZE="3", STAGE_A_FLUSH_INTERVAL="0.5", CUDA_VISIBLE_DEVICES="")
+                  STAGE_A_FLUSH_SIZE="3", STAGE_A_FLUSH_INTERVAL="0.5", CUDA_VISIBLE_DEVICES="")
     host = socket.gethostname()
     workers: list[Worker] = []
     try:

@@ -144,10 +144,10 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path) -
         # A message for an unknown run is handled (dead-lettered) without loading the model.
         from dataclasses import replace
 
-        from producer.publish import Publisher
-        from stage_a.settings import FarmSettings
+        from stage_a.broker import Publisher
+        from stage_a.settings import Settings
 
-        publisher = Publisher(replace(FarmSettings(), broker_url=redis_url(), queue=queue))
+        publisher = Publisher(replace(Settings(), broker_url=redis_url(), queue=queue))
         publisher.publish([{"v": 1, "run_id": 987654, "group_position": 0, "image_index": 1, "path": "a/b.jpg"}])
         deadline = time.monotonic() + DEADLINE_S
         while True:

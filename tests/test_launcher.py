@@ -78,7 +78,7 @@ def runs(tree: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     """The launcher as users call it (input_dir = the mission folder itself) and the equivalent
     `stage-a run`, started side by side to halve the wall time."""
     ref_tmp = tmp_path_factory.mktemp("launcher_ref")
-    ref_cmd = [sys.executable, "-m", "stage_a.cli", "run", "--mission", MISSION, "--input-dir", str(tree),
+    ref_cmd = [sys.executable, "-m", "cli.main", "run", "--mission", MISSION, "--input-dir", str(tree),
                "--output-dir", str(ref_tmp / "out"), "--checkpoint", str(tiny_checkpoint), "--gpus", "cpu",
                "--device", "cpu", "--max-new-tokens", GEN["max_new_tokens"], "--max-pixels", GEN["max_pixels"],
                "--batch-size", GEN["batch_size_per_rank"], "--postprocess"]
@@ -374,5 +374,5 @@ def test_falls_back_to_the_repository_venv(tmp_path: Path) -> None:
         pytest.skip("stage-a is installed in /usr/bin or /bin")
     proc = launch(env, "--help", cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert f"{REPO}/.venv/bin/python -m stage_a.cli run" in proc.stdout
+    assert f"{REPO}/.venv/bin/python -m cli.main run" in proc.stdout
     assert "--max-new-tokens" in proc.stdout  # `stage-a run --help` really ran

@@ -20,7 +20,7 @@ JSONL = f"{MISSION}_stage_a.jsonl"
 def stage_a(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, STAGE_A_CACHE_DIR=str(cwd / "cache"), PYTHONIOENCODING="utf-8", COLUMNS="120")
     env.pop("STAGE_A_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
 

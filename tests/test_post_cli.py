@@ -31,7 +31,7 @@ CLEAN = '{"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}}], "备注"
 def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120")
     env.pop("STAGE_A_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
 

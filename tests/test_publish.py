@@ -45,17 +45,17 @@ def queue() -> Iterator[str]:
 
 
 def _publisher(queue: str):  # type: ignore[no-untyped-def]
-    from producer.publish import Publisher
-    from stage_a.settings import FarmSettings
+    from stage_a.broker import Publisher
+    from stage_a.settings import Settings
 
-    return Publisher(replace(FarmSettings(), broker_url=REDIS_URL, queue=queue))
+    return Publisher(replace(Settings(), broker_url=REDIS_URL, queue=queue))
 
 
 def test_fast_message_is_byte_identical_to_celerys_own(queue: str) -> None:
     """Same task id and delivery tag in, the very same Redis value out, for every kind of payload."""
     import redis
 
-    from producer.publish import _FastRedisPublish
+    from stage_a.broker import _FastRedisPublish
 
     pub = _publisher(queue)
     client = redis.Redis.from_url(REDIS_URL)

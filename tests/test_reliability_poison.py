@@ -54,8 +54,8 @@ def _publish_raw(broker_url: str, queue: str, payloads: list[Any], serializer: s
 
 
 def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
-    from producer.publish import Publisher
-    from stage_a.settings import FarmSettings
+    from stage_a.broker import Publisher
+    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
     make_tree(tmp_path / "in", groups=2, per_group=2)
@@ -84,7 +84,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
         ({**good, "path": "links/evil.jpg"}, "path leaves the input root: links/evil.jpg"),
         ({**good, "group_position": 0, "image_index": 99}, "is not in run"),
     ]
-    settings = FarmSettings(broker_url=farm.redis.url, database_url=pg_url, queue=farm.queue)
+    settings = Settings(broker_url=farm.redis.url, database_url=pg_url, queue=farm.queue)
     publisher = Publisher(settings)
     marker = tmp_path / "UNPICKLED"
     _publish_raw(farm.redis.url, farm.queue, [_OpensAFileWhenUnpickled(str(marker))], serializer="pickle")
@@ -122,13 +122,13 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
 
 def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_path: Path) -> None:
     """An image whose deliveries keep dying (it kills the worker) is failed after N attempts."""
-    from stage_a.settings import FarmSettings
-    from workers.messages import image_payload
+    from stage_a.messages import image_payload
+    from stage_a.settings import Settings
     from workers.tasks import WorkerRuntime
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
     run_id, items = _register(pg_url, tmp_path / "in")
-    rt = WorkerRuntime(FarmSettings(database_url=pg_url, max_delivery_attempts=3))
+    rt = WorkerRuntime(Settings(database_url=pg_url, max_delivery_attempts=3))
     for _ in range(3):  # three deliveries whose worker died before writing a result
         rt.store.lease([items[0].key], "dead-worker", 0.01)
     rt.process([image_payload(items[0])])  # the fourth delivery: no model is even loaded

@@ -68,11 +68,11 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     from kombu import Connection
     from test_reliability_support import MISSION, RedisServer
 
-    from producer.publish import Publisher
-    from producer.reclaim import Reclaimer
     from producer.register import register_run
+    from stage_a.broker import Publisher
     from stage_a.config import RunSpec
-    from stage_a.settings import FarmSettings
+    from stage_a.recovery import Reclaimer
+    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
@@ -81,7 +81,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     redis = RedisServer(tmp_path)
     redis.start()
     monkeypatch.setenv("STAGE_A_ORPHAN_GRACE", "0.3")
-    settings = FarmSettings(broker_url=redis.url, database_url=pg_url, queue="orphans")
+    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans")
     reclaimers = [Reclaimer(settings), Reclaimer(settings)]
     conn, other = Connection(redis.url), Connection(redis.url)
     try:

@@ -106,14 +106,14 @@ def base_env(**extra: str) -> dict[str, str]:
 
 def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run `stage-a ARGS` to completion."""
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
 
 def cli_popen(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     f = open(log, "wb")
     try:
-        return subprocess.Popen([sys.executable, "-m", "stage_a.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=f, stderr=subprocess.STDOUT,
                                 env=env, cwd=cwd, start_new_session=True)
     finally:
         f.close()
@@ -246,7 +246,7 @@ class Farm:
         self.redis = RedisServer(workdir, redis_password)
         self.queue = "stage_a_rel"
         self.settings = {
-            "STAGE_A_BATCH_SIZE": "4", "STAGE_A_FLUSH_INTERVAL": "0.5", "STAGE_A_LEASE_SECONDS": "10",
+            "STAGE_A_FLUSH_SIZE": "4", "STAGE_A_FLUSH_INTERVAL": "0.5", "STAGE_A_LEASE_SECONDS": "10",
             "STAGE_A_RECLAIM_INTERVAL": "1", "STAGE_A_ORPHAN_GRACE": "4", **settings,
         }
         self.workers: list[Worker] = []
@@ -263,7 +263,7 @@ class Farm:
 
     def enqueue(self, input_dir: Path, *extra: str) -> int:
         proc = cli(["enqueue", "--mission", MISSION, "--input-dir", str(input_dir), "--max-new-tokens", "4",
-                    "--batch-size", self.settings["STAGE_A_BATCH_SIZE"], "--sharding-mode", "per_image",
+                    "--batch-size", self.settings["STAGE_A_FLUSH_SIZE"], "--sharding-mode", "per_image",
                     "--checkpoint", str(self.checkpoint), *extra], self.env(), self.workdir, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return int(proc.stdout.rsplit("run_id=", 1)[1].split()[0])

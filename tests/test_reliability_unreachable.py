@@ -34,14 +34,14 @@ def input_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cases(input_dir: Path, good_db: str, good_redis: str) -> dict[str, tuple[list[str], dict[str, str], str]]:
-    enqueue = ["-m", "stage_a.cli", "enqueue", "--mission", MISSION, "--input-dir", str(input_dir)]
+    enqueue = ["-m", "cli.main", "enqueue", "--mission", MISSION, "--input-dir", str(input_dir)]
     worker = ["-m", "celery", "-A", "workers", "worker", "--concurrency", "1", "--without-gossip",
               "--without-mingle", "-n", "unreachable@%h"]
     return {
         "enqueue-redis": (enqueue, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": good_db}, BROKER_LINE),
         "enqueue-db": (enqueue, {"STAGE_A_BROKER_URL": good_redis, "STAGE_A_DATABASE_URL": BAD_DB}, DB_LINE),
-        "status-db": (["-m", "stage_a.cli", "status", "1", "--db", BAD_DB], {}, DB_LINE),
-        "export-db": (["-m", "stage_a.cli", "export", "1", "--db", BAD_DB], {"STAGE_A_BROKER_URL": BAD_REDIS}, DB_LINE),
+        "status-db": (["-m", "cli.main", "status", "1", "--db", BAD_DB], {}, DB_LINE),
+        "export-db": (["-m", "cli.main", "export", "1", "--db", BAD_DB], {"STAGE_A_BROKER_URL": BAD_REDIS}, DB_LINE),
         "worker-redis": (worker, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": good_db}, BROKER_LINE),
         "worker-db": (worker, {"STAGE_A_BROKER_URL": good_redis, "STAGE_A_DATABASE_URL": BAD_DB}, DB_LINE),
     }
@@ -67,5 +67,5 @@ def test_wrong_url_fails_fast_with_one_line_and_no_password(case: str, input_dir
     assert "Traceback" not in output, output
     errors = [ln for ln in output.splitlines() if "error:" in ln]
     assert len(errors) == 1 and expected in errors[0], output
-    if args[1] == "stage_a.cli":  # the CLI prints that line and nothing else
+    if args[1] == "cli.main":  # the CLI prints that line and nothing else
         assert proc.stderr.strip().splitlines() == errors and proc.stdout == ""

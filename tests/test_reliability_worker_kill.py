@@ -34,7 +34,7 @@ def test_worker_killed_mid_batch_run_completes_via_reclaimer(pg_url: str, farm_f
     expected = make_tree(tmp_path / "in", groups=6, per_group=2)
     db_url = pg_url.replace("postgres@", f"postgres:{SECRET}@", 1)
     assert SECRET in db_url
-    farm: Farm = farm_factory(db_url, redis_password=SECRET, STAGE_A_LEASE_SECONDS="6", STAGE_A_BATCH_SIZE="4")
+    farm: Farm = farm_factory(db_url, redis_password=SECRET, STAGE_A_LEASE_SECONDS="6", STAGE_A_FLUSH_SIZE="4")
     a, b = farm.worker("a"), farm.worker("b")
     wait_for(lambda: a.ready() and b.ready(), 90, "both workers ready", on_timeout=farm.logs)
     run_id = farm.enqueue(tmp_path / "in")

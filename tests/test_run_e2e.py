@@ -95,7 +95,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(args: list[str], cache: Path, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, STAGE_A_CACHE_DIR=str(cache), PYTHONIOENCODING="utf-8", COLUMNS="120")
     env.pop("STAGE_A_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "stage_a.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from stage_a.settings import FarmSettings
+from stage_a.settings import Settings
 
-settings = FarmSettings.from_env()
+settings = Settings.from_env()
 
 app = Celery("stage_a", broker=settings.broker_url, include=["workers.tasks"])
 app.conf.update(
@@ -22,7 +22,7 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=False,  # the store's leases recover lost work, not redelivery loops
     # celery-batches can only buffer what is prefetched: at least one batch per process.
-    worker_prefetch_multiplier=max(1, settings.batch_size),
+    worker_prefetch_multiplier=max(1, settings.flush_size),
     worker_max_tasks_per_child=None,
     broker_connection_retry_on_startup=True,
     broker_connection_retry=True,

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from stage_a.cleanup import clean_summary
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import EngineDeadError
 from stage_a.missions import get_mission
 from stage_a.work import ImageResult, WorkItem
-from workers.cleanup import clean_summary
 from workers.images import ImageError, header_size, load_image, resolve_under_root
 from workers.loader import LoadedModel
 from workers.prompts import build_prompt

@@ -18,13 +18,13 @@ from celery import signals
 from celery_batches import Batches, SimpleRequest
 
 from stage_a.errors import EngineDeadError
-from stage_a.settings import FarmSettings
+from stage_a.messages import PoisonMessage, parse_payload
+from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.store.models import DONE
 from stage_a.work import ImageResult, WorkItem
 from workers.celery import app, settings
 from workers.images import ImageError, resolve_under_root
-from workers.messages import PoisonMessage, parse_payload
 
 log = logging.getLogger(__name__)
 TASK_NAME = "stage_a.summarize"
@@ -33,7 +33,7 @@ TASK_NAME = "stage_a.summarize"
 class WorkerRuntime:
     """Per pool process: the store (created after fork) and the engine (loaded on first batch)."""
 
-    def __init__(self, settings: FarmSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = ResultStore(settings.require_database())
         self._runner: Any = None
@@ -44,7 +44,7 @@ class WorkerRuntime:
 
     def runner(self, run: RunInfo | None = None) -> Any:
         if self._runner is None:
-            from stage_a.config import default_cache_dir
+            from stage_a.settings import default_cache_dir
             from workers.engine import BatchEngine
             from workers.loader import load_model
             from workers.runner import BatchRunner
@@ -223,11 +223,11 @@ _runtime: WorkerRuntime | None = None
 def runtime() -> WorkerRuntime:
     global _runtime
     if _runtime is None:
-        _runtime = WorkerRuntime(FarmSettings.from_env())
+        _runtime = WorkerRuntime(Settings.from_env())
     return _runtime
 
 
-@app.task(base=ReconnectSafeBatches, name=TASK_NAME, flush_every=settings.batch_size, flush_interval=settings.flush_interval,
+@app.task(base=ReconnectSafeBatches, name=TASK_NAME, flush_every=settings.flush_size, flush_interval=settings.flush_interval,
           acks_late=True, ignore_result=True)
 def summarize(requests: list[SimpleRequest]) -> int:
     """Summarize the buffered images (one JSON payload per message) and commit their results."""
@@ -307,7 +307,7 @@ def _check_services(**_: Any) -> None:
 @signals.worker_ready.connect
 def _start_reclaimer(sender: Any = None, **_: Any) -> None:
     """Each worker host also runs the recovery loop: a surviving worker rescues a dead one's work."""
-    from producer.reclaim import Reclaimer
+    from stage_a.recovery import Reclaimer
 
     reclaimer = Reclaimer(settings)
     thread = threading.Thread(target=reclaimer.loop, name="stage-a-reclaimer", daemon=True)

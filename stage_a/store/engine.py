@@ -12,13 +12,13 @@ from sqlalchemy.exc import OperationalError
 
 from stage_a.config import redact_url
 from stage_a.errors import UserError
+from stage_a.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Connect timeouts keep a wrong URL from hanging a command.
 CONNECT_TIMEOUT_S = 5
-SQLITE_BUSY_TIMEOUT_S = 30
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -44,7 +44,7 @@ def make_engine(url: str) -> Engine:
                 raise UserError(f"database folder does not exist: {folder}")
         # STAGE_A_SQLITE_BUSY_TIMEOUT: how long one statement waits for another writer's lock
         # before "database is locked"; the store then retries with backoff (tests set it low).
-        busy = float(os.environ.get("STAGE_A_SQLITE_BUSY_TIMEOUT") or SQLITE_BUSY_TIMEOUT_S)
+        busy = Settings.from_env().sqlite_busy_timeout
         engine = create_engine(
             parsed, connect_args={"timeout": busy, "check_same_thread": False}
         )
@@ -56,6 +56,7 @@ def make_engine(url: str) -> Engine:
         return create_engine(
             parsed,
             pool_pre_ping=True,
+            pool_size=Settings.from_env().db_pool_size,
             connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": f"stage-a:{os.getpid()}"},
         )
     return create_engine(parsed, pool_pre_ping=True)

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKeyConstraint, Index, String, Text
+from sqlalchemy import JSON, CheckConstraint, ForeignKeyConstraint, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Image status values. "leased" = handed to a worker, lease_until says until when.
-PENDING, LEASED, DONE, FAILED = "pending", "leased", "done", "failed"
+
+class ImageStatus(str, enum.Enum):
+    """Where one image stands. "leased" = handed to a worker, lease_until says until when."""
+
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PENDING, LEASED, DONE, FAILED = (s.value for s in ImageStatus)
 UNFINISHED = (PENDING, LEASED)
+STATUS_CHECK = "status IN ('pending', 'leased', 'done', 'failed')"
 
 
 class Base(DeclarativeBase):
@@ -34,6 +48,10 @@ class Run(Base):
     created_at: Mapped[datetime]
     farm: Mapped[bool] = mapped_column(default=False)
     """True when enqueued for the worker farm (the reclaimer only re-enqueues farm runs)."""
+    model: Mapped[str | None] = mapped_column(String(255))
+    """Fingerprint of the model the run must be served with (workers serve exactly this model)."""
+    cancelled_at: Mapped[datetime | None]
+    """Set by `stage-a cancel`: workers drop the run's messages, status says cancelled."""
 
 
 class GroupRow(Base):
@@ -58,6 +76,7 @@ class ImageRow(Base):
             ["run_id", "group_position"], ["groups.run_id", "groups.position"], ondelete="CASCADE"
         ),
         Index("ix_images_run_status", "run_id", "status"),
+        CheckConstraint(STATUS_CHECK, name="ck_images_status"),
     )
 
     run_id: Mapped[int] = mapped_column(primary_key=True)
@@ -77,6 +96,10 @@ class ImageRow(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     lease_until: Mapped[datetime | None]
     updated_at: Mapped[datetime | None]
+    model: Mapped[str | None] = mapped_column(String(255))
+    """Fingerprint of the model that produced this row's result."""
+    engine: Mapped[str | None] = mapped_column(String(32))
+    """Engine that produced it: transformers or vllm."""
 
 
 class DeadLetter(Base):
@@ -89,3 +112,28 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
+    run_id: Mapped[int | None] = mapped_column(index=True)
+    """The run the message named, when it could be read (no foreign key: unknown runs too)."""
+
+
+class WorkerRow(Base):
+    """One worker process's heartbeat: what it serves and how its last batch went."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str | None] = mapped_column(String(255))
+    engine: Mapped[str | None] = mapped_column(String(32))
+    device: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    """starting, loading, ready, busy or stopped."""
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    run_id: Mapped[int | None]
+    """The run of the last batch."""
+    last_batch_at: Mapped[datetime | None]
+    last_batch_images: Mapped[int | None]
+    last_batch_seconds: Mapped[float | None]
+    images_per_s: Mapped[float | None]
+    tokens_per_s: Mapped[float | None]
+    images_total: Mapped[int] = mapped_column(default=0)

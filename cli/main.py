@@ -11,14 +11,14 @@ import click
 from stage_a.errors import UserError
 
 _COMMANDS = {
-    "run": ("stage_a.commands.run", "run", "Summarize a mission's images on this machine and export the JSONL."),
-    "enqueue": ("stage_a.commands.enqueue", "enqueue", "Record a run and queue its images for the worker farm."),
-    "status": ("stage_a.commands.status", "status", "Show progress of a run (pending/done/failed, ETA, workers)."),
-    "export": ("stage_a.commands.export", "export", "Write a run's JSONL and failure report from the database."),
-    "postprocess": ("stage_a.commands.post", "postprocess", "Re-clean and re-validate an existing Stage-A JSONL."),
-    "add-fail-reasons": ("stage_a.commands.post", "add_fail_reasons",
+    "run": ("cli.commands.run", "run", "Summarize a mission's images on this machine and export the JSONL."),
+    "enqueue": ("cli.commands.enqueue", "enqueue", "Record a run and queue its images for the worker farm."),
+    "status": ("cli.commands.status", "status", "Show progress of a run (pending/done/failed, ETA, workers)."),
+    "export": ("cli.commands.export", "export", "Write a run's JSONL and failure report from the database."),
+    "postprocess": ("cli.commands.post", "postprocess", "Re-clean and re-validate an existing Stage-A JSONL."),
+    "add-fail-reasons": ("cli.commands.post", "add_fail_reasons",
                          "Attach reviewer fail reasons from an Excel sheet (BBU only)."),
-    "reclaim": ("stage_a.commands.reclaim", "reclaim",
+    "reclaim": ("cli.commands.reclaim", "reclaim",
                 "Re-enqueue images whose worker died (expired leases); run it periodically."),
 }
 

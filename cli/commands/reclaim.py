@@ -9,10 +9,10 @@ import click
 @click.option("--loop", is_flag=True, help="Keep running every STAGE_A_RECLAIM_INTERVAL seconds.")
 def reclaim(loop: bool) -> None:
     """Re-enqueue images whose lease expired and pending images whose messages were lost."""
-    from producer.reclaim import Reclaimer
-    from stage_a.settings import FarmSettings
+    from stage_a.recovery import Reclaimer
+    from stage_a.settings import Settings
 
-    r = Reclaimer(FarmSettings.from_env())
+    r = Reclaimer(Settings.from_env())
     if loop:
         r.loop()
     report = r.once()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from stage_a.config import database_url
 from stage_a.errors import UserError
+from stage_a.settings import database_url
 
 
 @click.command(context_settings={"show_default": True})

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import click
 
-from stage_a.config import database_url
+from stage_a.settings import Settings, database_url
 
 
 def _describe(run_id: int, counts, now: datetime) -> str:  # type: ignore[no-untyped-def]
@@ -36,19 +36,17 @@ def _describe(run_id: int, counts, now: datetime) -> str:  # type: ignore[no-unt
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
 def status(run_id: int, db: str | None, watch: bool, interval: float) -> None:
     """Pending / done / failed images and groups, throughput, ETA and which workers of RUN_ID."""
-    import os
-
     from stage_a.errors import UserError
     from stage_a.store import ResultStore
 
-    if not db and not os.environ.get("STAGE_A_DATABASE_URL"):
+    if not db and not Settings.from_env().database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
     store = ResultStore(database_url(db))
     store.get_run(run_id)
     if not watch:
         click.echo(_describe(run_id, store.counts(run_id), datetime.now()))
         return
-    from stage_a.commands.progress import RunProgress
+    from cli.commands.progress import RunProgress
 
     counts = store.counts(run_id)
     with RunProgress(store, run_id, counts) as progress:

@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from stage_a.commands.options import build_spec, require_input_dir, run_options, setup_logging
-from stage_a.config import database_url, default_cache_dir
+from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError
+from stage_a.settings import database_url, default_cache_dir
 
 DEMO_MISSION = "挡风板安装检查"
 
@@ -117,8 +117,8 @@ def run(**kw: Any) -> None:
 
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
              gpus: list[str] | None) -> tuple[int, float]:
-    from stage_a.commands.progress import RunProgress
-    from workers.local import LocalJob, run_in_process, run_multi
+    from cli.commands.progress import RunProgress
+    from cli.local_run import LocalJob, run_in_process, run_multi
 
     job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"])
     start_counts = store.counts(run_info.id)

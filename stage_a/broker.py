@@ -15,9 +15,9 @@ from typing import Any
 
 from stage_a.config import redact_url
 from stage_a.errors import UserError
-from stage_a.settings import FarmSettings
+from stage_a.messages import group_payload, image_payload
+from stage_a.settings import Settings
 from stage_a.work import WorkItem
-from workers.messages import group_payload, image_payload
 
 log = logging.getLogger(__name__)
 TASK_NAME = "stage_a.summarize"
@@ -37,7 +37,7 @@ def payloads_for(items: Iterable[WorkItem], sharding_mode: str) -> Iterator[dict
 class Publisher:
     """Sends `stage_a.summarize` messages through Celery's own message format (JSON)."""
 
-    def __init__(self, settings: FarmSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         from celery import Celery
 
         self.settings = settings

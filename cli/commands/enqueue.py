@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from stage_a.commands.options import build_spec, require_input_dir, run_options, setup_logging
-from stage_a.config import database_url
+from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError
+from stage_a.settings import database_url
 
 
 @click.command(context_settings={"show_default": True})
@@ -23,17 +23,15 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     per_image queues one message per image, per_group one per group. Prints the run id and counts.
     Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
     """
-    import os
-
-    from producer.publish import Publisher
-    from stage_a.settings import FarmSettings
+    from stage_a.broker import Publisher
+    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
     setup_logging(kw["log_level"])
-    settings = FarmSettings.from_env()
+    settings = Settings.from_env()
     if broker:
         settings = replace(settings, broker_url=broker)
-    db = kw["db"] or os.environ.get("STAGE_A_DATABASE_URL")
+    db = kw["db"] or settings.database_url
     if not db:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
     publisher = Publisher(settings)
@@ -45,7 +43,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         items = [it for it in store.unfinished_items(run_id)]
         what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
     else:
-        checkpoint = kw["checkpoint"] or os.environ.get("STAGE_A_CHECKPOINT", "")
+        checkpoint = kw["checkpoint"] or settings.checkpoint
         spec = build_spec(kw, checkpoint)
         from producer.register import register_run
 

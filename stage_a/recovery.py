@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
-from stage_a.settings import FarmSettings
+from stage_a.settings import Settings
 from stage_a.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -26,11 +25,11 @@ class ReclaimReport:
 
 
 class Reclaimer:
-    def __init__(self, settings: FarmSettings, store: ResultStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: ResultStore | None = None) -> None:
         self.settings = settings
         self._store = store
         self._publisher = None
-        self.orphan_grace = float(os.environ.get("STAGE_A_ORPHAN_GRACE", max(120.0, 4 * settings.flush_interval)))
+        self.orphan_grace = settings.orphan_grace_seconds
 
     @property
     def store(self) -> ResultStore:
@@ -41,7 +40,7 @@ class Reclaimer:
     @property
     def publisher(self):  # type: ignore[no-untyped-def]
         if self._publisher is None:
-            from producer.publish import Publisher
+            from stage_a.broker import Publisher
 
             self._publisher = Publisher(self.settings)
         return self._publisher

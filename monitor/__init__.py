@@ -1,0 +1,1 @@
+"""Views of runs for operators: status reports, the web page, Prometheus metrics, run diffs."""
