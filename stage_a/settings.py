@@ -61,6 +61,12 @@ class Settings:
     """Send per-task events so Flower lists tasks (0 to save broker traffic)."""
     max_delivery_attempts: int = field(default=5, metadata=_env("STAGE_A_MAX_ATTEMPTS"))
     """An image delivered this many times without a result is failed."""
+    heartbeat_interval: float = 15.0
+    """Seconds between a worker process's heartbeats while it is idle (it also writes one at start,
+    while loading, after every batch and at shutdown); 0 turns the idle heartbeat off."""
+    model_load_timeout: float = 900.0
+    """Seconds a worker pool process may take to load its model at start before Celery kills it
+    (Celery's worker_proc_alive_timeout, 4 s by default, far too short for a real checkpoint)."""
     stall_seconds: float = 300.0
     """`status` calls a run stalled when it has pending work and no result for this long."""
     db_pool_size: int = 5
@@ -93,7 +99,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval"):
+        for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
+                     "model_load_timeout"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
         if self.engine not in ENGINES:

@@ -33,6 +33,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Fate:
+    """What admission decided for one message (Admitted.messages is parallel to the payloads)."""
+
+    kind: str
+    """work (its ``keys`` go to the model), cancelled, rejected (dead letter), handed_back, skipped."""
+    run_id: int | None = None
+    keys: list[ImageKey] = field(default_factory=list)
+    """The message's images still to run (kind work)."""
+    reason: str | None = None
+    """Why it was rejected, or why some of its images failed at admission."""
+    failed: list[ImageKey] = field(default_factory=list)
+    """Its images failed at admission (recorded as failed with ``reason``)."""
+
+
+@dataclass
 class Admitted:
     """The outcome of one buffer."""
 
@@ -45,6 +60,8 @@ class Admitted:
     dead: int = 0
     cancelled: int = 0
     skipped: int = 0
+    messages: list[Fate] = field(default_factory=list)
+    """One fate per payload, in payload order."""
 
 
 @dataclass
@@ -52,6 +69,7 @@ class _Message:
     payload: Any
     items: list[WorkItem]
     run: RunInfo
+    fate: Fate = field(default_factory=lambda: Fate("work"))
 
 
 class Admission:
@@ -73,16 +91,23 @@ class Admission:
             except PoisonMessage as exc:
                 self.dead_letter(str(exc), payload)
                 out.dead += 1
+                out.messages.append(Fate("rejected", _run_id_of(payload), reason=str(exc)))
                 continue
             except Exception as exc:  # anything else about one message is that message's poison
-                self.dead_letter(f"unreadable message ({type(exc).__name__}: {exc})", payload)
+                reason = f"unreadable message ({type(exc).__name__}: {exc})"
+                self.dead_letter(reason, payload)
                 out.dead += 1
+                out.messages.append(Fate("rejected", _run_id_of(payload), reason=reason))
                 continue
             if msg is None:
                 out.cancelled += 1
+                out.messages.append(Fate("cancelled", _run_id_of(payload), reason="run cancelled"))
             elif not self.serves(msg.run):
                 out.handed_back.append(payload)
+                out.messages.append(Fate("handed_back", msg.run.id, reason="needs another model"))
             else:
+                msg.fate.run_id = msg.run.id
+                out.messages.append(msg.fate)
                 messages.append(msg)
         if messages:
             self._against_ledger(messages, out)
@@ -123,31 +148,39 @@ class Admission:
         for m in messages:
             missing = [it for it in m.items if it.key not in entries]
             if missing:
-                self.dead_letter(f"{len(missing)} of {len(m.items)} images are not in run {m.run.id} "
-                                 f"(first: {missing[0].key})", m.payload, m.run.id)
+                reason = f"{len(missing)} of {len(m.items)} images are not in run {m.run.id} (first: {missing[0].key})"
+                self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
+                m.fate.kind, m.fate.reason = "rejected", reason
             present = [it for it in m.items if it.key in entries]
             moved = [it for it in present if it.rel_path != entries[it.key].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
-                self.dead_letter(f"path {moved[0].rel_path!r} does not match the stored path of "
-                                 f"{moved[0].key}", m.payload, m.run.id)
+                reason = f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}"
+                self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
+                m.fate.kind, m.fate.reason = "rejected", reason
                 continue
             refusal = self._root_refusal(m.run)
             todo = [it for it in present if entries[it.key].status not in (DONE, FAILED)]
             out.skipped += len(present) - len(todo)
             gave_up = []
             for it in todo:
-                reason = refusal or self._path_refusal(it, m.run) or self._attempts_refusal(entries[it.key])
-                if reason:
-                    gave_up.append(ImageResult(key=it.key, error=reason))
+                refused = refusal or self._path_refusal(it, m.run) or self._attempts_refusal(entries[it.key])
+                if refused:
+                    gave_up.append(ImageResult(key=it.key, error=refused))
                 else:
                     by_run.setdefault(m.run.id, {})[it.key] = WorkItem(it.key, entries[it.key].rel_path)
+                    m.fate.keys.append(it.key)
             if gave_up:
                 self.store.record_results(gave_up, self.worker)
-                self.dead_letter(f"{len(gave_up)} image(s) failed: {gave_up[0].error}", m.payload, m.run.id)
+                reason = f"{len(gave_up)} image(s) failed: {gave_up[0].error}"
+                self.dead_letter(reason, m.payload, m.run.id)
                 out.failed += gave_up
+                m.fate.failed = [r.key for r in gave_up]
+                m.fate.reason = reason
+            if m.fate.kind == "work" and not m.fate.keys and not gave_up:
+                m.fate.kind = "skipped"
         out.work = {run_id: [d[k] for k in sorted(d)] for run_id, d in by_run.items()}
 
     @staticmethod
@@ -165,10 +198,17 @@ class Admission:
 
     def dead_letter(self, reason: str, payload: Any, run_id: int | None = None) -> None:
         log.error("rejected message: %s", reason)
-        if run_id is None and isinstance(payload, dict) and type(payload.get("run_id")) is int:
-            run_id = payload["run_id"]
+        if run_id is None:
+            run_id = _run_id_of(payload)
         try:
             text = json.dumps(payload, ensure_ascii=False, default=repr)
         except Exception:
             text = repr(payload)
         self.store.dead_letter(reason, text, self.worker, run_id)
+
+
+def _run_id_of(payload: Any) -> int | None:
+    """The run a payload names, when it can be read at all."""
+    if isinstance(payload, dict) and type(payload.get("run_id")) is int:
+        return int(payload["run_id"])
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from kombu import Queue
 
@@ -34,9 +36,16 @@ app.conf.update(
         "retry_on_timeout": False,  # keeps kombu's pipelined batch publishing enabled
     },
     broker_heartbeat=0,
+    # Each pool process loads its model in worker_process_init, before it takes any batch; Celery
+    # kills a process that is not up within this (4 s by default: too short for a real checkpoint).
+    worker_proc_alive_timeout=settings.model_load_timeout,
     # Flower reads these events.
     worker_send_task_events=True,
     task_send_sent_event=True,
 )
+
+# Alembic logs "Context impl ..." / "Will assume transactional DDL" at INFO on every connect check:
+# worker logs carry stage-a's own INFO lines (model loaded, one per batch), not that chatter.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 __all__ = ["app", "settings"]

@@ -1,23 +1,60 @@
 """A farm worker process without Celery: admit a buffer, lease, drive the step loop, renew leases.
 
-The Celery task (workers/tasks.py) only hands buffers of JSON payloads to `WorkerRuntime.process`;
-tests drive it directly against a real store.
+The Celery task (workers/tasks.py) only hands buffers of JSON payloads to `WorkerRuntime.process`
+and reports the per-message outcomes it returns; tests drive it directly against a real store.
+The runtime also keeps the process's heartbeat row (store.workers) current: starting, loading,
+ready, busy after each batch, periodically while idle, stopped at shutdown.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
-from stage_a.work import WorkItem
+from stage_a.work import ImageKey, WorkItem
 from workers.admission import Admission, Admitted
 from workers.serving import ModelHost, WrongModel
 from workers.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 
 log = logging.getLogger(__name__)
+
+SUCCESS_KINDS = ("done", "skipped", "handed_back")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message of a buffer (what Flower shows for its task)."""
+
+    kind: str
+    """done, failed (an image of it failed), rejected (dead letter), cancelled, skipped (already
+    finished), handed_back (another model's workers take it)."""
+    run_id: int | None
+    images: int = 0
+    """Its images that ran through the model in this buffer."""
+    seconds: float = 0.0
+    """Its own share of the model batches it was in (not the buffer's time, not a model load)."""
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in SUCCESS_KINDS
+
+
+@dataclass
+class Processed:
+    """The outcome of one buffer: admission's counts and one Outcome per payload, in order."""
+
+    admitted: Admitted
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(len(v) for v in self.admitted.work.values())
 
 
 class WorkerRuntime:
@@ -32,15 +69,90 @@ class WorkerRuntime:
         self.admission = Admission(self.store, settings, self.name, serves=self.host.serves)
         self._loop: StepLoop | None = None
         self._publisher: Any = None
+        self._state = "starting"
+        self._beat_lock = threading.Lock()
+        self._beats: threading.Thread | None = None
+        self._stop_beats = threading.Event()
 
     def rename(self, name: str) -> None:
+        if name == self.name:
+            return
         self.name = self.admission.worker = name
         if self._loop is not None:
             self._loop.name = name
 
-    def process(self, payloads: Sequence[Any]) -> Admitted:
-        """Admit one buffer and process its work; every image's outcome is committed on return."""
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, heartbeat_interval: float | None = None) -> None:
+        """At process start, before any message: heartbeat, load the pinned model, heartbeat ready.
+
+        A worker pinned with STAGE_A_CHECKPOINT loads it now; an unpinned one loads each run's model
+        on that run's first batch. Then a thread re-writes the heartbeat every interval while idle.
+        """
+        self.beat("starting", started=True)
+        if self.settings.checkpoint:
+            self.beat("loading")
+            engine = self.host.preload()
+            self.beat("ready", model=self.host.serving, engine=engine.name)
+        else:
+            log.info("no STAGE_A_CHECKPOINT: each run's model is loaded on its first batch")
+            self.beat("ready")
+        interval = self.settings.heartbeat_interval if heartbeat_interval is None else heartbeat_interval
+        if interval > 0 and self._beats is None:
+            self._beats = threading.Thread(target=self._beat_loop, args=(interval,), name="stage-a-heartbeat",
+                                           daemon=True)
+            self._beats.start()
+
+    def stop(self) -> None:
+        """At shutdown: the heartbeat thread ends and the row says stopped."""
+        self._stop_beats.set()
+        self.beat("stopped")
+
+    def beat(self, state: str, *, started: bool = False, model: str | None = None, engine: str | None = None) -> None:
+        """Write this process's heartbeat; best effort (monitoring never fails work)."""
+        self._state = state
+        try:
+            with self._beat_lock:
+                self.store.heartbeat(self.name, state, model=model or self.host.serving,
+                                     engine=engine or self.settings.engine, device=self.host.device,
+                                     started=started)
+        except Exception as exc:
+            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def _beat_loop(self, interval: float) -> None:
+        while not self._stop_beats.wait(interval):
+            if self._state != "stopped":
+                self.beat("ready" if self._state != "loading" else "loading")
+
+    def _after_batch(self, batch: BatchDone) -> None:
+        self._state = "busy"
+        try:
+            with self._beat_lock:
+                engine = self._loop.engine if self._loop is not None else None
+                self.store.record_batch(self.name, run_id=batch.run_id, images=batch.images, seconds=batch.seconds,
+                                        completion_tokens=batch.completion_tokens,
+                                        model=engine.fingerprint if engine else None,
+                                        engine=engine.name if engine else None)
+        except Exception as exc:
+            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    # ---- one buffer ---------------------------------------------------------------------------
+
+    def process(self, payloads: Sequence[Any]) -> Processed:
+        """Admit one buffer and process its work; every image's outcome is committed on return.
+
+        Between model batches the loop asks the store whether the run was cancelled; a cancelled
+        run's images not yet run are put back to pending (never run, never re-enqueued)."""
         admitted = self.admission.admit(payloads)
+        results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
+        not_run: dict[ImageKey, str] = {}
+
+        def collect(batch: BatchDone) -> None:
+            share = batch.seconds / batch.images if batch.images else 0.0
+            for r in batch.results:
+                results[r.key] = (None if r.ok else (r.error or "empty summary"), share)
+            self._after_batch(batch)
+
         for run_id, items in admitted.work.items():
             run = self.admission.run(run_id)
             assert run is not None
@@ -49,13 +161,49 @@ class WorkerRuntime:
             except WrongModel as exc:
                 log.error("%s; handing its %d images back to the queue", exc, len(items))
                 admitted.handed_back += [it.to_message() for it in items]
+                not_run.update({it.key: "handed_back" for it in items})
                 continue
             # Lease after the model is loaded: the lease times the batch, not a cold start.
             self.store.lease([it.key for it in items], self.name, self.settings.lease_seconds)
-            loop.run(run, items, hooks=LoopHooks(before_execute=self._renewer()))
+            hooks = LoopHooks(before_execute=self._renewer(), after_batch=collect, stop=self._cancelled(run_id))
+            loop.run(run, items, hooks=hooks)
+            left = [it.key for it in items if it.key not in results]
+            if left:  # the loop stopped: the run was cancelled mid-buffer
+                self.store.unlease(left)
+                not_run.update({k: "cancelled" for k in left})
+                log.warning("run %d cancelled: %d images of this buffer not run", run_id, len(left))
         if admitted.handed_back:
             self.hand_back(admitted.handed_back)
-        return admitted
+        self._state = "ready"
+        return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
+
+    @staticmethod
+    def _outcome(fate: Any, results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str]) -> Outcome:
+        if fate.kind != "work":
+            return Outcome(fate.kind, fate.run_id, reason=fate.reason)
+        ran = [results[k] for k in fate.keys if k in results]
+        seconds = sum(s for _, s in ran)
+        errors = [e for e, _ in ran if e is not None]
+        if fate.failed:
+            errors.insert(0, fate.reason or "failed at admission")
+        if errors:
+            return Outcome("failed", fate.run_id, len(ran), seconds,
+                           f"{len(errors)} image(s) failed: {errors[0]}" if len(errors) > 1 else errors[0])
+        skipped = {not_run[k] for k in fate.keys if k in not_run}
+        if "cancelled" in skipped:
+            return Outcome("cancelled", fate.run_id, len(ran), seconds, "run cancelled")
+        if skipped == {"handed_back"}:
+            return Outcome("handed_back", fate.run_id, reason="needs another model")
+        return Outcome("done", fate.run_id, len(ran), seconds)
+
+    def _cancelled(self, run_id: int) -> Any:
+        def stop() -> bool:
+            try:
+                return self.store.is_cancelled(run_id)
+            except Exception:  # a database hiccup must not stop a batch; the next check decides
+                return False
+
+        return stop
 
     def _loop_for(self, run: RunInfo) -> StepLoop:
         engine = self.host.engine_for(run)
@@ -94,4 +242,4 @@ class WorkerRuntime:
                     len(payloads))
 
 
-__all__ = ["BatchDone", "WorkerRuntime"]
+__all__ = ["BatchDone", "Outcome", "Processed", "WorkerRuntime"]

@@ -86,6 +86,15 @@ class ModelHost:
                 os.path.realpath(self.settings.checkpoint)
         return want == self.pinned
 
+    def preload(self) -> Engine:
+        """Load the pinned checkpoint now (at process start), so the first batch does not wait for it."""
+        if not self.settings.checkpoint:
+            raise UserError("preload needs STAGE_A_CHECKPOINT (an unpinned worker loads each run's model)")
+        if self.engine is None:
+            self.engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine, self.settings)
+            self.serving = self.pinned
+        return self.engine
+
     def engine_for(self, run: RunInfo) -> Engine:
         """The engine for the run's model, loading (or switching to) it first.
 

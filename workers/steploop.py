@@ -58,6 +58,9 @@ class LoopHooks:
     """Called with a prepared batch's rows just before generation (the farm renews their leases)."""
     after_batch: Callable[[BatchDone], None] | None = None
     """Called once a batch's results are committed (progress bars, heartbeats)."""
+    stop: Callable[[], bool] | None = None
+    """Asked before each batch; True ends the loop there (the run was cancelled). Rows of the
+    batches not run are left to the caller."""
 
 
 class StepLoop:
@@ -94,6 +97,9 @@ class StepLoop:
         done = 0
         with Prefetcher(lambda b: self.engine.prepare(ctx, b), planned, self.prefetch_depth) as pf:
             for rows, prepared, error in pf:
+                if hooks.stop is not None and hooks.stop():
+                    log.warning("run %d: stopping before the next batch (run cancelled)", run.id)
+                    break
                 t0 = time.perf_counter()
                 if prepared is None:
                     results = self._failed(rows, "preparing the batch", error)

@@ -3,27 +3,38 @@
 celery-batches acknowledges every message of a batch when the pool call returns, whether it
 succeeded or raised; so every image's result or failure is committed to the store here before
 returning, and a crash (which never returns) is recovered by the store's leases, not the broker.
+
+Lifecycle: each pool process loads its model in worker_process_init (Celery's process-up timeout
+is raised to STAGE_A_MODEL_LOAD_TIMEOUT for it), and the consumer does not start fetching
+messages until every pool process has loaded (WaitForModels), so no message waits in a buffer
+behind a model load. Heartbeats go to the store's workers table (WorkerRuntime).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
 from stage_a.broker import TASK_NAME
 from stage_a.errors import EngineDeadError
 from stage_a.store import ResultStore
 from workers.celery import app, settings
-from workers.runtime import WorkerRuntime
+from workers.runtime import Outcome, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+# Pool processes that finished loading their model (created in the main process before the pool
+# forks, so every pool process shares it); the consumer waits for it before fetching messages.
+_loaded = multiprocessing.Value("i", 0)
+_node: str | None = None
+"""This worker's node name (-n), read in the main process before the pool forks."""
 
 
 class ReconnectSafeBatches(Batches):
@@ -54,7 +65,7 @@ _runtime: WorkerRuntime | None = None
 def runtime() -> WorkerRuntime:
     global _runtime
     if _runtime is None:
-        _runtime = WorkerRuntime(settings)
+        _runtime = WorkerRuntime(settings, name=f"{_node}:{os.getpid()}" if _node else None)
     return _runtime
 
 
@@ -65,37 +76,62 @@ def summarize(requests: list[SimpleRequest]) -> int:
     payloads = [r.args[0] if len(r.args) == 1 else {"bad_args": list(r.args)} for r in requests]
     rt = runtime()
     if requests and requests[0].hostname:
-        rt.rename(f"{requests[0].hostname}:{os.getpid()}")  # the node name Flower shows
-    t0 = time.monotonic()
+        rt.rename(f"{requests[0].hostname}:{os.getpid()}")  # the node name Flower shows (set at start too)
     try:
-        admitted = rt.process(payloads)
+        processed = rt.process(payloads)
     except EngineDeadError as exc:
         # Exit without returning: nothing is acknowledged, leases expire, the reclaimer re-enqueues.
         log.critical("engine dead, exiting process: %s", exc)
         os._exit(70)
-    _send_task_events(requests, time.monotonic() - t0)
-    return sum(len(v) for v in admitted.work.values())
+    _send_task_events(requests, processed.outcomes)
+    return processed.images
 
 
-def _send_task_events(requests: list[SimpleRequest], runtime_s: float) -> None:
-    """celery-batches sends no per-task events; send received/succeeded so Flower lists the tasks."""
+def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) -> None:
+    """celery-batches sends no per-task events; send them so Flower shows each task as it went.
+
+    A task whose image failed (or whose message was rejected) is FAILURE with the reason, a
+    cancelled run's task is REVOKED; the runtime is the task's own share of the model batches it
+    was in, and the run id is in the task's name-independent fields (args, result, exception).
+    """
     if not settings.task_events or not requests:
         return
     try:
         with app.events.default_dispatcher(hostname=requests[0].hostname) as dispatcher:
-            for r in requests:
-                dispatcher.send("task-received", uuid=r.id, name=r.name, args=repr(r.args)[:200], kwargs="{}",
-                                retries=0, eta=None, root_id=r.id, parent_id=None)
-                dispatcher.send("task-succeeded", uuid=r.id, result="stored", runtime=runtime_s)
+            for r, out in zip(requests, outcomes, strict=False):
+                run = f"run {out.run_id}" if out.run_id is not None else "run ?"
+                dispatcher.send("task-received", uuid=r.id, name=r.name, args=f"{run}: {repr(r.args)[:200]}",
+                                kwargs="{}", retries=0, eta=None, root_id=r.id, parent_id=None)
+                dispatcher.send("task-started", uuid=r.id)
+                if out.kind == "cancelled":
+                    dispatcher.send("task-revoked", uuid=r.id, terminated=False, signum=None, expired=False)
+                elif out.ok:
+                    dispatcher.send("task-succeeded", uuid=r.id, runtime=out.seconds,
+                                    result=f"{run}: {out.kind}, {out.images} image(s)")
+                else:
+                    dispatcher.send("task-failed", uuid=r.id, runtime=out.seconds,
+                                    exception=f"{run}: {out.kind}: {out.reason}", traceback="")
     except Exception as exc:  # monitoring must never fail a batch whose results are committed
         log.warning("could not send task events: %s", exc)
 
 
 @signals.worker_process_init.connect
-def _pin_gpu(**_: Any) -> None:
-    """Before torch touches CUDA: process i of this host sees only GPU STAGE_A_GPUS[i]."""
+def _start_process(**_: Any) -> None:
+    """Pin the GPU (before torch touches CUDA), then load the model before taking any batch."""
     global _runtime
     _runtime = None  # never inherit a parent's engine or DB connections across fork
+    try:
+        _pin_gpu()
+        runtime().start()
+    except Exception as exc:  # the first batch tries again (and fails its rows with the reason)
+        log.error("model load at process start failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    finally:
+        with _loaded.get_lock():
+            _loaded.value += 1
+
+
+def _pin_gpu() -> None:
+    """Process i of this host sees only GPU STAGE_A_GPUS[i]."""
     if not settings.gpus:
         return
     from billiard.process import current_process
@@ -104,6 +140,39 @@ def _pin_gpu(**_: Any) -> None:
     gpu = settings.gpus[index % len(settings.gpus)]
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     log.info("pool process %d pinned to GPU %s", index, gpu)
+
+
+@signals.worker_process_shutdown.connect
+def _stop_process(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.stop()
+
+
+class WaitForModels(bootsteps.StartStopStep):
+    """The consumer fetches no message until every pool process has loaded its model.
+
+    Runs after the task consumer is set up and before the event loop (the last step) starts
+    reading the queue; meanwhile messages stay on the broker for workers that are ready.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        want = int(getattr(c.controller, "concurrency", 1) or 1)
+        deadline = time.monotonic() + settings.model_load_timeout
+        if _loaded.value < want:
+            log.info("waiting for %d pool process(es) to load the model before taking messages", want)
+        while _loaded.value < want and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+app.steps["consumer"].add(WaitForModels)
+
+
+@signals.worker_init.connect
+def _remember_node(sender: Any = None, **_: Any) -> None:
+    global _node
+    _node = getattr(sender, "hostname", None)
 
 
 @signals.worker_init.connect
@@ -129,6 +198,10 @@ def _check_services(**_: Any) -> None:
             raise UserError(f"cannot reach broker {redact_url(settings.broker_url)}: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         ResultStore(settings.require_database()).close()  # connects and migrates to head
+        if settings.checkpoint:
+            from stage_a.fingerprint import check_checkpoint
+
+            check_checkpoint(settings.checkpoint)  # a mistyped STAGE_A_CHECKPOINT: one line, exit 2
     except UserError as exc:
         sys.stderr.write(f"stage-a worker: error: {exc}\n")
         sys.stderr.flush()

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from stage_a.store.base import StoreBase, _by_run, _no_nul, _retrying, utcnow
 from stage_a.store.bulk import bulk_update_results
-from stage_a.store.models import DONE, FAILED, LEASED, UNFINISHED, DeadLetter, ImageRow
+from stage_a.store.models import DONE, FAILED, LEASED, PENDING, UNFINISHED, DeadLetter, ImageRow
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
 
@@ -60,6 +60,14 @@ class LedgerPart(StoreBase):
         the caller goes on without renewal rather than wait out an outage."""
         if keys:
             self._update_keys(keys, (LEASED,), {"lease_until": utcnow() + timedelta(seconds=seconds)})
+
+    def unlease(self, keys: Sequence[ImageKey]) -> None:
+        """Put leased images back to pending without counting an attempt (a cancelled run's images
+        that were leased but never run). Never touches done or failed rows."""
+        if keys:
+            _retrying(lambda: self._update_keys(keys, (LEASED,), {"status": PENDING, "lease_until": None,
+                                                                   "attempts": ImageRow.attempts - 1}),
+                      "unlease")
 
     def record_results(self, results: Sequence[ImageResult], worker: str, model: str | None = None,
                        engine: str | None = None) -> None:

@@ -15,13 +15,15 @@ from stage_a.work import ImageKey, WorkItem
 
 class RecoveryPart(StoreBase):
     def orphaned_pending(self, grace_seconds: float, limit: int = 100_000) -> list[WorkItem]:
-        """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost)."""
+        """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost).
+
+        Cancelled runs are left alone: their pending images are never re-enqueued."""
         cutoff = utcnow() - timedelta(seconds=grace_seconds)
         with Session(self.engine) as s:
             active = s.execute(
                 select(ImageRow.run_id, func.max(ImageRow.updated_at), func.min(Run.created_at))
                 .join(Run, Run.id == ImageRow.run_id)
-                .where(Run.farm.is_(True), ImageRow.status == PENDING)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), ImageRow.status == PENDING)
                 .group_by(ImageRow.run_id)
             ).all()
             out: list[WorkItem] = []
@@ -69,12 +71,13 @@ class RecoveryPart(StoreBase):
         return sorted(won, key=lambda it: it.key)
 
     def stale_leases(self, now: datetime | None = None, limit: int = 10_000) -> list[WorkItem]:
-        """Leased images whose lease ran out: their worker died or lost them."""
+        """Leased images whose lease ran out: their worker died or lost them (cancelled runs excluded)."""
         now = now or utcnow()
         with Session(self.engine) as s:
             rows = s.execute(
                 select(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
-                .where(ImageRow.status == LEASED, ImageRow.lease_until < now)
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(ImageRow.status == LEASED, ImageRow.lease_until < now, Run.cancelled_at.is_(None))
                 .order_by(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index)
                 .limit(limit)
             ).all()

@@ -123,6 +123,11 @@ class RunsPart(StoreBase):
                                .values(cancelled_at=utcnow()))
             return bool(res.rowcount)
 
+    def is_cancelled(self, run_id: int) -> bool:
+        """Whether the run was cancelled (one indexed read; workers ask between model batches)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(Run.cancelled_at).where(Run.id == run_id)).scalar() is not None
+
     def reset_failed(self, run_id: int) -> int:
         """Put failed images back to pending (a --resume retries them)."""
         with self.engine.begin() as conn:
