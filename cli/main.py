@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+import cli as cli_package
 from stage_a.errors import UserError
 
 _COMMANDS = {
@@ -18,6 +19,8 @@ _COMMANDS = {
     "postprocess": ("cli.commands.post", "postprocess", "Re-clean and re-validate an existing Stage-A JSONL."),
     "add-fail-reasons": ("cli.commands.post", "add_fail_reasons",
                          "Attach reviewer fail reasons from an Excel sheet (BBU only)."),
+    "cancel": ("cli.commands.cancel", "cancel",
+               "Cancel a run: workers drop its queued images and stop between model batches."),
     "reclaim": ("cli.commands.reclaim", "reclaim",
                 "Re-enqueue images whose worker died (expired leases); run it periodically."),
 }
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="stage-a", standalone_mode=False)
     except UserError as exc:
+        if cli_package.DEBUG:
+            import traceback
+
+            traceback.print_exc()
         click.echo(f"stage-a: error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

@@ -31,7 +31,7 @@ def output_paths(output_dir: Path, mission: str) -> tuple[Path, Path]:
     return output_dir / f"{mission}_stage_a.jsonl", output_dir / f"{mission}_stage_a_failures.jsonl"
 
 
-def _failure(group: ExportGroup) -> dict[str, object] | None:
+def _failure(group: ExportGroup, cancelled: bool = False) -> dict[str, object] | None:
     problems: list[dict[str, str | None]] = []
     incomplete = False
     for i, img in enumerate(group.images, start=1):
@@ -42,7 +42,7 @@ def _failure(group: ExportGroup) -> dict[str, object] | None:
         elif img.status == DONE:
             reason = "empty summary"
         else:
-            reason = f"not processed yet ({img.status})"
+            reason = "not processed: run cancelled" if cancelled else f"not processed yet ({img.status})"
             incomplete = True
         problems.append({"image": f"image_{i}", "file": img.file_name, "reason": reason})
     if not problems and group.images:
@@ -68,7 +68,7 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
 
         def lines() -> Iterator[str]:
             for group in store.iter_export_groups(run_id):
-                failure = _failure(group)
+                failure = _failure(group, run.cancelled)
                 if failure is not None:
                     counts[str(failure["status"])] += 1
                     spool.write(json.dumps(failure, ensure_ascii=False) + "\n")

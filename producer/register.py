@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from producer.discovery import discover
+from producer.discovery import Group, discover
 from producer.sampling import sample_groups
 from stage_a.config import RunSpec
 from stage_a.errors import UserError
@@ -26,8 +26,31 @@ class Registered:
     warnings: tuple[str, ...]
 
 
-def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False) -> Registered:
-    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
+@dataclass(frozen=True)
+class Plan:
+    """A run as it would be recorded: discovery and sampling done, nothing written."""
+
+    spec: RunSpec
+    """With input_root set."""
+    groups: list[Group]
+    discovered_groups: int
+    warnings: tuple[str, ...]
+
+    @property
+    def images(self) -> int:
+        return sum(len(g.images) for g in self.groups)
+
+    def by_label(self) -> dict[str, tuple[int, int]]:
+        """label -> (groups, images), fail first like the output."""
+        out: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            n_groups, n_images = out.get(g.label, (0, 0))
+            out[g.label] = (n_groups + 1, n_images + len(g.images))
+        return out
+
+
+def plan_run(spec: RunSpec, input_dir: Path) -> Plan:
+    """Scan ``input_dir`` for ``spec.mission`` and sample (what `--dry-run` shows; no store needed)."""
     found = discover(Path(input_dir), spec.mission)
     kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
     if not kept:
@@ -35,10 +58,16 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
             f"sampling kept no groups of {len(found.groups)} found "
             f"(pass_group_number={spec.pass_group_number}, fail_group_number={spec.fail_group_number})"
         )
-    spec = replace(spec, input_root=str(found.input_root))
+    return Plan(replace(spec, input_root=str(found.input_root)), list(kept), len(found.groups), tuple(found.warnings))
+
+
+def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False) -> Registered:
+    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
+    plan = plan_run(spec, input_dir)
+    spec, kept = plan.spec, plan.groups
     model = model_fingerprint(check_checkpoint(spec.checkpoint)) if spec.checkpoint else DEMO_MODEL
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
                               model=model)
     n_images = sum(len(g.images) for g in kept)
-    log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), len(found.groups), n_images)
-    return Registered(run_id, spec, len(kept), n_images, len(found.groups), tuple(found.warnings))
+    log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), plan.discovered_groups, n_images)
+    return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings)

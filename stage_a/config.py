@@ -69,6 +69,8 @@ class RunSpec:
     pass_group_number: int | None = None
     fail_group_number: int | None = None
     sample_seed: int = 42
+    verify_inputs: bool = False
+    """Log hashes, sizes, image_grid_thw and token counts of the first batch (each worker process)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -86,7 +88,8 @@ class RunSpec:
 
     def params_dict(self) -> dict[str, Any]:
         """What the store keeps as the run's generation parameters."""
-        return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, **self.generation.to_dict()}
+        return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, "verify_inputs": self.verify_inputs,
+                **self.generation.to_dict()}
 
     def sampling_dict(self) -> dict[str, Any]:
         return {

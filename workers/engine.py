@@ -23,6 +23,7 @@ from workers.loader import LoadedModel
 from workers.prompts import build_prompt
 
 log = logging.getLogger(__name__)
+verify_log = logging.getLogger(f"{__name__}.verify_inputs")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -207,6 +208,9 @@ class BatchEngine:
         return vision, prompt
 
     def _log_verification(self, batch: PreparedBatch, sizes_before: list[Any], hashes: list[str]) -> None:
+        # Asked for explicitly: shown at any log level (the CLI's default is WARNING), on the farm too.
+        if not verify_log.isEnabledFor(logging.INFO):
+            verify_log.setLevel(logging.INFO)
         pv = batch.inputs["pixel_values"]
         offset = 0
         for row, item in enumerate(batch.items):
@@ -215,7 +219,7 @@ class BatchEngine:
             pixel_hash = hashlib.sha256(pv[offset:offset + n].float().numpy().tobytes()).hexdigest()
             offset += n
             patch = int(self.processor.image_processor.patch_size)
-            log.info(
+            verify_log.info(
                 "verify_inputs %s: file_sha256=%s pixel_sha256=%s size_before=%sx%s size_after=%dx%d "
                 "image_grid_thw=(%d, %d, %d) vision_tokens=%d prompt_tokens=%d",
                 item.rel_path, hashes[row], pixel_hash, *sizes_before[row], int(w) * patch, int(h) * patch,

@@ -110,6 +110,22 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
                        fingerprint=model_fingerprint(path))
 
 
+def check_gpus(gpus: list[str]) -> None:
+    """GPU indices asked for must exist here: a host without CUDA is an error, never a silent CPU run."""
+    indices = [int(g) for g in gpus if g != "cpu"]
+    if not indices:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"GPU {','.join(map(str, indices))} requested but this host has no usable CUDA GPU "
+                        "(torch.cuda.is_available() is False); use cpu to run on the CPU")
+    count = torch.cuda.device_count()
+    missing = [i for i in indices if i >= count]
+    if missing:
+        raise UserError(f"GPU {','.join(map(str, missing))} requested but this host has {count} visible GPU(s)")
+
+
 def pin_process_to_gpu(gpu: str | None) -> None:
     """Restrict this process to one GPU before torch initializes CUDA (so it sees it as cuda:0)."""
     if gpu is None or gpu == "" or gpu == "cpu":

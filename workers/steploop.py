@@ -78,7 +78,7 @@ class StepLoop:
     def context(self, run: RunInfo) -> RunContext:
         ctx = self._contexts.get(run.id)
         if ctx is None:
-            ctx = self.engine.context(run.id, run.spec, verify_inputs=self.verify_inputs)
+            ctx = self.engine.context(run.id, run.spec, verify_inputs=self.verify_inputs or run.spec.verify_inputs)
             self._contexts[run.id] = ctx
         return ctx
 

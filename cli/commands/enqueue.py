@@ -17,6 +17,7 @@ from stage_a.settings import database_url
 @run_options
 @click.option("--run", "run_id", type=int, help="Re-enqueue what is not done yet of an existing run (input options are then ignored).")
 @click.option("--broker", help="Redis URL (env STAGE_A_BROKER_URL).")
+@click.option("--verify-inputs", is_flag=True, help="Workers log hashes, sizes, image_grid_thw and token counts of their first batch of this run.")
 def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     """Scan the input tree, sample, record the run (groups and pending images) and queue its tasks.
 
@@ -27,11 +28,16 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
-    setup_logging(kw["log_level"])
+    setup_logging(kw["log_level"], kw["debug"])
     settings = Settings.from_env()
     if broker:
         settings = replace(settings, broker_url=broker)
     db = kw["db"] or settings.database_url
+    if kw["dry_run"]:
+        if run_id is not None:
+            raise UserError("--dry-run describes a new run; it cannot be combined with --run")
+        _dry_run(kw, settings, db)
+        return
     if not db:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
     publisher = Publisher(settings)
@@ -58,3 +64,26 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
                f"on {settings.queue!r}")
     click.echo(f"run_id={run_id}")
+
+
+def _dry_run(kw: dict[str, Any], settings: Any, db: str | None) -> None:
+    """Discover, sample and check; the broker and database are only looked at, never written."""
+    from cli.commands.dryrun import print_plan
+    from producer.register import plan_run
+    from stage_a.config import redact_url
+
+    spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint)
+    plan = plan_run(spec, require_input_dir(kw["input_dir"]))
+    try:
+        from stage_a.broker import Publisher
+
+        publisher = Publisher(settings)
+        publisher.check()
+        broker = f"reachable, {publisher.queue_length()} messages waiting"
+    except Exception as exc:
+        broker = f"NOT reachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    unit = "group" if spec.sharding_mode == "per_group" else "image"
+    n = len(plan.groups) if unit == "group" else plan.images
+    print_plan(plan, spec.checkpoint, settings,
+               f"queue:       {n} {unit} tasks would go to {settings.queue!r} on {redact_url(settings.broker_url)} "
+               f"({broker}); results to {redact_url(db) if db else 'NO DATABASE (pass --db or set STAGE_A_DATABASE_URL)'}")

@@ -41,8 +41,12 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")
     counts = store.counts(info.id)
+    if info.cancelled:
+        when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC") if info.cancelled_at else "?"
+        click.echo(f"stage-a: warning: run {info.id} was cancelled at {when}", err=True)
     if not counts.finished:
-        msg = f"run {info.id} is not finished: {counts.pending + counts.leased} of {counts.images_total} images pending"
+        msg = (f"run {info.id} {'was cancelled' if info.cancelled else 'is not finished'}: "
+               f"{counts.pending + counts.leased} of {counts.images_total} images pending")
         if require_finished:
             click.echo(f"stage-a: {msg}; nothing written", err=True)
             sys.exit(4)
@@ -51,7 +55,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     report = export_run(store, info.id, output_dir)
     for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
         click.echo(f"stage-a: {note}", err=True)
-    click.echo(f"stage-a: run {info.id}: {report.groups_written} groups written, {report.groups_failed} failed, "
+    click.echo(f"stage-a: run {info.id}{' (cancelled)' if info.cancelled else ''}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
     if report.groups_not_written:
         sys.exit(3)

@@ -9,7 +9,14 @@ from typing import Any
 
 import click
 
-from stage_a.config import DEFAULT_BATCH_SIZE, DEFAULT_PROFILE, SHARDING_MODES, GenerationParams, RunSpec
+from stage_a.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PROFILE,
+    SHARDING_MODES,
+    GenerationParams,
+    RunSpec,
+)
 from stage_a.errors import UserError
 
 F = Callable[..., Any]
@@ -30,8 +37,8 @@ run_options = _stack(
     click.option("--checkpoint", help="Merged Qwen3-VL folder or LoRA adapter folder. Omit to use the tiny random-weight demo model."),
     click.option("--dataset", type=click.Choice(["bbu", "rru"]), help="Domain pack for the prompt; default: from the mission."),
     click.option("--prompt-profile", default=DEFAULT_PROFILE, show_default=True, help="Prompt profile."),
-    click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Images per model batch (per GPU)."),
-    click.option("--max-pixels", type=int, default=0, help="Pixel budget per image after resize; default bbu 1048576, rru 2097152."),
+    click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Model batch size: images per generate() call, per GPU (not the worker's message buffer, STAGE_A_FLUSH_SIZE)."),
+    click.option("--max-pixels", type=int, default=None, show_default=f"from the dataset: bbu {DEFAULT_MAX_PIXELS['bbu']}, rru {DEFAULT_MAX_PIXELS['rru']}", help="Pixel budget per image after resize."),
     click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Generation limit per image."),
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 (or <= 1e-4) = greedy decoding."),
     click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (sampling only)."),
@@ -41,7 +48,9 @@ run_options = _stack(
     click.option("--sample-seed", type=int, default=42, show_default=True, help="Seed of the per-label group sampling."),
     click.option("--sharding-mode", type=click.Choice(list(SHARDING_MODES)), default="per_group", show_default=True, help="per_group: a group's images batch together; per_image: batches span groups, ordered by length."),
     click.option("--db", help="Results database: a file path or SQLAlchemy URL (env STAGE_A_DATABASE_URL). Default: <output-dir>/stage_a_results.db."),
-    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="WARNING", show_default=True, help="Logging verbosity."),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False), default="warning", show_default=True, help="Logging verbosity (any case)."),
+    click.option("--debug", is_flag=True, help="Debug logging and full tracebacks (the launcher's debug=true)."),
+    click.option("--dry-run", is_flag=True, help="Discover and sample, check the checkpoint (config only) and print what would run; write nothing, queue nothing."),
 )
 
 
@@ -57,7 +66,13 @@ class _CliFormatter(logging.Formatter):
         return base
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, debug: bool = False) -> None:
+    """The CLI's logging; ``debug`` (--debug) means DEBUG and full tracebacks of errors."""
+    if debug:
+        level = "DEBUG"
+        import cli
+
+        cli.DEBUG = True
     handler = logging.StreamHandler()
     handler.setFormatter(_CliFormatter())
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
@@ -81,8 +96,9 @@ def build_spec(kw: dict[str, Any], checkpoint: str) -> RunSpec:
     return RunSpec(
         mission=mission.name, dataset=dataset, input_root="", checkpoint=checkpoint,
         prompt_profile=kw["prompt_profile"], sharding_mode=kw["sharding_mode"], batch_size=kw["batch_size"],
-        max_pixels=kw["max_pixels"], generation=gen, pass_group_number=kw["pass_group_number"],
+        max_pixels=kw["max_pixels"] or 0, generation=gen, pass_group_number=kw["pass_group_number"],
         fail_group_number=kw["fail_group_number"], sample_seed=kw["sample_seed"],
+        verify_inputs=bool(kw.get("verify_inputs")),
     )
 
 

@@ -80,6 +80,8 @@ class RunProgress:
     def refresh_from_store(self) -> None:
         """For multi-process runs the parent only sees the store."""
         counts = self.store.counts(self.run_id)
+        if counts.done + counts.failed > self._finished:
+            self.progress.update(self.images, description="images")
         self._finished = counts.done + counts.failed
         self.progress.update(self.images, completed=self._finished, rate=self._rate())
         self.progress.update(self.groups, completed=counts.groups_done + counts.groups_failed)

@@ -42,6 +42,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
 @click.option("--postprocess", is_flag=True, help="Re-apply clean-up and validation to the exported JSONL.")
 @click.option("--add-gt-fail-reason", is_flag=True, help="Attach reviewer fail reasons from --excel-path (BBU only).")
 @click.option("--excel-path", type=click.Path(path_type=Path), default=Path("output_post/BBU_scene_latest.xlsx"), help="Excel sheet for --add-gt-fail-reason.")
+@click.option("--temporary-db", is_flag=True, hidden=True, help="The --db is removed after the job (the launcher's): never print its path on success.")
 def run(**kw: Any) -> None:
     """Summarize every image of a mission with Qwen3-VL in left-padded batches and export the JSONL.
 
@@ -49,9 +50,19 @@ def run(**kw: Any) -> None:
     with neither --checkpoint nor --input-dir a small sample tree is generated too, so a bare
     `stage-a run` shows the whole job working on a fresh machine.
     """
-    setup_logging(kw["log_level"])
+    setup_logging(kw["log_level"], kw["debug"])
     gpus = parse_gpus(kw["gpus"])
+    if gpus:
+        from workers.loader import check_gpus
+
+        check_gpus(gpus)
+    elif kw["device"].startswith("cuda"):
+        from workers.loader import resolve_device
+
+        resolve_device(kw["device"])
     output_dir: Path = kw["output_dir"]
+    if kw["dry_run"] and kw["resume"]:
+        raise UserError("--dry-run describes a new run; it cannot be combined with --resume")
     checkpoint = kw["checkpoint"]
     demo = checkpoint is None and not kw["resume"]
     if demo:
@@ -74,6 +85,12 @@ def run(**kw: Any) -> None:
                 make_sample_tree(input_dir, spec.mission)
             click.echo(f"stage-a: no --input-dir: using generated sample data in {input_dir}", err=True)
         input_dir = require_input_dir(input_dir)
+        from merger.post_steps import check_post_steps
+
+        check_post_steps(spec.dataset, kw["add_gt_fail_reason"], kw["excel_path"])
+        if kw["dry_run"]:
+            _dry_run(spec, input_dir, output_dir, kw)
+            return
     if demo:
         from workers.tiny_model import cached_tiny_checkpoint
 
@@ -104,7 +121,7 @@ def run(**kw: Any) -> None:
             run_id = reg.run_id
             # discovery warnings were already logged (once) by producer.discovery
             click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
-                       f"{reg.images} images -> {store.display_url}", err=True)
+                       f"{reg.images} images -> {_db_shown(store, kw)}", err=True)
     except UserError:
         # Bad input (no mission folder, no groups, nothing to resume): leave no files behind.
         store.close()
@@ -115,6 +132,21 @@ def run(**kw: Any) -> None:
         checkpoint = run_info.spec.checkpoint
     processed, seconds = _process(store, run_info, checkpoint or run_info.spec.checkpoint, kw, gpus)
     _finish(store, run_id, output_dir, processed, seconds, kw)
+
+
+def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any]) -> None:
+    from cli.commands.dryrun import print_plan
+    from merger.export import output_paths
+    from producer.register import plan_run
+    from stage_a.settings import Settings
+
+    plan = plan_run(spec, input_dir)
+    jsonl, failures = output_paths(output_dir, spec.mission)
+    db = database_url(kw["db"], output_dir)
+    from stage_a.config import redact_url
+
+    print_plan(plan, kw["checkpoint"] or "", Settings.from_env(),
+               f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
 
 
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
@@ -128,6 +160,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
     with RunProgress(store, run_info.id, start_counts) as progress:
         try:
             if gpus and (len(gpus) > 1 or gpus[0] != "cpu"):
+                progress.loading()
                 run_multi(job, gpus, poll=progress.refresh_from_store)
             else:
                 device = "cpu" if gpus == ["cpu"] else kw["device"]
@@ -155,10 +188,17 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     click.echo(
         f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "
         f"{report.groups_incomplete} incomplete; {processed} images in {seconds:.1f}s ({rate:.2f} images/s)\n"
-        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  database: {store.display_url}"
+        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  database: {_db_shown(store, kw)}"
     )
     if report.groups_not_written:
         sys.exit(3)
+
+
+def _db_shown(store: Any, kw: dict[str, Any]) -> str:
+    """The database for messages; the launcher's temporary one is never named (it is about to go)."""
+    if kw.get("temporary_db"):
+        return "a temporary database (removed when the job ends; keep_intermediate_outputs=true keeps it)"
+    return str(store.display_url)
 
 
 def _not_yet_existing(output_dir: Path, db_url: str) -> list[Path]:

@@ -1,0 +1,56 @@
+"""`stage-a cancel RUN`: the run becomes cancelled; its queued messages are dropped, workers stop taking it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import click
+
+from stage_a.errors import UserError
+from stage_a.settings import database_url
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN", type=int)
+@click.option("--db", help="Results database path or URL (env STAGE_A_DATABASE_URL).")
+@click.option("--broker", help="Redis URL (env STAGE_A_BROKER_URL).")
+@click.option("--keep-queued", is_flag=True,
+              help="Leave the run's queued messages on the broker (workers acknowledge them without work).")
+def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -> None:
+    """Cancel RUN: workers drop its messages and stop between model batches; results so far are kept.
+
+    Its messages still on the queue are removed (other runs' are untouched); ones already delivered
+    are acknowledged without work. The reclaimer never re-enqueues a cancelled run's images, and
+    `stage-a export` of it writes the complete groups and says the run was cancelled. Idempotent.
+    """
+    from stage_a.settings import Settings
+    from stage_a.store import ResultStore
+
+    settings = Settings.from_env()
+    if broker:
+        settings = replace(settings, broker_url=broker)
+    url = db or settings.database_url
+    if not url:
+        raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
+    store = ResultStore(database_url(url))
+    try:
+        info = store.get_run(run_id)
+        newly = store.cancel_run(run_id)
+        info = store.get_run(run_id)
+        counts = store.counts(run_id)
+    finally:
+        store.close()
+    when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC") if info.cancelled_at else "?"
+    click.echo(f"run {run_id}: {'cancelled' if newly else 'already cancelled'} at {when}; "
+               f"{counts.done} done, {counts.failed} failed, {counts.pending + counts.leased} not processed")
+    if keep_queued or not info.farm:
+        return
+    from stage_a.broker import Publisher
+
+    try:
+        dropped = Publisher(settings).drop_run(run_id)
+    except Exception as exc:  # the cancellation itself is recorded; workers drop the messages anyway
+        click.echo(f"stage-a: warning: could not remove queued messages ({str(exc).splitlines()[0]}); "
+                   "workers will acknowledge them without work", err=True)
+        return
+    click.echo(f"run {run_id}: {dropped} queued messages removed from {settings.queue!r}")
