@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reliability_support import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
 
 from stage_a.config import GenerationParams, RunSpec
 

@@ -94,8 +94,9 @@ def make_tree(root: Path, groups: int, per_group: int = 2, seed: int = 0) -> lis
 
 
 def base_env(**extra: str) -> dict[str, str]:
+    # PYTHONPATH: this checkout's code and the tests' support package in every subprocess.
     env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120", STAGE_A_DEVICE="cpu",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     for k in [k for k in env if k.startswith("STAGE_A_") and k not in ("STAGE_A_TEST_MODEL_CACHE",
                                                                        "STAGE_A_TEST_REDIS_URL",
                                                                        "STAGE_A_TEST_PG_URL", "STAGE_A_DEVICE")]:
@@ -171,8 +172,9 @@ class RedisServer:
 class Worker:
     """`celery -A workers worker` (prefork, one pool process) in its own process group."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str = "workers") -> None:
         self.name = name
+        self.app = app
         self.env = env
         self.log_path = workdir / f"worker-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -180,7 +182,7 @@ class Worker:
     def start(self) -> Worker:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "1",
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "--loglevel", "INFO", "--concurrency", "1",
              "--pool", "prefork", "-n", f"{self.name}@%h", "--without-gossip", "--without-mingle",
              "--without-heartbeat"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
@@ -256,8 +258,8 @@ class Farm:
                         STAGE_A_CHECKPOINT=str(self.checkpoint), STAGE_A_QUEUE=self.queue,
                         OMP_NUM_THREADS="1", **self.settings, **extra)
 
-    def worker(self, name: str, **extra: str) -> Worker:
-        w = Worker(name, self.env(**extra), self.workdir).start()
+    def worker(self, name: str, app: str = "workers", **extra: str) -> Worker:
+        w = Worker(name, self.env(**extra), self.workdir, app).start()
         self.workers.append(w)
         return w
 
