@@ -49,7 +49,7 @@ def _check(out: Path) -> tuple[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per_group", "per_image"])
 def test_run_and_farm_fail_the_same_batch_alone(tree: Path, tmp_path: Path, tiny_checkpoint: Path,
-                                                 farm_factory, pg_url: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+                                                 farm_factory, pg_url: str, mode: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     # per_image sorts by length inside the run: the batch of 2 holding the bad images may hold
     # others, so the comparison with the farm is made in per_group mode, where batches are groups.
     code, log = _run(["run", "--mission", MISSION, "--input-dir", str(tree), "--checkpoint", str(tiny_checkpoint),
