@@ -7,7 +7,6 @@ ones; the good run still completes, on the same pool process, and nothing is lef
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +95,10 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
 
     # Nothing is retried forever: after a few flush intervals the broker holds nothing, and each
     # poison message was dead-lettered exactly once.
-    time.sleep(3)
-    assert farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
     store = ResultStore(pg_url)
+    wait_for(lambda: farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
+             and len(store.dead_letters()) >= len(poison), 30, "the broker drained and every poison dead-lettered",
+             on_timeout=farm.logs)
     letters = store.dead_letters()
     store.close()
     assert len(letters) == len(poison), letters
