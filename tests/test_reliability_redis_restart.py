@@ -80,8 +80,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     reg = register_run(store, RunSpec(mission=MISSION, dataset="bbu", input_root=""), tmp_path / "in", farm=True)
     redis = RedisServer(tmp_path)
     redis.start()
-    monkeypatch.setenv("STAGE_A_ORPHAN_GRACE", "0.3")
-    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans")
+    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans", orphan_grace=0.3)
     reclaimers = [Reclaimer(settings), Reclaimer(settings)]
     conn, other = Connection(redis.url), Connection(redis.url)
     try:

@@ -147,7 +147,8 @@ class Admission:
                     by_run.setdefault(m.run.id, {})[it.key] = WorkItem(it.key, entries[it.key].rel_path)
             if gave_up:
                 self.store.record_results(gave_up, self.worker)
-                self.dead_letter(f"{len(gave_up)} image(s) failed: {gave_up[0].error}", m.payload, m.run.id)
+                more = f" (and {len(gave_up) - 1} more images of the message)" if len(gave_up) > 1 else ""
+                self.dead_letter(f"image {gave_up[0].key}: {gave_up[0].error}{more}", m.payload, m.run.id)
                 out.failed += gave_up
         out.work = {run_id: [d[k] for k in sorted(d)] for run_id, d in by_run.items()}
 
