@@ -147,8 +147,9 @@ class Admission:
         by_run: dict[int, dict[ImageKey, WorkItem]] = {}
         for m in messages:
             missing = [it for it in m.items if it.key not in entries]
-            if missing:
-                reason = f"{len(missing)} of {len(m.items)} images are not in run {m.run.id} (first: {missing[0].key})"
+            if missing:  # one dead letter per message, however many images it lists
+                more = f" (nor {len(missing) - 1} more of its {len(m.items)})" if len(missing) > 1 else ""
+                reason = f"image {missing[0].key} is not in run {m.run.id}{more}"
                 self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
                 m.fate.kind, m.fate.reason = "rejected", reason
@@ -156,7 +157,8 @@ class Admission:
             moved = [it for it in present if it.rel_path != entries[it.key].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
-                reason = f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}"
+                reason = self._path_refusal(moved[0], m.run) or (
+                    f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}")
                 self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
                 m.fate.kind, m.fate.reason = "rejected", reason
@@ -174,7 +176,8 @@ class Admission:
                     m.fate.keys.append(it.key)
             if gave_up:
                 self.store.record_results(gave_up, self.worker)
-                reason = f"{len(gave_up)} image(s) failed: {gave_up[0].error}"
+                more = f" (and {len(gave_up) - 1} more images of the message)" if len(gave_up) > 1 else ""
+                reason = f"image {gave_up[0].key}: {gave_up[0].error}{more}"
                 self.dead_letter(reason, m.payload, m.run.id)
                 out.failed += gave_up
                 m.fate.failed = [r.key for r in gave_up]
