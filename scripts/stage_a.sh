@@ -10,9 +10,10 @@
 # to the command line (e.g. `--temperature 0.7`).
 #
 #   mission                    --mission (required)
-#   gpus                       cpu -> --gpus cpu --device cpu;  0 / 0,1,2,3 -> --gpus LIST
-#                              (one engine process per GPU). Default: 0 when nvidia-smi is on
-#                              PATH, else cpu.
+#   gpus                       cpu -> --gpus cpu --device cpu; cpu,cpu -> two CPU processes;
+#                              0 / 0,1,2,3 -> --gpus LIST (one engine process per GPU; a host
+#                              without CUDA is an error, never a silent CPU run). Default: 0 when
+#                              nvidia-smi is on PATH, else cpu.
 #   checkpoint                 --checkpoint (omitted: the CLI's tiny random-weight demo model)
 #   input_dir                  --input-dir; a path that is the mission folder itself
 #                              (basename == mission) is replaced by its parent
@@ -23,22 +24,26 @@
 #   pass_group_number          --pass-group-number
 #   fail_group_number          --fail-group-number
 #   sample_seed                --sample-seed
-#   batch_size_per_rank        --batch-size (images per batch per GPU)
+#   batch_size_per_rank        --batch-size (model batch size: images per batch per GPU)
 #   max_pixels                 --max-pixels
 #   max_new_tokens             --max-new-tokens
+#   temperature                --temperature (0 = greedy)
+#   top_p                      --top-p
+#   repetition_penalty         --repetition-penalty
 #   sharding_mode              --sharding-mode (per_group|per_image)
 #   keep_intermediate_outputs  boolean, default false. true: the results database stays next to
 #                              the output (<output_dir>/stage_a_results.db, the CLI default), so
 #                              `stage-a run --resume` / `stage-a export` work later. false: it
 #                              goes to a temporary folder (under $TMPDIR) removed when the job
 #                              ends with status 0, 2 or 3; after an interruption or crash it is
-#                              kept, and its path printed, so the run can be resumed.
+#                              kept, and its path printed, so the run can be resumed (the path
+#                              is printed only then: never one that is about to be removed).
 #                              If STAGE_A_DATABASE_URL is set, that database is used either way.
 #   postprocess                --postprocess (boolean)
 #   add_gt_fail_reason         --add-gt-fail-reason (boolean; BBU missions only)
 #   excel_path                 --excel-path
 #   log_level                  --log-level (DEBUG|INFO|WARNING|ERROR)
-#   debug                      boolean: true -> `set -x` and --log-level DEBUG
+#   debug                      boolean: true -> `set -x` and --debug (DEBUG logs, tracebacks)
 #
 # Booleans accept true/false, 1/0, yes/no (any case). The stage-a program is $STAGE_A_BIN, else
 # `stage-a` on PATH, else `python -m cli.main` with this repository's .venv.
@@ -95,8 +100,8 @@ if [[ -z ${gpus:-} ]]; then
         gpus=cpu gpus_note="(default: no nvidia-smi on PATH)"
     fi
 fi
-gpus_re='^(cpu|[0-9]+(,[0-9]+)*)$'
-[[ $gpus =~ $gpus_re ]] || die "gpus must be 'cpu' or comma-separated GPU indices such as 0 or 0,1,2,3; got '$gpus'"
+gpus_re='^(cpu(,cpu)*|[0-9]+(,[0-9]+)*)$'
+[[ $gpus =~ $gpus_re ]] || die "gpus must be 'cpu' (or cpu,cpu,...) or comma-separated GPU indices such as 0 or 0,1,2,3; got '$gpus'"
 
 parse_bool verify_inputs false
 parse_bool keep_intermediate_outputs false
@@ -128,8 +133,8 @@ log_level=${log_level:-}
 [[ $opt_debug == true ]] && log_level=DEBUG
 
 args=(run --mission "$mission")
-if [[ $gpus == cpu ]]; then
-    args+=(--gpus cpu --device cpu)
+if [[ $gpus == cpu* ]]; then
+    args+=(--gpus "$gpus" --device cpu)
 else
     args+=(--gpus "$gpus")
 fi
@@ -148,11 +153,15 @@ add_opt --sample-seed "${sample_seed:-}"
 add_opt --batch-size "${batch_size_per_rank:-}"
 add_opt --max-pixels "${max_pixels:-}"
 add_opt --max-new-tokens "${max_new_tokens:-}"
+add_opt --temperature "${temperature:-}"
+add_opt --top-p "${top_p:-}"
+add_opt --repetition-penalty "${repetition_penalty:-}"
 add_opt --sharding-mode "${sharding_mode:-}"
 add_opt --log-level "$log_level"
 [[ $opt_verify_inputs == true ]] && args+=(--verify-inputs)
 [[ $opt_postprocess == true ]] && args+=(--postprocess)
 [[ $opt_add_gt_fail_reason == true ]] && args+=(--add-gt-fail-reason)
+[[ $opt_debug == true ]] && args+=(--debug)
 add_opt --excel-path "${excel_path:-}"
 
 tmp_db_dir=""
@@ -163,8 +172,8 @@ elif [[ $opt_keep_intermediate_outputs == true ]]; then
     db_shown="${output_dir:-<output_dir>}/stage_a_results.db (kept)"
 else
     tmp_db_dir=$(mktemp -d "${TMPDIR:-/tmp}/stage_a.XXXXXX") || die "cannot create a temporary folder in ${TMPDIR:-/tmp}"
-    args+=(--db "$tmp_db_dir/stage_a_results.db")
-    db_shown="$tmp_db_dir/stage_a_results.db (temporary: removed at the end; keep_intermediate_outputs=true keeps it)"
+    args+=(--db "$tmp_db_dir/stage_a_results.db" --temporary-db)
+    db_shown="temporary, removed at the end (its path is printed only if it is kept after an interruption; keep_intermediate_outputs=true keeps it)"
 fi
 args+=("$@")
 
@@ -188,6 +197,9 @@ show() {  # show NAME VALUE [NOTE]
     show batch_size_per_rank "${batch_size_per_rank:-}"
     show max_pixels "${max_pixels:-}"
     show max_new_tokens "${max_new_tokens:-}"
+    show temperature "${temperature:-}"
+    show top_p "${top_p:-}"
+    show repetition_penalty "${repetition_penalty:-}"
     show sharding_mode "${sharding_mode:-}"
     show keep_intermediate_outputs "$opt_keep_intermediate_outputs"
     show postprocess "$opt_postprocess"
@@ -197,7 +209,15 @@ show() {  # show NAME VALUE [NOTE]
     show debug "$opt_debug"
     show "results database" "$db_shown"
     line=""
-    for word in "${stage_a[@]}" "${args[@]}"; do line+="$(shell_word "$word") "; done
+    skip_next=false
+    for word in "${stage_a[@]}" "${args[@]}"; do
+        if [[ $skip_next == true ]]; then
+            word="<temporary database>" skip_next=false
+        elif [[ -n $tmp_db_dir && $word == --db ]]; then
+            skip_next=true
+        fi
+        line+="$(shell_word "$word") "
+    done
     show command "${line% }"
 }
 

@@ -27,7 +27,7 @@ LAUNCHER_VARS = (
     "mission", "gpus", "checkpoint", "input_dir", "output_dir", "dataset", "prompt_profile", "verify_inputs",
     "pass_group_number", "fail_group_number", "sample_seed", "batch_size_per_rank", "max_pixels",
     "max_new_tokens", "sharding_mode", "keep_intermediate_outputs", "postprocess", "add_gt_fail_reason",
-    "excel_path", "log_level", "debug",
+    "excel_path", "log_level", "debug", "temperature", "top_p", "repetition_penalty",
 )
 # Small images and few tokens keep the two real runs to seconds of model time.
 GEN = {"max_new_tokens": "4", "max_pixels": "50176", "batch_size_per_rank": "4"}
@@ -146,9 +146,53 @@ def test_resolved_configuration_is_printed_first(launched, tree: Path) -> None: 
 
 
 def test_temporary_database_is_removed(launched) -> None:  # type: ignore[no-untyped-def]
-    out, tmp, _ = launched
+    out, tmp, proc = launched
     assert sorted(p.name for p in out.iterdir()) == sorted([JSONL, FAILURES])
     assert launcher_temps(tmp) == []  # (torch may leave its own caches in TMPDIR)
+    # Neither the launcher nor stage-a named the temporary database that is gone now.
+    assert "stage_a_results.db" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_generation_variables_reach_the_run(tree: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """temperature, top_p, repetition_penalty, max_pixels, batch size and verify_inputs are recorded
+    in the run's parameters; verify_inputs prints its lines at the default log level."""
+    from stage_a.store import ResultStore
+
+    out = tmp_path / "out"
+    env = base_env(tmp_path, mission=MISSION, gpus="cpu", checkpoint=str(tiny_checkpoint), input_dir=str(tree),
+                   output_dir=str(out), keep_intermediate_outputs="true", temperature="0.5", top_p="0.9",
+                   repetition_penalty="1.2", verify_inputs="true", sample_seed="3", fail_group_number="1",
+                   pass_group_number="0", **GEN)
+    proc = launch(env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verify_inputs " in proc.stderr and "file_sha256=" in proc.stderr, proc.stderr[-3000:]
+    store = ResultStore(f"sqlite:///{out / 'stage_a_results.db'}")
+    try:
+        run = store.latest_run(MISSION)
+    finally:
+        store.close()
+    assert run is not None
+    gen = run.spec.generation
+    assert (gen.temperature, gen.top_p, gen.repetition_penalty, gen.max_new_tokens) == (0.5, 0.9, 1.2, 4)
+    assert (run.spec.max_pixels, run.spec.batch_size, run.spec.verify_inputs) == (50176, 4, True)
+    assert (run.spec.sample_seed, run.spec.fail_group_number, run.spec.pass_group_number) == (3, 1, 0)
+
+
+def test_gpu_index_without_cuda_is_an_error(tree: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    proc = launch(base_env(tmp_path, mission=MISSION, gpus="0", input_dir=str(tree), output_dir=str(tmp_path / "o")),
+                  cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("stage-a: error: GPU 0 requested but this host has no "
+                                                           "usable CUDA GPU"), proc.stderr
+    assert not (tmp_path / "o").exists()
+    direct = subprocess.run([sys.executable, "-m", "cli.main", "run", "--mission", MISSION, "--input-dir", str(tree),
+                             "--gpus", "0", "--output-dir", str(tmp_path / "o")], env=base_env(tmp_path),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 2 and "no usable CUDA GPU" in direct.stderr, direct.stderr
 
 
 def test_unknown_mission_status_comes_from_stage_a(tmp_path: Path) -> None:
@@ -199,7 +243,7 @@ def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def without_db(argv: list[str]) -> list[str]:
     i = argv.index("--db")
-    return argv[:i] + argv[i + 2:]
+    return [a for a in argv[:i] + argv[i + 2:] if a != "--temporary-db"]
 
 
 def test_every_variable_maps_to_its_option(fake) -> None:  # type: ignore[no-untyped-def]
@@ -208,6 +252,7 @@ def test_every_variable_maps_to_its_option(fake) -> None:  # type: ignore[no-unt
         dataset="bbu", prompt_profile="summary_runtime", verify_inputs="yes", pass_group_number="5",
         fail_group_number="0", sample_seed="7", batch_size_per_rank="16", max_pixels="65536", max_new_tokens="64",
         sharding_mode="per_image", keep_intermediate_outputs="true", postprocess="1", add_gt_fail_reason="TRUE",
+        temperature="0.3", top_p="0.8", repetition_penalty="1.1",
         excel_path="/x/BBU_scene_latest.xlsx", log_level="INFO", debug="false",
     )
     assert proc.returncode == 0, proc.stderr
@@ -215,7 +260,8 @@ def test_every_variable_maps_to_its_option(fake) -> None:  # type: ignore[no-unt
         "run", "--mission", MISSION, "--gpus", "0,1,2,3", "--checkpoint", "/models/ck", "--input-dir", "/data/in",
         "--output-dir", "/data/my out", "--dataset", "bbu", "--prompt-profile", "summary_runtime",
         "--pass-group-number", "5", "--fail-group-number", "0", "--sample-seed", "7", "--batch-size", "16",
-        "--max-pixels", "65536", "--max-new-tokens", "64", "--sharding-mode", "per_image", "--log-level", "INFO",
+        "--max-pixels", "65536", "--max-new-tokens", "64", "--temperature", "0.3", "--top-p", "0.8",
+        "--repetition-penalty", "1.1", "--sharding-mode", "per_image", "--log-level", "INFO",
         "--verify-inputs", "--postprocess", "--add-gt-fail-reason", "--excel-path", "/x/BBU_scene_latest.xlsx",
     ]
     assert "'/data/my out'" in proc.stdout  # the printed command line can be pasted into a shell
@@ -229,6 +275,7 @@ def test_unset_variables_leave_cli_defaults(fake) -> None:  # type: ignore[no-un
 
 @pytest.mark.parametrize(("gpus", "expected"), [
     ("cpu", ["--gpus", "cpu", "--device", "cpu"]),
+    ("cpu,cpu", ["--gpus", "cpu,cpu", "--device", "cpu"]),
     ("0", ["--gpus", "0"]),
     ("0,1,2,3", ["--gpus", "0,1,2,3"]),
 ])
@@ -288,7 +335,7 @@ def test_missing_mission(fake, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert_refused(proc, argv, tmp_path, "mission is required")
 
 
-@pytest.mark.parametrize("gpus", ["a,b", "0,,1", "0,", ",0", "0, 1", "cuda:0", "cpu,0", "gpu0"])
+@pytest.mark.parametrize("gpus", ["a,b", "0,,1", "0,", ",0", "0, 1", "cuda:0", "cpu,0", "gpu0", "cpu,", "0,cpu"])
 def test_bad_gpus_list(fake, tmp_path: Path, gpus: str) -> None:  # type: ignore[no-untyped-def]
     proc, argv = fake(mission=MISSION, gpus=gpus)
     assert_refused(proc, argv, tmp_path, "gpus", repr(gpus))
@@ -343,7 +390,8 @@ def test_database_placement(fake, tmp_path: Path) -> None:  # type: ignore[no-un
     assert db.parent.parent == tmp_path / "tmpdir" and db.name == "stage_a_results.db"
     assert (tmp_path / "argv.txt.dbdir").read_text().strip() == "yes"
     assert not db.parent.exists()
-    assert f"{db} (temporary" in proc.stdout
+    assert str(db) not in proc.stdout + proc.stderr and str(db.parent) not in proc.stdout + proc.stderr
+    assert "temporary, removed at the end" in proc.stdout and "--temporary-db" in argv
     # keep_intermediate_outputs: the CLI default, next to the output.
     proc, argv = fake(mission=MISSION, gpus="cpu", keep_intermediate_outputs="yes", output_dir="out")
     assert "--db" not in argv
