@@ -1,0 +1,123 @@
+"""Worker lifecycle and cancellation on a real farm (own Redis, real PostgreSQL, Celery worker processes).
+
+- the model is loaded at process start, before the worker says ready, and the log says so;
+- heartbeats: model/engine at start, the last batch after one, refreshed while idle, stopped at shutdown;
+- one INFO line per batch in the worker log, no Alembic INFO chatter;
+- `stage-a cancel` mid-run: nothing more of that run is processed (at most the batch already running),
+  its queued messages are dropped, another run is unaffected, the reclaimer leaves it alone, export
+  says cancelled, and a second cancel is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from support.farm import FAILURES, Farm, cli, farm_factory, make_tree, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+FLUSH = "4"
+
+
+def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
+    from stage_a.fingerprint import model_fingerprint
+
+    farm: Farm = farm_factory(pg_url, STAGE_A_HEARTBEAT_INTERVAL="1", STAGE_A_FLUSH_SIZE=FLUSH)
+    worker = farm.worker("life")
+    wait_for(worker.ready, 120, "worker ready", on_timeout=farm.logs)
+    log = worker.log()
+    loaded = re.search(r"model \S+ \(\S+\) loaded on cpu by the transformers engine in [\d.]+ s", log)
+    assert loaded, log[-3000:]
+    assert loaded.start() < log.index(" ready."), "the model must be loaded before the worker takes messages"
+
+    store = farm.store()
+    try:
+        beats = {b.name: b for b in store.workers()}
+        assert len(beats) == 1, beats
+        beat = next(iter(beats.values()))
+        assert beat.name.startswith("life@") and beat.state == "ready", beat
+        assert beat.model == model_fingerprint(farm.checkpoint) and beat.engine == "transformers"
+        assert beat.device == "cpu" and beat.last_batch_at is None and beat.images_total == 0
+        # Idle heartbeats keep coming.
+        first = beat.heartbeat_at
+        wait_for(lambda: store.workers()[0].heartbeat_at > first, 10, "an idle heartbeat")
+
+        make_tree(tmp_path / "in", groups=3, per_group=2)
+        run_id = farm.enqueue(tmp_path / "in")
+        farm.wait_finished(run_id, 150)
+        beat = wait_for(lambda: next((b for b in store.workers() if b.images_total == 6), None), 10,
+                        "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.workers()}")
+        assert beat.run_id == run_id and beat.last_batch_at is not None
+        assert beat.last_batch_images and beat.last_batch_seconds and beat.images_per_s
+        assert beat.tokens_per_s is not None
+    finally:
+        store.close()
+
+    log = worker.log()
+    batch_lines = [ln for ln in log.splitlines() if re.search(rf"INFO.*run {run_id}: batch of \d+ images", ln)]
+    assert batch_lines, log[-3000:]
+    assert sum(int(re.search(r"batch of (\d+)", ln).group(1)) for ln in batch_lines) == 6  # type: ignore[union-attr]
+    assert "images/s" in batch_lines[0] and "tokens/s" in batch_lines[0]
+    assert "Context impl" not in log and "Will assume transactional DDL" not in log, log[-3000:]
+    assert not [ln for ln in log.splitlines() if "alembic" in ln.lower() and "INFO" in ln]
+
+    # Warm shutdown: the heartbeat row says stopped.
+    assert worker.proc is not None
+    os.kill(worker.proc.pid, signal.SIGTERM)
+    worker.proc.wait(60)
+    store = farm.store()
+    try:
+        assert [b.state for b in store.workers()] == ["stopped"], store.workers()
+    finally:
+        store.close()
+
+
+def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
+    # Short reclaim/orphan timings: a reclaimer that re-enqueued the cancelled run's pending images
+    # would show within seconds.
+    farm: Farm = farm_factory(pg_url, STAGE_A_FLUSH_SIZE=FLUSH, STAGE_A_HEARTBEAT_INTERVAL="1")
+    worker = farm.worker("cancel")
+    make_tree(tmp_path / "big", groups=30, per_group=2, seed=1)
+    make_tree(tmp_path / "small", groups=3, per_group=2, seed=2)
+    wait_for(worker.ready, 120, "worker ready", on_timeout=farm.logs)
+    big = farm.enqueue(tmp_path / "big", "--max-new-tokens", "8")
+    small = farm.enqueue(tmp_path / "small")  # queued behind all of the big run's messages
+
+    store = farm.store()
+    try:
+        wait_for(lambda: store.counts(big).done >= 4, 120, "the big run to start", on_timeout=farm.logs)
+        proc = cli(["cancel", str(big)], farm.env(), tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"run {big}: cancelled at" in proc.stdout, proc.stdout
+        assert re.search(rf"run {big}: \d+ queued messages removed", proc.stdout), proc.stdout
+        at_cancel = store.counts(big)
+
+        # The other run is unaffected and finishes; nothing more of the cancelled run is processed
+        # beyond the one model batch (--batch-size FLUSH) that may have been running.
+        counts = farm.wait_finished(small, 150)
+        assert (counts.done, counts.failed) == (6, 0)
+        time.sleep(8)  # several reclaim rounds (STAGE_A_RECLAIM_INTERVAL=1, orphan grace 4 s)
+        after = store.counts(big)
+        assert after.done + after.failed <= at_cancel.done + at_cancel.failed + int(FLUSH), (at_cancel, after)
+        assert after.done + after.failed < 60
+        assert after.leased == 0, after  # images of a stopped buffer went back to pending, not left leased
+        assert farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
+        assert store.counts(big) == after  # still nothing moves: the reclaimer leaves the run alone
+        assert store.get_run(big).cancelled and not store.get_run(small).cancelled
+    finally:
+        store.close()
+
+    again = cli(["cancel", str(big)], farm.env(), tmp_path)
+    assert again.returncode == 0 and f"run {big}: already cancelled at" in again.stdout, again.stdout + again.stderr
+
+    out = tmp_path / "out"
+    exp = farm.export(big, out)
+    assert exp.returncode == 3, exp.stderr
+    assert f"run {big} was cancelled at" in exp.stderr and "(cancelled)" in exp.stdout, exp.stdout + exp.stderr
+    assert "not processed: run cancelled" in (out / FAILURES).read_text(encoding="utf-8")
+    assert farm.export(small, tmp_path / "out_small").returncode == 0
