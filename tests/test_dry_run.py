@@ -53,9 +53,8 @@ def test_run_dry_run_reports_a_checkpoint_that_will_not_load(tree: Path, tmp_pat
 def test_enqueue_dry_run_queues_and_writes_nothing(tree: Path, tiny_checkpoint: Path, pg_url: str,
                                                    tmp_path: Path) -> None:
     import redis
-    from sqlalchemy import create_engine, inspect
-
     from conftest import REDIS_URL
+    from sqlalchemy import create_engine, inspect
 
     queue = f"stage_a_dry_{uuid.uuid4().hex[:10]}"
     env = base_env(STAGE_A_DATABASE_URL=pg_url, STAGE_A_BROKER_URL=REDIS_URL, STAGE_A_QUEUE=queue,

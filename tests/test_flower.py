@@ -91,7 +91,7 @@ def clean_redis(before: dict[bytes, set[bytes]], token: str) -> None:
             r.delete(key)
 
 
-def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path) -> None:
+def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path, tiny_checkpoint: Path) -> None:
     token = uuid.uuid4().hex[:10]
     queue = f"stage_a_test_{token}"
     worker_name = f"gpu0-{token}@{socket.gethostname()}"
@@ -99,6 +99,7 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_A_")}
     env.update(STAGE_A_BROKER_URL=redis_url(), STAGE_A_QUEUE=queue, STAGE_A_DATABASE_URL=pg_url,
                STAGE_A_DEVICE="cpu", STAGE_A_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
+               STAGE_A_CHECKPOINT=str(tiny_checkpoint), STAGE_A_FLUSH_SIZE="4",
                FLOWER_UNAUTHENTICATED_API="true")
     before = redis_snapshot()
     celery = [sys.executable, "-m", "celery", "-A", "workers"]
@@ -140,24 +141,58 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path) -
             assert time.monotonic() < deadline, "worker never reported online through events"
             time.sleep(1.0)
 
-        # Tasks show up too: celery-batches sends no events, the batch task sends them itself.
-        # A message for an unknown run is handled (dead-lettered) without loading the model.
+        # Tasks show up too (celery-batches sends no events, the batch task sends them itself), each
+        # as it went: a message for an unknown run is FAILURE with the reason, so is the task of an
+        # image that failed; a good image is SUCCESS with its own share of the batch as runtime.
         from dataclasses import replace
 
+        from producer.register import register_run
+        from producer.sample_data import make_sample_tree
         from stage_a.broker import Publisher
+        from stage_a.config import GenerationParams, RunSpec
         from stage_a.settings import Settings
+        from stage_a.store import ResultStore
 
+        mission = "挡风板安装检查"
+        root = make_sample_tree(tmp_path / "in", mission, n_fail=1, n_pass=0, seed=3)
+        bad = root / mission / "审核不通过" / "QC-DEMO-20241206-0000001" / "zz_broken.jpg"
+        bad.write_bytes(b"\xff\xd8 not a jpeg")
+        store = ResultStore(pg_url)
+        try:
+            spec = RunSpec(mission=mission, dataset="bbu", input_root="", checkpoint=str(tiny_checkpoint),
+                           batch_size=4, sharding_mode="per_image", generation=GenerationParams(max_new_tokens=4))
+            run_id = register_run(store, spec, root, farm=True).run_id
+            items = store.unfinished_items(run_id)
+        finally:
+            store.close()
         publisher = Publisher(replace(Settings(), broker_url=redis_url(), queue=queue))
         publisher.publish([{"v": 1, "run_id": 987654, "group_position": 0, "image_index": 1, "path": "a/b.jpg"}])
+        publisher.publish_items(items, "per_image")
         deadline = time.monotonic() + DEADLINE_S
         while True:
             tasks = get_json(f"{base}/api/tasks")
-            names = {t.get("name") for t in tasks.values()}
-            states = {t.get("state") for t in tasks.values()}
-            if "stage_a.summarize" in names and "SUCCESS" in states:
+            ours = [t for t in tasks.values() if t.get("name") == "stage_a.summarize"]
+            if len([t for t in ours if t.get("state") in ("SUCCESS", "FAILURE")]) == len(items) + 1:
                 break
-            assert time.monotonic() < deadline, f"Flower never listed a stage_a.summarize task: {tasks}"
+            assert time.monotonic() < deadline, f"Flower never listed every stage_a.summarize task: {tasks}"
             time.sleep(1.0)
+        failed = [t for t in ours if t["state"] == "FAILURE"]
+        succeeded = [t for t in ours if t["state"] == "SUCCESS"]
+        assert len(failed) == 2 and len(succeeded) == len(items) - 1, ours
+        reasons = sorted(str(t.get("exception")) for t in failed)
+        assert any("unknown run 987654" in r for r in reasons), reasons
+        assert any(r.startswith(f"run {run_id}: failed: ") and "zz_broken.jpg" in r for r in reasons), reasons
+        # The run id is visible per task, and a task's runtime is its own share of its batch.
+        assert all(f"run {run_id}" in str(t.get("args")) for t in succeeded), succeeded
+        assert all(f"run {run_id}: done, 1 image(s)" == t.get("result") for t in succeeded), succeeded
+        store = ResultStore(pg_url)
+        try:
+            rows = store.image_rows(run_id)
+        finally:
+            store.close()
+        batch_seconds = sum((r["generate_ms"] or 0) + (r["preprocess_ms"] or 0) for r in rows) / 1000
+        assert all(0 < t["runtime"] for t in succeeded), succeeded
+        assert sum(t["runtime"] for t in succeeded) <= batch_seconds + 5.0, (succeeded, batch_seconds)
     finally:
         stop(procs)
         clean_redis(before, token)
