@@ -82,3 +82,22 @@ def test_help_shows_real_defaults() -> None:
     assert "--debug" in text and "--dry-run" in text and "STAGE_A_FLUSH_SIZE" in text
     enq = cli(["enqueue", "--help"], base_env(), Path.cwd())
     assert "--verify-inputs" in enq.stdout and "--dry-run" in enq.stdout
+
+
+def test_excel_is_checked_before_inference(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = cli(["run", "--mission", MISSION, "--input-dir", str(tree), "--output-dir", str(out),
+                "--add-gt-fail-reason", "--excel-path", str(tmp_path / "missing.xlsx")], base_env(), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"stage-a: error: Excel file not found: {tmp_path / 'missing.xlsx'}"
+    assert not out.exists()  # nothing registered, no model loaded
+    rru = cli(["run", "--mission", "RRU安装检查", "--input-dir", str(tree), "--output-dir", str(out),
+               "--add-gt-fail-reason"], base_env(), tmp_path)
+    assert rru.returncode == 2 and "BBU only" in rru.stderr, rru.stderr
+
+
+def test_debug_shows_the_traceback(tree: Path, tmp_path: Path) -> None:
+    proc = cli(["run", "--mission", "不存在的任务", "--input-dir", str(tree), "--output-dir", str(tmp_path / "o"),
+                "--debug"], base_env(), tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "stage-a: error: unknown mission" in proc.stderr
