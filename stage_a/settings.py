@@ -70,7 +70,8 @@ class Settings:
     stall_seconds: float = 300.0
     """`status` calls a run stalled when it has pending work and no result for this long."""
     db_pool_size: int = 5
-    """Database connections kept per process (see README: N hosts x M GPUs x this <= max_connections)."""
+    """Most database connections one process opens (no overflow; see README: hosts x GPUs x 2 x this
+    <= PostgreSQL max_connections, or pgbouncer in front)."""
     sqlite_busy_timeout: float = 30.0
     """Seconds one SQLite statement waits for another writer's lock before the store retries."""
     cache_dir: str = ""

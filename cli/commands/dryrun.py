@@ -21,7 +21,7 @@ def input_root_note(root: str, settings: Settings) -> str:
     for r in settings.input_roots:
         rr = os.path.realpath(r)
         if os.path.commonpath([rr, real]) == rr:
-            return f"{here}; workers may read it (under STAGE_A_INPUT_ROOTS entry {r})"
+            return f"{here}; workers may read it: under STAGE_A_INPUT_ROOTS entry {r}"
     return f"{here}; workers will REFUSE it: outside STAGE_A_INPUT_ROOTS ({os.pathsep.join(settings.input_roots)})"
 
 

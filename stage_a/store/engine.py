@@ -56,7 +56,10 @@ def make_engine(url: str) -> Engine:
         return create_engine(
             parsed,
             pool_pre_ping=True,
+            # STAGE_A_DB_POOL_SIZE is the cap per process (no overflow), so README's arithmetic for
+            # N hosts x M GPUs is an upper bound; a process opens only as many as it uses at once.
             pool_size=Settings.from_env().db_pool_size,
+            max_overflow=0,
             connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": f"stage-a:{os.getpid()}"},
         )
     return create_engine(parsed, pool_pre_ping=True)
