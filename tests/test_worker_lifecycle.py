@@ -121,3 +121,22 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
     assert f"run {big} was cancelled at" in exp.stderr and "(cancelled)" in exp.stdout, exp.stdout + exp.stderr
     assert "not processed: run cancelled" in (out / FAILURES).read_text(encoding="utf-8")
     assert farm.export(small, tmp_path / "out_small").returncode == 0
+
+
+def test_worker_pinned_to_a_gpu_on_a_host_without_cuda_stops(pg_url: str, farm_factory) -> None:  # noqa: F811
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    farm: Farm = farm_factory(pg_url)
+    worker = farm.worker("nocuda", STAGE_A_GPUS="0")
+    assert worker.proc is not None
+    worker.proc.wait(120)  # it stops by itself: no message is ever taken
+    log = worker.log()
+    assert "cannot serve: device 'cuda:0' requested but no CUDA GPU is visible; stopping this worker" in log, log
+    assert "batch of" not in log
+    store = farm.store()
+    try:
+        assert [(b.state, b.device) for b in store.workers()] == [("stopped", "cuda:0")]
+    finally:
+        store.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
 from stage_a.broker import TASK_NAME
-from stage_a.errors import EngineDeadError
+from stage_a.errors import EngineDeadError, UserError
 from stage_a.store import ResultStore
 from workers.celery import app, settings
 from workers.runtime import Outcome, WorkerRuntime
@@ -123,6 +124,11 @@ def _start_process(**_: Any) -> None:
     try:
         _pin_gpu()
         runtime().start()
+    except UserError as exc:
+        # A configuration error (no CUDA for STAGE_A_GPUS, a bad checkpoint): no batch could ever
+        # succeed here, so the whole worker stops (warm shutdown) rather than take messages.
+        log.critical("cannot serve: %s; stopping this worker", exc)
+        os.kill(os.getppid(), signal.SIGTERM)
     except Exception as exc:  # the first batch tries again (and fails its rows with the reason)
         log.error("model load at process start failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
     finally:
