@@ -1,6 +1,7 @@
 """Worker lifecycle and cancellation on a real farm (own Redis, real PostgreSQL, Celery worker processes).
 
 - the model is loaded at process start, before the worker says ready, and the log says so;
+- `enqueue --verify-inputs` reaches the workers (the verify_inputs lines of their first batch);
 - heartbeats: model/engine at start, the last batch after one, refreshed while idle, stopped at shutdown;
 - one INFO line per batch in the worker log, no Alembic INFO chatter;
 - `stage-a cancel` mid-run: nothing more of that run is processed (at most the batch already running),
@@ -48,7 +49,8 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
         wait_for(lambda: store.workers()[0].heartbeat_at > first, 10, "an idle heartbeat")
 
         make_tree(tmp_path / "in", groups=3, per_group=2)
-        run_id = farm.enqueue(tmp_path / "in")
+        run_id = farm.enqueue(tmp_path / "in", "--verify-inputs")  # recorded with the run, honoured by workers
+        assert store.get_run(run_id).spec.verify_inputs
         farm.wait_finished(run_id, 150)
         beat = wait_for(lambda: next((b for b in store.workers() if b.images_total == 6), None), 10,
                         "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.workers()}")
@@ -63,6 +65,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
     assert batch_lines, log[-3000:]
     assert sum(int(re.search(r"batch of (\d+)", ln).group(1)) for ln in batch_lines) == 6  # type: ignore[union-attr]
     assert "images/s" in batch_lines[0] and "tokens/s" in batch_lines[0]
+    assert re.search(r"verify_inputs \S+\.jpg: file_sha256=[0-9a-f]{64} pixel_sha256=", log), log[-3000:]
     assert "Context impl" not in log and "Will assume transactional DDL" not in log, log[-3000:]
     assert not [ln for ln in log.splitlines() if "alembic" in ln.lower() and "INFO" in ln]
 

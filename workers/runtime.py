@@ -122,7 +122,7 @@ class WorkerRuntime:
     def _beat_loop(self, interval: float) -> None:
         while not self._stop_beats.wait(interval):
             if self._state != "stopped":
-                self.beat("ready" if self._state != "loading" else "loading")
+                self.beat(self._state)  # alive: ready between buffers, busy inside one
 
     def _after_batch(self, batch: BatchDone) -> None:
         self._state = "busy"
@@ -143,6 +143,7 @@ class WorkerRuntime:
 
         Between model batches the loop asks the store whether the run was cancelled; a cancelled
         run's images not yet run are put back to pending (never run, never re-enqueued)."""
+        self._state = "busy"
         admitted = self.admission.admit(payloads)
         results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
         not_run: dict[ImageKey, str] = {}

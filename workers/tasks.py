@@ -164,6 +164,8 @@ class WaitForModels(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
+        if not type(getattr(c, "pool", None)).__module__.endswith((".prefork", ".solo")):
+            return  # thread/green pools send no worker_process_init: their model loads on the first batch
         want = int(getattr(c.controller, "concurrency", 1) or 1)
         deadline = time.monotonic() + settings.model_load_timeout
         if _loaded.value < want:
