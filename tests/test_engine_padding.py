@@ -225,7 +225,8 @@ def test_verify_inputs_logs_first_batch_only(
     ctx = engine.context(3, make_spec(image_root), verify_inputs=True)
     first = engine.prepare(ctx, items[:3])
     engine.prepare(ctx, items[3:6])
-    records = [r.getMessage() for r in caplog.records if r.name == "workers.engine" and "verify_inputs" in r.getMessage()]
+    records = [r.getMessage() for r in caplog.records
+               if r.name == "workers.engine.verify_inputs" and "verify_inputs" in r.getMessage()]
     assert len(records) == 3
     for row, item in enumerate(first.items):
         line = next(m for m in records if item.rel_path in m)
