@@ -30,6 +30,7 @@ from stage_a.store.models import (
     ImageRow,
     Run,
 )
+from stage_a.store.views import ViewQueries
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _retrying(fn: Callable[[], T], what: str, attempts: int = 8, base_delay: flo
     raise AssertionError("unreachable")
 
 
-class ResultStore:
+class ResultStore(ViewQueries):
     """All database access of stage-a. One instance (one engine) per process."""
 
     def __init__(self, url: str, migrate: bool = True) -> None:
