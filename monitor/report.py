@@ -225,18 +225,20 @@ def _serves(worker: WorkerView, run: RunRow) -> bool:
 
 def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,
                  queue: QueueProbe | None = None, now: datetime | None = None,
-                 beats: list[WorkerBeat] | None = None) -> RunReport:
+                 beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
 
     ``queue``: where the queue length comes from (None: not asked, reported unknown). ``beats``:
     the workers table when the caller already read it (the runs list and /metrics read it once).
+    ``writers``: also list the worker names found on the run's rows (one more scan of the run; the
+    web pages skip it and show the heartbeat table).
     """
     settings = settings or Settings.from_env()
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window
     agg = store.run_aggregate(run_id, now - timedelta(seconds=window))
-    tally = store.group_tally(run_id)
+    tally = store.group_tally(run_id, run.n_groups)
     dead = store.dead_letter_counts().get(run_id, 0)
     workers = worker_views(store.worker_beats() if beats is None else beats, now, settings)
     relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
@@ -274,7 +276,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings | None = No
         images_total=agg.total, done=agg.done, failed=agg.failed, pending=agg.pending, in_flight=agg.leased,
         groups_total=tally.total, groups_complete=tally.complete, groups_with_failures=tally.with_failures,
         dead_letters=dead, queue_length=queue_length, queue_note=queue_note, workers_online=online,
-        workers=tuple(relevant), result_writers=tuple(store.run_workers(run_id)),
+        workers=tuple(relevant), result_writers=tuple(store.run_workers(run_id)) if writers else (),
         first_activity_at=agg.first_activity, last_result_at=agg.last_result,
         throughput=Throughput(recent, window, overall, eta),
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
@@ -343,6 +345,9 @@ class RunSummary:
     pending: int
     in_flight: int
     dead_letters: int
+    recent_images_per_s: float | None = None
+    """Only for unfinished runs (their full report is built)."""
+    reason: str | None = None
 
     @property
     def fraction(self) -> float:
@@ -366,6 +371,7 @@ def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = 
     for r in runs:
         c = counts.get(r.id, {})
         pending, leased = c.get("pending", 0), c.get("leased", 0)
+        rate, reason = None, None
         if r.cancelled_at is not None:
             state = "cancelled"
         elif pending + leased == 0:
@@ -373,10 +379,12 @@ def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = 
         else:
             if beats is None:
                 beats = store.worker_beats()
-            state = build_report(store, r.id, settings, None, now, beats).state
+            report = build_report(store, r.id, settings, None, now, beats, writers=False)
+            state, rate, reason = report.state, report.throughput.recent_images_per_s, report.reason
         out.append(RunSummary(
             run_id=r.id, mission=r.mission, model=r.model, checkpoint=r.checkpoint, farm=r.farm,
             created_at=r.created_at, state=state, images_total=sum(c.values()), done=c.get("done", 0),
             failed=c.get("failed", 0), pending=pending, in_flight=leased, dead_letters=dead.get(r.id, 0),
+            recent_images_per_s=rate, reason=reason,
         ))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from monitor.report import RunReport, RunSummary, WorkerView, human_duration
@@ -81,12 +82,12 @@ def runs_table(runs: list[RunSummary]) -> str:
     if not runs:
         return "no runs"
     head = ("run", "created", "mission", "model", "state", "finished", "failed", "pending", "in flight", "dead")
-    rows = [head] + [
+    rows: list[tuple[str, ...]] = [head, *[
         (str(r.run_id), fmt_time(r.created_at), r.mission, _short_model(r.model, r.checkpoint), r.state,
          f"{r.done + r.failed}/{r.images_total}", str(r.failed), str(r.pending), str(r.in_flight),
          str(r.dead_letters))
         for r in runs
-    ]
+    ]]
     return _table(rows)
 
 
@@ -114,7 +115,7 @@ def _short_model(model: str | None, checkpoint: str) -> str:
     return tail or "-"
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Sequence[str]]) -> str:
     from unicodedata import east_asian_width
 
     def w(s: str) -> int:

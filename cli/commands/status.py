@@ -44,7 +44,8 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
     settings = Settings.from_env()
     store = open_store(db)
     probe = QueueProbe(settings)
-    report = build_report(store, run_id, settings, probe)
+    writers = not as_json  # the JSON object is /api/runs/RUN's, which skips that scan
+    report = build_report(store, run_id, settings, probe, writers=writers)
     if watch:
         last = ""
         tty = sys.stderr.isatty()
@@ -56,7 +57,7 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
                 click.echo(line, err=True)
             last = line
             time.sleep(interval)
-            report = build_report(store, run_id, settings, probe)
+            report = build_report(store, run_id, settings, probe, writers=writers)
         if tty:
             click.echo("\r\033[K" + watch_line(report), err=True)
     if as_json:
