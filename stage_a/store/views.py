@@ -238,7 +238,7 @@ class ViewQueries:
                 if lo is not None:
                     first_act.append(lo)
                 if status in (DONE, FAILED):
-                    if lo is not None:
+                    if lo is not None and hi is not None:
                         firsts.append(lo)
                         lasts.append(hi)
                     since_n += int(n_since or 0)
