@@ -29,8 +29,8 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from stage_a.config import RunSpec  # noqa: E402
 from stage_a.store import GroupInput, ResultStore  # noqa: E402
+from stage_a.store.base import utcnow  # noqa: E402
 from stage_a.store.models import WorkerRow  # noqa: E402
-from stage_a.store.store import utcnow  # noqa: E402
 
 MISSION = "挡风板安装检查"
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -6,10 +6,10 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stage_a.store import ResultStore
-from stage_a.work import ImageResult
+from workers.steploop import BatchDone
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,15 @@ class LocalJob:
     checkpoint: str
     device: str = "auto"
     verify_inputs: bool = False
+    engine: str = "transformers"
 
 
-def run_in_process(job: LocalJob, on_batch: Callable[[list[ImageResult]], None] | None = None,
-                   rank: int = 0, world: int = 1, store: ResultStore | None = None) -> int:
+def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None = None,
+                   rank: int = 0, world: int = 1, store: ResultStore | None = None,
+                   on_loading: Callable[[], None] | None = None) -> int:
     """Load the model and process this rank's share of the run's unfinished images."""
-    from workers.engine import BatchEngine
-    from workers.loader import load_model
-    from workers.runner import BatchRunner, worker_name
+    from workers.serving import build_engine
+    from workers.steploop import LoopHooks, StepLoop, worker_name
 
     own_store = store is None
     store = store or ResultStore(job.db_url)
@@ -37,14 +38,14 @@ def run_in_process(job: LocalJob, on_batch: Callable[[list[ImageResult]], None] 
         items = store.unfinished_items(run.id)
         if not items:
             return 0
-        engine = BatchEngine(load_model(job.checkpoint, job.device))
-        runner = BatchRunner(engine, store, worker_name(f"/rank{rank}" if world > 1 else ""),
-                             verify_inputs=job.verify_inputs)
-        if world > 1:
-            # Same deterministic plan in every rank, each takes every world-th batch (torchrun-style).
-            batches = [b for i, b in enumerate(runner.batches(run, items)) if i % world == rank]
-            items = [it for b in batches for it in b]
-        return runner.run_items(run, items, on_batch=on_batch)
+        if on_loading:
+            on_loading()
+        engine = build_engine(job.checkpoint, job.device, job.engine)
+        loop = StepLoop(engine, store, worker_name(f"/rank{rank}" if world > 1 else ""),
+                        verify_inputs=job.verify_inputs)
+        # Same deterministic plan in every rank, each takes every world-th batch (torchrun-style).
+        batches = [b for i, b in enumerate(loop.plan(run, items)) if i % world == rank]
+        return loop.run(run, batches=batches, hooks=LoopHooks(after_batch=on_batch))
     finally:
         if own_store:
             store.close()
@@ -56,7 +57,7 @@ def _rank_main(job: LocalJob, gpu: str, rank: int, world: int) -> None:
     pin_process_to_gpu(gpu)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     device = "cpu" if gpu == "cpu" else job.device  # a pinned GPU is this process's cuda:0
-    run_in_process(LocalJob(job.db_url, job.run_id, job.checkpoint, device, job.verify_inputs and rank == 0),
+    run_in_process(replace(job, device=device, verify_inputs=job.verify_inputs and rank == 0),
                    rank=rank, world=world)
 
 

@@ -10,6 +10,7 @@ from producer.discovery import discover
 from producer.sampling import sample_groups
 from stage_a.config import RunSpec
 from stage_a.errors import UserError
+from stage_a.fingerprint import DEMO_MODEL, check_checkpoint, model_fingerprint
 from stage_a.store import GroupInput, ResultStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
             f"(pass_group_number={spec.pass_group_number}, fail_group_number={spec.fail_group_number})"
         )
     spec = replace(spec, input_root=str(found.input_root))
-    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm)
+    model = model_fingerprint(check_checkpoint(spec.checkpoint)) if spec.checkpoint else DEMO_MODEL
+    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
+                              model=model)
     n_images = sum(len(g.images) for g in kept)
     log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), len(found.groups), n_images)
     return Registered(run_id, spec, len(kept), n_images, len(found.groups), tuple(found.warnings))

@@ -7,6 +7,8 @@ from typing import Any
 from stage_a.work import ImageKey, WorkItem
 
 PAYLOAD_VERSION = 1
+MAX_DB_INT = 2**31 - 1
+MAX_IMAGES_PER_MESSAGE = 10_000
 
 
 class PoisonMessage(ValueError):
@@ -28,15 +30,17 @@ def group_payload(items: list[WorkItem]) -> dict[str, Any]:
 
 def _int(obj: dict[str, Any], name: str) -> int:
     value = obj.get(name)
-    if type(value) is not int or value < 0:  # bool is not an int here
-        raise PoisonMessage(f"field {name!r} must be a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= MAX_DB_INT:  # bool is not an int here
+        raise PoisonMessage(f"field {name!r} must be an integer in 0..{MAX_DB_INT}, got {value!r:.80}")
     return value
 
 
 def _path(obj: dict[str, Any]) -> str:
     value = obj.get("path")
     if not isinstance(value, str) or not value:
-        raise PoisonMessage(f"field 'path' must be a non-empty string, got {value!r}")
+        raise PoisonMessage(f"field 'path' must be a non-empty string, got {value!r:.80}")
+    if not value.isprintable():  # NUL and other control characters: no real file is named so
+        raise PoisonMessage(f"field 'path' contains control characters: {value!r:.120}")
     return value
 
 
@@ -50,6 +54,8 @@ def parse_payload(payload: Any) -> list[WorkItem]:
         images = payload["images"]
         if not isinstance(images, list) or not images:
             raise PoisonMessage("field 'images' must be a non-empty list")
+        if len(images) > MAX_IMAGES_PER_MESSAGE:
+            raise PoisonMessage(f"field 'images' lists {len(images)} images (at most {MAX_IMAGES_PER_MESSAGE})")
         items = []
         for entry in images:
             if not isinstance(entry, dict):

@@ -86,18 +86,29 @@ def test_prefetcher_runs_ahead_and_preserves_order() -> None:
             time.sleep(0.01)
         # While the consumer holds item 0, the loader has already prepared the next ones.
         assert len(started) >= 3
-        assert [first, *it] == [0, 10, 20, 30, 40]
+        assert [first[1], *(v for _, v, _ in it)] == [0, 10, 20, 30, 40]
 
 
-def test_prefetcher_reraises_in_consumer() -> None:
+def test_prefetcher_hands_a_failed_source_to_the_consumer_and_goes_on() -> None:
     def prepare(x: int) -> int:
         if x == 2:
             raise RuntimeError("boom at 2")
         return x
 
+    with Prefetcher(prepare, range(5)) as pf:
+        got = list(pf)
+    assert [(s, v) for s, v, _ in got] == [(0, 0), (1, 1), (2, None), (3, 3), (4, 4)]
+    assert [str(e) for _, _, e in got if e] == ["boom at 2"]
+
+
+def test_prefetcher_reraises_a_broken_source_in_consumer() -> None:
+    def sources():  # type: ignore[no-untyped-def]
+        yield 0
+        raise RuntimeError("planning broke")
+
     got = []
-    with pytest.raises(RuntimeError, match="boom at 2"):
-        with Prefetcher(prepare, range(5)) as pf:
-            for x in pf:
-                got.append(x)
-    assert got == [0, 1]
+    with pytest.raises(RuntimeError, match="planning broke"):
+        with Prefetcher(lambda x: x, sources()) as pf:
+            for item in pf:
+                got.append(item[0])
+    assert got == [0]

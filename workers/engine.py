@@ -11,11 +11,11 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from stage_a.cleanup import clean_summary
 from stage_a.config import GenerationParams, RunSpec
-from stage_a.errors import EngineDeadError
+from stage_a.errors import dead_engine_error
 from stage_a.missions import get_mission
 from stage_a.work import ImageResult, WorkItem
 from workers.images import ImageError, header_size, load_image, resolve_under_root
@@ -73,11 +73,38 @@ class RepetitionPenaltyIgnoringPad:
         return scores.scatter(1, ids, score)
 
 
+class Engine(Protocol):
+    """What the step loop drives: per-run context, CPU-side prepare, device-side generate.
+
+    `prepare` runs in the prefetch thread and turns per-image problems into failed rows;
+    `generate` returns one result per row and raises EngineDeadError when the device is gone.
+    """
+
+    name: str
+    """Engine kind recorded with every result: transformers or vllm."""
+    fingerprint: str
+    """Fingerprint of the model it serves (stage_a.fingerprint)."""
+
+    def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext: ...
+
+    def estimate_cost(self, ctx: RunContext, item: WorkItem) -> int: ...
+
+    def prepare(self, ctx: RunContext, items: list[WorkItem]) -> PreparedBatch: ...
+
+    def generate(self, batch: PreparedBatch) -> list[ImageResult]: ...
+
+
 class BatchEngine:
-    """Holds one loaded model; thread-safe `prepare`, single-threaded `generate`."""
+    """The transformers engine: one loaded model, static left-padded batches.
+
+    Thread-safe `prepare`, single-threaded `generate`.
+    """
+
+    name = "transformers"
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
+        self.fingerprint = loaded.fingerprint
         self.processor = loaded.processor
         tok = self.processor.tokenizer
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if i is not None and i >= 0]
@@ -218,8 +245,9 @@ class BatchEngine:
             log.warning("out of GPU memory on %d rows; splitting the batch", len(rows))
             return self._generate_rows(batch, rows[:half]) + self._generate_rows(batch, rows[half:])
         except RuntimeError as exc:
-            if "CUDA" in str(exc) or "cuda" in str(exc):
-                raise EngineDeadError(f"device failure: {str(exc).splitlines()[0]}") from exc
+            dead = dead_engine_error(exc)
+            if dead is not None:
+                raise dead from exc
             raise
         per_row_ms = texts.gen_ms / max(1, len(rows))
         out = []

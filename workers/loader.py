@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stage_a.errors import UserError
+from stage_a.fingerprint import check_checkpoint, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ class LoadedModel:
     checkpoint: str
     adapter: bool
     attn_implementation: str
+    fingerprint: str
+    """stage_a.fingerprint.model_fingerprint of the checkpoint: recorded with every result."""
 
     @property
     def tokenizer(self) -> Any:
@@ -54,15 +57,6 @@ def _best_attention(device: str) -> str:
         except ImportError:
             pass
     return "sdpa"
-
-
-def check_checkpoint(checkpoint: str | Path) -> Path:
-    path = Path(checkpoint).expanduser()
-    if not path.is_dir():
-        raise UserError(f"checkpoint folder not found: {path}")
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise UserError(f"not a model or LoRA adapter folder (no config.json / adapter_config.json): {path}")
-    return path
 
 
 def force_left_padding(processor: Any) -> None:
@@ -112,7 +106,8 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     force_left_padding(processor)
     model.to(dev).eval()  # type: ignore[arg-type]
     return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
-                       checkpoint=str(path), adapter=is_adapter, attn_implementation=attn)
+                       checkpoint=str(path), adapter=is_adapter, attn_implementation=attn,
+                       fingerprint=model_fingerprint(path))
 
 
 def pin_process_to_gpu(gpu: str | None) -> None:

@@ -16,8 +16,10 @@ class Prefetcher(Generic[S, T]):
     """Runs ``prepare`` over ``sources`` in a background thread, ``depth`` results ahead.
 
     Image decoding and the processor release the GIL for most of their time, so one thread
-    keeps the accelerator fed; the bounded queue caps host memory. Exceptions from ``prepare``
-    are re-raised in the consumer at the position they occurred.
+    keeps the accelerator fed; the bounded queue caps host memory. Iterating yields
+    ``(source, prepared, error)`` in source order: a ``prepare`` that raised gives that source's
+    error (the consumer decides what it means, the next sources still come); an error while
+    producing the sources themselves is re-raised in the consumer.
     """
 
     def __init__(self, prepare: Callable[[S], T], sources: Iterable[S], depth: int = 2) -> None:
@@ -33,8 +35,11 @@ class Prefetcher(Generic[S, T]):
             for src in self._sources:
                 if self._stop.is_set():
                     return
-                self._put(self._prepare(src))
-        except BaseException as exc:  # handed to the consumer, never lost in the thread
+                try:
+                    self._put((src, self._prepare(src), None))
+                except Exception as exc:  # this source's failure, handed over with it
+                    self._put((src, None, exc))
+        except BaseException as exc:  # the sources broke: re-raised in the consumer, never lost
             self._put(_Failure(exc))
         finally:
             self._put(_DONE)
@@ -47,7 +52,7 @@ class Prefetcher(Generic[S, T]):
             except queue.Full:
                 continue
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Iterator[tuple[S, T | None, Exception | None]]:
         while True:
             item = self._queue.get()
             if item is _DONE:

@@ -7,7 +7,6 @@ returning, and a crash (which never returns) is recovered by the store's leases,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,182 +16,14 @@ from typing import Any
 from celery import signals
 from celery_batches import Batches, SimpleRequest
 
+from stage_a.broker import TASK_NAME
 from stage_a.errors import EngineDeadError
-from stage_a.messages import PoisonMessage, parse_payload
-from stage_a.settings import Settings
-from stage_a.store import ResultStore, RunInfo
-from stage_a.store.models import DONE
-from stage_a.work import ImageResult, WorkItem
+from stage_a.store import ResultStore
 from workers.celery import app, settings
-from workers.images import ImageError, resolve_under_root
+from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-TASK_NAME = "stage_a.summarize"
 
-
-class WorkerRuntime:
-    """Per pool process: the store (created after fork) and the engine (loaded on first batch)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.store = ResultStore(settings.require_database())
-        self._runner: Any = None
-        self._runs: dict[int, RunInfo | None] = {}
-        from workers.runner import worker_name
-
-        self.name = worker_name()
-
-    def runner(self, run: RunInfo | None = None) -> Any:
-        if self._runner is None:
-            from stage_a.settings import default_cache_dir
-            from workers.engine import BatchEngine
-            from workers.loader import load_model
-            from workers.runner import BatchRunner
-
-            # The host's STAGE_A_CHECKPOINT wins; otherwise serve the checkpoint the run was enqueued with.
-            checkpoint = self.settings.checkpoint or (run.spec.checkpoint if run else "")
-            if not checkpoint:
-                from workers.tiny_model import cached_tiny_checkpoint
-
-                log.warning("STAGE_A_CHECKPOINT not set: using the tiny random-weight demo model")
-                checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
-            device = "cuda:0" if self.settings.gpus else self.settings.device
-            self.checkpoint = checkpoint
-            self._runner = BatchRunner(BatchEngine(load_model(checkpoint, device)), self.store, self.name)
-        return self._runner
-
-    def run_info(self, run_id: int) -> RunInfo | None:
-        if run_id not in self._runs:
-            run = self.store.find_run(run_id)
-            self._runs[run_id] = run
-            if run and run.spec.checkpoint and self.settings.checkpoint and \
-                    os.path.realpath(run.spec.checkpoint) != os.path.realpath(self.settings.checkpoint):
-                log.warning("run %d was enqueued with checkpoint %s but this worker serves %s",
-                            run_id, run.spec.checkpoint, self.settings.checkpoint)
-        return self._runs[run_id]
-
-    def _allowed_root(self, run: RunInfo) -> bool:
-        roots = self.settings.input_roots
-        if not roots:
-            return True
-        real = os.path.realpath(run.spec.input_root)
-        return any(os.path.commonpath([os.path.realpath(r), real]) == os.path.realpath(r) for r in roots)
-
-    def _dead(self, reason: str, payload: Any) -> None:
-        log.error("rejected message: %s", reason)
-        try:
-            text = json.dumps(payload, ensure_ascii=False, default=repr)
-        except Exception:
-            text = repr(payload)
-        self.store.dead_letter(reason, text, self.name)
-
-    def accept(self, payloads: list[Any]) -> dict[int, list[WorkItem]]:
-        """Validate messages into work items by run; poison goes to the dead-letter table."""
-        by_run: dict[int, dict[Any, WorkItem]] = {}
-        for payload in payloads:
-            try:
-                items = parse_payload(payload)
-                run = self.run_info(items[0].key.run_id)
-                if run is None:
-                    raise PoisonMessage(f"unknown run {items[0].key.run_id}")
-                if not self._allowed_root(run):
-                    raise PoisonMessage(f"run {run.id} input root is outside STAGE_A_INPUT_ROOTS")
-                for it in items:
-                    try:
-                        resolve_under_root(it.rel_path, run.spec.input_root)
-                    except ImageError as exc:
-                        raise PoisonMessage(str(exc)) from None
-            except PoisonMessage as exc:
-                self._dead(str(exc), payload)
-                continue
-            for it in items:
-                by_run.setdefault(it.key.run_id, {})[it.key] = it  # duplicates in one buffer collapse
-        return {run_id: sorted(d.values(), key=lambda it: it.key) for run_id, d in by_run.items()}
-
-    def process(self, payloads: list[Any]) -> int:
-        processed = 0
-        for run_id, items in self.accept(payloads).items():
-            run = self.run_info(run_id)
-            assert run is not None
-            todo, gave_up = self._filter(items)
-            if gave_up:
-                self.store.record_results(gave_up, self.name)
-            if not todo:
-                continue
-            # Load the model before leasing: the lease must time the batch, not a cold start
-            # (a first load longer than STAGE_A_LEASE_SECONDS made the reclaimer re-enqueue
-            # images that were never started, and every re-enqueue counts as a delivery).
-            self.runner()
-            self.store.lease([it.key for it in todo], self.name, self.settings.lease_seconds)
-            processed += self._run_batches(run, todo)
-        return processed
-
-    def _filter(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[ImageResult]]:
-        """Skip images already done (redelivery); fail images that keep killing workers."""
-        state = self.store.attempts([it.key for it in items])
-        todo, gave_up = [], []
-        for it in items:
-            status, attempts = state.get(it.key, ("missing", 0))
-            if status in (DONE, "missing"):
-                if status == "missing":
-                    self._dead(f"image {it.key} is not in run {it.key.run_id}", it.to_message())
-                continue
-            if attempts >= self.settings.max_delivery_attempts:
-                reason = f"gave up after {attempts} deliveries without a result"
-                gave_up.append(ImageResult(key=it.key, error=reason))
-                # Also a dead letter: a message that kills workers is poison like a malformed one.
-                self._dead(f"image {it.key}: {reason}", it.to_message())
-            else:
-                todo.append(it)
-        return todo, gave_up
-
-    def _run_batches(self, run: RunInfo, items: list[WorkItem]) -> int:
-        from workers.prefetch import Prefetcher
-
-        runner = self.runner(run)
-        ctx = runner.context(run)
-        done = 0
-        first = True
-        with Prefetcher(lambda b: runner.engine.prepare(ctx, b), runner.batches(run, items)) as pf:
-            batches = iter(pf)
-            while True:
-                try:
-                    prepared = next(batches)
-                except StopIteration:
-                    break
-                except EngineDeadError:
-                    raise
-                except Exception as exc:  # a bug in preparation: fail what is left, never lose it
-                    log.exception("preparing a batch failed")
-                    left = [it for it in items if it.key not in self._finished(items)]
-                    self.store.record_results([ImageResult(key=it.key, error=f"internal error: {exc}")
-                                               for it in left], self.name)
-                    return done + len(left)
-                # Renew the lease of what is about to run: a group message spanning many model
-                # batches must not look abandoned to the reclaimer while it is still being worked on.
-                # The first batch was just leased; renewal is best effort (a locked DB must not fail it).
-                if first:
-                    first = False
-                else:
-                    try:
-                        self.store.renew([it.key for it in prepared.items], self.settings.lease_seconds)
-                    except Exception as exc:
-                        log.warning("lease renewal failed (%s); continuing", str(exc).splitlines()[0])
-                try:
-                    done += len(runner.execute(prepared))
-                except EngineDeadError:
-                    raise
-                except Exception as exc:
-                    log.exception("generation failed for a batch of %d", len(prepared.items))
-                    rows = [ImageResult(key=it.key, error=f"internal error: {str(exc).splitlines()[0]}")
-                            for it in prepared.items] + prepared.failed
-                    self.store.record_results(rows, self.name)
-                    done += len(rows)
-        return done
-
-    def _finished(self, items: list[WorkItem]) -> set[Any]:
-        state = self.store.attempts([it.key for it in items])
-        return {k for k, (st, _) in state.items() if st in (DONE, "failed")}
 
 
 class ReconnectSafeBatches(Batches):
@@ -223,7 +54,7 @@ _runtime: WorkerRuntime | None = None
 def runtime() -> WorkerRuntime:
     global _runtime
     if _runtime is None:
-        _runtime = WorkerRuntime(Settings.from_env())
+        _runtime = WorkerRuntime(settings)
     return _runtime
 
 
@@ -234,16 +65,16 @@ def summarize(requests: list[SimpleRequest]) -> int:
     payloads = [r.args[0] if len(r.args) == 1 else {"bad_args": list(r.args)} for r in requests]
     rt = runtime()
     if requests and requests[0].hostname:
-        rt.name = f"{requests[0].hostname}:{os.getpid()}"  # the node name Flower shows
+        rt.rename(f"{requests[0].hostname}:{os.getpid()}")  # the node name Flower shows
     t0 = time.monotonic()
     try:
-        processed = rt.process(payloads)
+        admitted = rt.process(payloads)
     except EngineDeadError as exc:
         # Exit without returning: nothing is acknowledged, leases expire, the reclaimer re-enqueues.
         log.critical("engine dead, exiting process: %s", exc)
         os._exit(70)
     _send_task_events(requests, time.monotonic() - t0)
-    return processed
+    return sum(len(v) for v in admitted.work.values())
 
 
 def _send_task_events(requests: list[SimpleRequest], runtime_s: float) -> None:

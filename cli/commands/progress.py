@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -17,7 +17,9 @@ from rich.progress import (
 )
 
 from stage_a.store import ResultStore, RunCounts
-from stage_a.work import ImageResult
+
+if TYPE_CHECKING:
+    from workers.steploop import BatchDone
 
 GROUP_REFRESH_S = 3.0
 
@@ -59,8 +61,13 @@ class RunProgress:
         n = self._finished - self._start_finished
         return f"{n / dt:.2f} img/s" if dt > 0 and n else ""
 
-    def advance(self, results: list[ImageResult]) -> None:
-        self._finished += len(results)
+    def loading(self) -> None:
+        """Shown while the model loads (seconds to minutes): the run is not hanging."""
+        self.progress.update(self.images, description="loading model")
+
+    def advance(self, batch: BatchDone) -> None:
+        self.progress.update(self.images, description="images")
+        self._finished += len(batch.results)
         self.progress.update(self.images, completed=self._finished, rate=self._rate())
         if time.perf_counter() - self._last_groups > GROUP_REFRESH_S:
             self.refresh_groups()

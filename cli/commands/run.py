@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
 @run_options
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the JSONL, failure report (and default database) go.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (single-process runs).")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", help="Generation engine: transformers (static left-padded batches) or vllm (continuous batching; needs the vllm extra).")
 @click.option("--gpus", help="Run one pinned engine process per listed GPU, e.g. 0,1,2,3 ('cpu' = CPU; 'cpu,cpu' = two CPU processes).")
 @click.option("--verify-inputs", is_flag=True, help="Log hashes, sizes, image_grid_thw and token counts of the first batch.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (--run ID, default: the mission's latest run in --db): only unfinished images are processed.")
@@ -58,7 +60,7 @@ def run(**kw: Any) -> None:
         if kw["input_dir"] is None:
             kw["mission"] = kw["mission"] or DEMO_MISSION
     elif checkpoint is not None:  # --resume without --checkpoint uses the run's recorded one
-        from workers.loader import check_checkpoint
+        from stage_a.fingerprint import check_checkpoint
 
         check_checkpoint(checkpoint)
     if not kw["resume"]:
@@ -120,7 +122,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
     from cli.commands.progress import RunProgress
     from cli.local_run import LocalJob, run_in_process, run_multi
 
-    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"])
+    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"], kw["engine"])
     start_counts = store.counts(run_info.id)
     t0 = time.perf_counter()
     with RunProgress(store, run_info.id, start_counts) as progress:
@@ -129,8 +131,8 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
                 run_multi(job, gpus, poll=progress.refresh_from_store)
             else:
                 device = "cpu" if gpus == ["cpu"] else kw["device"]
-                run_in_process(LocalJob(job.db_url, job.run_id, checkpoint, device, job.verify_inputs),
-                               on_batch=progress.advance, store=store)
+                run_in_process(replace(job, device=device), on_batch=progress.advance, store=store,
+                               on_loading=progress.loading)
         except KeyboardInterrupt:
             progress.stop()
             click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: stage-a run --resume "

@@ -1,0 +1,174 @@
+"""Admission: which buffered messages become work, and what happens to the others.
+
+Every message gets exactly one outcome, and none can take the buffer down with it:
+- work: its images, with the store's path for each key (a message never chooses what file is read);
+- already finished (a redelivery): skipped;
+- the run was cancelled: dropped;
+- the run needs another model than this worker serves: handed back to the queue (no attempt counted);
+- it can never succeed (unknown run, malformed, a key the run does not have): a dead letter;
+- its images can never succeed (input root not allowed, a path escaping the root, delivered
+  STAGE_A_MAX_ATTEMPTS times without a result): those images are marked failed with the reason,
+  so the run still finishes and the failure report names them, and a dead letter says why.
+No broker here: tests drive it with plain payloads against a real store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stage_a.messages import PoisonMessage, parse_payload
+from stage_a.settings import Settings
+from stage_a.store import ResultStore, RunInfo
+from stage_a.store.ledger import LedgerEntry
+from stage_a.store.models import DONE, FAILED
+from stage_a.work import ImageKey, ImageResult, WorkItem
+from workers.images import ImageError, resolve_under_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Admitted:
+    """The outcome of one buffer."""
+
+    work: dict[int, list[WorkItem]] = field(default_factory=dict)
+    """Images to process, by run, in key order (duplicates collapsed)."""
+    failed: list[ImageResult] = field(default_factory=list)
+    """Images that can never succeed, already recorded as failed."""
+    handed_back: list[Any] = field(default_factory=list)
+    """Payloads for another model's workers (re-published by the caller)."""
+    dead: int = 0
+    cancelled: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class _Message:
+    payload: Any
+    items: list[WorkItem]
+    run: RunInfo
+
+
+class Admission:
+    def __init__(self, store: ResultStore, settings: Settings, worker: str,
+                 serves: Callable[[RunInfo], bool] = lambda run: True) -> None:
+        self.store = store
+        self.settings = settings
+        self.worker = worker
+        self.serves = serves
+        self._runs: dict[int, RunInfo | None] = {}
+
+    def admit(self, payloads: Sequence[Any]) -> Admitted:
+        self._runs = {}  # runs are read once per buffer: a cancellation is seen by the next flush
+        out = Admitted()
+        messages: list[_Message] = []
+        for payload in payloads:
+            try:
+                msg = self._validate(payload)
+            except PoisonMessage as exc:
+                self.dead_letter(str(exc), payload)
+                out.dead += 1
+                continue
+            except Exception as exc:  # anything else about one message is that message's poison
+                self.dead_letter(f"unreadable message ({type(exc).__name__}: {exc})", payload)
+                out.dead += 1
+                continue
+            if msg is None:
+                out.cancelled += 1
+            elif not self.serves(msg.run):
+                out.handed_back.append(payload)
+            else:
+                messages.append(msg)
+        if messages:
+            self._against_ledger(messages, out)
+        return out
+
+    # ---- one message, without the ledger ----------------------------------------------------
+
+    def _validate(self, payload: Any) -> _Message | None:
+        items = parse_payload(payload)
+        run = self.run(items[0].key.run_id)
+        if run is None:
+            raise PoisonMessage(f"unknown run {items[0].key.run_id}")
+        if run.cancelled:
+            return None
+        return _Message(payload, items, run)
+
+    def run(self, run_id: int) -> RunInfo | None:
+        if run_id not in self._runs:
+            self._runs[run_id] = self.store.find_run(run_id)
+        return self._runs[run_id]
+
+    def _root_refusal(self, run: RunInfo) -> str | None:
+        roots = self.settings.input_roots
+        if not roots:
+            return None
+        real = os.path.realpath(run.spec.input_root)
+        for r in roots:
+            rr = os.path.realpath(r)
+            if os.path.commonpath([rr, real]) == rr:
+                return None
+        return f"run {run.id} input root {run.spec.input_root} is outside STAGE_A_INPUT_ROOTS"
+
+    # ---- against the ledger (one query for the whole buffer) --------------------------------
+
+    def _against_ledger(self, messages: list[_Message], out: Admitted) -> None:
+        entries = self.store.entries([it.key for m in messages for it in m.items])
+        by_run: dict[int, dict[ImageKey, WorkItem]] = {}
+        for m in messages:
+            missing = [it for it in m.items if it.key not in entries]
+            if missing:
+                self.dead_letter(f"{len(missing)} of {len(m.items)} images are not in run {m.run.id} "
+                                 f"(first: {missing[0].key})", m.payload, m.run.id)
+                out.dead += 1
+            present = [it for it in m.items if it.key in entries]
+            moved = [it for it in present if it.rel_path != entries[it.key].rel_path]
+            if moved:
+                # The store decides which file a key is; a message naming another is refused.
+                self.dead_letter(f"path {moved[0].rel_path!r} does not match the stored path of "
+                                 f"{moved[0].key}", m.payload, m.run.id)
+                out.dead += 1
+                continue
+            refusal = self._root_refusal(m.run)
+            todo = [it for it in present if entries[it.key].status not in (DONE, FAILED)]
+            out.skipped += len(present) - len(todo)
+            gave_up = []
+            for it in todo:
+                reason = refusal or self._path_refusal(it, m.run) or self._attempts_refusal(entries[it.key])
+                if reason:
+                    gave_up.append(ImageResult(key=it.key, error=reason))
+                else:
+                    by_run.setdefault(m.run.id, {})[it.key] = WorkItem(it.key, entries[it.key].rel_path)
+            if gave_up:
+                self.store.record_results(gave_up, self.worker)
+                self.dead_letter(f"{len(gave_up)} image(s) failed: {gave_up[0].error}", m.payload, m.run.id)
+                out.failed += gave_up
+        out.work = {run_id: [d[k] for k in sorted(d)] for run_id, d in by_run.items()}
+
+    @staticmethod
+    def _path_refusal(item: WorkItem, run: RunInfo) -> str | None:
+        try:
+            resolve_under_root(item.rel_path, run.spec.input_root)
+        except ImageError as exc:
+            return str(exc)
+        return None
+
+    def _attempts_refusal(self, entry: LedgerEntry) -> str | None:
+        if entry.attempts >= self.settings.max_delivery_attempts:
+            return f"gave up after {entry.attempts} deliveries without a result"
+        return None
+
+    def dead_letter(self, reason: str, payload: Any, run_id: int | None = None) -> None:
+        log.error("rejected message: %s", reason)
+        if run_id is None and isinstance(payload, dict) and type(payload.get("run_id")) is int:
+            run_id = payload["run_id"]
+        try:
+            text = json.dumps(payload, ensure_ascii=False, default=repr)
+        except Exception:
+            text = repr(payload)
+        self.store.dead_letter(reason, text, self.worker, run_id)

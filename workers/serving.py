@@ -1,0 +1,112 @@
+"""Which model this process serves, and building the engine for it (the one place engines are made).
+
+A run names its model (the fingerprint recorded at registration); a worker serves exactly that
+model or none of the run's images. A worker pinned with STAGE_A_CHECKPOINT serves only runs of
+that model; an unpinned one loads the checkpoint each run names (one model at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from stage_a.errors import UserError
+from stage_a.fingerprint import DEMO_MODEL, model_fingerprint
+from stage_a.settings import Settings, default_cache_dir
+from stage_a.store import RunInfo
+from workers.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def demo_checkpoint() -> str:
+    from workers.tiny_model import cached_tiny_checkpoint
+
+    return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+
+
+def build_engine(checkpoint: str, device: str, kind: str = "transformers",
+                 settings: Settings | None = None) -> Engine:
+    """Load ``checkpoint`` on ``device`` behind the engine interface; logs the time it took."""
+    t0 = time.perf_counter()
+    engine: Engine
+    if kind == "vllm":
+        from workers.vllm_engine import load_vllm_engine
+
+        s = settings or Settings.from_env()
+        engine = load_vllm_engine(checkpoint, device, max_model_len=s.vllm_max_model_len,
+                                  gpu_memory_utilization=s.vllm_gpu_memory_utilization,
+                                  max_num_seqs=s.vllm_max_num_seqs)
+    elif kind == "transformers":
+        from workers.engine import BatchEngine
+        from workers.loader import load_model
+
+        engine = BatchEngine(load_model(checkpoint, device))
+    else:
+        raise UserError(f"unknown engine {kind!r}; use transformers or vllm")
+    log.info("model %s (%s) loaded on %s by the %s engine in %.1f s", checkpoint, engine.fingerprint, device,
+             kind, time.perf_counter() - t0)
+    return engine
+
+
+def run_checkpoint(run: RunInfo) -> str:
+    """The checkpoint folder a run is served with (the demo model for runs enqueued without one)."""
+    return run.spec.checkpoint or demo_checkpoint()
+
+
+def run_model(run: RunInfo) -> str | None:
+    """The fingerprint a run must be served with; None for runs recorded before fingerprints."""
+    if run.model:
+        return run.model
+    return DEMO_MODEL if not run.spec.checkpoint else None
+
+
+@dataclass
+class ModelHost:
+    """The one engine of a worker process, loaded for the runs it is asked to serve."""
+
+    settings: Settings
+    device: str
+    engine: Engine | None = None
+    serving: str | None = None
+    """Model fingerprint (or DEMO_MODEL) of the loaded engine."""
+
+    def __post_init__(self) -> None:
+        self.pinned: str | None = model_fingerprint(self.settings.checkpoint) if self.settings.checkpoint else None
+
+    def serves(self, run: RunInfo) -> bool:
+        """Whether this process may serve the run at all (a pinned worker: only its own model)."""
+        if self.pinned is None:
+            return True
+        want = run_model(run)
+        if want is None:  # a run recorded before fingerprints: the same folder at least
+            return bool(run.spec.checkpoint) and os.path.realpath(run.spec.checkpoint) == \
+                os.path.realpath(self.settings.checkpoint)
+        return want == self.pinned
+
+    def engine_for(self, run: RunInfo) -> Engine:
+        """The engine for the run's model, loading (or switching to) it first.
+
+        Raises WrongModel when the checkpoint at the run's path on this host is not the model the
+        run was registered with (another file at the same path): serving it would be a silent
+        wrong answer.
+        """
+        want = run_model(run)
+        if self.engine is not None and (want is None or want == self.serving):
+            return self.engine
+        checkpoint = self.settings.checkpoint or run_checkpoint(run)
+        have = DEMO_MODEL if not run.spec.checkpoint and not self.settings.checkpoint else model_fingerprint(checkpoint)
+        if want is not None and have != want:
+            raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint} here is {have}")
+        if self.engine is not None:
+            log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
+            self.engine = None
+        self.engine = build_engine(checkpoint, self.device, self.settings.engine, self.settings)
+        self.serving = have
+        return self.engine
+
+
+class WrongModel(Exception):
+    """This host cannot serve the run's model; its work goes back to the queue for others."""

@@ -1,0 +1,154 @@
+"""The one step loop of `stage-a run` and the farm: schedule -> prepare (prefetched) -> execute -> record.
+
+One failure policy for both: a row that fails is that row's error; a batch whose preparation or
+generation raises becomes failed rows carrying the reason, and the loop goes on; a dead engine
+(a device fault, by exception type) is re-raised and stops the process. What differs between the
+callers (where items come from, lease renewal, progress) is passed in as hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from stage_a.errors import dead_engine_error
+from stage_a.store import ResultStore, RunInfo
+from stage_a.work import ImageResult, WorkItem
+from workers.engine import Engine, PreparedBatch, RunContext
+from workers.prefetch import Prefetcher
+from workers.scheduler import plan_batches
+
+log = logging.getLogger(__name__)
+
+
+def worker_name(suffix: str = "") -> str:
+    return f"{socket.gethostname()}:{os.getpid()}{suffix}"
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """One recorded model batch, for progress, logs and heartbeats."""
+
+    run_id: int
+    results: list[ImageResult]
+    seconds: float
+
+    @property
+    def images(self) -> int:
+        return len(self.results)
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.ok for r in self.results)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens or 0 for r in self.results)
+
+
+@dataclass
+class LoopHooks:
+    """What a caller adds to the loop. Every hook is optional."""
+
+    before_execute: Callable[[list[WorkItem]], None] | None = None
+    """Called with a prepared batch's rows just before generation (the farm renews their leases)."""
+    after_batch: Callable[[BatchDone], None] | None = None
+    """Called once a batch's results are committed (progress bars, heartbeats)."""
+
+
+class StepLoop:
+    """One engine, one store. Rendered prompts (contexts) are cached per run."""
+
+    def __init__(self, engine: Engine, store: ResultStore, name: str | None = None,
+                 verify_inputs: bool = False, prefetch_depth: int = 2) -> None:
+        self.engine = engine
+        self.store = store
+        self.name = name or worker_name()
+        self.verify_inputs = verify_inputs
+        self.prefetch_depth = prefetch_depth
+        self._contexts: dict[int, RunContext] = {}
+
+    def context(self, run: RunInfo) -> RunContext:
+        ctx = self._contexts.get(run.id)
+        if ctx is None:
+            ctx = self.engine.context(run.id, run.spec, verify_inputs=self.verify_inputs)
+            self._contexts[run.id] = ctx
+        return ctx
+
+    def plan(self, run: RunInfo, items: Iterable[WorkItem]) -> Iterable[list[WorkItem]]:
+        """Schedule: model batches of ``items`` (never touches the model)."""
+        ctx = self.context(run)
+        return plan_batches(items, run.spec.sharding_mode, run.spec.batch_size,
+                            cost=lambda it: self.engine.estimate_cost(ctx, it))
+
+    def run(self, run: RunInfo, items: Sequence[WorkItem] | None = None, *,
+            batches: Iterable[list[WorkItem]] | None = None, hooks: LoopHooks | None = None) -> int:
+        """Process ``items`` (or pre-planned ``batches``) of one run to the store; returns rows recorded."""
+        hooks = hooks or LoopHooks()
+        ctx = self.context(run)
+        planned = batches if batches is not None else self.plan(run, items or [])
+        done = 0
+        with Prefetcher(lambda b: self.engine.prepare(ctx, b), planned, self.prefetch_depth) as pf:
+            for rows, prepared, error in pf:
+                t0 = time.perf_counter()
+                if prepared is None:
+                    results = self._failed(rows, "preparing the batch", error)
+                else:
+                    if hooks.before_execute:
+                        hooks.before_execute(prepared.items)
+                    results = self._execute(prepared)
+                self.store.record_results(results, self.name, model=self.engine.fingerprint,
+                                          engine=self.engine.name)
+                batch = BatchDone(run.id, results, time.perf_counter() - t0)
+                _log_batch(batch)
+                done += len(results)
+                if hooks.after_batch:
+                    hooks.after_batch(batch)
+        return done
+
+    def _execute(self, batch: PreparedBatch) -> list[ImageResult]:
+        try:
+            results = self.engine.generate(batch)
+            _check_every_row_once(batch, results)
+            return results
+        except Exception as exc:
+            return self._failed([*batch.items], "generation", exc, already=batch.failed)
+
+    def _failed(self, rows: list[WorkItem], stage: str, exc: BaseException | None,
+                already: list[ImageResult] | None = None) -> list[ImageResult]:
+        """The batch's rows as failures with the reason; a dead engine is re-raised instead."""
+        if exc is not None:
+            dead = dead_engine_error(exc)
+            if dead is not None:
+                raise dead from exc
+        reason = f"{stage} failed: {_first_line(exc)}"
+        log.error("%s for a batch of %d images: %s", stage, len(rows), _first_line(exc),
+                  exc_info=log.isEnabledFor(logging.DEBUG))
+        done = {r.key for r in already or []}
+        return list(already or []) + [ImageResult(key=it.key, error=reason) for it in rows if it.key not in done]
+
+
+def _first_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _log_batch(batch: BatchDone) -> None:
+    rate = batch.images / batch.seconds if batch.seconds > 0 else 0.0
+    tokens = batch.completion_tokens / batch.seconds if batch.seconds > 0 else 0.0
+    log.info("run %d: batch of %d images (%d failed) in %.2fs, %.2f images/s, %.1f tokens/s",
+             batch.run_id, batch.images, batch.failed, batch.seconds, rate, tokens)
+
+
+def _check_every_row_once(batch: PreparedBatch, results: list[ImageResult]) -> None:
+    """Each row comes back exactly once (the Ray Data invariant): a lost row would be a lost image."""
+    expected = sorted([it.key for it in batch.items] + [r.key for r in batch.failed])
+    got = sorted(r.key for r in results)
+    if expected != got:
+        raise RuntimeError(f"engine returned {len(got)} results for {len(expected)} rows")
