@@ -120,11 +120,11 @@ def test_run_page_and_diff_page_of_real_runs(runs: dict[str, int], db_url: str) 
 class _Server:
     def __init__(self, db_url: str) -> None:
         import uvicorn
+        from test_reliability_support import free_port
 
         from monitor.web.app import create_app
         from stage_a.settings import Settings
         from stage_a.store import ResultStore
-        from test_reliability_support import free_port
 
         self.store = ResultStore(db_url)
         self.port = free_port()
