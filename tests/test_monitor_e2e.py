@@ -40,6 +40,14 @@ def db_url() -> Iterator[str]:
         admin.dispose()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_A_")}
     env.update(PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8", STAGE_A_CACHE_DIR=str(cwd / "cache"))
@@ -120,7 +128,6 @@ def test_run_page_and_diff_page_of_real_runs(runs: dict[str, int], db_url: str) 
 class _Server:
     def __init__(self, db_url: str) -> None:
         import uvicorn
-        from test_reliability_support import free_port
 
         from monitor.web.app import create_app
         from stage_a.settings import Settings
@@ -150,8 +157,6 @@ class _Chromium:
     """Headless Chromium driven over the DevTools protocol (websocket-client)."""
 
     def __init__(self, profile: Path) -> None:
-        from test_reliability_support import free_port
-
         self.port = free_port()
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
