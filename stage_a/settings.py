@@ -69,6 +69,12 @@ class Settings:
     (Celery's worker_proc_alive_timeout, 4 s by default, far too short for a real checkpoint)."""
     stall_seconds: float = 300.0
     """`status` calls a run stalled when it has pending work and no result for this long."""
+    heartbeat_timeout: float = 120.0
+    """A worker whose last heartbeat is older than this many seconds counts as offline in `status`."""
+    rate_window: float = 120.0
+    """Seconds of recent results behind `status`'s recent images/s and its ETA."""
+    serve_basic_auth: str = ""
+    """user:password that `stage-a serve` asks for (HTTP basic auth, like FLOWER_BASIC_AUTH); empty: none."""
     db_pool_size: int = 5
     """Most database connections one process opens (no overflow; see README: hosts x GPUs x 2 x this
     <= PostgreSQL max_connections, or pgbouncer in front)."""
@@ -102,6 +108,11 @@ class Settings:
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
                      "model_load_timeout"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
+        if self.serve_basic_auth and ":" not in self.serve_basic_auth:
+            raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password")
+        for name in ("stall_seconds", "heartbeat_timeout", "rate_window"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
         if self.engine not in ENGINES:

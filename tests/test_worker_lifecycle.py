@@ -38,7 +38,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
 
     store = farm.store()
     try:
-        beats = {b.name: b for b in store.workers()}
+        beats = {b.name: b for b in store.worker_beats()}
         assert len(beats) == 1, beats
         beat = next(iter(beats.values()))
         assert beat.name.startswith("life@") and beat.state == "ready", beat
@@ -46,14 +46,14 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
         assert beat.device == "cpu" and beat.last_batch_at is None and beat.images_total == 0
         # Idle heartbeats keep coming.
         first = beat.heartbeat_at
-        wait_for(lambda: store.workers()[0].heartbeat_at > first, 10, "an idle heartbeat")
+        wait_for(lambda: store.worker_beats()[0].heartbeat_at > first, 10, "an idle heartbeat")
 
         make_tree(tmp_path / "in", groups=3, per_group=2)
         run_id = farm.enqueue(tmp_path / "in", "--verify-inputs")  # recorded with the run, honoured by workers
         assert store.get_run(run_id).spec.verify_inputs
         farm.wait_finished(run_id, 150)
-        beat = wait_for(lambda: next((b for b in store.workers() if b.images_total == 6), None), 10,
-                        "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.workers()}")
+        beat = wait_for(lambda: next((b for b in store.worker_beats() if b.images_total == 6), None), 10,
+                        "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.worker_beats()}")
         assert beat.run_id == run_id and beat.last_batch_at is not None
         assert beat.last_batch_images and beat.last_batch_seconds and beat.images_per_s
         assert beat.tokens_per_s is not None
@@ -75,7 +75,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
     worker.proc.wait(60)
     store = farm.store()
     try:
-        assert [b.state for b in store.workers()] == ["stopped"], store.workers()
+        assert [b.state for b in store.worker_beats()] == ["stopped"], store.worker_beats()
     finally:
         store.close()
 
@@ -140,6 +140,6 @@ def test_worker_pinned_to_a_gpu_on_a_host_without_cuda_stops(pg_url: str, farm_f
     assert "batch of" not in log
     store = farm.store()
     try:
-        assert [(b.state, b.device) for b in store.workers()] == [("stopped", "cuda:0")]
+        assert [(b.state, b.device) for b in store.worker_beats()] == [("stopped", "cuda:0")]
     finally:
         store.close()

@@ -1,39 +1,18 @@
-"""Worker heartbeats: one row per worker process, written at start, while loading, after each batch,
-periodically while idle, and `stopped` at shutdown. `stage-a status` and the web page read them."""
+"""Worker heartbeats, the write side: one row per worker process, written at start, while loading,
+after each batch, periodically while idle, and `stopped` at shutdown. Readers: views.py
+(`worker_beats`, for `stage-a status` and the web page)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import insert, update
 
 from stage_a.store.base import StoreBase, _retrying, utcnow
 from stage_a.store.models import WorkerRow
 
 WORKER_STATES = ("starting", "loading", "ready", "busy", "stopped")
-
-
-@dataclass(frozen=True)
-class WorkerBeat:
-    """A worker row as readers see it."""
-
-    name: str
-    state: str
-    model: str | None
-    engine: str | None
-    device: str | None
-    started_at: datetime
-    heartbeat_at: datetime
-    run_id: int | None
-    last_batch_at: datetime | None
-    last_batch_images: int | None
-    last_batch_seconds: float | None
-    images_per_s: float | None
-    tokens_per_s: float | None
-    images_total: int
 
 
 class WorkersPart(StoreBase):
@@ -84,17 +63,3 @@ class WorkersPart(StoreBase):
                 conn.execute(insert(WorkerRow).values(**row))
 
         _retrying(op, "worker heartbeat", attempts=3)
-
-    def workers(self, since_seconds: float | None = None) -> list[WorkerBeat]:
-        """Worker rows, newest heartbeat first; ``since_seconds`` keeps those heard from since then."""
-        with Session(self.engine) as s:
-            q = select(WorkerRow).order_by(WorkerRow.heartbeat_at.desc(), WorkerRow.name)
-            if since_seconds is not None:
-                q = q.where(WorkerRow.heartbeat_at >= utcnow() - timedelta(seconds=since_seconds))
-            return [WorkerBeat(
-                name=w.name, state=w.state, model=w.model, engine=w.engine, device=w.device,
-                started_at=w.started_at, heartbeat_at=w.heartbeat_at, run_id=w.run_id,
-                last_batch_at=w.last_batch_at, last_batch_images=w.last_batch_images,
-                last_batch_seconds=w.last_batch_seconds, images_per_s=w.images_per_s,
-                tokens_per_s=w.tokens_per_s, images_total=w.images_total,
-            ) for w in s.scalars(q)]
