@@ -45,7 +45,9 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
                         verify_inputs=job.verify_inputs)
         # Same deterministic plan in every rank, each takes every world-th batch (torchrun-style).
         batches = [b for i, b in enumerate(loop.plan(run, items)) if i % world == rank]
-        return loop.run(run, batches=batches, hooks=LoopHooks(after_batch=on_batch))
+        # `stage-a cancel` works here too: the loop stops before its next batch.
+        hooks = LoopHooks(after_batch=on_batch, stop=lambda: store.is_cancelled(run.id))
+        return loop.run(run, batches=batches, hooks=hooks)
     finally:
         if own_store:
             store.close()
