@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reliability_support import FAILURES, MISSION, make_tree, read_jsonl
+from support.cli import read_jsonl
+from support.farm import FAILURES, MISSION, make_tree
 
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.fingerprint import model_fingerprint
 from stage_a.messages import group_payload, image_payload
 from stage_a.settings import Settings
 from stage_a.store import ResultStore
-from stage_a.work import WorkItem
+from stage_a.work import ImageKey, WorkItem
 from workers.runtime import WorkerRuntime
 
 REDIS_URL = os.environ.get("STAGE_A_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -198,7 +199,7 @@ def test_symlink_escaping_the_root_fails_the_image_and_the_run_finishes(pg_url: 
     assert counts.finished and (counts.done, counts.failed) == (4, 1)
     row = rows_by_key(rt.store, run_id)[(0, 3)]
     assert row["status"] == "failed" and "path leaves the input root" in row["error"]
-    assert [r for r, _ in rt.store.dead_letters()] == [f"1 image(s) failed: {row['error']}"]
+    assert [r for r, _ in rt.store.dead_letters()] == [f"image {ImageKey(run_id, 0, 3)}: {row['error']}"]
     # The reclaimer has nothing to re-send, ever.
     assert [it for it in rt.store.orphaned_pending(0) if it.key.run_id == run_id] == []
     assert Reclaimer(rt.settings, rt.store).store.stale_leases() == []
@@ -245,7 +246,7 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
         ({**good, "run_id": -1}, "field 'run_id' must be an integer"),
         ({**good, "run_id": True}, "field 'run_id' must be an integer"),
         ({**good, "group_position": 2**63}, "field 'group_position' must be an integer"),
-        (too_many, f"4998 of 5000 images are not in run {run_id}"),
+        (too_many, f"is not in run {run_id} (nor 4997 more of its 5000)"),
         ({"run_id": run_id, "group_position": 0, "images": "x"}, "field 'images' must be a non-empty list"),
         ({"run_id": run_id, "group_position": 0, "images": [1]}, "each entry of 'images' must be an object"),
         ([good], "payload must be a JSON object"),
