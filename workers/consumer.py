@@ -58,11 +58,14 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handler = super().create_task_handler(*args, **kwargs)
         errors = self.connection_errors
+        # kombu's Redis transport counts KeyError as a connection error; a message missing a
+        # header raises it too, and must not make the worker reconnect (and redeliver it) forever.
+        broker_errors = tuple(e for e in errors if not issubclass(e, LookupError))
 
         def on_task_received(message: Any) -> Any:
             try:
                 return handler(message)
-            except errors:
+            except broker_errors:
                 raise  # the broker connection itself: Celery reconnects
             except Exception as exc:
                 sink.record(f"message could not be received ({_reason(exc)})", message_text(message))
