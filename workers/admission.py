@@ -133,9 +133,9 @@ class Admission:
             moved = [it for it in m.items if it.rel_path != entries[it.key].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
-                reason = self._path_refusal(moved[0], m.run) or (
-                    f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}")
-                self.dead_letter(reason, m.payload, m.run.id)
+                why = self._path_refusal(moved[0], m.run) or (
+                    f"path {moved[0].rel_path!r:.200} does not match the stored path of {moved[0].key}")
+                self.dead_letter(why, m.payload, m.run.id)
                 out.dead += 1
                 continue
             present = m.items
