@@ -96,7 +96,7 @@ def test_images_that_can_never_succeed_fail_and_the_runs_finish(pg_url: str, far
     for run_id, n in ((run_link, 5), (run_outside, 2)):
         status = cli(["status", str(run_id)], farm.env(), farm.workdir)
         assert status.returncode == 0, status.stderr
-        assert "state: finished" in status.stdout, status.stdout
+        assert "state: finished" in status.stdout and f"images {n}/{n} finished" in status.stdout, status.stdout
     out = tmp_path / "out-link"
     exp = cli(["export", str(run_link), "--output-dir", str(out), "--require-finished"], farm.env(), farm.workdir)
     assert exp.returncode == 3, exp.stdout + exp.stderr  # finished, one group failed
