@@ -328,6 +328,7 @@ def main() -> int:
             STAGE_A_FLUSH_SIZE=str(args.batch_size), STAGE_A_FLUSH_INTERVAL="0.5",
             STAGE_A_LEASE_SECONDS=str(args.lease_seconds), STAGE_A_RECLAIM_INTERVAL="2", STAGE_A_ORPHAN_GRACE="8",
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         )
         workers = [Worker(f"c{i}", env, workdir) for i in range(args.workers)]
         workers += [Worker(f"other{i}", {**env, "STAGE_A_CHECKPOINT": other_checkpoint}, workdir)
