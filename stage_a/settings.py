@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from stage_a.config import DEFAULT_BATCH_SIZE
+from stage_a.config import DEFAULT_BATCH_SIZE, ENGINES
 from stage_a.errors import UserError
 
 
@@ -43,6 +43,8 @@ class FarmSettings:
     """STAGE_A_GPUS: GPU indices for this host's worker processes, e.g. 0,1,2,3 (empty: auto/CPU)."""
     device: str = "auto"
     """STAGE_A_DEVICE: auto, cpu or cuda (used when STAGE_A_GPUS is empty)."""
+    engine: str = "transformers"
+    """STAGE_A_ENGINE: transformers (left-padded static batches) or vllm (continuous batching)."""
     queue: str = "stage_a"
     """STAGE_A_QUEUE: queue name."""
     batch_size: int = 4 * DEFAULT_BATCH_SIZE
@@ -72,6 +74,7 @@ class FarmSettings:
             checkpoint=os.environ.get("STAGE_A_CHECKPOINT", ""),
             gpus=gpus,
             device=os.environ.get("STAGE_A_DEVICE", "auto"),
+            engine=os.environ.get("STAGE_A_ENGINE", "transformers").strip().lower() or "transformers",
             queue=os.environ.get("STAGE_A_QUEUE", cls.queue),
             batch_size=_int("STAGE_A_BATCH_SIZE", 4 * DEFAULT_BATCH_SIZE),
             flush_interval=_float("STAGE_A_FLUSH_INTERVAL", 1.0),
@@ -81,6 +84,8 @@ class FarmSettings:
             max_delivery_attempts=_int("STAGE_A_MAX_ATTEMPTS", 5),
             task_events=os.environ.get("STAGE_A_TASK_EVENTS", "1").lower() not in ("0", "false", "no", "off"),
         )
+        if settings.engine not in ENGINES:
+            raise UserError(f"STAGE_A_ENGINE must be one of {', '.join(ENGINES)}, got {settings.engine!r}")
         if settings.batch_size <= 0:
             raise UserError(f"STAGE_A_BATCH_SIZE must be > 0, got {settings.batch_size}")
         if settings.lease_seconds <= 0:

@@ -21,13 +21,13 @@ class LocalJob:
     checkpoint: str
     device: str = "auto"
     verify_inputs: bool = False
+    engine: str = "transformers"
 
 
 def run_in_process(job: LocalJob, on_batch: Callable[[list[ImageResult]], None] | None = None,
                    rank: int = 0, world: int = 1, store: ResultStore | None = None) -> int:
     """Load the model and process this rank's share of the run's unfinished images."""
-    from workers.engine import BatchEngine
-    from workers.loader import load_model
+    from workers.engines import load_engine
     from workers.runner import BatchRunner, worker_name
 
     own_store = store is None
@@ -37,7 +37,7 @@ def run_in_process(job: LocalJob, on_batch: Callable[[list[ImageResult]], None] 
         items = store.unfinished_items(run.id)
         if not items:
             return 0
-        engine = BatchEngine(load_model(job.checkpoint, job.device))
+        engine = load_engine(job.engine, job.checkpoint, job.device)
         runner = BatchRunner(engine, store, worker_name(f"/rank{rank}" if world > 1 else ""),
                              verify_inputs=job.verify_inputs)
         if world > 1:
@@ -56,8 +56,8 @@ def _rank_main(job: LocalJob, gpu: str, rank: int, world: int) -> None:
     pin_process_to_gpu(gpu)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     device = "cpu" if gpu == "cpu" else job.device  # a pinned GPU is this process's cuda:0
-    run_in_process(LocalJob(job.db_url, job.run_id, job.checkpoint, device, job.verify_inputs and rank == 0),
-                   rank=rank, world=world)
+    run_in_process(LocalJob(job.db_url, job.run_id, job.checkpoint, device, job.verify_inputs and rank == 0,
+                            job.engine), rank=rank, world=world)
 
 
 def run_multi(job: LocalJob, gpus: list[str], poll: Callable[[], None] | None = None) -> None:

@@ -45,8 +45,7 @@ class WorkerRuntime:
     def runner(self, run: RunInfo | None = None) -> Any:
         if self._runner is None:
             from stage_a.config import default_cache_dir
-            from workers.engine import BatchEngine
-            from workers.loader import load_model
+            from workers.engines import load_engine
             from workers.runner import BatchRunner
 
             # The host's STAGE_A_CHECKPOINT wins; otherwise serve the checkpoint the run was enqueued with.
@@ -58,7 +57,8 @@ class WorkerRuntime:
                 checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
             device = "cuda:0" if self.settings.gpus else self.settings.device
             self.checkpoint = checkpoint
-            self._runner = BatchRunner(BatchEngine(load_model(checkpoint, device)), self.store, self.name)
+            engine = load_engine(self.settings.engine, checkpoint, device)
+            self._runner = BatchRunner(engine, self.store, self.name)
         return self._runner
 
     def run_info(self, run_id: int) -> RunInfo | None:

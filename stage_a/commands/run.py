@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from stage_a.commands.options import build_spec, require_input_dir, run_options, setup_logging
-from stage_a.config import database_url, default_cache_dir
+from stage_a.config import ENGINES, database_url, default_cache_dir
 from stage_a.errors import UserError
 
 DEMO_MISSION = "挡风板安装检查"
@@ -34,6 +34,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the JSONL, failure report (and default database) go.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (single-process runs).")
 @click.option("--gpus", help="Run one pinned engine process per listed GPU, e.g. 0,1,2,3 ('cpu' = CPU; 'cpu,cpu' = two CPU processes).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="transformers", help="transformers: left-padded static batches (the default); vllm: continuous batching and prefix caching (needs the vllm package, see README).")
 @click.option("--verify-inputs", is_flag=True, help="Log hashes, sizes, image_grid_thw and token counts of the first batch.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (--run ID, default: the mission's latest run in --db): only unfinished images are processed.")
 @click.option("--run", "run_id", type=int, help="Run id to resume.")
@@ -120,7 +121,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
     from stage_a.commands.progress import RunProgress
     from workers.local import LocalJob, run_in_process, run_multi
 
-    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"])
+    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"], kw["engine"])
     start_counts = store.counts(run_info.id)
     t0 = time.perf_counter()
     with RunProgress(store, run_info.id, start_counts) as progress:
@@ -129,7 +130,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
                 run_multi(job, gpus, poll=progress.refresh_from_store)
             else:
                 device = "cpu" if gpus == ["cpu"] else kw["device"]
-                run_in_process(LocalJob(job.db_url, job.run_id, checkpoint, device, job.verify_inputs),
+                run_in_process(LocalJob(job.db_url, job.run_id, checkpoint, device, job.verify_inputs, job.engine),
                                on_batch=progress.advance, store=store)
         except KeyboardInterrupt:
             progress.stop()
