@@ -82,22 +82,25 @@ pip_ install -q "${sources[@]}" -c "$work/pinned.txt" -e "$REPO" pytest pytest-t
 
 # 3. Guard torchvision's two unguarded fake-kernel registrations (only needed without its ops).
 "$DIR/bin/python" - <<'EOF'
-import importlib.util, pathlib, re
-spec = importlib.util.find_spec("torchvision")
-path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
+import importlib.util, pathlib
+path = pathlib.Path(importlib.util.find_spec("torchvision").origin).parent / "_meta_registrations.py"
 text = path.read_text()
-guard = "if torchvision.extension._has_ops():  # stage-a: ops missing in a CUDA build beside CPU torch\n"
-if guard not in text:
-    pattern = re.compile(r'^(@register_fake\("torchvision::q?nms"\)\n)(def \w+\(.*?(?=^\S))', re.M | re.S)
-    patched, count = pattern.subn(
-        lambda m: guard + "\n".join("    " + line if line else line for line in (m[1] + m[2]).split("\n")),
-        text,
-    )
-    if count != 2:
-        raise SystemExit(f"{path}: expected 2 unguarded nms/qnms registrations, found {count}")
-    if "import torchvision\n" not in patched:
-        patched = patched.replace("import torch\n", "import torch\nimport torchvision\n", 1)
-    path.write_text(patched)
+helper = '''def _register_fake_if_ops(name):  # patched by stage-a's scripts/vllm-cpu-venv.sh
+    def wrapper(fn):
+        return torch.library.register_fake(name)(fn) if torchvision.extension._has_ops() else fn
+
+    return wrapper
+
+
+'''
+if "_register_fake_if_ops" not in text:
+    old = ['@torch.library.register_fake("torchvision::nms")', '@torch.library.register_fake("torchvision::qnms")']
+    if any(text.count(o) != 1 for o in old):
+        raise SystemExit(f"{path}: the nms/qnms registrations are not where expected; patch by hand")
+    text = text.replace(old[0], helper + old[0])
+    for o in old:
+        text = text.replace(o, o.replace("torch.library.register_fake", "_register_fake_if_ops"))
+    path.write_text(text)
     print(f"patched {path}")
 EOF
 
