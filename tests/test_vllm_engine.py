@@ -27,7 +27,7 @@ BBU, RRU = "挡风板安装检查", "RRU安装检查"
 PASS, FAIL = "审核通过", "审核不通过"
 # Mixed resolutions: tiny to 1.9 MP (above the bbu 1 MP budget, below the rru 2 MP one), portrait, panorama.
 SIZES = [(96, 64), (1600, 1200), (160, 240), (640, 480), (1200, 1600), (300, 96), (1024, 768), (72, 72)]
-CORRUPT_GROUP = "QC-VLLM-20240101-0000003"
+CORRUPT_GROUP = "QC-VLLM-20240101-0000009"
 
 
 def _jpeg(seed: int, size: tuple[int, int]) -> bytes:

@@ -47,6 +47,8 @@ class VllmSettings:
     """Skip CUDA graphs / torch.compile (faster start, slower steps)."""
     max_lora_rank: int = 64
     """Largest LoRA rank served when the checkpoint is an adapter folder."""
+    log_stats: bool = False
+    """Keep vLLM's metrics (LLM.get_metrics: engine steps, generation tokens); benchmarks turn it on."""
 
     @classmethod
     def from_env(cls) -> VllmSettings:
@@ -152,13 +154,17 @@ class VllmEngine(BatchEngine):
             detokenize=False,  # decoded below exactly as the transformers engine decodes
         )
 
+    def request_params(self, batch: PreparedBatch) -> Any:
+        """SamplingParams for the batch: one for all rows, or a list in row order (benchmarks)."""
+        return self.sampling_params(batch.ctx)
+
     def generate(self, batch: PreparedBatch) -> list[ImageResult]:
         """Results for every row of the batch (failed-before-model rows included), in any order."""
         results = list(batch.failed)
         if not batch.items:
             return results
         ctx = batch.ctx
-        params = self.sampling_params(ctx)
+        params = self.request_params(batch)
         mm_kwargs = self.mm_processor_kwargs(ctx)
         requests = [{"prompt": ctx.chat_text, "multi_modal_data": {"image": image}, "mm_processor_kwargs": mm_kwargs}
                     for image in batch.inputs]
@@ -210,6 +216,19 @@ class VllmEngine(BatchEngine):
         """Cumulative prefix-cache figures of this engine (hit_rate = cached / prompt tokens)."""
         return CacheStats(**vars(self.stats))
 
+    def metrics(self) -> dict[str, float]:
+        """vLLM's own counters (needs log_stats=True): a counter's value, a histogram's count.
+
+        E.g. ``vllm:iteration_tokens_total`` (a histogram: its count is the number of engine steps),
+        ``vllm:generation_tokens``, ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``.
+        """
+        totals: dict[str, float] = {}
+        for metric in self.llm.get_metrics():
+            value = getattr(metric, "count", getattr(metric, "value", None))
+            if isinstance(value, int | float):
+                totals[metric.name] = totals.get(metric.name, 0.0) + float(value)
+        return totals
+
 
 def _adapter_base(path: Path) -> tuple[Path, int] | None:
     """(base model folder, LoRA rank) for an adapter folder, None for a merged model folder."""
@@ -253,6 +272,7 @@ def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: A
         model=str(base), tokenizer=str(processor_src), dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
         max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=cfg.enforce_eager, seed=0,
+        disable_log_stats=not cfg.log_stats,
     )
     if dev.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
