@@ -43,6 +43,9 @@ class VllmSettings:
     max_num_seqs: int = 128
     """Sequences decoded together at most (vLLM's continuous batch). More rows in one generate call
     wait in vLLM's queue and start as running ones finish."""
+    cpu_kv_cache_gib: float = 1.0
+    """CPU only: KV cache size. (On the CPU backend gpu_memory_utilization would reserve that
+    fraction of the host's RAM, 92% by default, and refuse to start on a busy machine.)"""
     enforce_eager: bool = False
     """Skip CUDA graphs / torch.compile (faster start, slower steps)."""
     max_lora_rank: int = 64
@@ -52,10 +55,10 @@ class VllmSettings:
 
     @classmethod
     def from_env(cls) -> VllmSettings:
-        """STAGE_A_VLLM_MAX_MODEL_LEN, _GPU_MEMORY_UTILIZATION, _MAX_NUM_SEQS, _ENFORCE_EAGER, _MAX_LORA_RANK."""
+        """STAGE_A_VLLM_<FIELD> for every field, e.g. STAGE_A_VLLM_MAX_NUM_SEQS=64, STAGE_A_VLLM_ENFORCE_EAGER=1."""
         values: dict[str, Any] = {}
         for name, kind in (("max_model_len", int), ("gpu_memory_utilization", float), ("max_num_seqs", int),
-                           ("max_lora_rank", int)):
+                           ("max_lora_rank", int), ("cpu_kv_cache_gib", float)):
             raw = os.environ.get(f"STAGE_A_VLLM_{name.upper()}", "")
             if raw:
                 try:
@@ -72,6 +75,8 @@ class VllmSettings:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
 
@@ -276,6 +281,8 @@ def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: A
     )
     if dev.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * 2**30)
     lora_request = None
     if adapter:
         from vllm.lora.request import LoRARequest
