@@ -50,6 +50,8 @@ class VllmSettings:
     """Skip CUDA graphs / torch.compile (faster start, slower steps)."""
     max_lora_rank: int = 64
     """Largest LoRA rank served when the checkpoint is an adapter folder."""
+    load_format: str = "auto"
+    """vLLM's weight loading; "dummy" builds random weights from config.json (benchmarks)."""
     log_stats: bool = False
     """Keep vLLM's metrics (LLM.get_metrics: engine steps, generation tokens); benchmarks turn it on."""
 
@@ -174,15 +176,43 @@ class VllmEngine(BatchEngine):
         requests = [{"prompt": ctx.chat_text, "multi_modal_data": {"image": image}, "mm_processor_kwargs": mm_kwargs}
                     for image in batch.inputs]
         t0 = time.perf_counter()
-        outputs = self._run(requests, params)
+        try:
+            outputs: list[Any] = self._run(requests, params)
+        except EngineDeadError:
+            raise
+        except Exception as exc:
+            if len(requests) == 1:
+                raise
+            log.warning("vLLM failed on a batch of %d (%s); retrying row by row", len(requests),
+                        str(exc).splitlines()[0] if str(exc) else repr(exc))
+            outputs = self._run_rows(requests, params)
         gen_ms = (time.perf_counter() - t0) * 1000
         if len(outputs) != len(batch.items):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(batch.items)} requests")
         per_row_ms = gen_ms / len(batch.items)
         per_row_prep = batch.preprocess_ms / len(batch.items)
         for row, out in enumerate(outputs):
-            results.append(self._result(batch, row, out, per_row_prep, per_row_ms))
+            if isinstance(out, Exception):
+                error = f"generation failed: {str(out).splitlines()[0] if str(out) else repr(out)}"
+                results.append(ImageResult(key=batch.items[row].key, error=error))
+            else:
+                results.append(self._result(batch, row, out, per_row_prep, per_row_ms))
         return results
+
+    def _run_rows(self, requests: list[dict[str, Any]], params: Any) -> list[Any]:
+        """One request at a time: a failing row becomes its exception; all rows failing is a dead engine."""
+        outputs: list[Any] = []
+        for i, request in enumerate(requests):
+            row_params = params[i] if isinstance(params, list) else params
+            try:
+                outputs.extend(self._run([request], row_params))
+            except EngineDeadError:
+                raise
+            except Exception as exc:
+                outputs.append(exc)
+        if all(isinstance(o, Exception) for o in outputs):
+            raise EngineDeadError(f"vLLM fails on every request: {outputs[0]}")
+        return outputs
 
     def _run(self, requests: list[dict[str, Any]], params: Any) -> list[Any]:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
@@ -277,7 +307,7 @@ def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: A
         model=str(base), tokenizer=str(processor_src), dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
         max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=cfg.enforce_eager, seed=0,
-        disable_log_stats=not cfg.log_stats,
+        disable_log_stats=not cfg.log_stats, load_format=cfg.load_format,
     )
     if dev.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
