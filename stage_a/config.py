@@ -12,6 +12,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_PIXELS = {"bbu": 1_048_576, "rru": 2_097_152}
 SHARDING_MODES = ("per_group", "per_image")
 DEFAULT_PROFILE = "summary_runtime"
+ENGINES = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,14 @@ def demo_checkpoint() -> str:
     return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
 
-def build_engine(checkpoint: str, device: str, kind: str = "transformers",
-                 settings: Settings | None = None) -> Engine:
+def build_engine(checkpoint: str, device: str, kind: str = "transformers") -> Engine:
     """Load ``checkpoint`` on ``device`` behind the engine interface; logs the time it took."""
     t0 = time.perf_counter()
     engine: Engine
     if kind == "vllm":
         from workers.vllm_engine import load_vllm_engine
 
-        s = settings or Settings.from_env()
-        engine = load_vllm_engine(checkpoint, device, max_model_len=s.vllm_max_model_len,
-                                  gpu_memory_utilization=s.vllm_gpu_memory_utilization,
-                                  max_num_seqs=s.vllm_max_num_seqs)
+        engine = load_vllm_engine(checkpoint, device)  # sized by the STAGE_A_VLLM_* settings
     elif kind == "transformers":
         from workers.engine import BatchEngine
         from workers.loader import load_model
@@ -105,7 +101,7 @@ class ModelHost:
         if self.engine is not None:
             log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
             self.engine = None
-        self.engine = build_engine(checkpoint, self.device, self.settings.engine, self.settings)
+        self.engine = build_engine(checkpoint, self.device, self.settings.engine)
         self.serving = have
         return self.engine
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from stage_a.config import ENGINES
 from stage_a.errors import UserError
 from stage_a.settings import database_url, default_cache_dir
 
@@ -34,7 +35,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
 @run_options
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the JSONL, failure report (and default database) go.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (single-process runs).")
-@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", help="Generation engine: transformers (static left-padded batches) or vllm (continuous batching; needs the vllm extra).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="transformers", help="transformers: left-padded static batches (the default); vllm: continuous batching and prefix caching (needs the vllm package, see README).")
 @click.option("--gpus", help="Run one pinned engine process per listed GPU, e.g. 0,1,2,3 ('cpu' = CPU; 'cpu,cpu' = two CPU processes).")
 @click.option("--verify-inputs", is_flag=True, help="Log hashes, sizes, image_grid_thw and token counts of the first batch.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (--run ID, default: the mission's latest run in --db): only unfinished images are processed.")
