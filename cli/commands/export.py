@@ -30,14 +30,19 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     from merger.export import export_run
     from merger.post_steps import apply_post_steps
     from stage_a.store import ResultStore
+    from stage_a.store.runs import check_run_id
 
-    run_id = run_id or run_arg
+    if run_id is not None and run_arg is not None and run_id != run_arg:
+        raise UserError(f"two different run ids given: RUN {run_arg} and --run {run_id}")
+    run_id = run_id if run_id is not None else run_arg
     if run_id is None and not mission:
         raise UserError("give a run id (RUN or --run) or --mission")
+    if run_id is not None:
+        check_run_id(run_id)
     url = database_url(db, output_dir)
     _require_existing_sqlite(url)
     store = ResultStore(url)
-    info = store.get_run(run_id) if run_id else store.latest_run(mission)
+    info = store.get_run(run_id) if run_id is not None else store.latest_run(mission)
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")
     counts = store.counts(info.id)

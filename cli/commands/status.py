@@ -38,7 +38,9 @@ def status(run_id: int, db: str | None, watch: bool, interval: float) -> None:
     """Pending / done / failed images and groups, throughput, ETA and which workers of RUN_ID."""
     from stage_a.errors import UserError
     from stage_a.store import ResultStore
+    from stage_a.store.runs import check_run_id
 
+    check_run_id(run_id)
     if not db and not Settings.from_env().database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
     store = ResultStore(database_url(db))
