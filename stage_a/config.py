@@ -57,19 +57,29 @@ class RunSpec:
     """Everything that defines a run; stored with the run so workers and exports agree on it."""
 
     mission: str
+    """Mission name exactly as in the mission data (e.g. 挡风板安装检查); picks prompt and domain."""
     dataset: str
+    """Domain pack of the prompt: bbu or rru."""
     input_root: str
     """Absolute folder that contains the mission folder; workers read only below it."""
     checkpoint: str = ""
+    """Merged Qwen3-VL folder or LoRA adapter folder; empty: the tiny random-weight demo model."""
     prompt_profile: str = DEFAULT_PROFILE
+    """Prompt profile (stage_a/data/profiles) rendered into the system and user turns."""
     sharding_mode: str = "per_group"
+    """per_group: a model batch never mixes groups; per_image: batches span groups, packed by length."""
     batch_size: int = DEFAULT_BATCH_SIZE
+    """Images per model batch on one device (not the farm's flush size, STAGE_A_FLUSH_SIZE)."""
     max_pixels: int = 0
-    """0 = the dataset default (bbu 1048576, rru 2097152)."""
+    """Pixel budget per image after resize; 0 = the dataset default (bbu 1048576, rru 2097152)."""
     generation: GenerationParams = field(default_factory=GenerationParams)
+    """Decoding settings (greedy by default)."""
     pass_group_number: int | None = None
+    """Keep at most this many pass groups (None: all)."""
     fail_group_number: int | None = None
+    """Keep at most this many fail groups (None: all)."""
     sample_seed: int = 42
+    """Seed of the per-label group sampling."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:

@@ -30,8 +30,10 @@ def group_payload(items: list[WorkItem]) -> dict[str, Any]:
 
 def _int(obj: dict[str, Any], name: str) -> int:
     value = obj.get(name)
-    if type(value) is not int or not 0 <= value <= MAX_DB_INT:  # bool is not an int here
-        raise PoisonMessage(f"field {name!r} must be an integer in 0..{MAX_DB_INT}, got {value!r:.80}")
+    if type(value) is not int or value < 0:  # bool is not an int here
+        raise PoisonMessage(f"field {name!r} must be a non-negative integer, got {value!r:.80}")
+    if value > MAX_DB_INT:  # beyond the database's integer: refused here, not by the database
+        raise PoisonMessage(f"field {name!r} is out of range (at most {MAX_DB_INT}), got {value}")
     return value
 
 

@@ -169,11 +169,6 @@ def _data(data_dir: DataDir) -> _Data:
     return _load(_cache_key(data_dir))
 
 
-def clear_cache() -> None:
-    """Forget parsed data (for tests or long-lived processes whose data files changed)."""
-    _load.cache_clear()
-
-
 def list_missions(*, data_dir: DataDir = None) -> list[str]:
     """Mission names in file order."""
     return list(_data(data_dir).missions)
@@ -202,10 +197,6 @@ def resolve_dataset(mission: Mission, dataset: str | None) -> str:
     if value not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}'; supported: {', '.join(DATASETS)}")
     return value
-
-
-def list_profiles(*, data_dir: DataDir = None) -> list[str]:
-    return sorted(_data(data_dir).profiles)
 
 
 def get_profile(name: str, *, data_dir: DataDir = None) -> Profile:

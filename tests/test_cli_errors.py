@@ -6,24 +6,20 @@ Run as real subprocesses (what a user sees), not through CliRunner.
 from __future__ import annotations
 
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import support.cli as support_cli
 from PIL import Image
+from support.cli import base_env
 
 MISSION = "挡风板安装检查"
 SUPPORTED = ["BBU安装方式检查（正装）", "BBU接地线检查", "BBU线缆布放要求", "挡风板安装检查", "RRU安装检查", "RRU位置检查", "RRU线缆"]
 
 
 def cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120", STAGE_A_CACHE_DIR=str(cwd / "cache"))
-    env.pop("STAGE_A_DATABASE_URL", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+    return support_cli.cli(args, base_env(STAGE_A_CACHE_DIR=str(cwd / "cache"), **(env_extra or {})), cwd, 120)
 
 
 @pytest.fixture(scope="module")

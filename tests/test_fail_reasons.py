@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from openpyxl import Workbook
+from support.cli import read_jsonl
 
 from merger.fail_reasons import add_fail_reasons_file, load_fail_reasons
 from stage_a.errors import UserError
@@ -48,10 +49,6 @@ def write_xlsx(path: Path, rows: list[list[Any]], write_only: bool = False) -> P
 
 def row(gid: str, reason: str | None, flag: Any, mission: str = MISSION) -> list[Any]:
     return [gid, "站点", mission, "2024-12-06", "张三", reason, flag]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
 @pytest.fixture

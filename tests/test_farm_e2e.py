@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from support.cli import base_env, cli
+from support.farm import Worker
 
 from producer.sample_data import make_sample_tree
 
@@ -49,15 +51,11 @@ def redis_url() -> str:
 
 
 def cli_env(tmp: Path, queue: str, db_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_A_")}
-    env.update(STAGE_A_BROKER_URL=redis_url(), STAGE_A_QUEUE=queue, STAGE_A_DATABASE_URL=db_url,
-               STAGE_A_CACHE_DIR=str(tmp / "cache"), PYTHONIOENCODING="utf-8", COLUMNS="120", **extra)
-    return env
+    return base_env(STAGE_A_BROKER_URL=redis_url(), STAGE_A_QUEUE=queue, STAGE_A_DATABASE_URL=db_url,
+                    STAGE_A_CACHE_DIR=str(tmp / "cache"), **extra)
 
 
-def stage_a(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+stage_a = cli
 
 
 def enqueue_args(tree: Path, checkpoint: Path, mode: str) -> list[str]:
@@ -158,44 +156,12 @@ def farm_db() -> Iterator[str]:
         admin.dispose()
 
 
-@dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, n: int = 60) -> str:
-        lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
-        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(lines[-n:])
-
-
-def start_worker(name: str, env: dict[str, str], cwd: Path) -> Worker:
-    """`celery -A workers worker -n NAME --concurrency 1`, in its own process group."""
-    log = cwd / f"{name.split('@')[0]}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", name, "--concurrency", "1",
-             "--pool", "prefork", "--loglevel", "INFO"],
-            env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Worker(name, proc, log)
-
-
 def stop_workers(workers: list[Worker]) -> None:
     """Warm shutdown (SIGTERM to the whole group, as systemd does), then SIGKILL what is left."""
     for w in workers:
-        if w.proc.poll() is None:
-            os.killpg(w.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for w in workers:
-        try:
-            w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(w.proc.pid, signal.SIGKILL)  # pool children too, even if the parent is gone
-        except ProcessLookupError:
-            pass
-        w.proc.wait(timeout=30)
+        if w.alive():
+            w.kill(signal.SIGTERM)
+        w.stop()
 
 
 def wait_ready(workers: list[Worker], broker: str) -> None:
@@ -206,14 +172,14 @@ def wait_ready(workers: list[Worker], broker: str) -> None:
     app.conf.broker_connection_retry_on_startup = True
     try:
         deadline = time.monotonic() + WORKER_READY_DEADLINE_S
-        names = {w.name for w in workers}
+        names = {f"{w.name}@{socket.gethostname()}" for w in workers}
         while True:
-            dead = [w for w in workers if w.proc.poll() is not None]
-            assert not dead, "a worker exited during startup\n" + "\n".join(w.tail() for w in dead)
+            for w in workers:
+                w.assert_alive()
             replies = app.control.ping(destination=sorted(names), timeout=1.0) or []
             if names <= {k for reply in replies for k in reply}:
                 return
-            assert time.monotonic() < deadline, "workers not ready\n" + "\n".join(w.tail() for w in workers)
+            assert time.monotonic() < deadline, "workers not ready\n" + "\n".join(w.log()[-3000:] for w in workers)
     finally:
         clean_redis(app.control.mailbox.oid)
         app.close()
@@ -228,7 +194,7 @@ class Farm:
     tmp: Path
 
     def logs(self) -> str:
-        return "\n".join(w.tail() for w in self.workers)
+        return "\n".join(f"--- {w.name}\n{w.log()[-3000:]}" for w in self.workers)
 
 
 @pytest.fixture(scope="module")
@@ -238,11 +204,10 @@ def farm(farm_db: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     queue = f"stage_a_test_{token}"
     env = cli_env(tmp, queue, farm_db, STAGE_A_CHECKPOINT=str(tiny_checkpoint), STAGE_A_DEVICE="cpu",
                   STAGE_A_FLUSH_SIZE="3", STAGE_A_FLUSH_INTERVAL="0.5", CUDA_VISIBLE_DEVICES="")
-    host = socket.gethostname()
     workers: list[Worker] = []
     try:
         for i in (1, 2):
-            workers.append(start_worker(f"w{i}-{token}@{host}", env, tmp))
+            workers.append(Worker(f"w{i}-{token}", env, tmp).start())
         wait_ready(workers, env["STAGE_A_BROKER_URL"])
         yield Farm(queue, farm_db, env, workers, tmp)
     finally:
@@ -257,8 +222,8 @@ def wait_finished(farm: Farm, run_id: int):  # type: ignore[no-untyped-def]
     try:
         deadline = time.monotonic() + FINISH_DEADLINE_S
         while True:
-            dead = [w for w in farm.workers if w.proc.poll() is not None]
-            assert not dead, "a worker died\n" + farm.logs()
+            for w in farm.workers:
+                w.assert_alive()
             counts = store.counts(run_id)
             if counts.finished:
                 return counts, store.image_rows(run_id)

@@ -8,16 +8,16 @@ test_postprocess.py and test_fail_reasons.py; here: exit codes, one-line errors,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import support.cli as support_cli
 from openpyxl import Workbook
+from support.cli import base_env, read_jsonl
 
 from producer.sample_data import make_sample_tree
 
@@ -29,10 +29,7 @@ CLEAN = '{"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}}], "备注"
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120")
-    env.pop("STAGE_A_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    return support_cli.cli(list(args), base_env(), cwd or Path.cwd(), timeout)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
@@ -56,10 +53,6 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> bytes:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
     path.write_bytes(data)
     return data
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def write_xlsx(path: Path, rows: list[list[Any]]) -> Path:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability_support import Farm, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import Farm, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 RETRY_LINE = "storing results failed (database is locked); retry"

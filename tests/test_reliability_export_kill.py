@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability_support import FAILURES, JSONL, MISSION, base_env, cli, cli_popen
+from support.farm import FAILURES, JSONL, MISSION, base_env, cli, cli_popen
 
 from stage_a.config import RunSpec
 

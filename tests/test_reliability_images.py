@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_reliability_support import FAIL, FAILURES, JSONL, MISSION, PASS, base_env, cli, read_jsonl
+from support.farm import FAIL, FAILURES, JSONL, MISSION, PASS, base_env, cli, read_jsonl
 
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.work import ImageKey, WorkItem

@@ -7,12 +7,11 @@ ones; the good run still completes, on the same pool process, and nothing is lef
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reliability_support import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
 
 from stage_a.config import GenerationParams, RunSpec
 
@@ -29,13 +28,14 @@ class _OpensAFileWhenUnpickled:
         return (open, (self.marker, "w"))
 
 
-def _register(db_url: str, input_dir: Path) -> tuple[int, list[Any]]:
+def _register(db_url: str, input_dir: Path, checkpoint: Path) -> tuple[int, list[Any]]:
     from producer.register import register_run
     from stage_a.store import ResultStore
 
     store = ResultStore(db_url)
+    # The run names the farm's model: a pinned worker serves no other (and never a demo run).
     spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", batch_size=4, sharding_mode="per_image",
-                   generation=GenerationParams(max_new_tokens=4))
+                   generation=GenerationParams(max_new_tokens=4), checkpoint=str(checkpoint))
     reg = register_run(store, spec, input_dir, farm=True)
     items = store.unfinished_items(reg.run_id)
     store.close()
@@ -53,7 +53,8 @@ def _publish_raw(broker_url: str, queue: str, payloads: list[Any], serializer: s
     rogue.close()
 
 
-def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
+def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, farm_factory, tmp_path: Path,  # noqa: F811
+                                                                  tiny_checkpoint: Path) -> None:
     from stage_a.broker import Publisher
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
@@ -64,7 +65,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
     secret.write_bytes(b"not yours")
     (tmp_path / "in" / "links").mkdir()
     os.symlink(secret, tmp_path / "in" / "links" / "evil.jpg")
-    run_id, items = _register(pg_url, tmp_path / "in")
+    run_id, items = _register(pg_url, tmp_path / "in", tiny_checkpoint)
     good = items[0].to_message()
 
     farm: Farm = farm_factory(pg_url)
@@ -96,9 +97,10 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
 
     # Nothing is retried forever: after a few flush intervals the broker holds nothing, and each
     # poison message was dead-lettered exactly once.
-    time.sleep(3)
-    assert farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
     store = ResultStore(pg_url)
+    wait_for(lambda: farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
+             and len(store.dead_letters()) >= len(poison), 30, "the broker drained and every poison dead-lettered",
+             on_timeout=farm.logs)
     letters = store.dead_letters()
     store.close()
     assert len(letters) == len(poison), letters
@@ -120,14 +122,14 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
     assert "Unrecoverable" not in log and "WorkerLostError" not in log
 
 
-def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_path: Path) -> None:
+def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_path: Path, tiny_checkpoint: Path) -> None:
     """An image whose deliveries keep dying (it kills the worker) is failed after N attempts."""
     from stage_a.messages import image_payload
     from stage_a.settings import Settings
-    from workers.tasks import WorkerRuntime
+    from workers.runtime import WorkerRuntime
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
-    run_id, items = _register(pg_url, tmp_path / "in")
+    run_id, items = _register(pg_url, tmp_path / "in", tiny_checkpoint)
     rt = WorkerRuntime(Settings(database_url=pg_url, max_delivery_attempts=3))
     for _ in range(3):  # three deliveries whose worker died before writing a result
         rt.store.lease([items[0].key], "dead-worker", 0.01)

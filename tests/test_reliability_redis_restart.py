@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability_support import Farm, check_export, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import Farm, check_export, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 ORPHAN_LINE = "pending images with no message on the broker"
@@ -66,7 +66,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     (two worker hosts) each image is re-sent once.
     """
     from kombu import Connection
-    from test_reliability_support import MISSION, RedisServer
+    from support.farm import MISSION, RedisServer
 
     from producer.register import register_run
     from stage_a.broker import Publisher
@@ -80,8 +80,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     reg = register_run(store, RunSpec(mission=MISSION, dataset="bbu", input_root=""), tmp_path / "in", farm=True)
     redis = RedisServer(tmp_path)
     redis.start()
-    monkeypatch.setenv("STAGE_A_ORPHAN_GRACE", "0.3")
-    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans")
+    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans", orphan_grace=0.3)
     reclaimers = [Reclaimer(settings), Reclaimer(settings)]
     conn, other = Connection(redis.url), Connection(redis.url)
     try:

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_reliability_support import FAILURES, JSONL, MISSION, base_env, cli, cli_popen, make_tree, wait_for
+from support.farm import FAILURES, JSONL, MISSION, base_env, cli, cli_popen, make_tree, wait_for
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 16

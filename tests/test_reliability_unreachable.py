@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability_support import MISSION, REPO, base_env, free_port, make_tree
+from support.farm import MISSION, REPO, base_env, free_port, make_tree
 
 SECRET = "SECRETPW"
 LIMIT_S = 20

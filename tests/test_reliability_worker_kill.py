@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_reliability_support import (  # noqa: F401
+from support.farm import (  # noqa: F401
     Farm,
     check_export,
     check_rows,

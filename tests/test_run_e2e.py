@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from support.cli import base_env, cli, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -93,20 +92,13 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(args: list[str], cache: Path, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, STAGE_A_CACHE_DIR=str(cache), PYTHONIOENCODING="utf-8", COLUMNS="120")
-    env.pop("STAGE_A_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    return cli(args, base_env(STAGE_A_CACHE_DIR=str(cache)), cwd, timeout)
 
 
 def stage_a_run(tree: Path, out: Path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return run_cli(["run", "--mission", MISSION, "--input-dir", str(tree), "--output-dir", str(out),
                     "--checkpoint", str(checkpoint), "--device", "cpu", "--max-new-tokens", "12", *extra],
                    cache=out.parent / "cache", cwd=out.parent)
-
-
-def read_jsonl(path: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -122,16 +122,17 @@ class Admission:
         by_run: dict[int, dict[ImageKey, WorkItem]] = {}
         for m in messages:
             missing = [it for it in m.items if it.key not in entries]
-            if missing:
-                self.dead_letter(f"{len(missing)} of {len(m.items)} images are not in run {m.run.id} "
-                                 f"(first: {missing[0].key})", m.payload, m.run.id)
+            if missing:  # one dead letter per message, however many images it lists
+                more = f" (nor {len(missing) - 1} more of its {len(m.items)})" if len(missing) > 1 else ""
+                self.dead_letter(f"image {missing[0].key} is not in run {m.run.id}{more}", m.payload, m.run.id)
                 out.dead += 1
             present = [it for it in m.items if it.key in entries]
             moved = [it for it in present if it.rel_path != entries[it.key].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
-                self.dead_letter(f"path {moved[0].rel_path!r} does not match the stored path of "
-                                 f"{moved[0].key}", m.payload, m.run.id)
+                reason = self._path_refusal(moved[0], m.run) or (
+                    f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}")
+                self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
                 continue
             refusal = self._root_refusal(m.run)
@@ -146,7 +147,8 @@ class Admission:
                     by_run.setdefault(m.run.id, {})[it.key] = WorkItem(it.key, entries[it.key].rel_path)
             if gave_up:
                 self.store.record_results(gave_up, self.worker)
-                self.dead_letter(f"{len(gave_up)} image(s) failed: {gave_up[0].error}", m.payload, m.run.id)
+                more = f" (and {len(gave_up) - 1} more images of the message)" if len(gave_up) > 1 else ""
+                self.dead_letter(f"image {gave_up[0].key}: {gave_up[0].error}{more}", m.payload, m.run.id)
                 out.failed += gave_up
         out.work = {run_id: [d[k] for k in sorted(d)] for run_id, d in by_run.items()}
 

@@ -8,7 +8,6 @@ fixtures' teardown, so a failing test never leaves a worker or a Redis behind.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import socket
@@ -23,11 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support.cli import REPO, base_env, cli, cli_popen, read_jsonl  # noqa: F401  (re-exported)
+
 MISSION = "挡风板安装检查"
 PASS, FAIL = "审核通过", "审核不通过"
 JSONL = f"{MISSION}_stage_a.jsonl"
 FAILURES = f"{MISSION}_stage_a_failures.jsonl"
-REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 
@@ -93,36 +93,6 @@ def make_tree(root: Path, groups: int, per_group: int = 2, seed: int = 0) -> lis
 # ---- subprocesses ---------------------------------------------------------------------------
 
 
-def base_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", COLUMNS="120", STAGE_A_DEVICE="cpu",
-               PYTHONUNBUFFERED="1")
-    for k in [k for k in env if k.startswith("STAGE_A_") and k not in ("STAGE_A_TEST_MODEL_CACHE",
-                                                                       "STAGE_A_TEST_REDIS_URL",
-                                                                       "STAGE_A_TEST_PG_URL", "STAGE_A_DEVICE")]:
-        del env[k]
-    env.update(extra)
-    return env
-
-
-def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `stage-a ARGS` to completion."""
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
-
-
-def cli_popen(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    f = open(log, "wb")
-    try:
-        return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, cwd=cwd, start_new_session=True)
-    finally:
-        f.close()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 class RedisServer:
     """A Redis the test owns, on its own port, without persistence (a restart loses every message)."""
 
@@ -171,8 +141,9 @@ class RedisServer:
 class Worker:
     """`celery -A workers worker` (prefork, one pool process) in its own process group."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str = "workers") -> None:
         self.name = name
+        self.app = app
         self.env = env
         self.log_path = workdir / f"worker-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -180,7 +151,7 @@ class Worker:
     def start(self) -> Worker:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "1",
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "--loglevel", "INFO", "--concurrency", "1",
              "--pool", "prefork", "-n", f"{self.name}@%h", "--without-gossip", "--without-mingle",
              "--without-heartbeat"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
@@ -256,8 +227,8 @@ class Farm:
                         STAGE_A_CHECKPOINT=str(self.checkpoint), STAGE_A_QUEUE=self.queue,
                         OMP_NUM_THREADS="1", **self.settings, **extra)
 
-    def worker(self, name: str, **extra: str) -> Worker:
-        w = Worker(name, self.env(**extra), self.workdir).start()
+    def worker(self, name: str, app: str = "workers", **extra: str) -> Worker:
+        w = Worker(name, self.env(**extra), self.workdir, app).start()
         self.workers.append(w)
         return w
 

@@ -1,0 +1,34 @@
+"""Fault injection for tests: make one batch's generation raise, in-process or in a worker process.
+
+The product has no switch for this; tests install it by patching the transformers engine in the
+process that runs the step loop (`python -m support.faults run ...`, or the Celery app in
+support/faulty_app.py). A batch whose images include a path containing MARKER raises.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+MARKER = "EXPLODE"
+MESSAGE = "injected generation fault"
+
+
+def install() -> None:
+    from workers.engine import BatchEngine
+
+    original = BatchEngine.generate
+
+    def generate(self: BatchEngine, batch: Any) -> Any:
+        if any(MARKER in it.rel_path for it in batch.items):
+            raise RuntimeError(f"{MESSAGE} ({len(batch.items)} rows)")
+        return original(self, batch)
+
+    BatchEngine.generate = generate  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":  # python -m support.faults ARGS...: `stage-a ARGS` with the fault installed
+    install()
+    from cli.main import main
+
+    main(sys.argv[1:])
