@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cli.commands.options import make_output_dir
 from stage_a.errors import UserError
 from stage_a.settings import database_url
 
@@ -52,7 +53,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
             click.echo(f"stage-a: {msg}; nothing written", err=True)
             sys.exit(4)
         click.echo(f"stage-a: warning: {msg}; exporting complete groups only", err=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     report = export_run(store, info.id, output_dir)
     for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
         click.echo(f"stage-a: {note}", err=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from cli.commands.options import build_spec, make_output_dir, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError
 from stage_a.settings import database_url, default_cache_dir
 
@@ -89,7 +89,7 @@ def run(**kw: Any) -> None:
 
     db_url = database_url(kw["db"], output_dir)
     fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     store = ResultStore(db_url)
     try:
         if kw["resume"]:
