@@ -65,9 +65,9 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
 
 def _require_existing_sqlite(url: str) -> None:
     """Exporting reads a database: never create an empty one as a side effect of a wrong path."""
-    from sqlalchemy.engine import make_url
+    from stage_a.store.engine import parse_url
 
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         if not Path(parsed.database).is_file():
             raise UserError(f"no results database at {parsed.database} (pass --db, or the --output-dir of the run)")

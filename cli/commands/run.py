@@ -219,10 +219,10 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
 
 def _not_yet_existing(output_dir: Path, db_url: str) -> list[Path]:
     """The output folder and SQLite files that this command is about to create."""
-    from sqlalchemy.engine import make_url
+    from stage_a.store.engine import parse_url
 
     paths = []
-    parsed = make_url(db_url)
+    parsed = parse_url(db_url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         paths += [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
     paths.append(output_dir)

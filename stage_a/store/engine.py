@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 
 from stage_a.config import SCHEME, hide_secrets, redact_url, userinfo_end
@@ -59,12 +59,17 @@ def _plain_url(url: str) -> str:
     return head + (userinfo + "@" if at > 0 else "") + hosts + tail
 
 
-def make_engine(url: str) -> Engine:
-    """A new engine for ``url``; call after fork, never share one across processes."""
+def parse_url(url: str) -> URL:
+    """``url`` parsed by SQLAlchemy (see _plain_url); a malformed one is a UserError, password hidden."""
     try:
-        parsed = make_url(_plain_url(url))
+        return make_url(_plain_url(url))
     except Exception as exc:
         raise UserError(f"invalid database URL {redact_url(url)}: {hide_secrets(str(exc), url)}") from None
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine for ``url``; call after fork, never share one across processes."""
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
