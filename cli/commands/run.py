@@ -97,6 +97,7 @@ def run(**kw: Any) -> None:
             if info is None:
                 raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
             run_id = info.id
+            checkpoint = _resume_checkpoint(info, checkpoint)  # the run names its model: exactly that one
             reset = store.reset_failed(run_id)
             n_todo = len(store.unfinished_items(run_id))
             click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
@@ -117,8 +118,6 @@ def run(**kw: Any) -> None:
         _remove_created(fresh)
         raise
     run_info = store.get_run(run_id)
-    if kw["resume"]:  # the run names its model; serve exactly that one
-        checkpoint = _resume_checkpoint(run_info, checkpoint)
     assert checkpoint is not None
     processed, seconds = _process(store, run_info, checkpoint, kw, gpus)
     _finish(store, run_id, output_dir, processed, seconds, kw)
