@@ -63,6 +63,12 @@ class Settings:
     """An image delivered this many times without a result is failed."""
     stall_seconds: float = 300.0
     """`status` calls a run stalled when it has pending work and no result for this long."""
+    heartbeat_timeout: float = 120.0
+    """A worker whose last heartbeat is older than this many seconds counts as offline in `status`."""
+    rate_window: float = 120.0
+    """Seconds of recent results behind `status`'s recent images/s and its ETA."""
+    serve_basic_auth: str = ""
+    """user:password that `stage-a serve` asks for (HTTP basic auth, like FLOWER_BASIC_AUTH); empty: none."""
     db_pool_size: int = 5
     """Database connections kept per process (see README: N hosts x M GPUs x this <= max_connections)."""
     sqlite_busy_timeout: float = 30.0
@@ -94,6 +100,11 @@ class Settings:
 
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
+        if self.serve_basic_auth and ":" not in self.serve_basic_auth:
+            raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password")
+        for name in ("stall_seconds", "heartbeat_timeout", "rate_window"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
         if self.engine not in ENGINES:

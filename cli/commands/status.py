@@ -1,59 +1,68 @@
-"""`stage-a status RUN`: progress of a run from the results database."""
+"""`stage-a status RUN`: what a run is doing, from the results store and the broker (monitor.report)."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
-from datetime import datetime
 
 import click
 
+from stage_a.errors import UserError
 from stage_a.settings import Settings, database_url
 
-
-def _describe(run_id: int, counts, now: datetime) -> str:  # type: ignore[no-untyped-def]
-    total = counts.images_total
-    finished = counts.done + counts.failed
-    lines = [
-        f"run {run_id}: images {finished}/{total} finished (done {counts.done}, failed {counts.failed}, "
-        f"pending {counts.pending}, in flight {counts.leased})",
-        f"groups: {counts.groups_done}/{counts.groups_total} complete, {counts.groups_failed} with failures",
-    ]
-    if counts.first_update and counts.last_update and finished:
-        span = max((counts.last_update - counts.first_update).total_seconds(), 1e-6)
-        rate = finished / span
-        left = counts.pending + counts.leased
-        eta = f"{left / rate:.0f}s" if rate > 0 and left else "-"
-        lines.append(f"throughput: {rate:.2f} images/s; ETA {eta}")
-    lines.append("workers: " + (", ".join(counts.workers) if counts.workers else "-"))
-    lines.append("state: " + ("finished" if counts.finished else "running"))
-    return "\n".join(lines)
+DB_HELP = "Results database path or URL (env STAGE_A_DATABASE_URL)."
 
 
-@click.command()
-@click.argument("run_id", type=int)
-@click.option("--db", help="Results database path or URL (env STAGE_A_DATABASE_URL).")
-@click.option("--watch", is_flag=True, help="Refresh with a progress bar until the run is finished.")
-@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
-def status(run_id: int, db: str | None, watch: bool, interval: float) -> None:
-    """Pending / done / failed images and groups, throughput, ETA and which workers of RUN_ID."""
-    from stage_a.errors import UserError
+def open_store(db: str | None):  # type: ignore[no-untyped-def]  # -> ResultStore
+    """The store named by --db or STAGE_A_DATABASE_URL; a UserError when neither is given."""
     from stage_a.store import ResultStore
     from stage_a.store.runs import check_run_id
 
     check_run_id(run_id)
     if not db and not Settings.from_env().database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
-    store = ResultStore(database_url(db))
-    store.get_run(run_id)
-    if not watch:
-        click.echo(_describe(run_id, store.counts(run_id), datetime.now()))
-        return
-    from cli.commands.progress import RunProgress
+    return ResultStore(database_url(db))
 
-    counts = store.counts(run_id)
-    with RunProgress(store, run_id, counts) as progress:
-        while not counts.finished:
+
+@click.command()
+@click.argument("run_id", metavar="RUN", type=int)
+@click.option("--db", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the same as `serve`'s /api/runs/RUN).")
+@click.option("--watch", is_flag=True,
+              help="Refresh until the run is finished or cancelled; a stalled run says why.")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
+def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """State of RUN (running, stalled, finished, cancelled) and why; images and groups done, failed,
+    pending and in flight; dead letters; broker queue; workers online; throughput, ETA; stage timings.
+
+    Exit status 0 (also for a stalled or cancelled run: the state is in the output).
+    """
+    from monitor.report import QueueProbe, build_report
+    from monitor.text import describe, watch_line
+
+    if interval <= 0:
+        raise UserError(f"--interval must be > 0, got {interval}")
+    settings = Settings.from_env()
+    store = open_store(db)
+    probe = QueueProbe(settings)
+    writers = not as_json  # the JSON object is /api/runs/RUN's, which skips that scan
+    report = build_report(store, run_id, settings, probe, writers=writers)
+    if watch:
+        last = ""
+        tty = sys.stderr.isatty()
+        while report.state not in ("finished", "cancelled"):
+            line = watch_line(report)
+            if tty:
+                click.echo("\r\033[K" + line, nl=False, err=True)
+            elif line != last:
+                click.echo(line, err=True)
+            last = line
             time.sleep(interval)
-            progress.refresh_from_store()
-            counts = store.counts(run_id)
-    click.echo(_describe(run_id, counts, datetime.now()))
+            report = build_report(store, run_id, settings, probe, writers=writers)
+        if tty:
+            click.echo("\r\033[K" + watch_line(report), err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False))
+    else:
+        click.echo(describe(report))

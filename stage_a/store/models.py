@@ -76,6 +76,7 @@ class ImageRow(Base):
             ["run_id", "group_position"], ["groups.run_id", "groups.position"], ondelete="CASCADE"
         ),
         Index("ix_images_run_status", "run_id", "status"),
+        Index("ix_images_run_updated", "run_id", "updated_at"),
         CheckConstraint(STATUS_CHECK, name="ck_images_status"),
     )
 

@@ -1,0 +1,390 @@
+"""What a run is doing, read from the store (and the broker's queue length): one RunReport.
+
+`stage-a status`, `stage-a runs`, the web pages, `/api/runs/{id}` and `/metrics` all build their
+view from here, so they never disagree. Building one report costs two aggregate queries over the
+run's rows plus a few small ones (workers, dead letters), whatever the run's size.
+
+Rates are never taken from one timestamp: a batch of images finished in the same instant has no
+duration of its own, so every rate divides by a span of at least MIN_SPAN_S that starts at the
+run's first activity, or else at its creation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from stage_a.errors import UserError
+from stage_a.settings import Settings
+from stage_a.store.views import ModelShare, RunRow, WorkerBeat
+
+if TYPE_CHECKING:
+    from stage_a.broker import Publisher
+    from stage_a.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+STATES = ("running", "stalled", "finished", "cancelled")
+MIN_SPAN_S = 1.0
+
+
+def utcnow() -> datetime:
+    """The store's clock: naive UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process as its last heartbeat describes it."""
+
+    name: str
+    online: bool
+    state: str
+    model: str | None
+    engine: str | None
+    device: str | None
+    run_id: int | None
+    heartbeat_age_s: float
+    last_batch_at: datetime | None
+    last_batch_images: int | None
+    last_batch_seconds: float | None
+    images_per_s: float | None
+    tokens_per_s: float | None
+    images_total: int
+
+
+@dataclass(frozen=True)
+class Throughput:
+    recent_images_per_s: float | None
+    """Images finished in the last ``window_s`` seconds (or since creation, if younger) per second."""
+    window_s: float
+    overall_images_per_s: float | None
+    """Images finished per second from the run's first activity to its last result."""
+    eta_s: float | None
+    """Unfinished images / the recent rate (the overall rate when nothing finished recently)."""
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Means over the images that recorded them (per image: its share of its batch)."""
+
+    preprocess_ms: float | None
+    generate_ms: float | None
+    tokens_per_s: float | None
+    """Completion tokens / generation seconds, summed over images (the engine's decode rate)."""
+
+
+@dataclass(frozen=True)
+class RunReport:
+    run_id: int
+    mission: str
+    dataset: str
+    checkpoint: str
+    model: str | None
+    """Fingerprint the run must be served with (None: recorded before runs carried one)."""
+    models_served: tuple[ModelShare, ...]
+    """(model, engine, images) that produced the done images."""
+    farm: bool
+    sharding_mode: str
+    created_at: datetime
+    cancelled_at: datetime | None
+    now: datetime
+    elapsed_s: float
+    images_total: int
+    done: int
+    failed: int
+    pending: int
+    in_flight: int
+    groups_total: int
+    groups_complete: int
+    groups_with_failures: int
+    dead_letters: int
+    queue_length: int | None
+    """Messages waiting on the broker queue (all runs share it); None: no broker or unreachable."""
+    queue_note: str | None
+    workers_online: int
+    """Workers with a fresh heartbeat that can serve this run's model."""
+    workers: tuple[WorkerView, ...]
+    result_writers: tuple[str, ...]
+    """Worker names found on the run's image rows (who leased or wrote them)."""
+    first_activity_at: datetime | None
+    last_result_at: datetime | None
+    throughput: Throughput
+    timings: StageTimings
+    state: str
+    reason: str | None
+    """Why the run is stalled, and what to do."""
+    settings_note: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished_images(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def unfinished(self) -> int:
+        return self.pending + self.in_flight
+
+    @property
+    def fraction(self) -> float:
+        return self.finished_images / self.images_total if self.images_total else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON object (what `status --json` prints and /api/runs/{id} returns)."""
+        d = asdict(self)
+        d.pop("settings_note", None)
+        d["finished"] = self.finished_images
+        d["models_served"] = [asdict(m) for m in self.models_served]
+        return _jsonable(d)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.replace(microsecond=0).isoformat() + "Z"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+class QueueProbe:
+    """Broker queue length, tolerant of a broker that is down (None and a note, never an exception)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._publisher: Publisher | None = None
+
+    def length(self) -> tuple[int | None, str | None]:
+        if not self.settings.broker_url:
+            return None, "no broker configured"
+        try:
+            if self._publisher is None:
+                from stage_a.broker import Publisher
+
+                self._publisher = Publisher(self.settings)
+                self._publisher.app.conf.broker_connection_retry = False
+                self._publisher.app.conf.broker_connection_max_retries = 0
+                self._publisher.app.conf.broker_transport_options = {
+                    "socket_connect_timeout": 2, "socket_timeout": 3, "retry_on_timeout": False, "max_retries": 0,
+                }
+            return self._publisher.queue_length(), None
+        except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.debug("queue length unavailable: %s", first)
+            return None, f"broker unreachable ({first[:120]})"
+
+
+def nearest_run_ids(store: ResultStore, run_id: int, n: int = 5) -> list[int]:
+    """Existing run ids closest to ``run_id`` (by value, then by spelling)."""
+    ids = store.run_ids()
+    by_value = sorted(ids, key=lambda i: (abs(i - run_id), -i))[:n]
+    spelled = [int(s) for s in difflib.get_close_matches(str(run_id), [str(i) for i in ids], n=2, cutoff=0.6)]
+    out: list[int] = []
+    for i in spelled + by_value:
+        if i not in out:
+            out.append(i)
+    return sorted(out[:n])
+
+
+def require_run(store: ResultStore, run_id: int) -> RunRow:
+    """The run, or a UserError that names the nearest existing ids."""
+    if run_id <= 0:
+        raise UserError(f"run ids start at 1, got {run_id}")
+    row = store.run_row(run_id)
+    if row is not None:
+        return row
+    near = nearest_run_ids(store, run_id)
+    hint = f"; nearest existing: {', '.join(map(str, near))} (stage-a runs lists them)" if near else \
+        "; the database has no runs yet"
+    raise UserError(f"no run {run_id} in {store.display_url}{hint}")
+
+
+def worker_views(beats: list[WorkerBeat], now: datetime, settings: Settings) -> list[WorkerView]:
+    out = []
+    for b in beats:
+        age = max(0.0, (now - b.heartbeat_at).total_seconds())
+        online = age <= settings.heartbeat_timeout and b.state != "stopped"
+        out.append(WorkerView(
+            name=b.name, online=online, state=b.state if online or b.state == "stopped" else "offline",
+            model=b.model, engine=b.engine, device=b.device, run_id=b.run_id, heartbeat_age_s=age,
+            last_batch_at=b.last_batch_at, last_batch_images=b.last_batch_images,
+            last_batch_seconds=b.last_batch_seconds, images_per_s=b.images_per_s, tokens_per_s=b.tokens_per_s,
+            images_total=b.images_total,
+        ))
+    return out
+
+
+def _serves(worker: WorkerView, run: RunRow) -> bool:
+    return worker.model is None or run.model is None or worker.model == run.model
+
+
+def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,
+                 queue: QueueProbe | None = None, now: datetime | None = None,
+                 beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
+    """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
+
+    ``queue``: where the queue length comes from (None: not asked, reported unknown). ``beats``:
+    the workers table when the caller already read it (the runs list and /metrics read it once).
+    ``writers``: also list the worker names found on the run's rows (one more scan of the run; the
+    web pages skip it and show the heartbeat table).
+    """
+    settings = settings or Settings.from_env()
+    run = require_run(store, run_id)
+    now = now or utcnow()
+    window = settings.rate_window
+    agg = store.run_aggregate(run_id, now - timedelta(seconds=window))
+    tally = store.group_tally(run_id, run.n_groups)
+    dead = store.dead_letter_counts().get(run_id, 0)
+    workers = worker_views(store.worker_beats() if beats is None else beats, now, settings)
+    relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
+    online = sum(1 for w in relevant if w.online and _serves(w, run))
+    if queue is not None and run.farm:
+        queue_length, queue_note = queue.length()
+    else:
+        queue_length, queue_note = None, (None if run.farm else "not a farm run")
+
+    unfinished = agg.pending + agg.leased
+    # Rates: never from one timestamp (see the module docstring).
+    overall = None
+    if agg.finished and agg.last_result is not None:
+        start = agg.first_activity or run.created_at
+        span = (agg.last_result - start).total_seconds()
+        if span < MIN_SPAN_S:
+            span = (agg.last_result - run.created_at).total_seconds()
+        overall = agg.finished / span if span >= MIN_SPAN_S else None
+    recent = None
+    if unfinished and not run.cancelled_at:
+        span = min(window, (now - run.created_at).total_seconds())
+        recent = agg.finished_since / span if span >= MIN_SPAN_S else None
+    rate_for_eta = recent or overall
+    eta = unfinished / rate_for_eta if unfinished and rate_for_eta and not run.cancelled_at else None
+    tokens_per_s = (agg.completion_tokens / (agg.generate_ms_with_tokens / 1000.0)
+                    if agg.generate_ms_with_tokens > 0 else None)
+
+    state, reason = _state(run, agg.pending, agg.leased, agg.last_result, agg.first_activity, online,
+                           queue_length, now, settings)
+    end = run.cancelled_at or (agg.last_result if state == "finished" and agg.last_result else now)
+    return RunReport(
+        run_id=run.id, mission=run.mission, dataset=run.dataset, checkpoint=run.checkpoint, model=run.model,
+        models_served=agg.models, farm=run.farm, sharding_mode=run.sharding_mode, created_at=run.created_at,
+        cancelled_at=run.cancelled_at, now=now, elapsed_s=max(0.0, (end - run.created_at).total_seconds()),
+        images_total=agg.total, done=agg.done, failed=agg.failed, pending=agg.pending, in_flight=agg.leased,
+        groups_total=tally.total, groups_complete=tally.complete, groups_with_failures=tally.with_failures,
+        dead_letters=dead, queue_length=queue_length, queue_note=queue_note, workers_online=online,
+        workers=tuple(relevant), result_writers=tuple(store.run_workers(run_id)) if writers else (),
+        first_activity_at=agg.first_activity, last_result_at=agg.last_result,
+        throughput=Throughput(recent, window, overall, eta),
+        timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
+        state=state, reason=reason,
+        settings_note={"stall_seconds": settings.stall_seconds, "heartbeat_timeout": settings.heartbeat_timeout},
+    )
+
+
+def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None, first_activity: datetime | None,
+           workers_online: int, queue_length: int | None, now: datetime,
+           settings: Settings) -> tuple[str, str | None]:
+    if run.cancelled_at is not None:
+        return "cancelled", None
+    unfinished = pending + leased
+    if unfinished == 0:
+        return "finished", None
+    since_result = (now - last_result).total_seconds() if last_result else None
+    if run.farm and workers_online == 0 and (since_result is None or since_result > settings.heartbeat_timeout):
+        model = f" serving model {run.model}" if run.model else ""
+        return "stalled", (f"no worker online{model} (no heartbeat in the last {settings.heartbeat_timeout:.0f} s) "
+                           f"and {unfinished} images unfinished: start workers (systemctl start "
+                           f"stage-a-worker@0, or celery -A workers worker) and check their logs")
+    quiet = since_result if since_result is not None else (now - (first_activity or run.created_at)).total_seconds()
+    if quiet > settings.stall_seconds:
+        what = f"no result for {human_duration(quiet)}" if last_result else f"no result since {human_duration(quiet)}"
+        if not run.farm:
+            todo = (f"if its `stage-a run` process is gone, resume it: stage-a run --resume --run {run.id} "
+                    "--db <this database> --output-dir <dir>")
+        elif queue_length == 0 and pending:
+            todo = (f"the queue is empty while {pending} images are pending (messages lost?): "
+                    f"stage-a enqueue --run {run.id} re-enqueues them")
+        else:
+            todo = "check the workers' logs (journalctl -u stage-a-worker@0)"
+        return "stalled", (f"{what} (STAGE_A_STALL_SECONDS={settings.stall_seconds:.0f}) with {unfinished} images "
+                           f"unfinished; {todo}")
+    return "running", None
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of `stage-a runs` and of the web index (cheap: no per-run aggregate scan)."""
+
+    run_id: int
+    mission: str
+    model: str | None
+    checkpoint: str
+    farm: bool
+    created_at: datetime
+    state: str
+    images_total: int
+    done: int
+    failed: int
+    pending: int
+    in_flight: int
+    dead_letters: int
+    recent_images_per_s: float | None = None
+    """Only for unfinished runs (their full report is built)."""
+    reason: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        return (self.done + self.failed) / self.images_total if self.images_total else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(_jsonable(asdict(self)), finished=self.done + self.failed)
+
+
+def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = None,
+              now: datetime | None = None) -> list[RunSummary]:
+    """Runs newest first with counts and state; full reports only for unfinished runs (their state
+    depends on activity), so a list of many finished runs stays one index-only aggregate."""
+    settings = settings or Settings.from_env()
+    now = now or utcnow()
+    runs = store.run_rows(limit)
+    counts = store.status_counts([r.id for r in runs])
+    dead = store.dead_letter_counts()
+    beats: list[WorkerBeat] | None = None
+    out = []
+    for r in runs:
+        c = counts.get(r.id, {})
+        pending, leased = c.get("pending", 0), c.get("leased", 0)
+        rate, reason = None, None
+        if r.cancelled_at is not None:
+            state = "cancelled"
+        elif pending + leased == 0:
+            state = "finished"
+        else:
+            if beats is None:
+                beats = store.worker_beats()
+            report = build_report(store, r.id, settings, None, now, beats, writers=False)
+            state, rate, reason = report.state, report.throughput.recent_images_per_s, report.reason
+        out.append(RunSummary(
+            run_id=r.id, mission=r.mission, model=r.model, checkpoint=r.checkpoint, farm=r.farm,
+            created_at=r.created_at, state=state, images_total=sum(c.values()), done=c.get("done", 0),
+            failed=c.get("failed", 0), pending=pending, in_flight=leased, dead_letters=dead.get(r.id, 0),
+            recent_images_per_s=rate, reason=reason,
+        ))
+    return out

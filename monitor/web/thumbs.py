@@ -1,0 +1,115 @@
+"""Thumbnails of a run's images: the path comes from the store, never from the request.
+
+A thumbnail is addressed by (run, group position, image index). The file is the store's rel_path
+under the run's recorded input root, resolved (symlinks included) and required to stay inside
+that root; anything else is "not found". Resized JPEGs are kept in an in-memory LRU keyed by the
+address and the file's mtime and size, so a replaced file is never served stale.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stage_a.store import ResultStore
+
+THUMB_PX = 320
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+class NotFound(Exception):
+    """No such image, or its path is not inside the run's input root (same answer for both)."""
+
+
+def resolve_inside(input_root: str, rel_path: str) -> str:
+    """The real path of ``rel_path`` under ``input_root``; NotFound for absolute paths, '..', NUL bytes,
+    symlinks or anything else whose real path leaves the root."""
+    if not rel_path or "\x00" in rel_path or "\x00" in input_root or not input_root:
+        raise NotFound("empty path")
+    if os.path.isabs(rel_path) or rel_path.startswith(("/", "\\")) or ".." in rel_path.replace("\\", "/").split("/"):
+        raise NotFound("path leaves the root")
+    root = os.path.realpath(input_root)
+    full = os.path.realpath(os.path.join(root, rel_path))
+    if os.path.commonpath([root, full]) != root or full == root:
+        raise NotFound("path leaves the root")
+    if not os.path.isfile(full):
+        raise NotFound("no such file")
+    return full
+
+
+@dataclass(frozen=True)
+class Thumb:
+    body: bytes
+    media_type: str
+    etag: str
+    placeholder: bool
+
+
+class Thumbnails:
+    def __init__(self, store: ResultStore, max_px: int = THUMB_PX, cache_bytes: int = CACHE_BYTES) -> None:
+        self.store = store
+        self.max_px = max_px
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[int, int, int, int, int], Thumb] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, run_id: int, group_position: int, image_index: int) -> Thumb:
+        loc = self.store.image_location(run_id, group_position, image_index)
+        if loc is None:
+            raise NotFound("no such image")
+        path = resolve_inside(*loc)
+        st = os.stat(path)
+        key = (run_id, group_position, image_index, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        thumb = self._render(path, f'"{run_id}-{group_position}-{image_index}-{st.st_mtime_ns}-{st.st_size}"')
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = thumb
+                self._size += len(thumb.body)
+            while self._size > self.cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._size -= len(old.body)
+        return thumb
+
+    def _render(self, path: str, etag: str) -> Thumb:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as src:
+                src.draft("RGB", (self.max_px, self.max_px))  # JPEG: decode at a reduced scale
+                im = ImageOps.exif_transpose(src)
+                im.thumbnail((self.max_px, self.max_px))
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="JPEG", quality=82)
+            return Thumb(buf.getvalue(), "image/jpeg", etag, False)
+        except Exception:  # unreadable or truncated image: say so in the picture, not with a broken icon
+            return Thumb(_placeholder(self.max_px), "image/png", etag, True)
+
+
+_PLACEHOLDER: bytes | None = None
+
+
+def _placeholder(px: int) -> bytes:
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None:
+        from PIL import Image, ImageDraw
+
+        im = Image.new("RGB", (px, px * 3 // 4), (236, 236, 240))
+        draw = ImageDraw.Draw(im)
+        draw.line((0, 0, im.width, im.height), fill=(200, 80, 80), width=3)
+        draw.line((0, im.height, im.width, 0), fill=(200, 80, 80), width=3)
+        draw.text((10, 10), "unreadable image", fill=(120, 30, 30))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        _PLACEHOLDER = buf.getvalue()
+    return _PLACEHOLDER

@@ -1,0 +1,445 @@
+"""Read-only queries behind the operator views (`status`, `runs`, `dead-letters`, `serve`, `diff`).
+
+A mixin of ResultStore: every method uses ``self.engine`` and nothing else. Each view of one run
+costs a fixed number of aggregate queries over that run's rows (index ix_images_run_status or the
+primary key), never a query per image or per group, so they stay fast at a million images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, case, func, or_, select
+
+from stage_a.store.models import DONE, FAILED, LEASED, PENDING, DeadLetter, GroupRow, ImageRow, Run, WorkerRow
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+IRRELEVANT = "无关图片"
+"""The whole cleaned summary of an irrelevant image (SPEC section 5)."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as recorded (no image counts)."""
+
+    id: int
+    mission: str
+    dataset: str
+    checkpoint: str
+    model: str | None
+    input_root: str
+    sharding_mode: str
+    farm: bool
+    n_groups: int
+    n_images: int
+    created_at: datetime
+    cancelled_at: datetime | None
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelShare:
+    """Images of a run finished by one (model, engine) pair."""
+
+    model: str | None
+    engine: str | None
+    images: int
+
+
+@dataclass(frozen=True)
+class RunAggregate:
+    """Everything `status` needs from a run's image rows, read in one pass."""
+
+    pending: int
+    leased: int
+    done: int
+    failed: int
+    first_activity: datetime | None
+    """Earliest updated_at of any row (a lease, or the first result once leases became results)."""
+    first_result: datetime | None
+    last_result: datetime | None
+    finished_since: int
+    """Images finished (done or failed) after the ``since`` time the caller passed."""
+    preprocess_ms_mean: float | None
+    generate_ms_mean: float | None
+    completion_tokens: int
+    generate_ms_with_tokens: float
+    """Sum of generate_ms over the rows that have completion_tokens (tokens/s = tokens / this)."""
+    models: tuple[ModelShare, ...]
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.leased + self.done + self.failed
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+
+@dataclass(frozen=True)
+class GroupTally:
+    total: int
+    complete: int
+    with_failures: int
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    """One worker process's last heartbeat (the `workers` table)."""
+
+    name: str
+    model: str | None
+    engine: str | None
+    device: str | None
+    state: str
+    started_at: datetime
+    heartbeat_at: datetime
+    run_id: int | None
+    last_batch_at: datetime | None
+    last_batch_images: int | None
+    last_batch_seconds: float | None
+    images_per_s: float | None
+    tokens_per_s: float | None
+    images_total: int
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    received_at: datetime
+    run_id: int | None
+    worker: str | None
+    reason: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class PageImage:
+    group_position: int
+    image_index: int
+    rel_path: str
+    status: str
+    summary: str | None
+    raw_text: str | None
+    error: str | None
+    worker: str | None
+    preprocess_ms: float | None
+    generate_ms: float | None
+    completion_tokens: int | None
+
+    @property
+    def file_name(self) -> str:
+        return self.rel_path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class PageGroup:
+    position: int
+    group_id: str
+    label: str
+    n_images: int
+    images: list[PageImage]
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Which images a run page shows; empty = all."""
+
+    label: str | None = None
+    failed: bool = False
+    irrelevant: bool = False
+    text: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.label or self.failed or self.irrelevant or self.text)
+
+
+_PAGE_COLUMNS = (ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path, ImageRow.status,
+                 ImageRow.summary, ImageRow.raw_text, ImageRow.error, ImageRow.worker, ImageRow.preprocess_ms,
+                 ImageRow.generate_ms, ImageRow.completion_tokens)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class ViewQueries:
+    """Read-only queries for the operator views; mixed into ResultStore."""
+
+    engine: Engine
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def run_row(self, run_id: int) -> RunRow | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(Run).where(Run.id == run_id)).first()
+        return _run_row(row._mapping) if row else None
+
+    def run_rows(self, limit: int = 100, ids: Sequence[int] | None = None) -> list[RunRow]:
+        """Runs newest first (or the given ids)."""
+        q = select(Run).order_by(Run.id.desc()).limit(limit)
+        if ids is not None:
+            q = q.where(Run.id.in_(list(ids)))
+        with self.engine.connect() as c:
+            return [_run_row(r._mapping) for r in c.execute(q)]
+
+    def run_ids(self) -> list[int]:
+        with self.engine.connect() as c:
+            return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
+
+    def status_counts(self, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """{run: {status: images}} for many runs in one index-only aggregate."""
+        out: dict[int, dict[str, int]] = {r: {} for r in run_ids}
+        if not run_ids:
+            return out
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.run_id, ImageRow.status, func.count())
+                .where(ImageRow.run_id.in_(list(run_ids))).group_by(ImageRow.run_id, ImageRow.status)
+            )
+            for run_id, status, n in rows:
+                out[int(run_id)][str(status)] = int(n)
+        return out
+
+    def run_aggregate(self, run_id: int, since: datetime) -> RunAggregate:
+        """Counts, first/last times, images finished after ``since``, per-stage means: one pass."""
+        with_tokens = ImageRow.completion_tokens.is_not(None)
+        q = (
+            select(
+                ImageRow.status, ImageRow.model, ImageRow.engine, func.count(),
+                func.min(ImageRow.updated_at), func.max(ImageRow.updated_at),
+                func.count().filter(ImageRow.updated_at > since),
+                func.sum(ImageRow.preprocess_ms), func.count(ImageRow.preprocess_ms),
+                func.sum(ImageRow.generate_ms), func.count(ImageRow.generate_ms),
+                func.sum(ImageRow.completion_tokens),
+                func.sum(ImageRow.generate_ms).filter(with_tokens),
+            )
+            .where(ImageRow.run_id == run_id)
+            .group_by(ImageRow.status, ImageRow.model, ImageRow.engine)
+        )
+        by_status = {PENDING: 0, LEASED: 0, DONE: 0, FAILED: 0}
+        first_act: list[datetime] = []
+        firsts: list[datetime] = []
+        lasts: list[datetime] = []
+        since_n = 0
+        pre_sum = pre_n = gen_sum = gen_n = 0.0
+        tokens = 0
+        gen_tok_ms = 0.0
+        models: dict[tuple[str | None, str | None], int] = {}
+        with self.engine.connect() as c:
+            for status, model, engine, n, lo, hi, n_since, ps, pn, gs, gn, tok, gtm in c.execute(q):
+                by_status[str(status)] = by_status.get(str(status), 0) + int(n)
+                if lo is not None:
+                    first_act.append(lo)
+                if status in (DONE, FAILED):
+                    if lo is not None and hi is not None:
+                        firsts.append(lo)
+                        lasts.append(hi)
+                    since_n += int(n_since or 0)
+                    if status == DONE:
+                        models[(model, engine)] = models.get((model, engine), 0) + int(n)
+                pre_sum += float(ps or 0)
+                pre_n += float(pn or 0)
+                gen_sum += float(gs or 0)
+                gen_n += float(gn or 0)
+                tokens += int(tok or 0)
+                gen_tok_ms += float(gtm or 0)
+        return RunAggregate(
+            pending=by_status[PENDING], leased=by_status[LEASED], done=by_status[DONE], failed=by_status[FAILED],
+            first_activity=min(first_act) if first_act else None,
+            first_result=min(firsts) if firsts else None, last_result=max(lasts) if lasts else None,
+            finished_since=since_n,
+            preprocess_ms_mean=pre_sum / pre_n if pre_n else None,
+            generate_ms_mean=gen_sum / gen_n if gen_n else None,
+            completion_tokens=tokens, generate_ms_with_tokens=gen_tok_ms,
+            models=tuple(ModelShare(m, e, n) for (m, e), n in sorted(models.items(), key=lambda kv: -kv[1])),
+        )
+
+    def group_tally(self, run_id: int, n_groups: int) -> GroupTally:
+        """Groups of a run: all, complete (every image done), with at least one failed image.
+
+        Counted from the images that are not done (index ix_images_run_status), so a mostly finished
+        run costs a read of its unfinished and failed rows only, not of all its rows.
+        """
+        failed_pos = case((ImageRow.status == FAILED, ImageRow.group_position))
+        with self.engine.connect() as c:
+            incomplete, with_failures = c.execute(
+                select(func.count(func.distinct(ImageRow.group_position)), func.count(func.distinct(failed_pos)))
+                .where(ImageRow.run_id == run_id, ImageRow.status.in_((PENDING, LEASED, FAILED)))
+            ).one()
+        return GroupTally(n_groups, n_groups - int(incomplete), int(with_failures))
+
+    def run_workers(self, run_id: int) -> list[str]:
+        """Distinct worker names that leased or wrote images of the run (at most 100)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.worker).where(ImageRow.run_id == run_id, ImageRow.worker.is_not(None))
+                .distinct().limit(100)
+            )
+            return sorted(w for (w,) in rows if w)
+
+    def finished_since(self, run_ids: Sequence[int], since: datetime) -> dict[int, int]:
+        """{run: images finished after ``since``} (the recent-rate numerator for /metrics)."""
+        if not run_ids:
+            return {}
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.run_id, func.count())
+                .where(ImageRow.run_id.in_(list(run_ids)), ImageRow.status.in_((DONE, FAILED)),
+                       ImageRow.updated_at > since)
+                .group_by(ImageRow.run_id)
+            )
+            return {int(r): int(n) for r, n in rows}
+
+    # ---- workers and dead letters -----------------------------------------------------------
+
+    def worker_beats(self) -> list[WorkerBeat]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(WorkerRow).order_by(WorkerRow.name))
+            return [WorkerBeat(**{k: r._mapping[k] for k in WorkerBeat.__dataclass_fields__}) for r in rows]
+
+    def dead_letter_counts(self) -> dict[int | None, int]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
+            return {(int(r) if r is not None else None): int(n) for r, n in rows}
+
+    def dead_letter_rows(self, run_id: int | None = None, limit: int = 1000) -> list[DeadLetterRow]:
+        """Newest first; only the run's when ``run_id`` is given."""
+        q = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
+        if run_id is not None:
+            q = q.where(DeadLetter.run_id == run_id)
+        with self.engine.connect() as c:
+            return [DeadLetterRow(r.id, r.received_at, r.run_id, r.worker, r.reason, r.payload) for r in c.execute(q)]
+
+    # ---- pages of a run ---------------------------------------------------------------------
+
+    def failed_images(self, run_id: int, limit: int = 50) -> list[tuple[PageGroup, PageImage]]:
+        """The first failed images in output order, with their group."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images, *_PAGE_COLUMNS)
+                .join(GroupRow, and_(GroupRow.run_id == ImageRow.run_id, GroupRow.position == ImageRow.group_position))
+                .where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                .order_by(ImageRow.group_position, ImageRow.image_index).limit(limit)
+            ).all()
+        return [(PageGroup(r[0], r[1], r[2], r[3], []), _page_image(r[4:])) for r in rows]
+
+    def page_groups(self, run_id: int, flt: ImageFilter, after: int | None = None, before: int | None = None,
+                    limit: int = 20) -> tuple[list[PageGroup], bool]:
+        """One page of groups in output order (keyset on position) with their images that match ``flt``.
+
+        ``after``: positions greater than it (next page); ``before``: the page just before it.
+        Returns the groups and whether there are more in the paging direction.
+        """
+        img_cond = self._image_conditions(run_id, flt)
+        backwards = before is not None and after is None
+        with self.engine.connect() as c:
+            if img_cond is None and not flt.label:
+                pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
+            elif img_cond is None:
+                pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id, GroupRow.label == flt.label)
+            else:
+                pos_q = select(ImageRow.group_position).where(*img_cond).distinct()
+                if flt.label:
+                    pos_q = pos_q.join(GroupRow, and_(GroupRow.run_id == ImageRow.run_id,
+                                                      GroupRow.position == ImageRow.group_position)) \
+                        .where(GroupRow.label == flt.label)
+            col = pos_q.selected_columns[0]
+            if after is not None:
+                pos_q = pos_q.where(col > after)
+            if backwards:
+                pos_q = pos_q.where(col < before).order_by(col.desc())
+            else:
+                pos_q = pos_q.order_by(col)
+            positions = [int(p) for (p,) in c.execute(pos_q.limit(limit + 1))]
+            more = len(positions) > limit
+            positions = sorted(positions[:limit])
+            if not positions:
+                return [], False
+            groups = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
+                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
+            ).all()
+            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
+                                              ImageRow.group_position.between(positions[0], positions[-1]))
+            if img_cond is not None:
+                iq = iq.where(*img_cond)
+            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
+        by_pos: dict[int, list[PageImage]] = {}
+        for r in images:
+            by_pos.setdefault(int(r[0]), []).append(_page_image(r))
+        wanted = set(positions)
+        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups if p in wanted], more
+
+    @staticmethod
+    def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
+        conds: list[Any] = []
+        if flt.failed:
+            conds.append(ImageRow.status == FAILED)
+        if flt.irrelevant:
+            conds.append(ImageRow.summary == IRRELEVANT)
+        if flt.text:
+            pattern = f"%{_like_escape(flt.text)}%"
+            conds.append(or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
+                             ImageRow.rel_path.like(pattern, escape="\\")))
+        if not conds:
+            return None
+        return [ImageRow.run_id == run_id, *conds]
+
+    def image_location(self, run_id: int, group_position: int, image_index: int) -> tuple[str, str] | None:
+        """(input_root, rel_path) of one image as the store recorded them."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(Run.input_root, ImageRow.rel_path)
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(ImageRow.run_id == run_id, ImageRow.group_position == group_position,
+                       ImageRow.image_index == image_index)
+            ).first()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def iter_diff_rows(self, run_id: int, batch_groups: int = 4000) -> Iterator[DiffRow]:
+        """(group_id, label, file name, status, summary, position, index) of every image in output order."""
+        last = -1
+        while True:
+            with self.engine.connect() as c:
+                groups = c.execute(
+                    select(GroupRow.position, GroupRow.group_id, GroupRow.label)
+                    .where(GroupRow.run_id == run_id, GroupRow.position > last)
+                    .order_by(GroupRow.position).limit(batch_groups)
+                ).all()
+                if not groups:
+                    return
+                lo, hi = groups[0][0], groups[-1][0]
+                rows = c.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path, ImageRow.status,
+                           ImageRow.summary)
+                    .where(ImageRow.run_id == run_id, ImageRow.group_position.between(lo, hi))
+                    .order_by(ImageRow.group_position, ImageRow.image_index)
+                ).all()
+            meta = {p: (g, lab) for p, g, lab in groups}
+            for pos, idx, path, status, summary in rows:
+                gid, label = meta[pos]
+                yield gid, label, path.rsplit("/", 1)[-1], status, summary, pos, idx
+            last = hi
+
+
+def _page_image(r: Sequence[Any]) -> PageImage:
+    return PageImage(*r)  # type: ignore[arg-type]  # the _PAGE_COLUMNS, in field order
+
+
+DiffRow = tuple[str, str, str, str, "str | None", int, int]
+
+
+def _run_row(m: Any) -> RunRow:
+    return RunRow(
+        id=int(m["id"]), mission=m["mission"], dataset=m["dataset"], checkpoint=m["checkpoint"], model=m["model"],
+        input_root=m["input_root"], sharding_mode=m["sharding_mode"], farm=bool(m["farm"]),
+        n_groups=int(m["n_groups"]), n_images=int(m["n_images"]), created_at=m["created_at"],
+        cancelled_at=m["cancelled_at"], params=dict(m["params"] or {}),
+    )

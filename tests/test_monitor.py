@@ -1,0 +1,320 @@
+"""The operator views on a real PostgreSQL store with seeded rows: RunReport and its states, the
+`status` / `runs` / `dead-letters` commands, the web pages, thumbnails and their path checks, /metrics.
+
+Writers of heartbeats, cancellation and dead letters are other parts of the product: here their rows
+are written directly, as those writers would.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import text
+
+REPO = Path(__file__).resolve().parents[1]
+MISSION = "挡风板安装检查"
+STATS = '{"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}}, {"类别": "挡风板", "安装状态": {"已安装": 2}}], "备注": ["无"]}'
+
+
+def _jpeg(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (120, 90)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="JPEG")
+
+
+@pytest.fixture()
+def seeded(pg_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two runs: run A (farm, 3 groups, results, one failure, one irrelevant) and run B (one image)."""
+    from stage_a.config import RunSpec
+    from stage_a.store import GroupInput, ResultStore
+    from stage_a.work import ImageKey, ImageResult
+
+    root_a, root_b = tmp_path / "root_a", tmp_path / "root_b"
+    files_a = [f"{MISSION}/审核不通过/QC-1/a_{i}.jpg" for i in (1, 2)] + [f"{MISSION}/审核通过/QC-2/b_1.jpg",
+                                                                           f"{MISSION}/审核通过/QC-3/c_1.jpg"]
+    for i, f in enumerate(files_a):
+        _jpeg(root_a / f, (40 * i, 100, 200))
+    _jpeg(root_b / "m/审核通过/QC-9/z.jpg", (0, 0, 0))
+    _jpeg(root_b / "m/审核通过/QC-9/only_in_b.jpg", (255, 0, 0))
+    store = ResultStore(pg_url)
+    a = store.create_run(RunSpec(mission=MISSION, dataset="bbu", input_root=str(root_a), checkpoint="/m/ck-a"),
+                         [GroupInput("QC-1", "fail", tuple(files_a[:2])), GroupInput("QC-2", "pass", (files_a[2],)),
+                          GroupInput("QC-3", "pass", (files_a[3],))], farm=True)
+    b = store.create_run(RunSpec(mission=MISSION, dataset="bbu", input_root=str(root_b), checkpoint="/m/ck-b"),
+                         [GroupInput("QC-9", "pass", ("m/审核通过/QC-9/z.jpg", "m/审核通过/QC-9/only_in_b.jpg"))])
+    store.record_results([ImageResult(key=ImageKey(a, 0, 1), summary=STATS, raw_text="<DOMAIN=bbu>\n" + STATS,
+                                      completion_tokens=40, generate_ms=200.0, preprocess_ms=10.0),
+                          ImageResult(key=ImageKey(a, 0, 2), error="cannot identify image file"),
+                          ImageResult(key=ImageKey(a, 1, 1), summary="无关图片", completion_tokens=4,
+                                      generate_ms=50.0, preprocess_ms=6.0)], "gpu0@host-a")
+    try:
+        yield store, a, b, root_a, root_b
+    finally:
+        store.close()
+
+
+def _cli(args: list[str], db: str, **env: str) -> subprocess.CompletedProcess[str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_A_")}
+    e.update({"PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", "STAGE_A_BROKER_URL": "redis://127.0.0.1:6379/0",
+              "STAGE_A_QUEUE": "stage_a_test_monitor", **env})
+    return subprocess.run([sys.executable, "-m", "cli.main", args[0], "--db", db, *args[1:]], capture_output=True, text=True,
+                          cwd=REPO, env=e, timeout=120)
+
+
+def _heartbeat(store, name: str, run_id: int | None, age_s: float = 1.0, model: str | None = None,  # type: ignore[no-untyped-def]
+               state: str = "busy") -> None:
+    from stage_a.store.base import utcnow
+    from stage_a.store.models import WorkerRow
+
+    now = utcnow()
+    with store.engine.begin() as c:
+        c.execute(WorkerRow.__table__.insert().values(
+            name=name, model=model, engine="transformers", device="cuda:0", state=state,
+            started_at=now - timedelta(minutes=5), heartbeat_at=now - timedelta(seconds=age_s), run_id=run_id,
+            last_batch_at=now - timedelta(seconds=age_s), last_batch_images=32, last_batch_seconds=4.0,
+            images_per_s=8.0, tokens_per_s=300.0, images_total=640))
+
+
+# ---- RunReport ----------------------------------------------------------------------------------
+
+
+def test_report_counts_rates_and_states(seeded) -> None:  # type: ignore[no-untyped-def]
+    from monitor.report import build_report
+    from stage_a.settings import Settings
+    from stage_a.store.base import utcnow
+
+    store, a, _, _, _ = seeded
+    settings = Settings.from_env({})
+    r = build_report(store, a, settings)
+    assert (r.images_total, r.done, r.failed, r.pending, r.in_flight) == (4, 2, 1, 1, 0)
+    assert (r.groups_total, r.groups_complete, r.groups_with_failures) == (3, 1, 1)
+    # Four results in one instant: no rate from that single timestamp (it once said 4,000,000 images/s).
+    assert r.throughput.overall_images_per_s is None or r.throughput.overall_images_per_s < 100
+    assert r.throughput.recent_images_per_s is None or r.throughput.recent_images_per_s < 100
+    assert r.timings.tokens_per_s == pytest.approx(44 / 0.25)
+    assert r.timings.preprocess_ms == pytest.approx(8.0)
+    # A farm run with no worker online but a result just now: running (older workers write no heartbeat).
+    assert r.state == "running" and r.workers_online == 0
+    # No worker and no result for longer than the heartbeat timeout: stalled, and it says what to do.
+    later = build_report(store, a, settings, now=utcnow() + timedelta(seconds=settings.heartbeat_timeout + 5))
+    assert later.state == "stalled" and "no worker online" in (later.reason or "")
+    # A worker online serving the run: running until no result for STAGE_A_STALL_SECONDS.
+    _heartbeat(store, "gpu0@host-a", a, age_s=0)
+    soon = build_report(store, a, settings, now=utcnow() + timedelta(seconds=30))
+    assert soon.state == "running" and soon.workers_online == 1 and soon.workers[0].images_per_s == 8.0
+    stale = build_report(store, a, Settings.from_env({"STAGE_A_STALL_SECONDS": "5",
+                                                      "STAGE_A_HEARTBEAT_TIMEOUT": "600"}),
+                         now=utcnow() + timedelta(seconds=60))
+    assert stale.state == "stalled" and "no result for" in (stale.reason or "")
+    # Cancelled wins; finished once nothing is pending.
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET cancelled_at = now() WHERE id = :r"), {"r": a})
+    assert build_report(store, a, settings).state == "cancelled"
+    js = build_report(store, a, settings).to_json()
+    for key in ("state", "queue_length", "workers_online", "dead_letters", "done", "failed", "pending", "in_flight"):
+        assert key in js
+    json.dumps(js)
+
+
+def test_rate_needs_a_span(seeded) -> None:  # type: ignore[no-untyped-def]
+    """Results spread over 10 s give their rate; the ETA follows the recent rate."""
+    from monitor.report import build_report
+    from stage_a.settings import Settings
+    from stage_a.store.base import utcnow
+
+    store, a, _, _, _ = seeded
+    now = utcnow()
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET created_at = :t WHERE id = :r"), {"t": now - timedelta(seconds=20), "r": a})
+        c.execute(text("UPDATE images SET updated_at = :t WHERE run_id = :r AND group_position = 0 AND image_index = 1"),
+                  {"t": now - timedelta(seconds=10), "r": a})
+    r = build_report(store, a, Settings.from_env({}), now=now)
+    assert r.throughput.overall_images_per_s == pytest.approx(3 / 10, rel=0.05)
+    assert r.throughput.recent_images_per_s == pytest.approx(3 / 20, rel=0.05)
+    assert r.throughput.eta_s == pytest.approx(1 / (3 / 20), rel=0.05)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def test_status_runs_and_dead_letters_commands(seeded, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    from stage_a.store.base import utcnow
+    from stage_a.store.models import DeadLetter
+
+    store, a, b, _, _ = seeded
+    with store.engine.begin() as c:
+        c.execute(DeadLetter.__table__.insert(), [
+            {"received_at": utcnow(), "reason": "path outside STAGE_A_INPUT_ROOTS: /etc/passwd",
+             "payload": json.dumps({"run_id": a, "path": "/etc/passwd"}), "worker": "gpu1@host-b", "run_id": a},
+            {"received_at": utcnow(), "reason": "malformed message", "payload": "{not json", "worker": "gpu0@host-a",
+             "run_id": None},
+        ])
+    st = _cli(["status", str(a)], pg_url)
+    assert st.returncode == 0, st.stderr
+    assert "images 3/4 finished (done 2, failed 1, pending 1, in flight 0)" in st.stdout
+    assert "dead letters: 1" in st.stdout and "workers: gpu0@host-a" in st.stdout and "state: running" in st.stdout
+    js = json.loads(_cli(["status", str(a), "--json"], pg_url).stdout)
+    assert js["dead_letters"] == 1 and js["workers_online"] == 0 and js["state"] == "running"
+    assert isinstance(js["queue_length"], int)  # the farm run's queue on the real Redis
+    # The broker down: the queue is unknown, status still answers.
+    down = json.loads(_cli(["status", str(a), "--json"], pg_url, STAGE_A_BROKER_URL="redis://127.0.0.1:1/0").stdout)
+    assert down["queue_length"] is None and "unreachable" in down["queue_note"]
+    # Unknown ids: the nearest existing ones; 0 and negatives: a clear error. One line, no traceback.
+    for bad, expected in ((b + 40, f"nearest existing: {a}, {b}"), (0, "run ids start at 1"),
+                          (-3, "run ids start at 1")):
+        proc = _cli(["status", "--", str(bad)], pg_url)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    runs = _cli(["runs"], pg_url)
+    assert runs.returncode == 0 and runs.stdout.index(f"\n{b} ") < runs.stdout.index(f"\n{a} "), runs.stdout
+    listed = json.loads(_cli(["runs", "--json"], pg_url).stdout)
+    assert [r["run_id"] for r in listed] == [b, a] and listed[1]["dead_letters"] == 1
+    dl = _cli(["dead-letters", str(a)], pg_url)
+    assert "gpu1@host-b" in dl.stdout and "path outside" in dl.stdout and "malformed" not in dl.stdout
+    every = json.loads(_cli(["dead-letters", "--json"], pg_url).stdout)
+    assert {d["reason"] for d in every} == {"path outside STAGE_A_INPUT_ROOTS: /etc/passwd", "malformed message"}
+    for cmd in (["status", "--help"], ["runs", "--help"], ["dead-letters", "--help"], ["serve", "--help"],
+                ["diff", "--help"]):
+        assert subprocess.run([sys.executable, "-m", "cli.main", *cmd], capture_output=True, text=True, cwd=REPO,
+                              timeout=60).returncode == 0
+
+
+# ---- web ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def client(seeded):  # type: ignore[no-untyped-def]
+    from starlette.testclient import TestClient
+
+    from monitor.web.app import create_app
+    from stage_a.settings import Settings
+
+    store = seeded[0]
+    return TestClient(create_app(store, Settings.from_env({"STAGE_A_BROKER_URL": "redis://127.0.0.1:6379/0"})))
+
+
+def test_pages_show_runs_groups_and_every_image(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    _, a, b, _, _ = seeded
+    index = client.get("/")
+    assert index.status_code == 200 and f'href="/runs/{a}"' in index.text and f'href="/runs/{b}"' in index.text
+    page = client.get(f"/runs/{a}")
+    assert page.status_code == 200
+    for gid in ("QC-1", "QC-2", "QC-3"):
+        assert gid in page.text
+    for pos, idx in ((0, 1), (0, 2), (1, 1), (2, 1)):
+        assert f'src="/runs/{a}/thumb/{pos}/{idx}"' in page.text
+    assert "品牌" in page.text and "华为" in page.text and "<details>" in page.text  # 统计 table, raw text
+    assert "cannot identify image file" in page.text  # failures first
+    failed = client.get(f"/runs/{a}?failed=1")
+    assert failed.text.count('data-status="failed"') == 1 and 'data-status="done"' not in failed.text
+    irr = client.get(f"/runs/{a}?irrelevant=1")
+    assert irr.text.count('class="img ') == 1 and "QC-2" in irr.text
+    assert "QC-1" in client.get(f"/runs/{a}?q=%E5%8D%8E%E4%B8%BA").text  # 华为
+    assert "QC-1" not in client.get(f"/runs/{a}?label=pass").text.split("Groups", 1)[1]
+    # Keyset pages: one group per page, forward then back.
+    first = client.get(f"/runs/{a}?per=1")
+    assert "QC-1" in first.text and 'id="next"' in first.text and 'id="prev"' not in first.text
+    second = client.get(f"/runs/{a}?per=1&after=0")
+    assert "#1</span> QC-2" in second.text and 'id="prev"' in second.text
+    back = client.get(f"/runs/{a}?per=1&before=1")
+    assert "#0</span> QC-1" in back.text
+    assert client.get("/runs/999").status_code == 404
+
+
+def test_api_is_the_status_json(client, seeded, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    _, a, _, _, _ = seeded
+    api = client.get(f"/api/runs/{a}").json()
+    cli = json.loads(_cli(["status", str(a), "--json"], pg_url).stdout)
+    skip = {"now", "elapsed_s", "throughput"}
+    assert {k: v for k, v in api.items() if k not in skip} == {k: v for k, v in cli.items() if k not in skip}
+    assert [r["run_id"] for r in client.get("/api/runs").json()][-1] == a
+    assert client.get("/api/runs/12345").status_code == 404
+    assert client.get("/healthz").text == "ok\n"
+
+
+def test_thumbnails_are_images(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    _, a, _, _, _ = seeded
+    res = client.get(f"/runs/{a}/thumb/0/1")
+    assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+    im = Image.open(io.BytesIO(res.content))
+    assert im.size[0] > 0 and max(im.size) <= 320
+    again = client.get(f"/runs/{a}/thumb/0/1", headers={"If-None-Match": res.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_path_tricks_never_read_outside_the_run_root(seeded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from starlette.testclient import TestClient
+
+    from monitor.web.app import create_app
+    from stage_a.config import RunSpec
+    from stage_a.settings import Settings
+    from stage_a.store import GroupInput
+
+    store, a, b, root_a, root_b = seeded
+    secret = tmp_path / "secret.jpg"
+    _jpeg(secret, (1, 2, 3), (77, 33))
+    (root_a / "link").symlink_to(tmp_path)  # a symlink inside the root that escapes it
+    (root_a / "link.jpg").symlink_to(secret)
+    evil = store.create_run(
+        RunSpec(mission=MISSION, dataset="bbu", input_root=str(root_a), checkpoint=""),
+        [GroupInput("QC-E", "pass", ("../secret.jpg", str(secret), "link/secret.jpg", "link.jpg",
+                                     f"{MISSION}/审核通过/QC-2/../../../secret.jpg"))])
+    client = TestClient(create_app(store, Settings.from_env({})))
+    for idx in range(1, 6):  # paths the store holds that leave the root: refused
+        assert client.get(f"/runs/{evil}/thumb/0/{idx}").status_code == 404, idx
+    tricks = [
+        f"/runs/{a}/thumb/0/..%2F..%2Fsecret.jpg", f"/runs/{a}/thumb/..%2F..%2F/1", f"/runs/{a}/thumb/0/1/../../9/1",
+        f"/runs/{a}/thumb/%2Fetc%2Fpasswd/1", f"/runs/{a}/thumb/0/{secret}", f"/runs/{a}/thumb/0/-1",
+        f"/runs/{a}/thumb/5/1",  # no such image in run a
+        f"/runs/{b + 100}/thumb/0/1",
+        f"/runs/{b}/thumb/2/1",  # a key of run a asked of run b
+        "/runs/0/thumb/0/1",
+    ]
+    for url in tricks:
+        res = client.get(url)
+        assert res.status_code == 404, url
+        assert res.headers.get("content-type", "").startswith(("text/", "application/json")), url
+    # Every image served belongs to its run's own root: run b's key (0, 2) is run b's file.
+    own = Image.open(io.BytesIO(client.get(f"/runs/{b}/thumb/0/2").content)).convert("RGB")
+    assert own.getpixel((5, 5))[0] > 200  # the red only_in_b.jpg
+
+
+def test_metrics_parse_with_prometheus_parser(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, a, _, _, _ = seeded
+    res = client.get("/metrics")
+    assert res.status_code == 200
+    fams = {f.name: f for f in text_string_to_metric_families(res.text)}
+    for name in ("stage_a_run_images", "stage_a_run_state", "stage_a_run_images_per_second",
+                 "stage_a_run_dead_letters", "stage_a_workers_online", "stage_a_broker_up", "stage_a_queue_length"):
+        assert name in fams, name
+    images = {(s.labels["run"], s.labels["state"]): s.value for s in fams["stage_a_run_images"].samples}
+    assert images[(str(a), "done")] == 2 and images[(str(a), "failed")] == 1 and images[(str(a), "pending")] == 1
+    states = {s.labels["state"] for s in fams["stage_a_run_state"].samples if s.labels["run"] == str(a) and s.value}
+    assert states == {"running"}
+    assert all(set(s.labels) <= {"run", "state"} for f in fams.values() for s in f.samples)
+
+
+def test_basic_auth(seeded) -> None:  # type: ignore[no-untyped-def]
+    from starlette.testclient import TestClient
+
+    from monitor.web.app import create_app
+    from stage_a.settings import Settings
+
+    store, a, _, _, _ = seeded
+    client = TestClient(create_app(store, Settings.from_env({"STAGE_A_SERVE_BASIC_AUTH": "ops:s3cret"})))
+    assert client.get("/").status_code == 401 and client.get("/metrics").status_code == 401
+    assert client.get("/healthz").status_code == 200
+    good = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+    bad = "Basic " + base64.b64encode(b"ops:wrong").decode()
+    assert client.get(f"/runs/{a}", headers={"Authorization": good}).status_code == 200
+    assert client.get("/", headers={"Authorization": bad}).status_code == 401
