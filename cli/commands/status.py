@@ -17,9 +17,7 @@ DB_HELP = "Results database path or URL (env STAGE_A_DATABASE_URL)."
 def open_store(db: str | None):  # type: ignore[no-untyped-def]  # -> ResultStore
     """The store named by --db or STAGE_A_DATABASE_URL; a UserError when neither is given."""
     from stage_a.store import ResultStore
-    from stage_a.store.runs import check_run_id
 
-    check_run_id(run_id)
     if not db and not Settings.from_env().database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
     return ResultStore(database_url(db))
@@ -40,7 +38,9 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
     """
     from monitor.report import QueueProbe, build_report
     from monitor.text import describe, watch_line
+    from stage_a.store.runs import check_run_id
 
+    check_run_id(run_id)
     if interval <= 0:
         raise UserError(f"--interval must be > 0, got {interval}")
     settings = Settings.from_env()
