@@ -138,5 +138,5 @@ def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_pa
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "gave up after 3 deliveries without a result"
     assert rows[1]["status"] == "pending"
     assert [r for r, _ in rt.store.dead_letters()] == [f"image {items[0].key}: gave up after 3 deliveries without a result"]
-    assert rt._runner is None
+    assert rt.host.engine is None
     rt.store.close()

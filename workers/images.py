@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stage_a import paths
 
 
 class ImageError(Exception):
@@ -20,16 +21,11 @@ class PathOutsideRoots(ImageError):
 
 
 def resolve_under_root(rel_path: str, root: str | Path) -> Path:
-    """The real path of ``rel_path`` below ``root``; refuses absolute paths, '..' and escaping symlinks."""
-    if not isinstance(rel_path, str) or not rel_path:
-        raise PathOutsideRoots("empty image path")
-    if os.path.isabs(rel_path) or rel_path.startswith(("/", "\\")):
-        raise PathOutsideRoots(f"absolute path not allowed: {rel_path}")
-    root_real = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(root_real, rel_path))
-    if os.path.commonpath([root_real, full]) != root_real:
-        raise PathOutsideRoots(f"path leaves the input root: {rel_path}")
-    return Path(full)
+    """stage_a.paths.resolve_under_root, its refusal as this image's error."""
+    try:
+        return paths.resolve_under_root(rel_path, root)
+    except paths.UnsafePath as exc:
+        raise PathOutsideRoots(str(exc)) from None
 
 
 @dataclass

@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from stage_a.paths import UnsafePath, resolve_under_root
+
 if TYPE_CHECKING:
     from stage_a.store import ResultStore
 
@@ -27,19 +29,15 @@ class NotFound(Exception):
 
 
 def resolve_inside(input_root: str, rel_path: str) -> str:
-    """The real path of ``rel_path`` under ``input_root``; NotFound for absolute paths, '..', NUL bytes,
-    symlinks or anything else whose real path leaves the root."""
-    if not rel_path or "\x00" in rel_path or "\x00" in input_root or not input_root:
-        raise NotFound("empty path")
-    if os.path.isabs(rel_path) or rel_path.startswith(("/", "\\")) or ".." in rel_path.replace("\\", "/").split("/"):
-        raise NotFound("path leaves the root")
-    root = os.path.realpath(input_root)
-    full = os.path.realpath(os.path.join(root, rel_path))
-    if os.path.commonpath([root, full]) != root or full == root:
-        raise NotFound("path leaves the root")
-    if not os.path.isfile(full):
+    """The real path of ``rel_path`` under ``input_root`` (stage_a.paths, the workers' rule); NotFound
+    for absolute paths, '..', NUL bytes, symlinks or anything else whose real path leaves the root."""
+    try:
+        full = resolve_under_root(rel_path, input_root)
+    except UnsafePath as exc:
+        raise NotFound(str(exc)) from None
+    if not full.is_file():
         raise NotFound("no such file")
-    return full
+    return str(full)
 
 
 @dataclass(frozen=True)
