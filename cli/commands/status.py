@@ -38,9 +38,7 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
     """
     from monitor.report import QueueProbe, build_report
     from monitor.text import describe, watch_line
-    from stage_a.store.runs import check_run_id
 
-    check_run_id(run_id)
     if interval <= 0:
         raise UserError(f"--interval must be > 0, got {interval}")
     settings = Settings.from_env()
