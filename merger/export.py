@@ -19,6 +19,8 @@ class ExportReport:
     groups_written: int
     groups_failed: int  # at least one image failed
     groups_incomplete: int  # images still pending/leased (run not finished)
+    models: tuple[tuple[str, int], ...] = ()
+    """(model fingerprint, images summarized) of the models that served the run."""
 
     @property
     def groups_not_written(self) -> int:
@@ -78,4 +80,5 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
             )
             counts["written"] += 1
             out.write(record.to_json_line())  # validates before anything is written
-    return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"])
+    return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
+                        tuple(store.served_by(run_id)))

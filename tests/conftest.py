@@ -24,6 +24,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny Qwen3-VL (another seed): other weights, other summaries, another fingerprint."""
+    from workers.tiny_model import cached_tiny_checkpoint
+
+    cache = os.environ.get("STAGE_A_TEST_MODEL_CACHE")
+    base = Path(cache) if cache else tmp_path_factory.mktemp("models-other")
+    return cached_tiny_checkpoint(base, seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded through the product's own loader, once per session."""
     from workers.loader import load_model

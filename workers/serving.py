@@ -94,10 +94,12 @@ class ModelHost:
         wrong answer.
         """
         want = run_model(run)
-        if self.engine is not None and (want is None or want == self.serving):
-            return self.engine
         checkpoint = self.settings.checkpoint or run_checkpoint(run)
+        if self.engine is not None and want is not None and want == self.serving:
+            return self.engine
         have = DEMO_MODEL if not run.spec.checkpoint and not self.settings.checkpoint else model_fingerprint(checkpoint)
+        if self.engine is not None and want is None and have == self.serving:
+            return self.engine  # a run recorded before fingerprints: the model at its path
         if want is not None and have != want:
             raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint} here is {have}")
         if self.engine is not None:

@@ -182,16 +182,19 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
     return out_dir
 
 
-def cached_tiny_checkpoint(cache_dir: Path) -> Path:
-    """The tiny checkpoint in ``cache_dir``, built once and reused while its recipe is current."""
-    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_MODEL_VERSION}"
+def cached_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
+    """The tiny checkpoint in ``cache_dir``, built once and reused while its recipe is current.
+
+    Another ``seed`` gives another model (other weights, other summaries) in its own folder."""
+    suffix = f"-seed{seed}" if seed else ""
+    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_MODEL_VERSION}{suffix}"
     if (target / "STAGE_A_TINY_MODEL.json").is_file():
         return target
     tmp = target.with_name(target.name + ".building")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_checkpoint(tmp)
+    build_tiny_checkpoint(tmp, seed=seed)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic publish: a half-built model is never picked up
     return target

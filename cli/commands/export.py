@@ -59,6 +59,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         click.echo(f"stage-a: {note}", err=True)
     click.echo(f"stage-a: run {info.id}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
+    click.echo("  models:   " + (", ".join(f"{m} ({n} images)" for m, n in report.models) or "none (no image summarized)"))
     if report.groups_not_written:
         sys.exit(3)
 
