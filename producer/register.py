@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,9 +27,16 @@ class Registered:
     warnings: tuple[str, ...]
 
 
-def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False) -> Registered:
-    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
+def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
+                 root_allowed: Callable[[Path], bool] | None = None) -> Registered:
+    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
+
+    ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
+    before anything is recorded."""
     found = discover(Path(input_dir), spec.mission)
+    if root_allowed is not None and not root_allowed(found.input_root):
+        raise UserError(f"input root {found.input_root} is outside STAGE_A_INPUT_ROOTS: the workers would "
+                        f"refuse every image (add it to STAGE_A_INPUT_ROOTS or use a folder below one)")
     kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
     if not kept:
         raise UserError(

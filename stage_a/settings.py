@@ -126,6 +126,17 @@ class Settings:
                                               "stage-a")
         return Path(base)
 
+    def allows_input_root(self, path: str | Path) -> bool:
+        """Whether workers may read below ``path`` (STAGE_A_INPUT_ROOTS; empty allows every root)."""
+        if not self.input_roots:
+            return True
+        real = os.path.realpath(path)
+        for root in self.input_roots:
+            allowed = os.path.realpath(root)
+            if os.path.commonpath([allowed, real]) == allowed:
+                return True
+        return False
+
     def require_database(self) -> str:
         if not self.database_url:
             raise UserError("STAGE_A_DATABASE_URL is not set (e.g. postgresql+psycopg://user@host/stage_a)")

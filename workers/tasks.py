@@ -152,7 +152,7 @@ def _check_services(**_: Any) -> None:
     """
     import sys
 
-    from stage_a.config import redact_url
+    from stage_a.broker import broker_error
     from stage_a.errors import UserError
 
     try:
@@ -160,8 +160,7 @@ def _check_services(**_: Any) -> None:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
         except Exception as exc:
-            raise UserError(f"cannot reach broker {redact_url(settings.broker_url)}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise UserError(broker_error(settings.broker_url, exc)) from None
         ResultStore(settings.require_database()).close()  # connects and migrates to head
     except UserError as exc:
         sys.stderr.write(f"stage-a worker: error: {exc}\n")
