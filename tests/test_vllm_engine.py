@@ -182,44 +182,37 @@ def test_celery_worker_with_vllm_exports_the_same_jsonl(tree: Path, hd32_checkpo
     import time
     import uuid
 
+    from support.db import pg_database
     from support.farm import Worker
-    from test_farm_e2e import PG_ADMIN_URL, clean_redis, cli_env, run_id_of, stage_a, stop_workers, wait_ready
+    from test_farm_e2e import clean_redis, cli_env, run_id_of, stage_a, stop_workers, wait_ready
 
     from stage_a.store import ResultStore
 
     token = uuid.uuid4().hex[:10]
     queue = f"stage_a_test_{token}"
-    db_name = f"stage_a_vllm_{token}"
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
-    env = cli_env(tmp_path, queue, db_url, STAGE_A_CHECKPOINT=str(hd32_checkpoint), STAGE_A_DEVICE="cpu",
-                  STAGE_A_ENGINE="vllm", STAGE_A_VLLM_ENFORCE_EAGER="1", STAGE_A_VLLM_MAX_NUM_SEQS="16",
-                  STAGE_A_FLUSH_SIZE="16", STAGE_A_FLUSH_INTERVAL="0.5", CUDA_VISIBLE_DEVICES="")
-    worker = Worker(f"vllm-{token}", env, tmp_path).start()
-    try:
-        wait_ready([worker], env["STAGE_A_BROKER_URL"])
-        enq = stage_a(["enqueue", "--mission", BBU, "--input-dir", str(tree), "--checkpoint", str(hd32_checkpoint),
-                       "--max-new-tokens", "16", "--batch-size", "4", "--sharding-mode", "per_image"], env, tmp_path)
-        run_id = run_id_of(enq)
-        store = ResultStore(db_url)
+    with pg_database("stage_a_vllm") as db_url:
+        env = cli_env(tmp_path, queue, db_url, STAGE_A_CHECKPOINT=str(hd32_checkpoint), STAGE_A_DEVICE="cpu",
+                      STAGE_A_ENGINE="vllm", STAGE_A_VLLM_ENFORCE_EAGER="1", STAGE_A_VLLM_MAX_NUM_SEQS="16",
+                      STAGE_A_FLUSH_SIZE="16", STAGE_A_FLUSH_INTERVAL="0.5", CUDA_VISIBLE_DEVICES="")
+        worker = Worker(f"vllm-{token}", env, tmp_path).start()
         try:
-            deadline = time.monotonic() + 600
-            while not store.counts(run_id).finished:
-                worker.assert_alive()
-                assert time.monotonic() < deadline, worker.log()[-4000:]
-                time.sleep(1)
+            wait_ready([worker], env["STAGE_A_BROKER_URL"])
+            enq = stage_a(["enqueue", "--mission", BBU, "--input-dir", str(tree), "--checkpoint",
+                           str(hd32_checkpoint), "--max-new-tokens", "16", "--batch-size", "4", "--sharding-mode",
+                           "per_image"], env, tmp_path)
+            run_id = run_id_of(enq)
+            store = ResultStore(db_url)
+            try:
+                deadline = time.monotonic() + 600
+                while not store.counts(run_id).finished:
+                    worker.assert_alive()
+                    assert time.monotonic() < deadline, worker.log()[-4000:]
+                    time.sleep(1)
+            finally:
+                store.close()
+            exp = stage_a(["export", str(run_id), "--output-dir", str(tmp_path / "out")], env, tmp_path)
+            assert exp.returncode == 3, exp.stderr  # the corrupt group
+            assert outputs(tmp_path / "out", BBU) == outputs(reference[BBU], BBU)
         finally:
-            store.close()
-        exp = stage_a(["export", str(run_id), "--output-dir", str(tmp_path / "out")], env, tmp_path)
-        assert exp.returncode == 3, exp.stderr  # the corrupt group
-        assert outputs(tmp_path / "out", BBU) == outputs(reference[BBU], BBU)
-    finally:
-        stop_workers([worker])
-        clean_redis(token)
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
+            stop_workers([worker])
+            clean_redis(token)
