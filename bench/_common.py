@@ -40,11 +40,11 @@ def machine_line() -> str:
             f"{load[2]:.2f}{extra}")
 
 
-def tiny_checkpoint() -> Path:
-    """The product's own tiny random-weight Qwen3-VL, built once in the stage-a cache."""
+def tiny_checkpoint(head_dim: int = 16) -> Path:
+    """The product's own tiny random-weight Qwen3-VL, built once in the stage-a cache (head_dim 32: vLLM's CPU)."""
     from workers.tiny_model import cached_tiny_checkpoint
 
-    return cached_tiny_checkpoint(cache_dir() / "models")
+    return cached_tiny_checkpoint(cache_dir() / "models", head_dim=head_dim)
 
 
 def peak_rss_mib() -> float:

@@ -9,7 +9,7 @@ open the JPEGs with PIL, run the processor (left padding, so its output is right
 decode. No prefetching, no length ordering, batches never span groups.
 
 `stage-a run` is measured through its own machinery in this process: register the run (discover,
-store), BatchRunner.run_items (prefetching loader, per_image batches ordered by vision tokens) and
+store), StepLoop.run (prefetching loader, per_image batches ordered by vision tokens) and
 the export, on the same checkpoint and inputs. min_new_tokens = max_new_tokens (greedy) so both
 generate exactly the same number of tokens per image. Model loading is timed separately; the
 images/s compare processing only. Target (issue 6): stage-a >= 1.5x the plain runner.
@@ -117,14 +117,14 @@ def plain_runner(checkpoint: str, device: str, input_dir: Path, batch_size: int,
 
 def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, max_new_tokens: int,
                 sharding: str, work: Path) -> dict[str, Any]:
-    """`stage-a run`'s steps in-process: register, load, BatchRunner.run_items (prefetch), export."""
+    """`stage-a run`'s steps in-process: register, load, StepLoop.run (prefetch), export."""
     from merger.export import export_run
     from producer.register import register_run
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.store import ResultStore
     from workers.engine import BatchEngine
     from workers.loader import load_model
-    from workers.runner import BatchRunner
+    from workers.steploop import LoopHooks, StepLoop
 
     t0 = time.perf_counter()
     engine = BatchEngine(load_model(checkpoint, device))
@@ -148,8 +148,8 @@ def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, 
     t0 = time.perf_counter()
     reg = register_run(store, spec, input_dir)
     run = store.get_run(reg.run_id)
-    runner = BatchRunner(engine, store)
-    n = runner.run_items(run, store.unfinished_items(run.id), on_batch=count)
+    loop = StepLoop(engine, store)
+    n = loop.run(run, store.unfinished_items(run.id), hooks=LoopHooks(after_batch=count))
     report = export_run(store, run.id, work)
     seconds = time.perf_counter() - t0
     texts = {r["rel_path"]: r["raw_text"] for r in store.image_rows(run.id)}

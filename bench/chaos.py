@@ -6,15 +6,27 @@ Starts its own Redis (no persistence: a kill loses every queued message), a fres
 database (PostgreSQL through --pg-admin when reachable, else SQLite), and --workers Celery
 workers on the tiny random-weight Qwen3-VL (CPU unless STAGE_A_DEVICE says otherwise). It
 enqueues the run, then every few seconds SIGKILLs a whole worker (restarted a moment later), a
-worker's pool process only (Celery forks a new one), or Redis (restarted on the same port).
+worker's pool process only (Celery forks a new one), or Redis (restarted on the same port), or
+pushes a poison entry onto the queue (every shape a worker must survive: not JSON, not an
+envelope, a body that is not base64 or not [args, kwargs, embed], pickle and other refused
+content types, an unknown task, a message without an id, a huge entry, a NUL in a path, a run
+id beyond the database's integers, a per_group message listing thousands of images). The input
+tree holds --symlinks images symlinked to a file outside the input root (they must fail, and
+the run must still finish), and --other-model-workers workers pinned to another model (a
+second tiny checkpoint) share the queue (they must never summarize the run).
 When the run is finished it exports it with `stage-a export` and checks the result:
 
     images   images in the run
     kills    worker kills, pool-process kills, Redis restarts
     lost     images without a result + groups in neither the JSONL nor the failure report
     duplicated  group lines beyond one per group + image rows beyond one per image
+    wrong_model  done rows whose model is not the run's
+    poison   entries pushed, dead-lettered, lost with a Redis restart before a worker popped them
+    finished `stage-a status` says the run is finished; escaping symlinks all failed and reported
 
-and prints one summary line (exit status 1 when anything is lost or duplicated).
+and prints one summary line (exit status 1 when anything is lost, duplicated or served by
+another model, a poison entry pushed after the last Redis restart was not dead-lettered, a worker
+exited on its own, or the run did not finish).
 Every process it starts is killed on exit, and a PostgreSQL database it created is dropped.
 """
 
@@ -91,6 +103,83 @@ def make_tree(root: Path, n_images: int, rng: random.Random) -> list[tuple[str, 
         g += 1
     order = [x for x in groups if x[1] == "fail"] + [x for x in groups if x[1] == "pass"]
     return [x for label in ("fail", "pass") for x in sorted(y for y in order if y[1] == label)]
+
+
+def add_escaping_symlinks(root: Path, groups: list[tuple[str, str, int]], n: int,
+                          rng: random.Random) -> list[tuple[str, str, int]]:
+    """Give ``n`` groups one more image: a symlink to a file outside the input root."""
+    secret = root.parent / "outside-the-root.jpg"
+    secret.write_bytes(next(root.rglob("*.jpg")).read_bytes())
+    chosen = set(rng.sample(range(len(groups)), min(n, len(groups))))
+    out = []
+    for i, (gid, label, k) in enumerate(groups):
+        if i in chosen:
+            folder = root / MISSION / ("审核不通过" if label == "fail" else "审核通过") / gid
+            os.symlink(secret, folder / f"{gid}-{k + 1}.jpg")
+            k += 1
+        out.append((gid, label, k))
+    return out
+
+
+# ---- poison ---------------------------------------------------------------------------------
+
+
+def _envelope(queue: str, body: bytes, token: str, content_type: str = "application/json",
+              task: str = "stage_a.summarize", with_id: bool = True) -> bytes:
+    import base64
+
+    tid = str(uuid.uuid4())
+    headers: dict[str, Any] = {"lang": "py", "task": task, "root_id": tid, "origin": token, "retries": 0}
+    if with_id:
+        headers["id"] = tid
+    return json.dumps({
+        "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": content_type,
+        "headers": headers,
+        "properties": {"correlation_id": tid, "reply_to": "", "delivery_mode": 2, "priority": 0, "body_encoding":
+                       "base64", "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": tid},
+    }).encode()
+
+
+POISON_SHAPES = ("not-json", "not-envelope", "bad-base64", "body-not-triple", "body-not-json", "yaml", "pickle",
+                 "unknown-task", "no-id", "huge", "nul-path", "run-id-range", "group-too-many")
+
+
+def poison_entry(shape: str, queue: str, run_id: int, token: str) -> bytes:
+    """One queue entry of ``shape``; ``token`` appears near its start (and so in its dead letter)."""
+    import pickle
+
+    def task(payload: Any) -> bytes:
+        return _envelope(queue, json.dumps([[payload], {}, {}]).encode(), token)
+
+    good = {"v": 1, "run_id": run_id, "group_position": 0, "image_index": 1}
+    if shape == "not-json":
+        return f"{token} \xff not json".encode() + b"\xff\x00"
+    if shape == "not-envelope":
+        return json.dumps([token, 1, 2]).encode()
+    if shape == "bad-base64":
+        return _envelope(queue, b"x", token).replace(b'"body": "eA=="', b'"body": "!!!abc"')
+    if shape == "body-not-triple":
+        return _envelope(queue, json.dumps({"token": token}).encode(), token)
+    if shape == "body-not-json":
+        return _envelope(queue, b"not json " + token.encode(), token)
+    if shape == "yaml":
+        return _envelope(queue, b"a: b", token, content_type="application/x-yaml")
+    if shape == "pickle":
+        return _envelope(queue, pickle.dumps({"token": token}), token, content_type="application/x-python-serialize")
+    if shape == "unknown-task":
+        return _envelope(queue, b"[[], {}, {}]", token, task="someone.elses_task")
+    if shape == "no-id":
+        return _envelope(queue, b"[[], {}, {}]", token, with_id=False)
+    if shape == "huge":
+        return token.encode() + b"x" * 3_000_000
+    if shape == "nul-path":
+        return task({**good, "path": f"{token}\x00.jpg"})
+    if shape == "run-id-range":
+        return task({**good, "run_id": 2**40, "path": token})
+    if shape == "group-too-many":
+        return task({"v": 1, "note": token, "run_id": run_id, "group_position": 0,
+                     "images": [{"image_index": i, "path": f"x-{i}.jpg"} for i in range(1, 3001)]})
+    raise ValueError(shape)
 
 
 # ---- services -------------------------------------------------------------------------------
@@ -197,6 +286,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1500, help="give up waiting for the run after this long")
     p.add_argument("--lease-seconds", type=float, default=20)
     p.add_argument("--checkpoint", help="model folder (default: the cached tiny random-weight model)")
+    p.add_argument("--symlinks", type=int, default=4, help="images symlinked outside the input root")
+    p.add_argument("--other-model-workers", type=int, default=1,
+                   help="workers pinned to another model (a second tiny checkpoint) on the same queue")
     p.add_argument("--db", help="results database URL (default: a fresh PostgreSQL database, else SQLite)")
     p.add_argument("--pg-admin", default=os.environ.get("STAGE_A_TEST_PG_URL",
                                                         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
@@ -214,7 +306,14 @@ def main() -> int:
         from workers.tiny_model import cached_tiny_checkpoint
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
-    groups = make_tree(workdir / "in", args.images, rng)
+    from stage_a.fingerprint import model_fingerprint
+    from stage_a.settings import default_cache_dir
+    from workers.tiny_model import cached_tiny_checkpoint
+
+    other_checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models", seed=7))
+    run_model = model_fingerprint(checkpoint)
+    groups = add_escaping_symlinks(workdir / "in", make_tree(workdir / "in", args.images, rng), args.symlinks, rng)
+    n_images = sum(n for _, _, n in groups)
     db_url, drop_db = make_database(args, workdir)
     redis = Redis(workdir)
     workers: list[Worker] = []
@@ -229,8 +328,11 @@ def main() -> int:
             STAGE_A_FLUSH_SIZE=str(args.batch_size), STAGE_A_FLUSH_INTERVAL="0.5",
             STAGE_A_LEASE_SECONDS=str(args.lease_seconds), STAGE_A_RECLAIM_INTERVAL="2", STAGE_A_ORPHAN_GRACE="8",
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         )
         workers = [Worker(f"c{i}", env, workdir) for i in range(args.workers)]
+        workers += [Worker(f"other{i}", {**env, "STAGE_A_CHECKPOINT": other_checkpoint}, workdir)
+                    for i in range(args.other_model_workers)]
         for w in workers:
             w.start()
         enq = subprocess.run(
@@ -242,7 +344,12 @@ def main() -> int:
             log(f"enqueue failed: {enq.stderr.strip()}")
             return 2
         run_id = int(enq.stdout.rsplit("run_id=", 1)[1].split()[0])
-        log(f"run {run_id}: {args.images} images in {len(groups)} groups; {args.workers} workers; db {db_url.split('://')[0]}")
+        log(f"run {run_id}: {n_images} images ({args.symlinks} escaping symlinks) in {len(groups)} groups; "
+            f"{args.workers} workers + {args.other_model_workers} of another model; db {db_url.split('://')[0]}")
+        import redis as redis_py
+
+        poison: list[tuple[str, str, float]] = []  # (token, shape, pushed at)
+        redis_kills: list[float] = []
 
         from stage_a.store import ResultStore
 
@@ -267,6 +374,10 @@ def main() -> int:
                 redis_back_at = None
                 log("redis restarted")
             for w in workers:  # restart what died (killed by us, or failed fast while Redis was down)
+                if w.proc is not None and w.proc.poll() is not None and w.proc.returncode not in (-9, 2):
+                    kills["self_exits"] += 1  # exited on its own (not our SIGKILL, not Redis down at start)
+                    log(f"worker {w.name} exited with {w.proc.returncode}")
+                    w.proc = None
                 if not w.alive():
                     if w.restart_at is None:
                         w.restart_at = now + rng.uniform(1, 4)
@@ -274,10 +385,21 @@ def main() -> int:
                         w.start()
             if now - t0 < args.chaos_seconds and now >= next_chaos:
                 next_chaos = now + rng.uniform(*args.interval)
-                action = rng.choices(["worker", "pool", "redis"], weights=[5, 2, 2])[0]
+                action = rng.choices(["worker", "pool", "redis", "poison"], weights=[5, 2, 2, 6])[0]
                 live = [w for w in workers if w.alive()]
-                if action == "redis" and redis_back_at is None:
+                if action == "poison" and redis_back_at is None:
+                    for _ in range(rng.randint(1, 3)):
+                        shape = rng.choice(POISON_SHAPES)
+                        token = f"chaos-poison-{len(poison):04d}"
+                        try:
+                            redis_py.Redis(port=redis.port).lpush("stage_a_chaos", poison_entry(shape, "stage_a_chaos",
+                                                                                                 run_id, token))
+                            poison.append((token, shape, time.monotonic()))
+                        except Exception as exc:
+                            log(f"could not push poison: {exc}")
+                elif action == "redis" and redis_back_at is None:
                     redis.kill()
+                    redis_kills.append(time.monotonic())
                     redis_back_at = now + rng.uniform(1, 4)
                     kills["redis"] += 1
                     log("killed redis")
@@ -296,6 +418,24 @@ def main() -> int:
                     log(f"killed worker {w.name}")
             time.sleep(0.25)
         elapsed = time.monotonic() - t0
+        # A last burst of every poison shape once the chaos is over: each must be dead-lettered.
+        for shape in POISON_SHAPES:
+            token = f"chaos-poison-{len(poison):04d}"
+            redis_py.Redis(port=redis.port).lpush("stage_a_chaos", poison_entry(shape, "stage_a_chaos", run_id, token))
+            poison.append((token, shape, time.monotonic()))
+        last_kill = max(redis_kills, default=0.0)
+        must = [(t, sh) for t, sh, at in poison if at > last_kill]
+        deadline = time.monotonic() + 120
+        while True:
+            letters = "\n".join(p for _, p in store.dead_letters())
+            missing_poison = [(t, sh) for t, sh in must if t not in letters]
+            if not missing_poison or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        found = sum(1 for t, _, _ in poison if t in letters)
+        status = subprocess.run([sys.executable, "-m", "cli.main", "status", str(run_id)], capture_output=True,
+                                text=True, env=env, cwd=workdir, timeout=120)
+        finished = "state: finished" in status.stdout
 
         out = workdir / "out"
         exp = subprocess.run([sys.executable, "-m", "cli.main", "export", str(run_id), "--output-dir", str(out)],
@@ -317,17 +457,28 @@ def main() -> int:
         lost = len(unfinished) + sum(expected[k] for k in missing_groups)
         row_keys = Counter((r["group_position"], r["image_index"]) for r in rows)
         duplicated = sum(c - 1 for c in exported.values()) + (len(rows) - len(row_keys)) + \
-            max(0, len(rows) - args.images)
+            max(0, len(rows) - n_images)
+        wrong_model = sum(1 for r in rows if r["status"] == "done" and r["model"] != run_model)
+        escaping = [r for r in rows if os.path.islink(workdir / "in" / r["rel_path"])]
+        escaping_ok = len(escaping) == args.symlinks and all(
+            r["status"] == "failed" and "leaves the input root" in (r["error"] or "") for r in escaping)
         order_ok = [k for k in exported] == [k for k in expected if k in exported]
-        failed = [r for r in rows if r["status"] == "failed"]
+        failed = [r for r in rows if r["status"] == "failed" and r not in escaping]
         redelivered = sum(1 for r in rows if r["attempts"] > 1)
         for r in failed[:10]:
             log(f"failed image {r['rel_path']}: {r['error']}")
-        print(f"chaos: images={args.images} groups={len(groups)} exported_groups={len(exported)} "
-              f"failed_groups={len(reported)} failed_images={len(failed)} kills: workers={kills['worker']} "
-              f"pool_processes={kills['pool']} redis={kills['redis']} lost={lost} duplicated={duplicated} "
-              f"order_ok={order_ok} redelivered_images={redelivered} elapsed={elapsed:.0f}s", flush=True)
-        return 0 if lost == 0 and duplicated == 0 and order_ok else 1
+        for t, sh in missing_poison:
+            log(f"poison entry {t} ({sh}) pushed after the last Redis restart was not dead-lettered")
+        print(f"chaos: images={n_images} groups={len(groups)} exported_groups={len(exported)} "
+              f"failed_groups={len(reported)} escaping_symlinks={len(escaping)} escaping_failed_ok={escaping_ok} "
+              f"other_failed_images={len(failed)} kills: workers={kills['worker']} pool_processes={kills['pool']} "
+              f"redis={kills['redis']} poison: pushed={len(poison)} dead_lettered={found} "
+              f"lost_with_redis={len(poison) - found - len(missing_poison)} missing={len(missing_poison)} "
+              f"worker_self_exits={kills['self_exits']} lost={lost} duplicated={duplicated} "
+              f"wrong_model={wrong_model} finished={finished} order_ok={order_ok} "
+              f"redelivered_images={redelivered} elapsed={elapsed:.0f}s", flush=True)
+        ok = lost == 0 and duplicated == 0 and wrong_model == 0 and order_ok and finished and escaping_ok
+        return 0 if ok and not missing_poison and not kills["self_exits"] else 1
     finally:
         for w in workers:
             w.kill()

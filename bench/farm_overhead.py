@@ -4,7 +4,7 @@
     python bench/farm_overhead.py --images 128 --batch-size 8 --flush-batches 1,4,8 --rounds 3
     python bench/farm_overhead.py --checkpoint /models/qwen3-vl-2b --device cuda --images 1024 --batch-size 32
 
-Engine alone: BatchRunner.run_items in this process (prefetching loader, per_image batches
+Engine alone: StepLoop.run in this process (prefetching loader, per_image batches
 ordered by vision tokens over windows of 64 batches, results committed to the same PostgreSQL).
 Farm: `celery -A workers worker --concurrency 1` as a separate process, started the way an
 operator starts it. The worker is warmed first (a warm-up run loads the model), then each measured
@@ -135,7 +135,7 @@ def main() -> None:
     from stage_a.store import ResultStore
     from workers.engine import BatchEngine
     from workers.loader import load_model
-    from workers.runner import BatchRunner
+    from workers.steploop import StepLoop
 
     checkpoint = args.checkpoint or str(tiny_checkpoint())
     tmp = Path(tempfile.mkdtemp(prefix="stage-a-bench-farm-"))
@@ -153,17 +153,17 @@ def main() -> None:
     with pg_database("stage_a_bench_farm") as db_url:
         store = ResultStore(db_url)
         engine = BatchEngine(load_model(checkpoint, args.device))
-        runner = BatchRunner(engine, store, "bench-engine")
+        loop = StepLoop(engine, store, "bench-engine")
         warm = register(store, spec, warm_dir, farm=False)
-        runner.run_items(warm, store.unfinished_items(warm.id))  # warm-up, as the worker gets one
+        loop.run(warm, store.unfinished_items(warm.id))  # warm-up, as the worker gets one
 
         def engine_once() -> tuple[float, float]:
             run = register(store, spec, input_dir, farm=False)
             items = store.unfinished_items(run.id)
             c0, t0 = self_cpu_seconds(), time.perf_counter()
-            n = runner.run_items(run, items)
+            n = loop.run(run, items)
             dt, cpu = time.perf_counter() - t0, self_cpu_seconds() - c0
-            print(f"  engine alone (BatchRunner.run_items): {n} images in {dt:.1f} s = {n / dt:.2f} images/s, "
+            print(f"  engine alone (StepLoop.run): {n} images in {dt:.1f} s = {n / dt:.2f} images/s, "
                   f"{cpu / n:.3f} CPU s/image; {time_split(store, run.id)}", flush=True)
             return n / dt, cpu / n
 

@@ -4,6 +4,8 @@
     python bench/gpu.py --shape 4b              # Qwen3-VL-4B-Instruct shape
     python bench/gpu.py --tiny                  # the tiny model on the CPU (proves the script runs anywhere)
     python bench/gpu.py --smoke --device cpu    # 2B widths, 2 text layers / 3 vision blocks, CPU: a shape check
+    python bench/gpu.py --engine vllm           # the vLLM engine (random weights via load_format=dummy)
+    python bench/gpu.py --engine vllm --tiny    # the vLLM engine on the tiny head_dim-32 model, CPU
 
 The weights are random (no download; the published config's shapes), so summaries are noise,
 but every FLOP and byte is the real model's. The processor (image resize, chat template) is the
@@ -13,6 +15,11 @@ Each batch goes through BatchEngine.prepare + BatchEngine.generate with greedy d
 min_new_tokens = max_new_tokens, so every row generates exactly that many tokens. Figures per
 batch size: generate images/s and generated tokens/s (the model's own limit), prepare images/s
 on one CPU thread (what one prefetch thread feeds), and the peak GPU memory of the batch.
+
+With --engine vllm the same batches go through VllmEngine (one LLM.generate call per batch,
+min_tokens = max_tokens); the model folder holds only the config and processor and vLLM builds
+random weights (load_format="dummy"). vLLM reserves --gpu-memory-utilization of the GPU up front,
+so the memory column is the process's peak torch allocation, not a per-batch need.
 """
 
 from __future__ import annotations
@@ -42,10 +49,9 @@ VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, 
 SIZES = [(1600, 1200), (1200, 1600), (1920, 1080), (1024, 768), (2048, 1536), (1280, 720), (800, 600), (1080, 1920)]
 
 
-def random_model(shape: str, processor: Any, device: str, dtype: Any, smoke: bool) -> Any:
-    """Qwen3VLForConditionalGeneration with the published shape, random weights, built on ``device``."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def model_config(shape: str, processor: Any, smoke: bool) -> Any:
+    """Qwen3VLConfig with the published shape (the tiny tokenizer's special token ids)."""
+    from transformers import Qwen3VLConfig
 
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -58,9 +64,17 @@ def random_model(shape: str, processor: Any, device: str, dtype: Any, smoke: boo
     if smoke:  # same widths, a few layers: checks shapes and the code path cheaply
         text["num_hidden_layers"] = 2
         vision.update(depth=3, deepstack_visual_indexes=[0, 1, 2])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def random_model(shape: str, processor: Any, device: str, dtype: Any, smoke: bool) -> Any:
+    """Qwen3VLForConditionalGeneration with the published shape, random weights, built on ``device``."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = model_config(shape, processor, smoke)
     attn = "sdpa"
     if device.startswith("cuda"):
         try:
@@ -76,6 +90,26 @@ def random_model(shape: str, processor: Any, device: str, dtype: Any, smoke: boo
     return model.eval(), attn
 
 
+def vllm_engine(args: argparse.Namespace, tiny: str, device: str, max_batch: int) -> tuple[Any, str]:
+    """VllmEngine on the tiny checkpoint, or on a config-only folder with vLLM's random (dummy) weights."""
+    from transformers import AutoProcessor
+
+    from workers.loader import force_left_padding
+    from workers.vllm_engine import load_vllm_engine
+
+    settings: dict[str, Any] = dict(max_num_seqs=max_batch, gpu_memory_utilization=args.gpu_memory_utilization)
+    if args.tiny:
+        return load_vllm_engine(tiny, device, **settings), f"tiny random Qwen3-VL, head_dim 32 ({tiny}), vLLM"
+    processor = AutoProcessor.from_pretrained(tiny)
+    force_left_padding(processor)
+    folder = Path(tempfile.mkdtemp(prefix=f"stage-a-bench-{args.shape}-"))
+    model_config(args.shape, processor, args.smoke).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    engine = load_vllm_engine(folder, device, load_format="dummy", **settings)
+    return engine, (f"Qwen3-VL-{args.shape.upper()} shape{' (smoke)' if args.smoke else ''}, random weights "
+                    f"(vLLM load_format=dummy), bf16, vLLM max_num_seqs {max_batch}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="2b")
@@ -85,6 +119,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=None, help="default 8,16,32,64 (1,2,4,8 with --tiny/--smoke)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (8 with --tiny/--smoke)")
     ap.add_argument("--repeats", type=int, default=2, help="timed batches per batch size")
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.90, help="vLLM only")
     args = ap.parse_args()
 
     import torch
@@ -98,9 +134,12 @@ def main() -> None:
     device = args.device or ("cpu" if args.tiny else "cuda")
     sizes = [int(b) for b in (args.batch_sizes or ("1,2,4,8" if small else "8,16,32,64")).split(",")]
     max_new = args.max_new_tokens or (8 if small else 128)
-    tiny = str(tiny_checkpoint())
+    tiny = str(tiny_checkpoint(head_dim=32 if args.engine == "vllm" else 16))
     t0 = time.perf_counter()
-    if args.tiny:
+    if args.engine == "vllm":
+        engine, what = vllm_engine(args, tiny, device, max(sizes))
+        loaded = engine.loaded
+    elif args.tiny:
         loaded = load_model(tiny, device)
         what = f"tiny random Qwen3-VL ({tiny})"
     else:
@@ -116,7 +155,8 @@ def main() -> None:
         what = (f"Qwen3-VL-{args.shape.upper()} shape{' (smoke: 2 text layers, 3 vision blocks)' if args.smoke else ''}, "
                 f"random bf16 weights, {n_params / 1e9:.2f} B parameters, attention {attn}")
     build_s = time.perf_counter() - t0
-    engine = BatchEngine(loaded)
+    if args.engine == "transformers":
+        engine = BatchEngine(loaded)
     on_cuda = loaded.device.type == "cuda"
 
     root = Path(tempfile.mkdtemp(prefix="stage-a-bench-gpu-"))
@@ -156,7 +196,7 @@ def main() -> None:
         n = b * args.repeats
         mem = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU" if on_cuda
                else f"{peak_rss_mib() / 1024:.2f} GiB RSS")
-        print(f"{b:>5} {max(prepared.prompt_tokens):>7} {n / gen_s:>15.2f} {n * max_new / gen_s:>9.1f} "
+        print(f"{b:>5} {max(r.prompt_tokens or 0 for r in results):>7} {n / gen_s:>15.2f} {n * max_new / gen_s:>9.1f} "
               f"{n / prep_s:>14.2f} {mem:>12}", flush=True)
     print(machine_line())
 

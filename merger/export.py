@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger.jsonl_io import atomic_write_lines
+from merger.jsonl_io import atomic_files
 from stage_a.records import GroupRecord, image_keys
 from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
@@ -21,6 +19,8 @@ class ExportReport:
     groups_written: int
     groups_failed: int  # at least one image failed
     groups_incomplete: int  # images still pending/leased (run not finished)
+    models: tuple[tuple[str, int], ...] = ()
+    """(model fingerprint, images summarized) of the models that served the run."""
 
     @property
     def groups_not_written(self) -> int:
@@ -64,25 +64,21 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
     output_dir = Path(output_dir)
     jsonl_path, failures_path = output_paths(output_dir, run.spec.mission)
     counts = {"written": 0, "failed": 0, "incomplete": 0}
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-
-        def lines() -> Iterator[str]:
-            for group in store.iter_export_groups(run_id):
-                failure = _failure(group, run.cancelled)
-                if failure is not None:
-                    counts[str(failure["status"])] += 1
-                    spool.write(json.dumps(failure, ensure_ascii=False) + "\n")
-                    continue
-                record = GroupRecord(
-                    group_id=group.group_id, mission=run.spec.mission, label=group.label,
-                    images=[img.file_name for img in group.images],
-                    per_image=dict(zip(image_keys(len(group.images)), [img.summary or "" for img in group.images],
-                                       strict=True)),
-                )
-                counts["written"] += 1
-                yield record.to_json_line()  # validates before anything is written
-
-        atomic_write_lines(jsonl_path, lines())
-        spool.seek(0)
-        atomic_write_lines(failures_path, spool)
-    return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"])
+    # Both files are replaced together or not at all (a new JSONL never sits beside an old report).
+    with atomic_files(jsonl_path, failures_path) as (out, failures):
+        for group in store.iter_export_groups(run_id):
+            failure = _failure(group, run.cancelled)
+            if failure is not None:
+                counts[str(failure["status"])] += 1
+                failures.write(json.dumps(failure, ensure_ascii=False) + "\n")
+                continue
+            record = GroupRecord(
+                group_id=group.group_id, mission=run.spec.mission, label=group.label,
+                images=[img.file_name for img in group.images],
+                per_image=dict(zip(image_keys(len(group.images)), [img.summary or "" for img in group.images],
+                                   strict=True)),
+            )
+            counts["written"] += 1
+            out.write(record.to_json_line())  # validates before anything is written
+    return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
+                        tuple(store.served_by(run_id)))

@@ -6,8 +6,9 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from stage_a.errors import UserError
 from stage_a.records import RecordError, validate_record
@@ -38,32 +39,119 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def atomic_files(*paths: Path) -> Iterator[list[TextIO]]:
+    """Write several files as one: the block writes to temp files beside ``paths``; when it ends
+    normally every path is replaced by its new content, together or not at all.
+
+    Any failure (a full or read-only disk, an exception in the block, KeyboardInterrupt) removes
+    the temp files and leaves every path as it was; a disk failure is a UserError naming the path
+    and the reason. All content is written and fsynced before the first rename, so a failure can
+    only come from a rename itself: then the paths already replaced get their old content back
+    (kept as hard links until the end). Only a kill between two renames (microseconds) can leave
+    a new file beside an old one.
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
+    files: list[TextIO] = []
+    backups: dict[Path, Path | None] = {}
+    current: Path | None = targets[0] if targets else None
+    try:
+        try:
+            for path in targets:
+                current = path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = _open_temp(path)
+                temps.append(tmp)
+                files.append(os.fdopen(fd, "w", encoding="utf-8", newline="\n"))
+            current = None  # a write of the block: any of the files
+            yield files
+            for path, f in zip(targets, files, strict=True):
+                current = path
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            for path, tmp in zip(targets, temps, strict=True):
+                current = path
+                if path.exists():
+                    # Rewriting in place must not change who may read the file.
+                    os.chmod(tmp, path.stat().st_mode & 0o7777)
+            for path in targets[:-1]:  # the last one replaced needs no way back
+                current = path
+                backups[path] = _keep_old(path)
+            done: list[Path] = []
+            try:
+                for path, tmp in zip(targets, temps, strict=True):
+                    current = path
+                    os.replace(tmp, path)
+                    done.append(path)
+            except OSError:
+                for path in reversed(done):
+                    old = backups.get(path)
+                    if old is not None:
+                        os.replace(old, path)
+                        backups[path] = None
+                    else:
+                        path.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+            where = str(current) if current else " and ".join(str(p) for p in targets)
+            raise UserError(f"cannot write {where}: {what}; "
+                            f"{'nothing was replaced' if len(targets) > 1 else 'it was left as it was'}") from None
+    finally:
+        for f in files:
+            try:
+                f.close()
+            except OSError:
+                pass
+        for tmp in temps:
+            _unlink_quietly(tmp)
+        for old in backups.values():
+            if old is not None:
+                _unlink_quietly(old)
+    for folder in {p.parent for p in targets}:
+        _fsync_dir(folder)
+
+
+def _keep_old(path: Path) -> Path | None:
+    """A hard link to ``path``'s current content (None when there is none), to put it back with."""
+    if not path.exists():
+        return None
+    while True:
+        backup = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+        try:
+            os.link(path, backup)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: a copy does the same job
+            import shutil
+
+            shutil.copy2(path, backup)
+            return backup
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def atomic_write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write ``lines`` (a newline is added where missing) to ``path`` atomically; return the count.
 
     The final path only ever holds the old content or the complete new content. ``lines`` may be
     a generator that reads the current ``path``: it is fully consumed before the rename. On any
-    exception (KeyboardInterrupt included) the temp file is removed and the target left untouched.
+    exception (KeyboardInterrupt included) the temp file is removed and the target left untouched;
+    a full or read-only disk is a UserError naming the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _open_temp(path)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line if line.endswith("\n") else line + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            # Rewriting in place must not change who may read the file.
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_files(Path(path)) as (f,):
+        for line in lines:
+            f.write(line if line.endswith("\n") else line + "\n")
+            count += 1
     return count
 
 

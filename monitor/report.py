@@ -174,7 +174,10 @@ class QueueProbe:
                 }
             return self._publisher.queue_length(), None
         except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
+            from stage_a.config import hide_secrets
+
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = hide_secrets(first, self.settings.broker_url)
             log.debug("queue length unavailable: %s", first)
             return None, f"broker unreachable ({first[:120]})"
 

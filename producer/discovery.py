@@ -58,9 +58,26 @@ def _list_dir(path: str) -> list[os.DirEntry[str]]:
         return list(it)
 
 
+def shown(name: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is valid UTF-8 on disk (os.scandir keeps other bytes as lone surrogates,
+    which no database, JSONL or message can carry)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _resolve_root(input_root: Path, mission: str, warnings: list[str]) -> Path:
     """Return the folder that holds ``mission``; accept being handed the mission folder itself."""
     root = Path(os.path.abspath(os.path.expanduser(input_root))).resolve()
+    if not _utf8(str(root)):
+        raise UserError(f"input dir path is not valid UTF-8: {shown(str(root))} (rename the folder)")
     if not root.exists():
         raise UserError(f"input dir does not exist: {root}")
     if not root.is_dir():
@@ -83,7 +100,7 @@ def _resolve_root(input_root: Path, mission: str, warnings: list[str]) -> Path:
     if (root / mission).exists():
         raise UserError(f"mission folder is not a directory: {root / mission}")
     try:
-        found = sorted(e.name for e in _list_dir(str(root)) if e.is_dir() and not e.name.startswith("."))
+        found = sorted(shown(e.name) for e in _list_dir(str(root)) if e.is_dir() and not e.name.startswith("."))
     except OSError as exc:
         raise UserError(f"cannot read input dir {root}: {exc.strerror or exc}") from exc
     listed = ", ".join(found[:_MAX_LISTED]) + (
@@ -113,7 +130,7 @@ def discover(input_root: Path, mission: str) -> Discovery:
             label_dirs.add(entry.name)
         else:
             kind = "folder" if entry.is_dir() else "file"
-            warn(f"skipping {kind} {mission}/{entry.name}: not 审核通过 or 审核不通过")
+            warn(f"skipping {kind} {mission}/{shown(entry.name)}: not 审核通过 or 审核不通过")
 
     groups: list[Group] = []
     for label_dir in _LABEL_ORDER:
@@ -129,6 +146,10 @@ def discover(input_root: Path, mission: str) -> Discovery:
         # Group folders in plain code-point order of their names (the group_id), as documented.
         for entry in sorted(entries, key=lambda e: e.name):
             gid = entry.name
+            if not _utf8(gid):
+                warn(f"skipping {'folder' if entry.is_dir() else 'file'} {mission}/{label_dir}/{shown(gid)}: "
+                     f"name is not valid UTF-8")
+                continue
             if not entry.is_dir():
                 warn(f"skipping file {mission}/{label_dir}/{gid}: not a group folder")
                 continue
@@ -139,11 +160,14 @@ def discover(input_root: Path, mission: str) -> Discovery:
                 continue
             # Hidden files are skipped: macOS "._x.jpg" resource forks carry image extensions but
             # are not images.
-            names = [
-                f.name
-                for f in files
-                if f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".") and f.is_file()
-            ]
+            names = []
+            for f in files:
+                if not f.name.lower().endswith(IMAGE_EXTENSIONS) or f.name.startswith(".") or not f.is_file():
+                    continue
+                if not _utf8(f.name):
+                    warn(f"skipping image {mission}/{label_dir}/{gid}/{shown(f.name)}: name is not valid UTF-8")
+                    continue
+                names.append(f.name)
             if not names:
                 warn(f"skipping group {mission}/{label_dir}/{gid}: no .jpg/.jpeg/.png image")
                 continue

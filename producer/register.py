@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,9 +50,14 @@ class Plan:
         return out
 
 
-def plan_run(spec: RunSpec, input_dir: Path) -> Plan:
-    """Scan ``input_dir`` for ``spec.mission`` and sample (what `--dry-run` shows; no store needed)."""
+def plan_run(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool] | None = None) -> Plan:
+    """Scan ``input_dir`` for ``spec.mission`` and sample (what `--dry-run` shows; no store needed).
+
+    ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read."""
     found = discover(Path(input_dir), spec.mission)
+    if root_allowed is not None and not root_allowed(found.input_root):
+        raise UserError(f"input root {found.input_root} is outside STAGE_A_INPUT_ROOTS: the workers would "
+                        f"refuse every image (add it to STAGE_A_INPUT_ROOTS or use a folder below one)")
     kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
     if not kept:
         raise UserError(
@@ -61,9 +67,13 @@ def plan_run(spec: RunSpec, input_dir: Path) -> Plan:
     return Plan(replace(spec, input_root=str(found.input_root)), list(kept), len(found.groups), tuple(found.warnings))
 
 
-def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False) -> Registered:
-    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending."""
-    plan = plan_run(spec, input_dir)
+def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
+                 root_allowed: Callable[[Path], bool] | None = None) -> Registered:
+    """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
+
+    ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
+    before anything is recorded."""
+    plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
     model = model_fingerprint(check_checkpoint(spec.checkpoint)) if spec.checkpoint else DEMO_MODEL
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from stage_a.config import redact_url
+from stage_a.config import hide_secrets, redact_url
 from stage_a.errors import UserError
 from stage_a.messages import group_payload, image_payload
 from stage_a.settings import Settings
@@ -22,6 +22,12 @@ from stage_a.work import WorkItem
 log = logging.getLogger(__name__)
 TASK_NAME = "stage_a.summarize"
 PIPELINE_SIZE = 2000
+
+
+def broker_error(url: str, exc: BaseException, doing: str = "cannot reach broker") -> str:
+    """One line naming the broker (password hidden) and the first line of what went wrong."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{doing} {redact_url(url)}: {hide_secrets(first, url)}"
 
 
 def payloads_for(items: Iterable[WorkItem], sharding_mode: str) -> Iterator[dict[str, Any]]:
@@ -56,8 +62,7 @@ class Publisher:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
         except Exception as exc:
-            raise UserError(f"cannot reach broker {redact_url(self.settings.broker_url)}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise UserError(broker_error(self.settings.broker_url, exc)) from None
 
     def publish(self, payloads: Iterable[dict[str, Any]]) -> int:
         """Publish every payload; on Redis through the fast path (see _FastRedisPublish)."""

@@ -12,8 +12,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from stage_a.broker import Publisher, broker_error
+from stage_a.errors import UserError
 from stage_a.settings import Settings
 from stage_a.store import ResultStore
+from stage_a.work import WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class Reclaimer:
     def __init__(self, settings: Settings, store: ResultStore | None = None) -> None:
         self.settings = settings
         self._store = store
-        self._publisher = None
+        self._publisher: Publisher | None = None
         self.orphan_grace = settings.orphan_grace_seconds
 
     @property
@@ -38,28 +41,40 @@ class Reclaimer:
         return self._store
 
     @property
-    def publisher(self):  # type: ignore[no-untyped-def]
+    def publisher(self) -> Publisher:
         if self._publisher is None:
-            from stage_a.broker import Publisher
-
             self._publisher = Publisher(self.settings)
         return self._publisher
 
     def once(self) -> ReclaimReport:
+        """One pass. Each claim commits only once its messages are published; with the broker down
+        nothing is recorded and a UserError (one line, password hidden) says so."""
         stale = self.store.stale_leases()
-        won = self.store.release(stale, self.settings.lease_seconds) if stale else []
-        if won:
-            self.publisher.publish_items(won, "per_image")
-            log.warning("re-enqueued %d images whose lease expired (worker died?)", len(won))
+        expired = 0
+        if stale:
+            with self.store.releasing(stale, self.settings.lease_seconds) as won:
+                self._publish(won)  # raises -> the leases stay expired for the next pass
+            expired = len(won)
+            if won:
+                log.warning("re-enqueued %d images whose lease expired (worker died?)", expired)
         orphaned = 0
         if self._broker_idle():
-            # claim_orphans: only one of the reclaimers (one per worker host) re-sends each image.
-            lost = self.store.claim_orphans(self.store.orphaned_pending(self.orphan_grace), self.orphan_grace)
+            # claiming_orphans: only one of the reclaimers (one per worker host) re-sends each image.
+            with self.store.claiming_orphans(self.store.orphaned_pending(self.orphan_grace),
+                                             self.orphan_grace) as lost:
+                self._publish(lost)
+            orphaned = len(lost)
             if lost:
-                self.publisher.publish_items(lost, "per_image")
-                orphaned = len(lost)
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
-        return ReclaimReport(len(won), orphaned)
+        return ReclaimReport(expired, orphaned)
+
+    def _publish(self, items: list[WorkItem]) -> None:
+        if not items:
+            return
+        try:
+            self.publisher.publish_items(items, "per_image")
+        except Exception as exc:
+            raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
     def _broker_idle(self) -> bool:
         """No message is waiting in the queue and none is delivered but unacknowledged.
@@ -73,18 +88,21 @@ class Reclaimer:
         [message, exchange, routing_key]; only entries of our queue count (the scan stops at the
         first one, so a farm alone on its database pays one HSCAN page).
         """
-        if self.publisher.queue_length() != 0:
-            return False
-        queue = self.settings.queue
-        with self.publisher.app.connection_for_read() as conn:
-            channel = conn.default_channel
-            for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
-                try:
-                    _message, exchange, routing_key = json.loads(raw)
-                except (ValueError, TypeError):
-                    return False  # an entry we cannot read: assume it is ours, never re-send early
-                if queue in (routing_key, exchange):
-                    return False
+        try:
+            if self.publisher.queue_length() != 0:
+                return False
+            queue = self.settings.queue
+            with self.publisher.app.connection_for_read() as conn:
+                channel = conn.default_channel
+                for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
+                    try:
+                        _message, exchange, routing_key = json.loads(raw)
+                    except (ValueError, TypeError):
+                        return False  # an entry we cannot read: assume it is ours, never re-send early
+                    if queue in (routing_key, exchange):
+                        return False
+        except Exception as exc:
+            raise UserError(broker_error(self.settings.broker_url, exc)) from None
         return True
 
     def loop(self) -> None:

@@ -13,10 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stage_a.config import DEFAULT_BATCH_SIZE
+from stage_a.config import DEFAULT_BATCH_SIZE, ENGINES
 from stage_a.errors import UserError
-
-ENGINES = ("transformers", "vllm")
 
 
 def _env(name: str, *legacy: str) -> dict[str, Any]:
@@ -85,11 +83,19 @@ class Settings:
     data_dir: str = ""
     """Folder of mission and prompt data overriding the packaged one (empty: packaged)."""
     vllm_max_model_len: int = 8192
-    """vLLM engine: longest prompt + completion in tokens (bounds the KV cache per sequence)."""
+    """vLLM engine: longest prompt + completion in tokens. A 2 MP image is ~2,150 vision tokens, the
+    prompt ~1,100, the completion up to max_new_tokens (1024): 8192 leaves room."""
     vllm_gpu_memory_utilization: float = 0.90
-    """vLLM engine: fraction of GPU memory vLLM may take (weights + KV cache)."""
+    """vLLM engine: fraction of GPU memory vLLM may take (weights + activations + KV cache). GPU only."""
     vllm_max_num_seqs: int = 128
-    """vLLM engine: sequences decoded at once (keep the flush size at or above it)."""
+    """vLLM engine: sequences decoded at once. Keep a worker's flush (STAGE_A_FLUSH_SIZE) several
+    times larger so finished sequences are replaced at once."""
+    vllm_cpu_kv_cache_gib: float = 1.0
+    """vLLM engine on CPU: KV cache size (vLLM's CPU backend would otherwise reserve a share of RAM)."""
+    vllm_enforce_eager: bool = False
+    """vLLM engine: skip CUDA graphs / torch.compile (faster start, slower steps)."""
+    vllm_max_lora_rank: int = 64
+    """vLLM engine: largest LoRA rank served when the checkpoint is an adapter folder."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +133,17 @@ class Settings:
         base = self.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                               "stage-a")
         return Path(base)
+
+    def allows_input_root(self, path: str | Path) -> bool:
+        """Whether workers may read below ``path`` (STAGE_A_INPUT_ROOTS; empty allows every root)."""
+        if not self.input_roots:
+            return True
+        real = os.path.realpath(path)
+        for root in self.input_roots:
+            allowed = os.path.realpath(root)
+            if os.path.commonpath([allowed, real]) == allowed:
+                return True
+        return False
 
     def require_database(self) -> str:
         if not self.database_url:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from support.cli import base_env, cli
+from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
 
 from producer.sample_data import make_sample_tree
@@ -37,7 +38,6 @@ FAILURES = f"{MISSION}_stage_a_failures.jsonl"
 # Redis DB used only by this module (queue names are unique per test as well, so concurrent sessions
 # on the same server never read each other's messages); cleaned key by key, never flushed.
 REDIS_DB = int(os.environ.get("STAGE_A_TEST_FARM_REDIS_DB", "13"))
-PG_ADMIN_URL = os.environ.get("STAGE_A_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 FINISH_DEADLINE_S = 240.0
 WORKER_READY_DEADLINE_S = 120.0
 
@@ -142,18 +142,8 @@ def reference(tree: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="module")
 def farm_db() -> Iterator[str]:
     """One PostgreSQL database for the module's farm (a farm database holds many runs)."""
-    from sqlalchemy import create_engine, text
-
-    name = f"stage_a_farm_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with pg_database("stage_a_farm") as url:
+        yield url
 
 
 def stop_workers(workers: list[Worker]) -> None:

@@ -109,6 +109,7 @@ def reference(runs):  # type: ignore[no-untyped-def]
     return runs["reference"]
 
 
+@pytest.mark.slow
 def test_launcher_gives_the_same_jsonl_as_stage_a_run(launched, reference) -> None:  # type: ignore[no-untyped-def]
     out, _, proc = launched
     ref_out, ref = reference

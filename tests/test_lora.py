@@ -73,6 +73,7 @@ def summarize(loaded: Any, root: Path) -> list[str]:
     return [r.raw_text or "" for r in results]
 
 
+@pytest.mark.slow
 def test_lora_adapter_loads_and_generates(adapter_dir: Path, tiny_loaded: Any, image_root: Path) -> None:
     loaded = load_model(adapter_dir, "cpu")
     assert loaded.adapter is True
@@ -86,6 +87,7 @@ def test_lora_adapter_loads_and_generates(adapter_dir: Path, tiny_loaded: Any, i
     assert texts != summarize(tiny_loaded, image_root)
 
 
+@pytest.mark.slow
 def test_lora_adapter_with_its_own_processor_and_relative_base(
     adapter_dir: Path, tiny_checkpoint: Path, tmp_path: Path, image_root: Path,
 ) -> None:

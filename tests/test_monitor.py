@@ -145,6 +145,7 @@ def test_rate_needs_a_span(seeded) -> None:  # type: ignore[no-untyped-def]
 # ---- commands -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_runs_and_dead_letters_commands(seeded, pg_url: str) -> None:  # type: ignore[no-untyped-def]
     from stage_a.store.base import utcnow
     from stage_a.store.models import DeadLetter

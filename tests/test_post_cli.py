@@ -269,6 +269,7 @@ def job(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             "proc": proc}
 
 
+@pytest.mark.slow
 def test_run_applies_postprocess_and_fail_reasons(job: dict[str, Any]) -> None:
     assert "postprocess: 3 records" in job["proc"].stderr
     assert "fail reasons attached to 1 records; 1 of 2 fail records had none" in job["proc"].stderr

@@ -146,23 +146,27 @@ class Admission:
         entries = self.store.entries([it.key for m in messages for it in m.items])
         by_run: dict[int, dict[ImageKey, WorkItem]] = {}
         for m in messages:
+            # One dead letter per message whatever is wrong with it (a per_group message listing
+            # thousands of images its group does not have is one rejection, not thousands), and
+            # nothing of a refused message is worked on.
             missing = [it for it in m.items if it.key not in entries]
-            if missing:  # one dead letter per message, however many images it lists
+            if missing:
                 more = f" (nor {len(missing) - 1} more of its {len(m.items)})" if len(missing) > 1 else ""
                 reason = f"image {missing[0].key} is not in run {m.run.id}{more}"
                 self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
                 m.fate.kind, m.fate.reason = "rejected", reason
-            present = [it for it in m.items if it.key in entries]
-            moved = [it for it in present if it.rel_path != entries[it.key].rel_path]
+                continue
+            moved = [it for it in m.items if it.rel_path != entries[it.key].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
-                reason = self._path_refusal(moved[0], m.run) or (
-                    f"path {moved[0].rel_path!r} does not match the stored path of {moved[0].key}")
-                self.dead_letter(reason, m.payload, m.run.id)
+                why = self._path_refusal(moved[0], m.run) or (
+                    f"path {moved[0].rel_path!r:.200} does not match the stored path of {moved[0].key}")
+                self.dead_letter(why, m.payload, m.run.id)
                 out.dead += 1
-                m.fate.kind, m.fate.reason = "rejected", reason
+                m.fate.kind, m.fate.reason = "rejected", why
                 continue
+            present = m.items
             refusal = self._root_refusal(m.run)
             todo = [it for it in present if entries[it.key].status not in (DONE, FAILED)]
             out.skipped += len(present) - len(todo)

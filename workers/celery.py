@@ -12,7 +12,13 @@ from stage_a.settings import Settings
 settings = Settings.from_env()
 
 app = Celery("stage_a", broker=settings.broker_url, include=["workers.tasks"])
+if settings.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    # kombu's Redis transport with each popped entry checked first: a malformed one is dead-lettered
+    # instead of stopping the worker (workers/transport.py).
+    app.conf.broker_transport = "workers.transport:Transport"
 app.conf.update(
+    # Every message Celery rejects is dead-lettered, and none can stop the consumer (workers/consumer.py).
+    worker_consumer="workers.consumer:Consumer",
     # JSON only: a pickle payload is refused by the consumer before any code runs.
     task_serializer="json",
     accept_content=["json"],

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,11 @@ from workers.serving import ModelHost, WrongModel
 from workers.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 
 log = logging.getLogger(__name__)
+
+HAND_BACK_BASE_S = 0.25
+HAND_BACK_MAX_S = 5.0
+"""Back-off after buffers that were all handed back (see WorkerRuntime._back_off)."""
+
 
 SUCCESS_KINDS = ("done", "skipped", "handed_back")
 
@@ -69,6 +75,8 @@ class WorkerRuntime:
         self.admission = Admission(self.store, settings, self.name, serves=self.host.serves)
         self._loop: StepLoop | None = None
         self._publisher: Any = None
+        self._handed_back_in_a_row = 0
+        self.sleep: Callable[[float], None] = time.sleep
         self._state = "starting"
         self._beat_lock = threading.Lock()
         self._beats: threading.Thread | None = None
@@ -175,6 +183,7 @@ class WorkerRuntime:
                 log.warning("run %d cancelled: %d images of this buffer not run", run_id, len(left))
         if admitted.handed_back:
             self.hand_back(admitted.handed_back)
+        self._back_off(admitted)
         self._state = "ready"
         return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
 
@@ -205,6 +214,21 @@ class WorkerRuntime:
                 return False
 
         return stop
+
+    def _back_off(self, admitted: Admitted) -> None:
+        """Sleep a little when a whole buffer went back to the queue, longer each time in a row.
+
+        A pinned worker alone with another model's run would otherwise pop, hand back and pop the
+        same messages again as fast as Redis answers. Capped at HAND_BACK_MAX_S; reset by work.
+        """
+        if admitted.handed_back and not admitted.work:
+            self._handed_back_in_a_row += 1
+            delay = min(HAND_BACK_MAX_S, HAND_BACK_BASE_S * 2 ** (self._handed_back_in_a_row - 1))
+            log.info("nothing this worker serves in %d buffer(s) in a row; waiting %.2fs",
+                     self._handed_back_in_a_row, delay)
+            self.sleep(delay)
+        elif admitted.work:
+            self._handed_back_in_a_row = 0
 
     def _loop_for(self, run: RunInfo) -> StepLoop:
         engine = self.host.engine_for(run)
@@ -238,7 +262,12 @@ class WorkerRuntime:
 
         if self._publisher is None:
             self._publisher = Publisher(self.settings)
-        self._publisher.publish(payloads)
+        try:
+            self._publisher.publish(payloads)
+        except Exception as exc:  # the images stay pending: the orphan reclaimer re-sends them
+            log.error("could not hand %d messages back (%s); the reclaimer will re-send their images",
+                      len(payloads), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return
         log.warning("handed %d messages back to the queue: their runs need another model than this worker's",
                     len(payloads))
 

@@ -27,18 +27,14 @@ def demo_checkpoint() -> str:
     return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
 
-def build_engine(checkpoint: str, device: str, kind: str = "transformers",
-                 settings: Settings | None = None) -> Engine:
+def build_engine(checkpoint: str, device: str, kind: str = "transformers") -> Engine:
     """Load ``checkpoint`` on ``device`` behind the engine interface; logs the time it took."""
     t0 = time.perf_counter()
     engine: Engine
     if kind == "vllm":
         from workers.vllm_engine import load_vllm_engine
 
-        s = settings or Settings.from_env()
-        engine = load_vllm_engine(checkpoint, device, max_model_len=s.vllm_max_model_len,
-                                  gpu_memory_utilization=s.vllm_gpu_memory_utilization,
-                                  max_num_seqs=s.vllm_max_num_seqs)
+        engine = load_vllm_engine(checkpoint, device)  # sized by the STAGE_A_VLLM_* settings
     elif kind == "transformers":
         from workers.engine import BatchEngine
         from workers.loader import load_model
@@ -91,7 +87,7 @@ class ModelHost:
         if not self.settings.checkpoint:
             raise UserError("preload needs STAGE_A_CHECKPOINT (an unpinned worker loads each run's model)")
         if self.engine is None:
-            self.engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine, self.settings)
+            self.engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine)
             self.serving = self.pinned
         return self.engine
 
@@ -103,16 +99,18 @@ class ModelHost:
         wrong answer.
         """
         want = run_model(run)
-        if self.engine is not None and (want is None or want == self.serving):
-            return self.engine
         checkpoint = self.settings.checkpoint or run_checkpoint(run)
+        if self.engine is not None and want is not None and want == self.serving:
+            return self.engine
         have = DEMO_MODEL if not run.spec.checkpoint and not self.settings.checkpoint else model_fingerprint(checkpoint)
+        if self.engine is not None and want is None and have == self.serving:
+            return self.engine  # a run recorded before fingerprints: the model at its path
         if want is not None and have != want:
             raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint} here is {have}")
         if self.engine is not None:
             log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
             self.engine = None
-        self.engine = build_engine(checkpoint, self.device, self.settings.engine, self.settings)
+        self.engine = build_engine(checkpoint, self.device, self.settings.engine)
         self.serving = have
         return self.engine
 

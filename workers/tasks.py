@@ -57,7 +57,40 @@ class ReconnectSafeBatches(Batches):
             stale.cancel()
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
-        return handler
+
+        def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+            # celery-batches unpacks the body as [args, kwargs, embed] only when it flushes, in
+            # the timer: any other body raised there, took every buffered message with it and
+            # stopped the worker. Refuse it here, as one message: Celery's consumer rejects it
+            # and workers.consumer dead-letters it.
+            if body is None:
+                check_task_message(message)
+            return handler(message, body, *args, **kwargs)
+
+        return checked_handler
+
+
+def check_task_message(message: Any) -> None:
+    """Raise InvalidTaskError unless celery-batches can buffer and flush ``message`` as one request.
+
+    Protocol 2: the body is [args list, kwargs dict, embed]; protocol 1 / hybrid: a dict with an
+    'args' list and a 'kwargs' dict. No ETA: a far-future ETA would hold the message unacknowledged
+    in the worker forever (the producer never sets one).
+    """
+    from celery.exceptions import InvalidTaskError
+
+    payload = message.payload
+    if isinstance(payload, dict) and "args" in payload:
+        ok = isinstance(payload["args"], list | tuple) and isinstance(payload.get("kwargs", {}), dict)
+        eta = payload.get("eta")
+    else:
+        ok = (isinstance(payload, list | tuple) and len(payload) == 3 and isinstance(payload[0], list | tuple)
+              and isinstance(payload[1], dict))
+        eta = (message.headers or {}).get("eta")
+    if not ok:
+        raise InvalidTaskError(f"task body is not [args, kwargs, embed]: {str(payload)[:200]}")
+    if eta is not None:
+        raise InvalidTaskError(f"task messages with an ETA are not accepted (eta={str(eta)[:40]})")
 
 
 _runtime: WorkerRuntime | None = None
@@ -74,7 +107,8 @@ def runtime() -> WorkerRuntime:
           acks_late=True, ignore_result=True)
 def summarize(requests: list[SimpleRequest]) -> int:
     """Summarize the buffered images (one JSON payload per message) and commit their results."""
-    payloads = [r.args[0] if len(r.args) == 1 else {"bad_args": list(r.args)} for r in requests]
+    payloads = [r.args[0] if isinstance(r.args, list | tuple) and len(r.args) == 1 else {"bad_args": repr(r.args)[:500]}
+                for r in requests]
     rt = runtime()
     if requests and requests[0].hostname:
         rt.rename(f"{requests[0].hostname}:{os.getpid()}")  # the node name Flower shows (set at start too)
@@ -195,7 +229,7 @@ def _check_services(**_: Any) -> None:
     """
     import sys
 
-    from stage_a.config import redact_url
+    from stage_a.broker import broker_error
     from stage_a.errors import UserError
 
     try:
@@ -203,8 +237,7 @@ def _check_services(**_: Any) -> None:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
         except Exception as exc:
-            raise UserError(f"cannot reach broker {redact_url(settings.broker_url)}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise UserError(broker_error(settings.broker_url, exc)) from None
         ResultStore(settings.require_database()).close()  # connects and migrates to head
         if settings.checkpoint:
             from stage_a.fingerprint import check_checkpoint

@@ -89,8 +89,15 @@ def _build_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     )
 
 
-def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) -> Path:
+# head_dim -> mrope sections (t, h, w), which must sum to head_dim / 2. 16 is the default recipe;
+# 32 is the smallest head size vLLM's CPU attention backend accepts (its tests use that variant).
+MROPE_SECTIONS = {16: [2, 3, 3], 32: [4, 6, 6]}
+
+
+def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200, head_dim: int = 16) -> Path:
     """Write a tiny Qwen3-VL checkpoint (model, processor, tokenizer, template) to ``out_dir``."""
+    if head_dim not in MROPE_SECTIONS:
+        raise ValueError(f"head_dim must be one of {sorted(MROPE_SECTIONS)}, got {head_dim}")
     import torch
     from transformers import (
         GenerationConfig,
@@ -107,7 +114,6 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = 16
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -122,7 +128,7 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 5_000_000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": MROPE_SECTIONS[head_dim],
                 "mrope_interleaved": True,
             },
             "pad_token_id": ids["<|endoftext|>"],
@@ -176,22 +182,28 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, vocab_size: int = 1200) 
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
-    (out_dir / "STAGE_A_TINY_MODEL.json").write_text(
-        json.dumps({"version": TINY_MODEL_VERSION, "seed": seed, "random_weights": True}) + "\n"
-    )
+    marker: dict[str, object] = {"version": TINY_MODEL_VERSION, "seed": seed, "random_weights": True}
+    if head_dim != 16:  # the default recipe's marker stays as it always was
+        marker["head_dim"] = head_dim
+    (out_dir / "STAGE_A_TINY_MODEL.json").write_text(json.dumps(marker) + "\n")
     return out_dir
 
 
-def cached_tiny_checkpoint(cache_dir: Path) -> Path:
-    """The tiny checkpoint in ``cache_dir``, built once and reused while its recipe is current."""
-    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_MODEL_VERSION}"
+def cached_tiny_checkpoint(cache_dir: Path, seed: int = 0, head_dim: int = 16) -> Path:
+    """The tiny checkpoint in ``cache_dir``, built once and reused while its recipe is current.
+
+    Another ``seed`` gives another model (other weights, other summaries), another ``head_dim`` the
+    variant vLLM's CPU backend needs (32); each in its own folder (``tiny-qwen3-vl-v3`` is the default).
+    """
+    suffix = (f"-seed{seed}" if seed else "") + ("" if head_dim == 16 else f"-hd{head_dim}")
+    target = Path(cache_dir) / f"tiny-qwen3-vl-v{TINY_MODEL_VERSION}{suffix}"
     if (target / "STAGE_A_TINY_MODEL.json").is_file():
         return target
     tmp = target.with_name(target.name + ".building")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_checkpoint(tmp)
+    build_tiny_checkpoint(tmp, seed=seed, head_dim=head_dim)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic publish: a half-built model is never picked up
     return target

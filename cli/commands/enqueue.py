@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -25,8 +26,10 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
     """
     from stage_a.broker import Publisher
+    from stage_a.fingerprint import check_checkpoint
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
+    from stage_a.store.runs import check_run_id
 
     setup_logging(kw["log_level"], kw["debug"])
     settings = Settings.from_env()
@@ -40,6 +43,22 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         return
     if not db:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
+    if run_id is not None:
+        check_run_id(run_id)
+    else:
+        # Everything the workers would refuse is refused here, before anything is recorded or queued.
+        checkpoint = kw["checkpoint"] or settings.checkpoint
+        spec = build_spec(kw, checkpoint)
+        input_dir = require_input_dir(kw["input_dir"])
+        if not settings.allows_input_root(input_dir):
+            raise UserError(f"input dir {input_dir} is outside STAGE_A_INPUT_ROOTS "
+                            f"({os.pathsep.join(settings.input_roots)}): the workers would refuse every image")
+        if checkpoint:
+            check_checkpoint(checkpoint)
+        else:
+            click.secho("stage-a: warning: no --checkpoint (nor STAGE_A_CHECKPOINT): the farm will summarize "
+                        "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
+                        fg="yellow", err=True)
     publisher = Publisher(settings)
     publisher.check()
     store = ResultStore(database_url(db))
@@ -49,11 +68,9 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         items = [it for it in store.unfinished_items(run_id)]
         what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
     else:
-        checkpoint = kw["checkpoint"] or settings.checkpoint
-        spec = build_spec(kw, checkpoint)
         from producer.register import register_run
 
-        reg = register_run(store, spec, require_input_dir(kw["input_dir"]), farm=True)
+        reg = register_run(store, spec, input_dir, farm=True, root_allowed=settings.allows_input_root)
         # discovery warnings were already logged (once) by producer.discovery
         run_id, sharding = reg.run_id, spec.sharding_mode
         items = store.unfinished_items(run_id)

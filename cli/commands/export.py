@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cli.commands.options import make_output_dir
 from stage_a.errors import UserError
 from stage_a.settings import database_url
 
@@ -30,14 +31,19 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     from merger.export import export_run
     from merger.post_steps import apply_post_steps
     from stage_a.store import ResultStore
+    from stage_a.store.runs import check_run_id
 
-    run_id = run_id or run_arg
+    if run_id is not None and run_arg is not None and run_id != run_arg:
+        raise UserError(f"two different run ids given: RUN {run_arg} and --run {run_id}")
+    run_id = run_id if run_id is not None else run_arg
     if run_id is None and not mission:
         raise UserError("give a run id (RUN or --run) or --mission")
+    if run_id is not None:
+        check_run_id(run_id)
     url = database_url(db, output_dir)
     _require_existing_sqlite(url)
     store = ResultStore(url)
-    info = store.get_run(run_id) if run_id else store.latest_run(mission)
+    info = store.get_run(run_id) if run_id is not None else store.latest_run(mission)
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")
     counts = store.counts(info.id)
@@ -51,21 +57,22 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
             click.echo(f"stage-a: {msg}; nothing written", err=True)
             sys.exit(4)
         click.echo(f"stage-a: warning: {msg}; exporting complete groups only", err=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     report = export_run(store, info.id, output_dir)
     for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
         click.echo(f"stage-a: {note}", err=True)
     click.echo(f"stage-a: run {info.id}{' (cancelled)' if info.cancelled else ''}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
+    click.echo("  models:   " + (", ".join(f"{m} ({n} images)" for m, n in report.models) or "none (no image summarized)"))
     if report.groups_not_written:
         sys.exit(3)
 
 
 def _require_existing_sqlite(url: str) -> None:
     """Exporting reads a database: never create an empty one as a side effect of a wrong path."""
-    from sqlalchemy.engine import make_url
+    from stage_a.store.engine import parse_url
 
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         if not Path(parsed.database).is_file():
             raise UserError(f"no results database at {parsed.database} (pass --db, or the --output-dir of the run)")

@@ -110,3 +110,12 @@ def require_input_dir(path: Path | None) -> Path:
     if not path.is_dir():
         raise UserError(f"input dir is not a folder: {path}")
     return path
+
+
+def make_output_dir(path: Path) -> Path:
+    """Create the output folder (and parents); a path that cannot be one is a one-line error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output dir {path}: {exc.strerror or exc}") from None
+    return path

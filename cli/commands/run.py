@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from cli.commands.options import build_spec, make_output_dir, require_input_dir, run_options, setup_logging
+from stage_a.config import ENGINES
 from stage_a.errors import UserError
 from stage_a.settings import database_url, default_cache_dir
 
@@ -34,7 +35,7 @@ def parse_gpus(value: str | None) -> list[str] | None:
 @run_options
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("stage_a_output"), help="Where the JSONL, failure report (and default database) go.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (single-process runs).")
-@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", help="Generation engine: transformers (static left-padded batches) or vllm (continuous batching; needs the vllm extra).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="transformers", help="transformers: left-padded static batches (the default); vllm: continuous batching and prefix caching (needs the vllm package, see README).")
 @click.option("--gpus", help="Run one pinned engine process per listed GPU, e.g. 0,1,2,3 ('cpu' = CPU; 'cpu,cpu' = two CPU processes).")
 @click.option("--verify-inputs", is_flag=True, help="Log hashes, sizes, image_grid_thw and token counts of the first batch.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (--run ID, default: the mission's latest run in --db): only unfinished images are processed.")
@@ -60,6 +61,12 @@ def run(**kw: Any) -> None:
         from workers.loader import resolve_device
 
         resolve_device(kw["device"])
+    if kw["run_id"] is not None:
+        from stage_a.store.runs import check_run_id
+
+        if not kw["resume"]:
+            raise UserError("--run only selects the run to continue: add --resume")
+        check_run_id(kw["run_id"])
     output_dir: Path = kw["output_dir"]
     if kw["dry_run"] and kw["resume"]:
         raise UserError("--dry-run describes a new run; it cannot be combined with --resume")
@@ -100,14 +107,15 @@ def run(**kw: Any) -> None:
 
     db_url = database_url(kw["db"], output_dir)
     fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     store = ResultStore(db_url)
     try:
         if kw["resume"]:
-            info = store.get_run(kw["run_id"]) if kw["run_id"] else store.latest_run(kw["mission"])
+            info = store.get_run(kw["run_id"]) if kw["run_id"] is not None else store.latest_run(kw["mission"])
             if info is None:
                 raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
             run_id = info.id
+            checkpoint = _resume_checkpoint(info, checkpoint)  # the run names its model: exactly that one
             reset = store.reset_failed(run_id)
             n_todo = len(store.unfinished_items(run_id))
             click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
@@ -128,9 +136,8 @@ def run(**kw: Any) -> None:
         _remove_created(fresh)
         raise
     run_info = store.get_run(run_id)
-    if checkpoint is None:  # resuming: the run remembers its checkpoint
-        checkpoint = run_info.spec.checkpoint
-    processed, seconds = _process(store, run_info, checkpoint or run_info.spec.checkpoint, kw, gpus)
+    assert checkpoint is not None
+    processed, seconds = _process(store, run_info, checkpoint, kw, gpus)
     _finish(store, run_id, output_dir, processed, seconds, kw)
 
 
@@ -147,6 +154,55 @@ def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any]) -
 
     print_plan(plan, kw["checkpoint"] or "", Settings.from_env(),
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
+
+
+def _resume_checkpoint(run: Any, given: str | None) -> str:
+    """The checkpoint that serves a resumed run: exactly the model the run was registered with.
+
+    A farm run enqueued without --checkpoint is served by the demo model (as its workers did);
+    otherwise by the recorded checkpoint, or --checkpoint when it is the same model.
+    """
+    from stage_a.fingerprint import DEMO_MODEL, check_checkpoint, model_fingerprint
+    from workers.serving import run_checkpoint, run_model
+
+    want = run_model(run)
+    if given is None and not run.spec.checkpoint:
+        click.secho(f"stage-a: run {run.id} was enqueued without a checkpoint: resuming it with the tiny "
+                    "RANDOM-WEIGHT demo model (its summaries are meaningless)", fg="yellow", err=True)
+        return run_checkpoint(run)
+    if given is not None and want == DEMO_MODEL:
+        raise UserError(f"run {run.id} was enqueued without a checkpoint (demo model); resume it without "
+                        f"--checkpoint, its other images were summarized by the demo model")
+    path = given if given is not None else run.spec.checkpoint
+    try:
+        check_checkpoint(path)
+    except UserError as exc:
+        if given is not None:
+            raise
+        raise UserError(f"run {run.id} was registered with checkpoint {path}, which is not usable here ({exc}); "
+                        f"pass --checkpoint with the same model") from None
+    have = model_fingerprint(path)
+    if want is not None and have != want:
+        raise UserError(f"run {run.id} must be served by model {want}, but {path} is model {have}")
+    return path
+
+
+def _resume_hint(run_id: int, db_url: str, output_dir: Path) -> str:
+    """A command that can be pasted back. A URL with a password is never printed (redacted it would
+    not work): the hint names STAGE_A_DATABASE_URL instead."""
+    import shlex
+
+    from stage_a.config import redact_url
+    from stage_a.settings import Settings
+
+    if redact_url(db_url) == db_url:
+        db = shlex.quote(db_url)
+        note = ""
+    else:
+        db = '"$STAGE_A_DATABASE_URL"'
+        note = "" if Settings.from_env().database_url == db_url else \
+            " (first set STAGE_A_DATABASE_URL to the database URL you gave with --db)"
+    return f"stage-a run --resume --run {run_id} --db {db} --output-dir {shlex.quote(str(output_dir))}{note}"
 
 
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
@@ -168,8 +224,8 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
                                on_loading=progress.loading)
         except KeyboardInterrupt:
             progress.stop()
-            click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: stage-a run --resume "
-                       f"--run {run_info.id} --db '{store.display_url}' --output-dir {kw['output_dir']}", err=True)
+            click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: "
+                       f"{_resume_hint(run_info.id, store.url, kw['output_dir'])}", err=True)
             sys.exit(130)
     end_counts = store.counts(run_info.id)
     processed = (end_counts.done + end_counts.failed) - (start_counts.done + start_counts.failed)
@@ -203,10 +259,10 @@ def _db_shown(store: Any, kw: dict[str, Any]) -> str:
 
 def _not_yet_existing(output_dir: Path, db_url: str) -> list[Path]:
     """The output folder and SQLite files that this command is about to create."""
-    from sqlalchemy.engine import make_url
+    from stage_a.store.engine import parse_url
 
     paths = []
-    parsed = make_url(db_url)
+    parsed = parse_url(db_url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         paths += [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
     paths.append(output_dir)

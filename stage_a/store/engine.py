@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 
-from stage_a.config import redact_url
+from stage_a.config import SCHEME, hide_secrets, redact_url, userinfo_end
 from stage_a.errors import UserError
 from stage_a.settings import Settings
 
@@ -30,12 +30,46 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def _plain_url(url: str) -> str:
+    """``url`` in the form SQLAlchemy parses right.
+
+    A password typed with ``@`` in it (``user:p@ss@host``) is percent-encoded: SQLAlchemy would cut
+    it at the first ``@`` and take the rest of it for the host, which then shows up in connection
+    errors. Several hosts (``@h1:5432,h2:5432/db``, libpq's failover list) become ``?host=`` parameters,
+    the form SQLAlchemy hands to psycopg.
+    """
+    from urllib.parse import quote, unquote
+
+    m = SCHEME.match(url)
+    if not m:
+        return url
+    head, rest = url[:m.end()], url[m.end():]
+    at = userinfo_end(rest)
+    userinfo, after = (rest[:at], rest[at + 1:]) if at > 0 else ("", rest)
+    if "@" in userinfo:
+        user, _, password = userinfo.partition(":")
+        userinfo = quote(unquote(user), safe="") + ":" + quote(unquote(password), safe="")
+    cut = min([i for i in (after.find("/"), after.find("?")) if i >= 0], default=len(after))
+    hosts, tail = after[:cut], after[cut:]
+    if "," in hosts:
+        path, sep, query = tail.partition("?")
+        extra = "&".join("host=" + quote(h, safe=":") for h in hosts.split(",") if h)
+        tail = path + "?" + (query + "&" if sep and query else "") + extra
+        hosts = ""
+    return head + (userinfo + "@" if at > 0 else "") + hosts + tail
+
+
+def parse_url(url: str) -> URL:
+    """``url`` parsed by SQLAlchemy (see _plain_url); a malformed one is a UserError, password hidden."""
+    try:
+        return make_url(_plain_url(url))
+    except Exception as exc:
+        raise UserError(f"invalid database URL {redact_url(url)}: {hide_secrets(str(exc), url)}") from None
+
+
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; call after fork, never share one across processes."""
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise UserError(f"invalid database URL {redact_url(url)}: {exc}") from None
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -79,7 +113,8 @@ def upgrade_schema(engine: Engine) -> None:
             if MigrationContext.configure(conn).get_current_revision() == head:
                 return
     except OperationalError as exc:
-        raise UserError(f"cannot connect to database {redact_url(str(engine.url))}: {_first_line(exc)}") from None
+        url = engine.url.render_as_string(hide_password=False)
+        raise UserError(f"cannot connect to database {redact_url(url)}: {hide_secrets(_first_line(exc), url)}") from None
 
     from alembic import command
 

@@ -58,6 +58,15 @@ class ReportsPart(StoreBase):
         with Session(self.engine) as s:
             return [(d.reason, d.payload) for d in s.scalars(select(DeadLetter).order_by(DeadLetter.id))]
 
+    def served_by(self, run_id: int) -> list[tuple[str, int]]:
+        """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(ImageRow.model, func.count()).where(ImageRow.run_id == run_id, ImageRow.status == DONE)
+                .group_by(ImageRow.model)
+            ).all()
+        return sorted(((m or "unknown", int(n)) for m, n in rows), key=lambda r: (-r[1], r[0]))
+
     def counts(self, run_id: int) -> RunCounts:
         with Session(self.engine) as s:
             by_status = dict(
