@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError
 from stage_a.settings import Settings
+from stage_a.store.runs import check_run_id
 from stage_a.store.views import ModelShare, RunRow, WorkerBeat
 
 if TYPE_CHECKING:
@@ -196,8 +197,7 @@ def nearest_run_ids(store: ResultStore, run_id: int, n: int = 5) -> list[int]:
 
 def require_run(store: ResultStore, run_id: int) -> RunRow:
     """The run, or a UserError that names the nearest existing ids."""
-    if run_id <= 0:
-        raise UserError(f"run ids start at 1, got {run_id}")
+    check_run_id(run_id)
     row = store.run_row(run_id)
     if row is not None:
         return row

@@ -35,6 +35,11 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     store = ResultStore(database_url(url))
     try:
         info = store.get_run(run_id)
+        counts = store.counts(run_id)
+        if counts.finished and not info.cancelled:  # nothing left to stop: a finished run stays finished
+            click.echo(f"run {run_id} is already finished ({counts.done} done, {counts.failed} failed); "
+                       "nothing to cancel")
+            return
         newly = store.cancel_run(run_id)
         info = store.get_run(run_id)
         counts = store.counts(run_id)

@@ -7,8 +7,8 @@ import json
 import click
 
 from cli.commands.status import DB_HELP, open_store
-from stage_a.errors import UserError
 from stage_a.settings import Settings
+from stage_a.store.runs import check_run_id
 
 
 @click.command()
@@ -40,8 +40,8 @@ def dead_letters(run_id: int | None, db: str | None, as_json: bool, limit: int) 
     when, which worker, why, and the message. Only RUN's when RUN is given."""
     from monitor.text import dead_letters_table, fmt_time
 
-    if run_id is not None and run_id <= 0:
-        raise UserError(f"run ids start at 1, got {run_id}")
+    if run_id is not None:
+        check_run_id(run_id)
     store = open_store(db)
     rows = store.dead_letter_rows(run_id, limit)
     if as_json:

@@ -48,7 +48,7 @@ MAX_RUN_ID = 2**31 - 1
 def check_run_id(run_id: int) -> int:
     """Run ids are positive database integers; 0 is not "the latest run"."""
     if isinstance(run_id, bool) or not isinstance(run_id, int) or not 0 < run_id <= MAX_RUN_ID:
-        raise UserError(f"run id must be a positive integer (1..{MAX_RUN_ID}), got {run_id!r}")
+        raise UserError(f"run ids start at 1 (and end at {MAX_RUN_ID}), got {run_id!r}")
     return run_id
 
 
