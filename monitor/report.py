@@ -223,7 +223,9 @@ def worker_views(beats: list[WorkerBeat], now: datetime, settings: Settings) -> 
 
 
 def _serves(worker: WorkerView, run: RunRow) -> bool:
-    return worker.model is None or run.model is None or worker.model == run.model
+    """A worker serves the run when its model is the run's, it is not tied to one, or its last batch
+    was this run's (an unpinned worker loads each run's model; a demo run names no fingerprint)."""
+    return worker.model is None or run.model is None or worker.model == run.model or worker.run_id == run.id
 
 
 def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,

@@ -43,7 +43,7 @@ def describe(r: RunReport) -> str:
     served = ", ".join(f"{m.model or 'unrecorded model'} ({m.engine or '-'}): {m.images}" for m in r.models_served)
     lines = [
         f"run {r.run_id}: {r.mission} ({r.dataset}), {'farm' if r.farm else 'local'} run, {r.sharding_mode}",
-        f"checkpoint: {r.checkpoint}" + (f"  model: {r.model}" if r.model else ""),
+        f"checkpoint: {r.checkpoint or '- (none: the random-weight demo model)'}" + (f"  model: {r.model}" if r.model else ""),
         f"served by: {served or '-'}",
         f"created {fmt_time(r.created_at)}, elapsed {human_duration(r.elapsed_s)}; "
         f"last result {ago(r.last_result_at, r.now)}",
