@@ -55,10 +55,6 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
                             f"({os.pathsep.join(settings.input_roots)}): the workers would refuse every image")
         if checkpoint:
             check_checkpoint(checkpoint)
-        else:
-            click.secho("stage-a: warning: no --checkpoint (nor STAGE_A_CHECKPOINT): the farm will summarize "
-                        "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
-                        fg="yellow", err=True)
     publisher = Publisher(settings)
     publisher.check()
     store = ResultStore(database_url(db))
@@ -71,6 +67,10 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         from producer.register import register_run
 
         reg = register_run(store, spec, input_dir, farm=True, root_allowed=settings.allows_input_root)
+        if not checkpoint:  # said once the run exists (a refused enqueue prints its one error line only)
+            click.secho("stage-a: warning: no --checkpoint (nor STAGE_A_CHECKPOINT): the farm will summarize "
+                        "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
+                        fg="yellow", err=True)
         # discovery warnings were already logged (once) by producer.discovery
         run_id, sharding = reg.run_id, spec.sharding_mode
         items = store.unfinished_items(run_id)
