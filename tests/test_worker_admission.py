@@ -94,7 +94,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     slept: list[float] = []
     pinned.sleep = slept.append
     for _ in range(4):
-        admitted = pinned.process(payloads)
+        admitted = pinned.process(payloads).admitted
         assert admitted.work == {} and len(admitted.handed_back) == 5
     # Never served: no model loaded, no lease, no attempt counted, nothing recorded.
     assert pinned.host.engine is None
@@ -106,7 +106,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     assert slept == [0.25, 0.5, 1.0, 2.0]
 
     unpinned = runtime(pg_url, queue)  # no STAGE_A_CHECKPOINT: loads the run's checkpoint
-    admitted = unpinned.process([image_payload(it) for it in items])
+    admitted = unpinned.process([image_payload(it) for it in items]).admitted
     assert sum(len(v) for v in admitted.work.values()) == 4 and not admitted.handed_back
     want = model_fingerprint(other_checkpoint)
     assert unpinned.host.serving == want
@@ -129,7 +129,7 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     (ckpt / "config.json").write_text(json.dumps(config))
 
     rt = runtime(pg_url, queue)
-    admitted = rt.process([image_payload(it) for it in items])
+    admitted = rt.process([image_payload(it) for it in items]).admitted
     assert admitted.work and rt.host.engine is None  # admitted, but the model check refused it
     assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rt.store.image_rows(run_id))
     assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
@@ -148,7 +148,7 @@ def test_a_key_with_another_images_path_never_stores_that_images_summary(pg_url:
     forged_group = group_payload([k01, WorkItem(k02.key, k11.rel_path)])
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
-    admitted = rt.process([forged, forged_group, image_payload(k11)])
+    admitted = rt.process([forged, forged_group, image_payload(k11)]).admitted
     assert admitted.dead == 2
     rows = rows_by_key(rt.store, run_id)
     assert rows[(0, 1)]["status"] == "pending" and rows[(0, 1)]["summary"] is None
@@ -193,7 +193,7 @@ def test_symlink_escaping_the_root_fails_the_image_and_the_run_finishes(pg_url: 
     assert len(items) == 5
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
-    admitted = rt.process([image_payload(it) for it in items])
+    admitted = rt.process([image_payload(it) for it in items]).admitted
     assert len(admitted.failed) == 1
     counts = rt.store.counts(run_id)
     assert counts.finished and (counts.done, counts.failed) == (4, 1)
@@ -218,7 +218,7 @@ def test_input_root_outside_the_allowed_roots_fails_every_image(pg_url: str, tin
     allowed.mkdir()
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint), input_roots=(str(allowed),))
-    admitted = rt.process([group_payload(items[:2]), group_payload(items[2:])])
+    admitted = rt.process([group_payload(items[:2]), group_payload(items[2:])]).admitted
     assert len(admitted.failed) == 4 and admitted.work == {}
     assert rt.host.engine is None  # nothing to serve: no model was even loaded
     counts = rt.store.counts(run_id)
@@ -257,7 +257,7 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
         [p for p, _ in bad[3:]] + [image_payload(it) for it in items[2:]]
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
-    admitted = rt.process(buffer)
+    admitted = rt.process(buffer).admitted
     assert admitted.dead == len(bad)
     letters = rt.store.dead_letters()
     assert len(letters) == len(bad), [r for r, _ in letters]
