@@ -79,6 +79,7 @@ def _check_skips(stderr: str) -> None:
         assert any(escaped in ln and "skipping" in ln for ln in stderr.splitlines()), (escaped, stderr)
 
 
+@pytest.mark.slow
 def test_run_skips_non_utf8_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
     tree = _tree_with_bad_names(tmp_path / "in")
     out = tmp_path / "out"

@@ -125,6 +125,7 @@ def test_launcher_gives_the_same_jsonl_as_stage_a_run(launched, reference) -> No
     assert "QC-DEMO-20241206-P999999" in (out / FAILURES).read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_resolved_configuration_is_printed_first(launched, tree: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, proc = launched
     lines = proc.stdout.splitlines()
@@ -154,6 +155,7 @@ def test_temporary_database_is_removed(launched) -> None:  # type: ignore[no-unt
     assert "stage_a_results.db" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_generation_variables_reach_the_run(tree: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """temperature, top_p, repetition_penalty, max_pixels, batch size and verify_inputs are recorded
     in the run's parameters; verify_inputs prints its lines at the default log level."""
@@ -179,6 +181,7 @@ def test_generation_variables_reach_the_run(tree: Path, tiny_checkpoint: Path, t
     assert (run.spec.sample_seed, run.spec.fail_group_number, run.spec.pass_group_number) == (3, 1, 0)
 
 
+@pytest.mark.slow
 def test_gpu_index_without_cuda_is_an_error(tree: Path, tmp_path: Path) -> None:
     import torch
 

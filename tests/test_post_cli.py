@@ -283,6 +283,7 @@ def test_run_applies_postprocess_and_fail_reasons(job: dict[str, Any]) -> None:
     assert "gt_fail_reason_texts" not in records[2]
 
 
+@pytest.mark.slow
 def test_export_flags_give_the_run_output(job: dict[str, Any], tmp_path: Path) -> None:
     plain, flagged = tmp_path / "plain", tmp_path / "flagged"
     proc = cli("export", "--mission", MISSION, "--db", str(job["db"]), "--output-dir", str(plain))
@@ -296,6 +297,7 @@ def test_export_flags_give_the_run_output(job: dict[str, Any], tmp_path: Path) -
     assert leftovers(flagged) == []
 
 
+@pytest.mark.slow
 def test_export_postprocess_recleans_stored_summaries(job: dict[str, Any], tmp_path: Path) -> None:
     db = tmp_path / "copy.db"
     shutil.copy(job["db"], db)
@@ -315,6 +317,7 @@ def test_export_postprocess_recleans_stored_summaries(job: dict[str, Any], tmp_p
     assert records[1:] == read_jsonl(raw / JSONL)[1:]
 
 
+@pytest.mark.slow
 def test_export_with_missing_excel(job: dict[str, Any], tmp_path: Path) -> None:
     plain, flagged = tmp_path / "plain", tmp_path / "flagged"
     assert cli("export", "1", "--db", str(job["db"]), "--output-dir", str(plain)).returncode == 0

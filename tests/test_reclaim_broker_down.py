@@ -33,6 +33,7 @@ def _env(pg_url: str, broker: str, **extra: str) -> dict[str, str]:
     return base_env(STAGE_A_DATABASE_URL=pg_url, STAGE_A_BROKER_URL=broker, STAGE_A_QUEUE=QUEUE, **extra)
 
 
+@pytest.mark.slow
 def test_reclaim_with_redis_down_keeps_leases_expired(pg_url: str, tmp_path: Path) -> None:
     from stage_a.store import ResultStore
 
@@ -95,6 +96,7 @@ def test_expired_lease_claim_is_rolled_back_when_publishing_fails(pg_url: str) -
         store.close()
 
 
+@pytest.mark.slow
 def test_reclaim_with_redis_down_before_the_orphan_check(pg_url: str, tmp_path: Path) -> None:
     _farm_run(pg_url)
     broker = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
