@@ -88,7 +88,8 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
     make_tree(tmp_path / "big", groups=30, per_group=2, seed=1)
     make_tree(tmp_path / "small", groups=3, per_group=2, seed=2)
     wait_for(worker.ready, 120, "worker ready", on_timeout=farm.logs)
-    big = farm.enqueue(tmp_path / "big", "--max-new-tokens", "8")
+    # Long enough (32 new tokens per image) that the run is still going when the cancel lands.
+    big = farm.enqueue(tmp_path / "big", "--max-new-tokens", "32")
     small = farm.enqueue(tmp_path / "small")  # queued behind all of the big run's messages
 
     store = farm.store()
