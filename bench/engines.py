@@ -76,7 +76,9 @@ def run_pass(engine: Any, spec: Any, items: list[Any], batch_size: int) -> tuple
     rows = 0
     batches = plan_batches(items, "per_image", batch_size, cost=lambda it: engine.estimate_cost(ctx, it))
     with Prefetcher(lambda b: engine.prepare(ctx, b), batches, 2) as pf:
-        for prepared in pf:
+        for _, prepared, error in pf:
+            if error is not None:
+                raise error
             results = engine.generate(prepared)
             assert all(r.error is None for r in results), [r.error for r in results if r.error]
             rows += len(results)
