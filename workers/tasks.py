@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # Pool processes that finished loading their model (created in the main process before the pool
 # forks, so every pool process shares it); the consumer waits for it before fetching messages.
 _loaded = multiprocessing.Value("i", 0)
+# Set by a pool process that cannot serve (a configuration error): the worker then exits with this
+# status instead of 0, so a supervisor and an operator's shell see that it stopped on an error.
+_fatal = multiprocessing.Value("i", 0)
 _node: str | None = None
 """This worker's node name (-n), read in the main process before the pool forks."""
 
@@ -162,6 +165,7 @@ def _start_process(**_: Any) -> None:
         # A configuration error (no CUDA for STAGE_A_GPUS, a bad checkpoint): no batch could ever
         # succeed here, so the whole worker stops (warm shutdown) rather than take messages.
         log.critical("cannot serve: %s; stopping this worker", exc)
+        _fatal.value = 2
         os.kill(os.getppid(), signal.SIGTERM)
     except Exception as exc:  # the first batch tries again (and fails its rows with the reason)
         log.error("model load at process start failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
@@ -247,6 +251,13 @@ def _check_services(**_: Any) -> None:
         sys.stderr.write(f"stage-a worker: error: {exc}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+
+
+@signals.worker_shutdown.connect
+def _exit_status(sender: Any = None, **_: Any) -> None:
+    """A worker stopped by a pool process's configuration error exits 2 (like the CLI), not 0."""
+    if _fatal.value and sender is not None and hasattr(sender, "exitcode"):
+        sender.exitcode = _fatal.value
 
 
 @signals.worker_ready.connect
