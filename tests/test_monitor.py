@@ -319,3 +319,23 @@ def test_basic_auth(seeded) -> None:  # type: ignore[no-untyped-def]
     bad = "Basic " + base64.b64encode(b"ops:wrong").decode()
     assert client.get(f"/runs/{a}", headers={"Authorization": good}).status_code == 200
     assert client.get("/", headers={"Authorization": bad}).status_code == 401
+
+
+def test_basic_auth_with_non_ascii_credentials_and_garbage_headers(seeded) -> None:  # type: ignore[no-untyped-def]
+    """A non-ASCII password, a header with non-ASCII bytes or credentials: 200 or 401, never a 500."""
+    from starlette.testclient import TestClient
+
+    from monitor.web.app import create_app
+    from stage_a.settings import Settings
+
+    store, a, _, _, _ = seeded
+    for creds in ("ops:s3cret", "опс:pässwört"):
+        client = TestClient(create_app(store, Settings.from_env({"STAGE_A_SERVE_BASIC_AUTH": creds})),
+                            raise_server_exceptions=False)
+        good = b"Basic " + base64.b64encode(creds.encode())
+        assert client.get(f"/runs/{a}", headers=[(b"authorization", good)]).status_code == 200, creds
+        for header in (b"Basic " + base64.b64encode("ops:wörd".encode()), b"Basic \xff\xfe", b"Basic " +
+                       base64.b64encode(b"ops:\xff"), b"Basic " + base64.b64encode(creds.encode("utf-8")[:-1])):
+            res = client.get("/metrics", headers=[(b"authorization", header)])
+            assert res.status_code == 401, (creds, header, res.status_code)
+            assert "s3cret" not in res.text and "pässwört" not in res.text

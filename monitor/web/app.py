@@ -48,7 +48,8 @@ class BasicAuth(BaseHTTPMiddleware):
 
     def __init__(self, app: Any, credentials: str) -> None:
         super().__init__(app)
-        self.user, _, self.password = credentials.partition(":")
+        user, _, password = credentials.partition(":")
+        self.user, self.password = user.encode(), password.encode()
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if request.url.path == "/healthz" or self._ok(request.headers.get("authorization", "")):
@@ -60,9 +61,9 @@ class BasicAuth(BaseHTTPMiddleware):
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
             return False
-        try:
-            user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        try:  # bytes throughout: compare_digest refuses non-ASCII str (headers arrive as latin-1)
+            user, _, password = base64.b64decode(value.encode("latin-1"), validate=True).partition(b":")
+        except binascii.Error:
             return False
         return secrets.compare_digest(user, self.user) & secrets.compare_digest(password, self.password)
 
