@@ -199,7 +199,8 @@ def client(seeded):  # type: ignore[no-untyped-def]
     from stage_a.settings import Settings
 
     store = seeded[0]
-    return TestClient(create_app(store, Settings.from_env({"STAGE_A_BROKER_URL": "redis://127.0.0.1:6379/0"})))
+    return TestClient(create_app(store, Settings.from_env({"STAGE_A_BROKER_URL": "redis://127.0.0.1:6379/0"})),
+                      raise_server_exceptions=False)
 
 
 def test_pages_show_runs_groups_and_every_image(client, seeded) -> None:  # type: ignore[no-untyped-def]
@@ -339,3 +340,15 @@ def test_basic_auth_with_non_ascii_credentials_and_garbage_headers(seeded) -> No
             res = client.get("/metrics", headers=[(b"authorization", header)])
             assert res.status_code == 401, (creds, header, res.status_code)
             assert "s3cret" not in res.text and "pässwört" not in res.text
+
+
+def test_out_of_range_numbers_in_urls_are_not_found_not_500(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    """Numbers past the database's integer columns in a thumbnail address or a page key: never a 500."""
+    _, a, _, _, _ = seeded
+    for big in (2**31, 2**40, 2**63, 10**30):
+        for url in (f"/runs/{a}/thumb/0/{big}", f"/runs/{a}/thumb/{big}/1", f"/runs/{big}/thumb/0/1"):
+            assert client.get(url).status_code == 404, url
+        after = client.get(f"/runs/{a}?after={big}")
+        assert after.status_code == 200 and 'id="no-groups"' in after.text, big
+        before = client.get(f"/runs/{a}?before={big}&per=1")
+        assert before.status_code == 200 and "#2</span> QC-3" in before.text, big

@@ -28,7 +28,7 @@ from monitor.report import QueueProbe, build_report, human_duration, list_runs, 
 from monitor.summary import parse_summary
 from monitor.text import fmt_ms, fmt_rate, fmt_time
 from monitor.web.metrics import metrics_registry, render
-from monitor.web.thumbs import NotFound, Thumbnails
+from monitor.web.thumbs import DB_INT_MAX, NotFound, Thumbnails
 from stage_a.errors import UserError
 from stage_a.settings import Settings
 from stage_a.store.views import ImageFilter
@@ -116,8 +116,8 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
             text=(request.query_params.get("q") or "").strip() or None,
         )
         per = _int_param(request, "per", PAGE_GROUPS, 1, MAX_PAGE_GROUPS) or PAGE_GROUPS
-        after = _int_param(request, "after", None, -1)
-        before = _int_param(request, "before", None, 0)
+        after = _int_param(request, "after", None, -1, DB_INT_MAX)
+        before = _int_param(request, "before", None, 0, DB_INT_MAX)
         groups, more = store.page_groups(run_id, flt, after=after, before=before, limit=per)
         failures = store.failed_images(run_id, 50) if report.failed and not flt.any and after is None \
             and before is None else []

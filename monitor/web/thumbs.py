@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 THUMB_PX = 320
 CACHE_BYTES = 64 * 1024 * 1024
+DB_INT_MAX = 2**31 - 1
+"""The largest run id, group position or image index the store's INTEGER columns hold (PostgreSQL int4)."""
 
 
 class NotFound(Exception):
@@ -58,6 +60,8 @@ class Thumbnails:
         self._lock = threading.Lock()
 
     def get(self, run_id: int, group_position: int, image_index: int) -> Thumb:
+        if not (0 < run_id <= DB_INT_MAX and 0 <= group_position <= DB_INT_MAX and 0 <= image_index <= DB_INT_MAX):
+            raise NotFound("no such image")  # the database would refuse the number itself
         loc = self.store.image_location(run_id, group_position, image_index)
         if loc is None:
             raise NotFound("no such image")
