@@ -352,3 +352,30 @@ def test_out_of_range_numbers_in_urls_are_not_found_not_500(client, seeded) -> N
         assert after.status_code == 200 and 'id="no-groups"' in after.text, big
         before = client.get(f"/runs/{a}?before={big}&per=1")
         assert before.status_code == 200 and "#2</span> QC-3" in before.text, big
+
+
+def test_search_text_with_nul_or_too_long_is_answered(client, seeded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """NUL in the search (PostgreSQL text cannot hold it) searches for the U+FFFD the store keeps in
+    its place; a search past SQLite's LIKE pattern limit is a 400 that says so, on both backends."""
+    from starlette.testclient import TestClient
+
+    from monitor.web.app import create_app
+    from stage_a.config import RunSpec
+    from stage_a.settings import Settings
+    from stage_a.store import GroupInput, ResultStore
+    from stage_a.work import ImageKey, ImageResult
+
+    store, a, _, _, _ = seeded
+    store.record_results([ImageResult(key=ImageKey(a, 2, 1), summary="bad\x00byte")], "gpu0@host-a")
+    res = client.get(f"/runs/{a}", params={"q": "d\x00b"})
+    assert res.status_code == 200 and "QC-3" in res.text and "QC-1" not in res.text.split("Groups", 1)[1]
+    lite = ResultStore(f"sqlite:///{tmp_path / 'lite.db'}")
+    try:
+        r = lite.create_run(RunSpec(mission=MISSION, dataset="bbu", input_root=str(tmp_path), checkpoint=""),
+                            [GroupInput("QC-1", "pass", ("x.jpg",))])
+        for c, run in ((client, a), (TestClient(create_app(lite, Settings.from_env({})),
+                                                raise_server_exceptions=False), r)):
+            long = c.get(f"/runs/{run}", params={"q": "a" * 50_001})
+            assert long.status_code == 400 and "search text too long" in long.text, long.status_code
+    finally:
+        lite.close()

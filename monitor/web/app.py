@@ -40,6 +40,8 @@ HERE = Path(__file__).parent
 PAGE_GROUPS = 20
 MAX_PAGE_GROUPS = 200
 DIFF_PAGE = 50
+MAX_SEARCH = 1000
+"""Characters of search text (SQLite refuses LIKE patterns over 50,000 bytes)."""
 DIFF_CACHE_S = 30.0
 
 
@@ -99,6 +101,9 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
     def not_found(request: Request, message: str) -> Response:
         return page(request, "error.html", 404, title="not found", message=message)
 
+    def bad_request(request: Request, message: str) -> Response:
+        return page(request, "error.html", 400, title="bad request", message=message)
+
     def index(request: Request) -> Response:
         return page(request, "index.html", title="runs", runs=list_runs(store, 200, settings))
 
@@ -108,12 +113,15 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
             report = build_report(store, run_id, settings, queue, writers=False)
         except UserError as exc:
             return not_found(request, str(exc))
+        text = (request.query_params.get("q") or "").strip()
+        if len(text) > MAX_SEARCH:
+            return bad_request(request, f"search text too long: {len(text)} characters (at most {MAX_SEARCH})")
         label = request.query_params.get("label") or None
         flt = ImageFilter(
             label=label if label in ("pass", "fail") else None,
             failed=request.query_params.get("failed") == "1",
             irrelevant=request.query_params.get("irrelevant") == "1",
-            text=(request.query_params.get("q") or "").strip() or None,
+            text=text or None,
         )
         per = _int_param(request, "per", PAGE_GROUPS, 1, MAX_PAGE_GROUPS) or PAGE_GROUPS
         after = _int_param(request, "after", None, -1, DB_INT_MAX)

@@ -166,6 +166,8 @@ _PAGE_COLUMNS = (ImageRow.group_position, ImageRow.image_index, ImageRow.rel_pat
 
 
 def _like_escape(text: str) -> str:
+    """The LIKE pattern (ESCAPE '\\') that matches ``text`` literally; NUL as the U+FFFD stored in its place."""
+    text = text.replace("\x00", "\ufffd")
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
