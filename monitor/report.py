@@ -23,6 +23,8 @@ from stage_a.store.runs import check_run_id
 from stage_a.store.views import ModelShare, RunRow, WorkerBeat
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from stage_a.broker import Publisher
     from stage_a.store import ResultStore
 
@@ -363,12 +365,12 @@ class RunSummary:
 
 
 def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = None,
-              now: datetime | None = None) -> list[RunSummary]:
-    """Runs newest first with counts and state; full reports only for unfinished runs (their state
-    depends on activity), so a list of many finished runs stays one index-only aggregate."""
+              now: datetime | None = None, ids: Sequence[int] | None = None) -> list[RunSummary]:
+    """Runs newest first (or the given ids) with counts and state; full reports only for unfinished runs
+    (their state depends on activity), so a list of many finished runs stays one index-only aggregate."""
     settings = settings or Settings.from_env()
     now = now or utcnow()
-    runs = store.run_rows(limit)
+    runs = store.run_rows(limit, ids)
     counts = store.status_counts([r.id for r in runs])
     dead = store.dead_letter_counts()
     beats: list[WorkerBeat] | None = None

@@ -379,3 +379,28 @@ def test_search_text_with_nul_or_too_long_is_answered(client, seeded, tmp_path: 
             assert long.status_code == 400 and "search text too long" in long.text, long.status_code
     finally:
         lite.close()
+
+
+def test_metrics_keep_every_unfinished_run_past_the_newest(seeded, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """/metrics: the newest runs and every unfinished one (README), not only the newest."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.testclient import TestClient
+
+    import monitor.web.metrics
+    from monitor.web.app import create_app
+    from stage_a.config import RunSpec
+    from stage_a.settings import Settings
+    from stage_a.store import GroupInput
+    from stage_a.work import ImageKey, ImageResult
+
+    store, a, b, root_a, _ = seeded
+    newer = [store.create_run(RunSpec(mission=MISSION, dataset="bbu", input_root=str(root_a), checkpoint=""),
+                              [GroupInput("QC-1", "pass", ("x.jpg",))]) for _ in range(2)]
+    store.record_results([ImageResult(key=ImageKey(r, 0, 1), summary="无关图片") for r in newer], "gpu0@host-a")
+    with store.engine.begin() as c:  # b: cancelled with images pending, a final state
+        c.execute(text("UPDATE runs SET cancelled_at = now() WHERE id = :r"), {"r": b})
+    monkeypatch.setattr(monitor.web.metrics, "RUNS_IN_METRICS", 2)
+    res = TestClient(create_app(store, Settings.from_env({}))).get("/metrics")
+    fams = {f.name: f for f in text_string_to_metric_families(res.text)}
+    runs = {s.labels["run"] for s in fams["stage_a_run_state"].samples}
+    assert runs == {str(newer[0]), str(newer[1]), str(a)}, runs

@@ -34,6 +34,9 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = utcnow()
         runs = list_runs(self.store, RUNS_IN_METRICS, self.settings, now)
+        older = sorted(set(self.store.unfinished_run_ids()) - {r.run_id for r in runs})
+        if older:
+            runs += list_runs(self.store, len(older), self.settings, now, older)
         images = GaugeMetricFamily("stage_a_run_images", "Images of a run by state.", labels=["run", "state"])
         state = GaugeMetricFamily("stage_a_run_state", "1 for the run's current state.", labels=["run", "state"])
         rate = GaugeMetricFamily("stage_a_run_images_per_second",

@@ -195,6 +195,13 @@ class ViewQueries:
         with self.engine.connect() as c:
             return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
 
+    def unfinished_run_ids(self) -> list[int]:
+        """Runs not cancelled with images pending or leased, oldest first (one index probe per run)."""
+        busy = select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_((PENDING, LEASED)))
+        with self.engine.connect() as c:
+            return [int(i) for (i,) in c.execute(
+                select(Run.id).where(Run.cancelled_at.is_(None), busy.exists()).order_by(Run.id))]
+
     def status_counts(self, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
         """{run: {status: images}} for many runs in one index-only aggregate."""
         out: dict[int, dict[str, int]] = {r: {} for r in run_ids}
