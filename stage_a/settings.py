@@ -116,8 +116,9 @@ class Settings:
                      "model_load_timeout"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
-        if self.serve_basic_auth and ":" not in self.serve_basic_auth:
-            raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password")
+        user, _, password = self.serve_basic_auth.partition(":")
+        if self.serve_basic_auth and not (user and password):
+            raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password, both non-empty")
         for name in ("stall_seconds", "heartbeat_timeout", "rate_window"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")

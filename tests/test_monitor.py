@@ -404,3 +404,14 @@ def test_metrics_keep_every_unfinished_run_past_the_newest(seeded, monkeypatch) 
     fams = {f.name: f for f in text_string_to_metric_families(res.text)}
     runs = {s.labels["run"] for s in fams["stage_a_run_state"].samples}
     assert runs == {str(newer[0]), str(newer[1]), str(a)}, runs
+
+
+@pytest.mark.parametrize("creds", ["ops:", ":s3cret", ":", "ops"])
+def test_basic_auth_needs_a_user_and_a_password(creds: str) -> None:
+    """`ops:` (say, an unset $PASSWORD in the env file) would let anyone in with an empty password."""
+    from stage_a.errors import UserError
+    from stage_a.settings import Settings
+
+    with pytest.raises(UserError, match="STAGE_A_SERVE_BASIC_AUTH must be user:password") as exc:
+        Settings.from_env({"STAGE_A_SERVE_BASIC_AUTH": creds})
+    assert "s3cret" not in str(exc.value)
