@@ -7,7 +7,9 @@ deploy/stage-a.env.example documents the same variables for operators.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -113,17 +115,26 @@ class Settings:
 
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
-                     "model_load_timeout"):
+                     "model_load_timeout", "reclaim_interval", "stall_seconds", "heartbeat_timeout", "rate_window",
+                     "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("heartbeat_interval", "orphan_grace", "sqlite_busy_timeout"):  # 0 has a meaning here
+            if getattr(self, name) < 0:
+                raise UserError(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise UserError(f"STAGE_A_VLLM_GPU_MEMORY_UTILIZATION must be a fraction in (0, 1], "
+                            f"got {self.vllm_gpu_memory_utilization}")
         user, _, password = self.serve_basic_auth.partition(":")
         if self.serve_basic_auth and not (user and password):
             raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password, both non-empty")
-        for name in ("stall_seconds", "heartbeat_timeout", "rate_window"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
         if self.engine not in ENGINES:
             raise UserError(f"STAGE_A_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not all(g.isascii() and g.isdigit() for g in self.gpus):
+            raise UserError(f"STAGE_A_GPUS must be a comma-separated list of GPU indices like 0,1,2,3, "
+                            f"got {','.join(self.gpus)!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()):
+            raise UserError(f"STAGE_A_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def orphan_grace_seconds(self) -> float:
@@ -172,9 +183,12 @@ def _parse(name: str, raw: str, default: Any) -> Any:
             raise UserError(f"{name} must be an integer, got {raw!r}") from None
     if isinstance(default, float):
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise UserError(f"{name} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {raw!r}")
+        return value
     if isinstance(default, tuple):
         sep = os.pathsep if name.endswith("INPUT_ROOTS") else ","
         return tuple(p.strip() for p in raw.split(sep) if p.strip())

@@ -209,3 +209,24 @@ def test_run_help_explains_every_option(tmp_path: Path) -> None:
     ]:
         assert opt in out, opt
         assert words in out, (opt, words)
+
+
+@pytest.mark.parametrize("url", ["postgersql://stage_a:hunter2@127.0.0.1/stage_a",  # a typo in the scheme
+                                 "postgresql+psycopg2://stage_a:hunter2@127.0.0.1/stage_a",  # driver not installed
+                                 "mysql://stage_a:hunter2@127.0.0.1/stage_a"])
+@pytest.mark.parametrize("via", ["--db", "env"])
+def test_unusable_database_url_is_one_line(tmp_path: Path, url: str, via: str) -> None:
+    args, env = (["runs", "--db", url], {}) if via == "--db" else (["runs"], {"STAGE_A_DATABASE_URL": url})
+    line = assert_one_line_error(cli(args, tmp_path, env), url.split("://")[0], "127.0.0.1/stage_a")
+    assert "hunter2" not in line
+
+
+@pytest.mark.parametrize("args", [["runs"], ["status", "1"], ["dead-letters"], ["cancel", "1"], ["diff", "1", "2"]])
+@pytest.mark.parametrize("via", ["--db", "env"])
+def test_reading_commands_never_create_a_database(tmp_path: Path, args: list[str], via: str) -> None:
+    """A mistyped SQLite path is an error naming it, not an empty new database reporting 'no runs'."""
+    db = tmp_path / "typo.db"
+    env = {"STAGE_A_DATABASE_URL": str(db)} if via == "env" else {}
+    proc = cli([*args, *(["--db", str(db)] if via == "--db" else [])], tmp_path, env)
+    assert_one_line_error(proc, str(db))
+    assert not db.exists()

@@ -51,3 +51,42 @@ def test_database_url_forms(tmp_path, monkeypatch) -> None:  # type: ignore[no-u
 def test_redact_url_hides_passwords() -> None:
     assert "s3cret" not in redact_url("postgresql+psycopg://user:s3cret@db:5432/x")
     assert "s3cret" not in redact_url("redis://:s3cret@127.0.0.1:6379/0")
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("STAGE_A_FLUSH_INTERVAL", "nan", "STAGE_A_FLUSH_INTERVAL"),
+    ("STAGE_A_LEASE_SECONDS", "inf", "STAGE_A_LEASE_SECONDS"),
+    ("STAGE_A_STALL_SECONDS", "-inf", "STAGE_A_STALL_SECONDS"),
+    ("STAGE_A_RECLAIM_INTERVAL", "0", "STAGE_A_RECLAIM_INTERVAL"),
+    ("STAGE_A_HEARTBEAT_INTERVAL", "-1", "STAGE_A_HEARTBEAT_INTERVAL"),
+    ("STAGE_A_ORPHAN_GRACE", "-5", "STAGE_A_ORPHAN_GRACE"),
+    ("STAGE_A_SQLITE_BUSY_TIMEOUT", "-1", "STAGE_A_SQLITE_BUSY_TIMEOUT"),
+    ("STAGE_A_VLLM_MAX_MODEL_LEN", "0", "STAGE_A_VLLM_MAX_MODEL_LEN"),
+    ("STAGE_A_VLLM_MAX_NUM_SEQS", "-1", "STAGE_A_VLLM_MAX_NUM_SEQS"),
+    ("STAGE_A_VLLM_MAX_LORA_RANK", "0", "STAGE_A_VLLM_MAX_LORA_RANK"),
+    ("STAGE_A_VLLM_CPU_KV_CACHE_GIB", "0", "STAGE_A_VLLM_CPU_KV_CACHE_GIB"),
+    ("STAGE_A_VLLM_GPU_MEMORY_UTILIZATION", "90", "STAGE_A_VLLM_GPU_MEMORY_UTILIZATION"),
+    ("STAGE_A_VLLM_GPU_MEMORY_UTILIZATION", "0", "STAGE_A_VLLM_GPU_MEMORY_UTILIZATION"),
+    ("STAGE_A_GPUS", "a", "STAGE_A_GPUS"),
+    ("STAGE_A_GPUS", "0,cuda:1", "STAGE_A_GPUS"),
+    ("STAGE_A_GPUS", "-1", "STAGE_A_GPUS"),
+    ("STAGE_A_DEVICE", "gpu", "STAGE_A_DEVICE"),
+])
+def test_settings_reject_unusable_values(name: str, value: str, needle: str) -> None:
+    """A value no process could work with is refused when the settings are read, naming the variable."""
+    from stage_a.settings import Settings
+
+    with pytest.raises(UserError, match=needle) as info:
+        Settings.from_env({name: value})
+    assert value in str(info.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("STAGE_A_HEARTBEAT_INTERVAL", "0"), ("STAGE_A_ORPHAN_GRACE", "0"), ("STAGE_A_SQLITE_BUSY_TIMEOUT", "0"),
+    ("STAGE_A_VLLM_GPU_MEMORY_UTILIZATION", "1"), ("STAGE_A_GPUS", "0,1,2,3"), ("STAGE_A_GPUS", " 3 "),
+    ("STAGE_A_DEVICE", "cuda:1"), ("STAGE_A_DEVICE", "CPU"), ("STAGE_A_DEVICE", "auto"),
+])
+def test_settings_accept_documented_values(name: str, value: str) -> None:
+    from stage_a.settings import Settings
+
+    Settings.from_env({name: value})

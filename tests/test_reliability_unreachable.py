@@ -69,3 +69,26 @@ def test_wrong_url_fails_fast_with_one_line_and_no_password(case: str, input_dir
     assert len(errors) == 1 and expected in errors[0], output
     if args[1] == "cli.main":  # the CLI prints that line and nothing else
         assert proc.stderr.strip().splitlines() == errors and proc.stdout == ""
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("STAGE_A_FLUSH_SIZE", "abc", "STAGE_A_FLUSH_SIZE must be an integer, got 'abc'"),
+    ("STAGE_A_ENGINE", "vlm", "STAGE_A_ENGINE must be one of transformers, vllm, got 'vlm'"),
+    ("STAGE_A_DATABASE_URL", f"postgersql://u:{SECRET}@127.0.0.1/x", "unsupported database URL postgersql://u:***@"),
+])
+def test_worker_with_a_malformed_setting_stops_with_one_line(setting: str, value: str, expected: str,
+                                                              tmp_path: Path) -> None:
+    """A setting the worker cannot even build its Celery app with: exit 2 and one line, like the CLI."""
+    from conftest import REDIS_URL
+
+    worker = ["-m", "celery", "-A", "workers", "worker", "--concurrency", "1", "--without-gossip",
+              "--without-mingle", "-n", "malformed@%h"]
+    env = base_env(STAGE_A_BROKER_URL=REDIS_URL, STAGE_A_DATABASE_URL=f"sqlite:///{tmp_path / 'ok.db'}")
+    env[setting] = value
+    proc = subprocess.run([sys.executable, *worker], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=LIMIT_S + 40)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert SECRET not in output and "Traceback" not in output, output
+    errors = [ln for ln in output.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and expected in errors[0], output

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.farm import FAILURES, Farm, cli, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import FAILURES, Farm, Worker, cli, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +125,34 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
     assert f"run {big} was cancelled at" in exp.stderr and "(cancelled)" in exp.stdout, exp.stdout + exp.stderr
     assert "not processed: run cancelled" in (out / FAILURES).read_text(encoding="utf-8")
     assert farm.export(small, tmp_path / "out_small").returncode == 0
+
+
+def test_unpinned_worker_with_a_gpu_on_a_host_without_cuda_stops(pg_url: str, farm_factory,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """No STAGE_A_CHECKPOINT (each run's model is loaded on its first batch): the device is still
+    checked at start, so the worker never takes a message it can only fail."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    farm: Farm = farm_factory(pg_url)
+    make_tree(tmp_path / "in", groups=1, per_group=2)
+    run_id = farm.enqueue(tmp_path / "in")
+    env = farm.env(STAGE_A_GPUS="0")
+    env["STAGE_A_CHECKPOINT"] = ""  # empty is unset: an unpinned worker
+    worker = Worker("nocuda-unpinned", env, farm.workdir).start()
+    farm.workers.append(worker)
+    assert worker.proc is not None
+    assert worker.proc.wait(120) == 2, worker.log()
+    log = worker.log()
+    assert "cannot serve: device 'cuda:0' requested but no CUDA GPU is visible; stopping this worker" in log, log
+    assert "Traceback" not in log, log
+    assert farm.redis.queued(farm.queue) == 2  # its messages are still there for a worker that can serve
+    store = farm.store()
+    try:
+        assert store.counts(run_id).pending == 2
+    finally:
+        store.close()
 
 
 def test_worker_pinned_to_a_gpu_on_a_host_without_cuda_stops(pg_url: str, farm_factory) -> None:  # noqa: F811

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery import Celery
 from kombu import Queue
 
+from stage_a.errors import UserError
 from stage_a.settings import Settings
 
-settings = Settings.from_env()
+try:
+    settings = Settings.from_env()
+except UserError as exc:  # `celery -A workers worker` imports this module: a bad setting is one line, exit 2
+    sys.stderr.write(f"stage-a worker: error: {exc}\n")
+    sys.stderr.flush()
+    raise SystemExit(2) from None
 
 app = Celery("stage_a", broker=settings.broker_url, include=["workers.tasks"])
 if settings.broker_url.split("://", 1)[0] in ("redis", "rediss"):

@@ -103,6 +103,7 @@ class WorkerRuntime:
             engine = self.host.preload()
             self.beat("ready", model=self.host.serving, engine=engine.name)
         else:
+            self.host.check_device()
             log.info("no STAGE_A_CHECKPOINT: each run's model is loaded on its first batch")
             self.beat("ready")
         interval = self.settings.heartbeat_interval if heartbeat_interval is None else heartbeat_interval

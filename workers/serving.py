@@ -82,6 +82,14 @@ class ModelHost:
                 os.path.realpath(self.settings.checkpoint)
         return want == self.pinned
 
+    def check_device(self) -> None:
+        """The device must be usable here before any model is asked for: an unpinned worker loads
+        its first model on its first batch, and a host without CUDA for STAGE_A_GPUS (or
+        STAGE_A_DEVICE=cuda) would otherwise take message after message it can only fail."""
+        from workers.loader import resolve_device
+
+        resolve_device(self.device)
+
     def preload(self) -> Engine:
         """Load the pinned checkpoint now (at process start), so the first batch does not wait for it."""
         if not self.settings.checkpoint:

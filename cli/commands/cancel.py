@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import click
 
+from cli.commands.options import require_existing_sqlite
 from stage_a.errors import UserError
 from stage_a.settings import database_url
 
@@ -32,7 +33,9 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     url = db or settings.database_url
     if not url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
-    store = ResultStore(database_url(url))
+    url = database_url(url)
+    require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
+    store = ResultStore(url)
     try:
         info = store.get_run(run_id)
         counts = store.counts(run_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.commands.options import make_output_dir
+from cli.commands.options import make_output_dir, require_existing_sqlite
 from stage_a.errors import UserError
 from stage_a.settings import database_url
 
@@ -41,7 +41,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     if run_id is not None:
         check_run_id(run_id)
     url = database_url(db, output_dir)
-    _require_existing_sqlite(url)
+    require_existing_sqlite(url, "pass --db, or the --output-dir of the run")
     store = ResultStore(url)
     info = store.get_run(run_id) if run_id is not None else store.latest_run(mission)
     if info is None:
@@ -67,12 +67,3 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     if report.groups_not_written:
         sys.exit(3)
 
-
-def _require_existing_sqlite(url: str) -> None:
-    """Exporting reads a database: never create an empty one as a side effect of a wrong path."""
-    from stage_a.store.engine import parse_url
-
-    parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        if not Path(parsed.database).is_file():
-            raise UserError(f"no results database at {parsed.database} (pass --db, or the --output-dir of the run)")

@@ -119,3 +119,13 @@ def make_output_dir(path: Path) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create output dir {path}: {exc.strerror or exc}") from None
     return path
+
+
+def require_existing_sqlite(url: str, hint: str) -> None:
+    """Commands that read a database never create an empty one as a side effect of a wrong path."""
+    from stage_a.store.engine import parse_url
+
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        if not Path(parsed.database).is_file():
+            raise UserError(f"no results database at {parsed.database} ({hint})")

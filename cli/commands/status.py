@@ -8,6 +8,7 @@ import time
 
 import click
 
+from cli.commands.options import require_existing_sqlite
 from stage_a.errors import UserError
 from stage_a.settings import Settings, database_url
 
@@ -20,7 +21,9 @@ def open_store(db: str | None):  # type: ignore[no-untyped-def]  # -> ResultStor
 
     if not db and not Settings.from_env().database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
-    return ResultStore(database_url(db))
+    url = database_url(db)
+    require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
+    return ResultStore(url)
 
 
 @click.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import NoSuchModuleError, OperationalError
 
 from stage_a.config import SCHEME, hide_secrets, redact_url, userinfo_end
 from stage_a.errors import UserError
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Connect timeouts keep a wrong URL from hanging a command.
 CONNECT_TIMEOUT_S = 5
+SUPPORTED_URLS = "postgresql+psycopg://user@host/db, or sqlite:///path or a plain path"
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -84,9 +85,12 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+    if backend != "postgresql":  # a typo in the scheme (postgersql://) or another database
+        raise UserError(f"unsupported database URL {redact_url(url)}: scheme {parsed.drivername!r} "
+                        f"(use {SUPPORTED_URLS})")
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
         return create_engine(
             parsed,
             pool_pre_ping=True,
@@ -96,7 +100,9 @@ def make_engine(url: str) -> Engine:
             max_overflow=0,
             connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": f"stage-a:{os.getpid()}"},
         )
-    return create_engine(parsed, pool_pre_ping=True)
+    except (ImportError, NoSuchModuleError) as exc:  # postgresql+psycopg2:// and no psycopg2 here
+        raise UserError(f"unsupported database URL {redact_url(url)}: driver {parsed.drivername!r} is not "
+                        f"available ({_first_line(exc)}; use {SUPPORTED_URLS})") from None
 
 
 def upgrade_schema(engine: Engine) -> None:
