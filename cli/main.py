@@ -10,6 +10,7 @@ import click
 
 import cli as cli_package
 from stage_a.errors import UserError
+from stage_a.terminal import printable
 
 _COMMANDS = {
     "run": ("cli.commands.run", "run", "Summarize a mission's images on this machine and export the JSONL."),
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> Any:
             import traceback
 
             traceback.print_exc()
-        click.echo(f"stage-a: error: {exc}", err=True)
+        click.echo(f"stage-a: error: {printable(str(exc))}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("stage-a: aborted", err=True)

@@ -72,6 +72,13 @@ def test_missing_input_dir(inputs: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_control_characters_in_an_error_reach_no_terminal(inputs: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no\x1b[31mpe\x9b"
+    line = assert_one_line_error(cli(base_args(inputs, tmp_path / "out", **{"--input-dir": str(missing)}), tmp_path),
+                                 "no\\x1b[31mpe\\x9b")
+    assert "\x1b" not in line and "\x9b" not in line
+
+
 def test_input_dir_without_the_mission(inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (tmp_path / "elsewhere" / "RRU线缆").mkdir(parents=True)

@@ -54,6 +54,9 @@ def runs(db_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     tree = make_sample_tree(base / "in", MISSION, n_fail=2, n_pass=2, seed=3)
     broken = next((tree / MISSION / "审核通过").iterdir())
     (broken / "zz_garbage.jpg").write_bytes(b"not a jpeg at all" * 50)
+    # A hostile folder name: ESC sequences must reach no terminal (they are printed escaped).
+    group = next((tree / MISSION / "审核不通过").iterdir())
+    group.rename(group.with_name(group.name + "\x1b[2J\x1b]0;owned\x07"))
     other = build_tiny_checkpoint(base / "tiny-seed-1", seed=1)
     ids = {}
     for name, ck in (("a", tiny_checkpoint), ("b", tiny_checkpoint), ("c", other)):
@@ -87,6 +90,8 @@ def test_diff_same_checkpoint_is_unchanged_other_checkpoint_changes(runs: dict[s
     assert len(d2["changed_images"]) == d2["changed"]
     text = _cli(["diff", str(runs["a"]), str(runs["c"]), "--db", db_url], tmp_path)
     assert text.returncode == 0 and f"{d2['changed']} changed" in text.stdout
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout, text.stdout
+    assert "\\x1b[2J\\x1b]0;owned\\x07" in text.stdout, text.stdout  # the hostile group, shown escaped
 
 
 def test_run_page_and_diff_page_of_real_runs(runs: dict[str, int], db_url: str) -> None:

@@ -7,6 +7,7 @@ import json
 import click
 
 from cli.commands.status import DB_HELP, open_store
+from stage_a.terminal import printable
 
 
 @click.command()
@@ -28,4 +29,4 @@ def diff(run_a: int, run_b: int, db: str | None, as_json: bool, examples: int) -
     if as_json:
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
     else:
-        click.echo(describe_diff(result, examples))
+        click.echo(printable(describe_diff(result, examples)))

@@ -10,6 +10,7 @@ import click
 
 from producer.register import Plan
 from stage_a.settings import Settings
+from stage_a.terminal import printable
 
 
 def input_root_note(root: str, settings: Settings) -> str:
@@ -69,7 +70,7 @@ def print_plan(plan: Plan, checkpoint: str, settings: Settings, target: str) -> 
         click.echo(f"  {label}:        {groups} groups, {images} images")
     click.echo(f"  total:       {len(plan.groups)} groups ({plan.discovered_groups} found), {plan.images} images")
     for w in plan.warnings:
-        click.echo(f"  warning:     {w}")
+        click.echo(f"  warning:     {printable(w)}")
     click.echo(f"  checkpoint:  {checkpoint_note(checkpoint)}")
     gen = spec.generation
     click.echo(f"  generation:  batch_size {spec.batch_size}, max_pixels {spec.max_pixels}, max_new_tokens "

@@ -10,6 +10,7 @@ import click
 from cli.commands.options import make_output_dir, require_existing_sqlite
 from stage_a.errors import UserError
 from stage_a.settings import database_url
+from stage_a.terminal import printable
 
 
 @click.command(context_settings={"show_default": True})
@@ -54,13 +55,13 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         msg = (f"run {info.id} {'was cancelled' if info.cancelled else 'is not finished'}: "
                f"{counts.pending + counts.leased} of {counts.images_total} images pending")
         if require_finished:
-            click.echo(f"stage-a: {msg}; nothing written", err=True)
+            click.echo(f"stage-a: {printable(msg)}; nothing written", err=True)
             sys.exit(4)
-        click.echo(f"stage-a: warning: {msg}; exporting complete groups only", err=True)
+        click.echo(f"stage-a: warning: {printable(msg)}; exporting complete groups only", err=True)
     make_output_dir(output_dir)
     report = export_run(store, info.id, output_dir)
     for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
-        click.echo(f"stage-a: {note}", err=True)
+        click.echo(f"stage-a: {printable(note)}", err=True)
     click.echo(f"stage-a: run {info.id}{' (cancelled)' if info.cancelled else ''}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
     click.echo("  models:   " + (", ".join(f"{m} ({n} images)" for m, n in report.models) or "none (no image summarized)"))

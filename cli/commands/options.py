@@ -18,6 +18,7 @@ from stage_a.config import (
     RunSpec,
 )
 from stage_a.errors import UserError
+from stage_a.terminal import printable
 
 F = Callable[..., Any]
 
@@ -58,7 +59,7 @@ class _CliFormatter(logging.Formatter):
     """`stage-a: warning: ...` lines like the CLI's own messages; debug adds time and logger."""
 
     def format(self, record: logging.LogRecord) -> str:
-        base = f"stage-a: {record.levelname.lower()}: {record.getMessage()}"
+        base = f"stage-a: {record.levelname.lower()}: {printable(record.getMessage())}"
         if record.levelno <= logging.DEBUG or logging.getLogger().level <= logging.INFO:
             base = f"{self.formatTime(record)} {record.name}: {base}"
         if record.exc_info and logging.getLogger().level <= logging.DEBUG:

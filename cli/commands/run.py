@@ -14,6 +14,7 @@ from cli.commands.options import build_spec, make_output_dir, require_input_dir,
 from stage_a.config import ENGINES
 from stage_a.errors import UserError
 from stage_a.settings import database_url, default_cache_dir
+from stage_a.terminal import printable
 
 DEMO_MISSION = "挡风板安装检查"
 
@@ -239,7 +240,7 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     report = export_run(store, run_id, output_dir)
     for note in apply_post_steps(report.jsonl_path, store.get_run(run_id).spec.dataset, kw.get("postprocess", False),
                                  kw.get("add_gt_fail_reason", False), kw["excel_path"]):
-        click.echo(f"stage-a: {note}", err=True)
+        click.echo(f"stage-a: {printable(note)}", err=True)
     rate = processed / seconds if seconds > 0 else 0.0
     click.echo(
         f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "

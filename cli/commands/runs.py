@@ -9,6 +9,7 @@ import click
 from cli.commands.status import DB_HELP, open_store
 from stage_a.settings import Settings
 from stage_a.store.runs import check_run_id
+from stage_a.terminal import printable
 
 
 @click.command()
@@ -26,7 +27,7 @@ def runs(db: str | None, as_json: bool, limit: int) -> None:
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], ensure_ascii=False))
     else:
-        click.echo(runs_table(rows))
+        click.echo(printable(runs_table(rows)))
 
 
 @click.command("dead-letters")
@@ -50,4 +51,4 @@ def dead_letters(run_id: int | None, db: str | None, as_json: bool, limit: int) 
              "worker": d.worker, "reason": d.reason, "payload": d.payload} for d in rows
         ], ensure_ascii=False))
         return
-    click.echo(dead_letters_table(rows))
+    click.echo(printable(dead_letters_table(rows)))

@@ -11,6 +11,7 @@ import click
 from cli.commands.options import require_existing_sqlite
 from stage_a.errors import UserError
 from stage_a.settings import Settings, database_url
+from stage_a.terminal import printable
 
 DB_HELP = "Results database path or URL (env STAGE_A_DATABASE_URL)."
 
@@ -66,4 +67,4 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
     if as_json:
         click.echo(json.dumps(report.to_json(), ensure_ascii=False))
     else:
-        click.echo(describe(report))
+        click.echo(printable(describe(report)))
