@@ -129,10 +129,17 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     (ckpt / "config.json").write_text(json.dumps(config))
 
     rt = runtime(pg_url, queue)
+    slept: list[float] = []
+    rt.sleep = slept.append
     admitted = rt.process([image_payload(it) for it in items]).admitted
     assert admitted.work and rt.host.engine is None  # admitted, but the model check refused it
     assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rt.store.image_rows(run_id))
     assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
+    # Alone with that run, it backs off like a pinned worker instead of popping, hashing the
+    # checkpoint folder and handing back as fast as Redis answers.
+    for _ in range(2):
+        rt.process([image_payload(it) for it in items])
+    assert slept == [0.25, 0.5, 1.0]
     rt.store.close()
 
 

@@ -156,6 +156,7 @@ class WorkerRuntime:
         admitted = self.admission.admit(payloads)
         results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
         not_run: dict[ImageKey, str] = {}
+        served = False  # some run of the buffer went to a model (not all handed back)
 
         def collect(batch: BatchDone) -> None:
             share = batch.seconds / batch.images if batch.images else 0.0
@@ -173,6 +174,7 @@ class WorkerRuntime:
                 admitted.handed_back += [it.to_message() for it in items]
                 not_run.update({it.key: "handed_back" for it in items})
                 continue
+            served = True
             # Lease after the model is loaded: the lease times the batch, not a cold start.
             self.store.lease([it.key for it in items], self.name, self.settings.lease_seconds)
             hooks = LoopHooks(before_execute=self._renewer(), after_batch=collect, stop=self._cancelled(run_id))
@@ -184,7 +186,7 @@ class WorkerRuntime:
                 log.warning("run %d cancelled: %d images of this buffer not run", run_id, len(left))
         if admitted.handed_back:
             self.hand_back(admitted.handed_back)
-        self._back_off(admitted)
+        self._back_off(admitted, served)
         self._state = "ready"
         return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
 
@@ -216,19 +218,21 @@ class WorkerRuntime:
 
         return stop
 
-    def _back_off(self, admitted: Admitted) -> None:
+    def _back_off(self, admitted: Admitted, served: bool) -> None:
         """Sleep a little when a whole buffer went back to the queue, longer each time in a row.
 
-        A pinned worker alone with another model's run would otherwise pop, hand back and pop the
-        same messages again as fast as Redis answers. Capped at HAND_BACK_MAX_S; reset by work.
+        A pinned worker alone with another model's run (refused at admission), or an unpinned one
+        whose copy of the run's checkpoint is another model (refused by the model check), would
+        otherwise pop, hand back and pop the same messages again as fast as Redis answers. Capped
+        at HAND_BACK_MAX_S; reset by work.
         """
-        if admitted.handed_back and not admitted.work:
+        if admitted.handed_back and not served:
             self._handed_back_in_a_row += 1
             delay = min(HAND_BACK_MAX_S, HAND_BACK_BASE_S * 2 ** (self._handed_back_in_a_row - 1))
             log.info("nothing this worker serves in %d buffer(s) in a row; waiting %.2fs",
                      self._handed_back_in_a_row, delay)
             self.sleep(delay)
-        elif admitted.work:
+        elif served:
             self._handed_back_in_a_row = 0
 
     def _loop_for(self, run: RunInfo) -> StepLoop:
