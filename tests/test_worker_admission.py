@@ -25,6 +25,7 @@ from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
 
 from stage_a.config import GenerationParams, RunSpec
+from stage_a.errors import UserError
 from stage_a.fingerprint import model_fingerprint
 from stage_a.messages import group_payload, image_payload
 from stage_a.settings import Settings
@@ -141,6 +142,44 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
         rt.process([image_payload(it) for it in items])
     assert slept == [0.25, 0.5, 1.0]
     rt.store.close()
+
+
+def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_checkpoint: Path,
+                                                             other_checkpoint: Path, queue: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.serving
+
+    make_tree(tmp_path / "in", groups=1, per_group=2)
+    ckpt = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    run_id, items = register(pg_url, tmp_path / "in", ckpt)
+    want = model_fingerprint(ckpt)
+    real_build = workers.serving.build_engine
+
+    def build_while_replaced(checkpoint: str, device: str, kind: str = "transformers") -> Any:
+        # The model check has passed; then the folder is overwritten with another model as it loads.
+        for f in other_checkpoint.iterdir():
+            shutil.copy(f, ckpt / f.name)
+        return real_build(checkpoint, device, kind)
+
+    monkeypatch.setattr(workers.serving, "build_engine", build_while_replaced)
+    rt = runtime(pg_url, queue)
+    rt.process([image_payload(it) for it in items])
+    rows = rt.store.image_rows(run_id)
+    assert all(r["status"] == "pending" and r["model"] is None for r in rows), \
+        [(r["status"], r["model"], want) for r in rows]
+    assert rt.host.engine is None
+    assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
+    rt.store.close()
+
+    # A pinned worker whose folder changes while it loads at start refuses to serve at all.
+    shutil.rmtree(ckpt)
+    shutil.copytree(tiny_checkpoint, ckpt)
+    pinned = runtime(pg_url, queue, checkpoint=str(ckpt))
+    with pytest.raises(UserError, match="changed while it was loading"):
+        pinned.host.preload()
+    assert pinned.host.engine is None
+    pinned.store.close()
 
 
 # ---- item 2: the store decides the file ----------------------------------------------------------

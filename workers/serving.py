@@ -95,7 +95,12 @@ class ModelHost:
         if not self.settings.checkpoint:
             raise UserError("preload needs STAGE_A_CHECKPOINT (an unpinned worker loads each run's model)")
         if self.engine is None:
-            self.engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine)
+            engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine)
+            if engine.fingerprint != self.pinned:
+                raise UserError(f"checkpoint {self.settings.checkpoint} changed while it was loading "
+                                f"({self.pinned} before, {engine.fingerprint} after); start the worker again "
+                                "once the folder is no longer being written")
+            self.engine = engine
             self.serving = self.pinned
         return self.engine
 
@@ -117,8 +122,13 @@ class ModelHost:
             raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint} here is {have}")
         if self.engine is not None:
             log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
-            self.engine = None
-        self.engine = build_engine(checkpoint, self.device, self.settings.engine)
+            self.engine, self.serving = None, None
+        engine = build_engine(checkpoint, self.device, self.settings.engine)
+        if have != DEMO_MODEL and engine.fingerprint != have:
+            # The folder was replaced while it loaded: what was read may be either model, or both.
+            raise WrongModel(f"run {run.id}: checkpoint {checkpoint} changed while it was loading "
+                             f"({have} before, {engine.fingerprint} after)")
+        self.engine = engine
         self.serving = have
         return self.engine
 
