@@ -47,6 +47,8 @@ class WorkerView:
     online: bool
     state: str
     model: str | None
+    pinned: bool | None
+    """Serves only its STAGE_A_CHECKPOINT model; False: loads each run's model; None: not recorded."""
     engine: str | None
     device: str | None
     run_id: int | None
@@ -216,7 +218,7 @@ def worker_views(beats: list[WorkerBeat], now: datetime, settings: Settings) -> 
         online = age <= settings.heartbeat_timeout and b.state != "stopped"
         out.append(WorkerView(
             name=b.name, online=online, state=b.state if online or b.state == "stopped" else "offline",
-            model=b.model, engine=b.engine, device=b.device, run_id=b.run_id, heartbeat_age_s=age,
+            model=b.model, pinned=b.pinned, engine=b.engine, device=b.device, run_id=b.run_id, heartbeat_age_s=age,
             last_batch_at=b.last_batch_at, last_batch_images=b.last_batch_images,
             last_batch_seconds=b.last_batch_seconds, images_per_s=b.images_per_s, tokens_per_s=b.tokens_per_s,
             images_total=b.images_total,
@@ -225,9 +227,11 @@ def worker_views(beats: list[WorkerBeat], now: datetime, settings: Settings) -> 
 
 
 def _serves(worker: WorkerView, run: RunRow) -> bool:
-    """A worker serves the run when its model is the run's, it is not tied to one, or its last batch
-    was this run's (an unpinned worker loads each run's model; a demo run names no fingerprint)."""
-    return worker.model is None or run.model is None or worker.model == run.model or worker.run_id == run.id
+    """A worker serves the run when its model is the run's, it is not tied to one (an unpinned worker
+    loads each run's model, whatever it served last), or its last batch was this run's (a demo run
+    names no fingerprint)."""
+    return (worker.model is None or worker.pinned is False or run.model is None or worker.model == run.model
+            or worker.run_id == run.id)
 
 
 def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,

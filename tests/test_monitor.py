@@ -70,14 +70,14 @@ def _cli(args: list[str], db: str, **env: str) -> subprocess.CompletedProcess[st
 
 
 def _heartbeat(store, name: str, run_id: int | None, age_s: float = 1.0, model: str | None = None,  # type: ignore[no-untyped-def]
-               state: str = "busy") -> None:
+               state: str = "busy", pinned: bool | None = None) -> None:
     from stage_a.store.base import utcnow
     from stage_a.store.models import WorkerRow
 
     now = utcnow()
     with store.engine.begin() as c:
         c.execute(WorkerRow.__table__.insert().values(
-            name=name, model=model, engine="transformers", device="cuda:0", state=state,
+            name=name, model=model, pinned=pinned, engine="transformers", device="cuda:0", state=state,
             started_at=now - timedelta(minutes=5), heartbeat_at=now - timedelta(seconds=age_s), run_id=run_id,
             last_batch_at=now - timedelta(seconds=age_s), last_batch_images=32, last_batch_seconds=4.0,
             images_per_s=8.0, tokens_per_s=300.0, images_total=640))
@@ -140,6 +140,29 @@ def test_rate_needs_a_span(seeded) -> None:  # type: ignore[no-untyped-def]
     assert r.throughput.overall_images_per_s == pytest.approx(3 / 10, rel=0.05)
     assert r.throughput.recent_images_per_s == pytest.approx(3 / 20, rel=0.05)
     assert r.throughput.eta_s == pytest.approx(1 / (3 / 20), rel=0.05)
+
+
+def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded) -> None:  # type: ignore[no-untyped-def]
+    """An unpinned worker loads each run's model: that its last batch was another run's (another
+    model) does not make this run's state "no worker online"; a worker pinned to another model does."""
+    from monitor.report import build_report
+    from stage_a.settings import Settings
+    from stage_a.store.base import utcnow
+
+    store, a, b, _, _ = seeded
+    settings = Settings.from_env({})
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET model = 'ck-a:1111' WHERE id = :r"), {"r": a})
+        c.execute(text("UPDATE runs SET created_at = created_at - interval '1 hour' WHERE id = :r"), {"r": a})
+        c.execute(text("UPDATE images SET updated_at = updated_at - interval '1 hour' WHERE run_id = :r"), {"r": a})
+    _heartbeat(store, "gpu0@host-b", b, age_s=0, model="ck-b:2222", state="busy", pinned=True)
+    r = build_report(store, a, settings, now=utcnow())
+    assert r.workers_online == 0 and r.state == "stalled" and "no worker online serving model ck-a:1111" in r.reason
+    _heartbeat(store, "gpu1@host-b", b, age_s=0, model="ck-b:2222", state="busy", pinned=False)
+    r = build_report(store, a, settings, now=utcnow())
+    assert r.workers_online == 1 and [w.name for w in r.workers] == ["gpu1@host-b"]
+    assert "no worker online" not in (r.reason or ""), r.reason
+    assert r.workers[0].pinned is False and r.to_json()["workers"][0]["pinned"] is False
 
 
 # ---- commands -----------------------------------------------------------------------------------

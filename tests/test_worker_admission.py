@@ -114,6 +114,11 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     rows = unpinned.store.image_rows(run_id)
     assert all(r["status"] == "done" and r["model"] == want and r["engine"] == "transformers" for r in rows)
     assert want != model_fingerprint(tiny_checkpoint)
+    # Their heartbeats say which kind each is (status counts an unpinned worker for any run).
+    unpinned.rename("test-worker:2")
+    pinned.beat("ready")
+    unpinned.beat("ready")
+    assert {b.name: b.pinned for b in pinned.store.worker_beats()} == {"test-worker:1": True, "test-worker:2": False}
     pinned.store.close()
     unpinned.store.close()
 

@@ -124,7 +124,7 @@ class WorkerRuntime:
             with self._beat_lock:
                 self.store.heartbeat(self.name, state, model=model or self.host.serving,
                                      engine=engine or self.settings.engine, device=self.host.device,
-                                     started=started)
+                                     pinned=self.host.pinned is not None, started=started)
         except Exception as exc:
             log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 

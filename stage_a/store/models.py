@@ -124,6 +124,8 @@ class WorkerRow(Base):
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     model: Mapped[str | None] = mapped_column(String(255))
+    pinned: Mapped[bool | None]
+    """Serves only its STAGE_A_CHECKPOINT model (False: loads each run's; None: not recorded)."""
     engine: Mapped[str | None] = mapped_column(String(32))
     device: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))

@@ -94,6 +94,8 @@ class WorkerBeat:
 
     name: str
     model: str | None
+    pinned: bool | None
+    """Serves only its STAGE_A_CHECKPOINT model; False: loads each run's model; None: not recorded."""
     engine: str | None
     device: str | None
     state: str

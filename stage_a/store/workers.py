@@ -17,7 +17,7 @@ WORKER_STATES = ("starting", "loading", "ready", "busy", "stopped")
 
 class WorkersPart(StoreBase):
     def heartbeat(self, name: str, state: str, *, model: str | None = None, engine: str | None = None,
-                  device: str | None = None, started: bool = False) -> None:
+                  device: str | None = None, pinned: bool | None = None, started: bool = False) -> None:
         """Upsert the worker's row with its state; fields left None keep their stored value.
 
         ``started`` (the first beat of a process) resets started_at and the per-process totals, so a
@@ -26,7 +26,7 @@ class WorkersPart(StoreBase):
             raise ValueError(f"worker state must be one of {', '.join(WORKER_STATES)}, got {state!r}")
         now = utcnow()
         values: dict[str, Any] = {"state": state, "heartbeat_at": now}
-        for key, value in (("model", model), ("engine", engine), ("device", device)):
+        for key, value in (("model", model), ("engine", engine), ("device", device), ("pinned", pinned)):
             if value is not None:
                 values[key] = value
         if started:
