@@ -22,6 +22,8 @@ FAIL_FLAG = 2
 MIN_COLUMNS = 7  # A..G
 COL_GROUP, COL_MISSION, COL_REASON, COL_FLAG = 0, 2, 5, 6
 SUPPORTED_DATASETS = ("bbu",)
+_REQUIRED = ((COL_GROUP, "column A (group_id)"), (COL_MISSION, "column C (mission)"),
+             (COL_REASON, "column F (reason)"), (COL_FLAG, "column G (pass flag)"))
 
 
 @dataclass
@@ -84,12 +86,14 @@ def load_fail_reasons(excel: Path) -> dict[tuple[str, str], list[str]]:
         declared = ws.max_column
         ws.reset_dimensions()
         width = 0
+        seen: set[int] = set()  # columns with a value in some row
         # max_col: every row comes back as exactly A..G; later columns are never parsed into tuples.
         for row_no, cells in enumerate(ws.iter_rows(max_col=MIN_COLUMNS, values_only=True), 1):
             filled = [i for i, v in enumerate(cells) if v is not None and str(v).strip()]
             if not filled:
                 continue
             width = max(width, filled[-1] + 1)
+            seen.update(filled)
             group_id = _cell_text(cells[COL_GROUP])
             if not group_id:
                 continue  # nothing to attach it to (e.g. a notes row)
@@ -104,6 +108,12 @@ def load_fail_reasons(excel: Path) -> dict[tuple[str, str], list[str]]:
                 bucket.add(reason)
         if width < MIN_COLUMNS:
             raise _too_narrow(excel, width)
+        # A column empty in every row is missing (say, a sheet exported without it): every
+        # lookup would miss and each fail record's reasons would silently become null.
+        empty = [name for col, name in _REQUIRED if col not in seen]
+        if empty:
+            raise UserError(f"{excel}: first sheet has no {' and no '.join(empty)}: "
+                            f"{'that column is' if len(empty) == 1 else 'those columns are'} empty in every row")
     finally:
         wb.close()  # read-only workbooks keep the zip open until closed
     return {key: sorted(texts) for key, texts in reasons.items()}

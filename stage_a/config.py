@@ -34,11 +34,11 @@ class GenerationParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(

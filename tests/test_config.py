@@ -15,6 +15,10 @@ from stage_a.settings import database_url
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.01}, "top_p"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    # NaN compares false with everything: it must not slip through a "< 0" / "<= 0" check.
+    ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"top_p": float("nan")}, "top_p"),
 ])
 def test_generation_params_rejects(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(UserError, match=field):

@@ -106,6 +106,25 @@ def test_tiny_temperature_is_greedy(engine: BatchEngine, image_root: Path, items
     assert {k: r.raw_text for k, r in got.items()} == {k: r.raw_text for k, r in one_at_a_time.items()}
 
 
+def test_checkpoint_generation_config_does_not_change_decoding(
+    tiny_checkpoint: Path, tmp_path: Path, image_root: Path, items: list[WorkItem],
+    one_at_a_time: dict[int, ImageResult],
+) -> None:
+    """Decoding is the run's GenerationParams (SPEC section 4), whatever the checkpoint's
+    generation_config.json says: Qwen3-VL checkpoints ship sampling defaults and a repetition
+    penalty, which must not be applied on top of the run's own."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    gen_cfg = json.loads((ckpt / "generation_config.json").read_text())
+    gen_cfg.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.5)
+    (ckpt / "generation_config.json").write_text(json.dumps(gen_cfg))
+    engine = BatchEngine(load_model(ckpt, "cpu"))
+    got = run_batches(engine, engine.context(1, make_spec(image_root)), items, 8)
+    assert {k: r.raw_text for k, r in got.items()} == {k: r.raw_text for k, r in one_at_a_time.items()}
+
+
 def test_right_padding_breaks_the_invariant(
     engine: BatchEngine, ctx: RunContext, items: list[WorkItem], one_at_a_time: dict[int, ImageResult],
 ) -> None:

@@ -162,6 +162,19 @@ def test_too_few_columns(jsonl: tuple[Path, bytes], tmp_path: Path) -> None:
     assert_untouched(jsonl)
 
 
+@pytest.mark.parametrize(("column", "index"), [("C", 2), ("F", 5)])
+def test_empty_column_is_missing(jsonl: tuple[Path, bytes], tmp_path: Path, column: str, index: int) -> None:
+    """A mission or reason column with no value in any row is a missing column (SPEC 9), not a
+    sheet whose every fail group has no reason: it must not null the records' reasons."""
+    rows = [row("G1", "x", 2), row("G2", "y", 1)]
+    for r in rows:
+        r[index] = None
+    excel = write_xlsx(tmp_path / "blank_col.xlsx", rows)
+    with pytest.raises(UserError, match=f"column {column} .*empty in every row"):
+        add_fail_reasons_file(jsonl[0], excel, "bbu", inplace=True)
+    assert_untouched(jsonl)
+
+
 def test_empty_sheet(jsonl: tuple[Path, bytes], tmp_path: Path) -> None:
     excel = write_xlsx(tmp_path / "empty.xlsx", [])
     with pytest.raises(UserError, match="at least 7"):
