@@ -118,7 +118,9 @@ def test_checkpoint_generation_config_does_not_change_decoding(
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
     gen_cfg = json.loads((ckpt / "generation_config.json").read_text())
-    gen_cfg.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.5)
+    gen_cfg.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.5,
+                   no_repeat_ngram_size=2, min_new_tokens=6, num_beams=2, bad_words_ids=[[7], [11]],
+                   suppress_tokens=[5, 9], sequence_bias=[[[3], -5.0]])
     (ckpt / "generation_config.json").write_text(json.dumps(gen_cfg))
     engine = BatchEngine(load_model(ckpt, "cpu"))
     got = run_batches(engine, engine.context(1, make_spec(image_root)), items, 8)

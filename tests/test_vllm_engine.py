@@ -60,10 +60,21 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hd32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny head_dim-32 model with a generation_config.json as hostile as a real checkpoint's can be
+    (sampling, a penalty, an n-gram ban, a 3-token cap): neither engine may take anything from it."""
+    import shutil
+
     from workers.tiny_model import cached_tiny_checkpoint
 
     cache = os.environ.get("STAGE_A_TEST_MODEL_CACHE")
-    return cached_tiny_checkpoint(Path(cache) if cache else tmp_path_factory.mktemp("models"), head_dim=32)
+    built = cached_tiny_checkpoint(Path(cache) if cache else tmp_path_factory.mktemp("models"), head_dim=32)
+    path = tmp_path_factory.mktemp("hd32") / "ckpt"
+    shutil.copytree(built, path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.5,
+               no_repeat_ngram_size=2)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    return path
 
 
 def stage_a_run(tree: Path, out: Path, checkpoint: Path, mission: str, engine: str, mode: str,

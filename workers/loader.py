@@ -104,6 +104,11 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     force_left_padding(processor)
+    # Decoding is the run's own (GenerationParams): the checkpoint's generation_config.json (Qwen
+    # ships sampling defaults and a repetition penalty) must not fill what the engine leaves unset.
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig()
     model.to(dev).eval()  # type: ignore[arg-type]
     return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
                        checkpoint=str(path), adapter=is_adapter, attn_implementation=attn,

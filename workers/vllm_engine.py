@@ -301,6 +301,9 @@ def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: A
         max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=cfg.enforce_eager, seed=0,
         disable_log_stats=not cfg.log_stats, load_format=cfg.load_format,
+        # Decoding is the run's SamplingParams only: "auto" loads the checkpoint's generation_config.json
+        # as defaults (its max_new_tokens as a server-wide cap); "vllm" loads nothing from it.
+        generation_config="vllm",
     )
     if dev.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
