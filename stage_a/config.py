@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,12 +35,12 @@ class GenerationParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # written so that NaN fails too
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # written so that NaN fails too
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"

@@ -19,6 +19,8 @@ from stage_a.settings import database_url
     ({"temperature": float("nan")}, "temperature"),
     ({"repetition_penalty": float("nan")}, "repetition_penalty"),
     ({"top_p": float("nan")}, "top_p"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
 ])
 def test_generation_params_rejects(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(UserError, match=field):
