@@ -307,7 +307,7 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
     since_result = (now - last_result).total_seconds() if last_result else None
     if run.farm and workers_online == 0 and (since_result is None or since_result > settings.heartbeat_timeout):
         model = f" serving model {run.model}" if run.model else ""
-        return "stalled", (f"no worker online{model} (no heartbeat in the last {settings.heartbeat_timeout:.0f} s) "
+        return "stalled", (f"no worker online{model} (none that serves it sent a heartbeat in the last {settings.heartbeat_timeout:.0f} s) "
                            f"and {unfinished} images unfinished: start workers (systemctl start "
                            f"stage-a-worker@0, or celery -A workers worker) and check their logs")
     quiet = since_result if since_result is not None else (now - (first_activity or run.created_at)).total_seconds()
