@@ -33,6 +33,7 @@ CASES: dict[str, str | None] = {
     "exif_rotated.jpg": None,
     "one_pixel.png": None,
     "strip_10000x200.jpg": None,
+    "thin_1x300.png": "aspect ratio",  # the processor refuses ratios over 200
 }
 
 
@@ -78,6 +79,7 @@ def write_cases(folder: Path) -> None:
     (folder / "one_pixel.png").write_bytes(_encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"))
     strip = Image.fromarray(rng.integers(0, 256, (200, 10_000, 3), dtype=np.uint8))
     (folder / "strip_10000x200.jpg").write_bytes(_encode(strip, "JPEG", quality=70))
+    (folder / "thin_1x300.png").write_bytes(_encode(Image.new("RGB", (1, 300), (20, 100, 10)), "PNG"))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,20 @@ def test_loader_normalizes_awkward_images(cases_dir: Path) -> None:
     assert pal.getpixel((int(transparent[1]), int(transparent[0]))) == (255, 255, 255)  # on white
     for name in ("cmyk.jpg", "one_pixel.png", "strip_10000x200.jpg"):
         assert load_image(cases_dir / name).image.mode == "RGB"
+
+
+def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    """The header-only cost estimate never raises: a bad image fails later, alone, in prepare."""
+    from workers.engine import BatchEngine
+    from workers.scheduler import plan_batches
+
+    engine = BatchEngine(tiny_loaded)
+    ctx = engine.context(1, RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir)))
+    items = [WorkItem(ImageKey(1, 0, i), name) for i, name in enumerate(CASES, start=1)]
+    costs = {it.rel_path: engine.estimate_cost(ctx, it) for it in items}
+    assert costs["thin_1x300.png"] == 0 and costs["zero.jpg"] == 0 and costs["one_pixel.png"] > 0
+    planned = list(plan_batches(items, "per_image", 4, cost=lambda it: engine.estimate_cost(ctx, it)))
+    assert sorted(it.key for b in planned for it in b) == sorted(it.key for it in items)
 
 
 @pytest.mark.slow
