@@ -89,13 +89,25 @@ def cases_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_loader_normalizes_awkward_images(cases_dir: Path) -> None:
+def test_loader_normalizes_awkward_images(cases_dir: Path, tmp_path: Path) -> None:
     from workers.images import load_image
 
     exif = load_image(cases_dir / "exif_rotated.jpg")
     assert exif.size_before == (200, 100) and exif.image.size == (100, 200)  # rotated before encoding
     gray = np.asarray(load_image(cases_dir / "gray16.png").image)
-    assert gray.max() == 255 and gray.min() == 0  # scaled from 16 bits, not clipped to white
+    assert gray.max() == 4000 * 255 // 65535 and gray.min() == 0  # scaled from 16 bits, not clipped to white
+    # Scaled by the format's range, not stretched by the image's own maximum: a uniform 16-bit
+    # gray keeps its brightness (a stretch would turn any flat dark frame pure white).
+    for value in (1000, 32768, 65535):
+        flat = _encode(Image.fromarray(np.full((8, 8), value, dtype=np.uint16)), "PNG")
+        (tmp_path / "flat16.png").write_bytes(flat)
+        assert load_image(tmp_path / "flat16.png").image.getpixel((3, 3)) == (value * 255 // 65535,) * 3, value
+    # An RGB PNG's tRNS colour key is transparency too: composited on white like the palette case.
+    keyed = Image.new("RGB", (8, 8), (1, 2, 3))
+    keyed.putpixel((0, 0), (200, 100, 50))
+    (tmp_path / "keyed_rgb.png").write_bytes(_encode(keyed, "PNG", transparency=(1, 2, 3)))
+    loaded = load_image(tmp_path / "keyed_rgb.png").image
+    assert loaded.getpixel((3, 3)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (200, 100, 50)
     pal = load_image(cases_dir / "palette_transparent.png").image
     src = Image.open(cases_dir / "palette_transparent.png")
     transparent = np.argwhere(np.asarray(src) == 0)[0]  # a pixel of palette index 0 (transparent)

@@ -74,15 +74,16 @@ def load_image(path: Path) -> LoadedImage:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
+    if im.mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits instead of clipping everything to white.
+        # 16-bit grayscale: scale the format's range to 8 bits (Pillow's own conversion clips
+        # everything above 255 to white); never stretch by the image's maximum, which would
+        # turn a flat dark frame white.
         import numpy as np
 
-        arr = np.asarray(im, dtype=np.float64)
-        top = arr.max() or 1.0
-        return Image.fromarray((arr * (255.0 / top)).astype("uint8"), "L").convert("RGB")
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray((arr * 255 // 65535).astype("uint8"), "L").convert("RGB")
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
