@@ -116,6 +116,41 @@ def test_loader_normalizes_awkward_images(cases_dir: Path, tmp_path: Path) -> No
         assert load_image(cases_dir / name).image.mode == "RGB"
 
 
+def test_loader_refuses_a_non_regular_file_without_blocking(tmp_path: Path) -> None:
+    """A FIFO or a folder where an image was (replaced after discovery) fails at once, never hangs."""
+    import os
+    import threading
+
+    from workers.images import ImageError, header_size, load_image
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "y.jpg"
+    folder.mkdir()
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        outcome["header"] = header_size(fifo)
+        for path in (fifo, folder):
+            try:
+                load_image(path)
+            except ImageError as exc:
+                outcome[path.name] = str(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "reading a FIFO blocked"
+    finally:
+        if thread.is_alive():  # release the blocked reader (a writer opening and closing gives it EOF)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(10)
+    assert outcome["header"] is None
+    assert outcome["x.jpg"] == "not a regular file: x.jpg"
+    assert outcome["y.jpg"] == "not a regular file: y.jpg"
+
+
 def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     """The header-only cost estimate never raises: a bad image fails later, alone, in prepare."""
     from workers.engine import BatchEngine
