@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -53,9 +56,22 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
             store.close()
 
 
-def _rank_main(job: LocalJob, gpu: str, rank: int, world: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A rank must not outlive `stage-a run`: killed by SIGKILL (the OOM killer, `kill -9`), the
+    parent cannot stop its ranks, and an orphan would keep its GPU and write on beside the resume."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _rank_main(job: LocalJob, gpu: str, rank: int, world: int, parent: int) -> None:
     from workers.loader import pin_process_to_gpu
 
+    _die_with_parent(parent)
     pin_process_to_gpu(gpu)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     device = "cpu" if gpu == "cpu" else job.device  # a pinned GPU is this process's cuda:0
@@ -66,7 +82,7 @@ def _rank_main(job: LocalJob, gpu: str, rank: int, world: int) -> None:
 def run_multi(job: LocalJob, gpus: list[str], poll: Callable[[], None] | None = None) -> None:
     """One spawned process per GPU (each sees only its GPU); the parent only watches progress."""
     ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn also keeps each rank's engine private
-    procs = [ctx.Process(target=_rank_main, args=(job, gpu, r, len(gpus)), name=f"stage-a-rank{r}")
+    procs = [ctx.Process(target=_rank_main, args=(job, gpu, r, len(gpus), os.getpid()), name=f"stage-a-rank{r}")
              for r, gpu in enumerate(gpus)]
     for p in procs:
         p.start()

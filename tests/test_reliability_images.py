@@ -33,6 +33,7 @@ CASES: dict[str, str | None] = {
     "exif_rotated.jpg": None,
     "one_pixel.png": None,
     "strip_10000x200.jpg": None,
+    "thin_1x300.png": "aspect ratio",  # the processor refuses ratios over 200
 }
 
 
@@ -78,6 +79,7 @@ def write_cases(folder: Path) -> None:
     (folder / "one_pixel.png").write_bytes(_encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"))
     strip = Image.fromarray(rng.integers(0, 256, (200, 10_000, 3), dtype=np.uint8))
     (folder / "strip_10000x200.jpg").write_bytes(_encode(strip, "JPEG", quality=70))
+    (folder / "thin_1x300.png").write_bytes(_encode(Image.new("RGB", (1, 300), (20, 100, 10)), "PNG"))
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +89,80 @@ def cases_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_loader_normalizes_awkward_images(cases_dir: Path) -> None:
+def test_loader_normalizes_awkward_images(cases_dir: Path, tmp_path: Path) -> None:
     from workers.images import load_image
 
     exif = load_image(cases_dir / "exif_rotated.jpg")
     assert exif.size_before == (200, 100) and exif.image.size == (100, 200)  # rotated before encoding
     gray = np.asarray(load_image(cases_dir / "gray16.png").image)
-    assert gray.max() == 255 and gray.min() == 0  # scaled from 16 bits, not clipped to white
+    assert gray.max() == 4000 * 255 // 65535 and gray.min() == 0  # scaled from 16 bits, not clipped to white
+    # Scaled by the format's range, not stretched by the image's own maximum: a uniform 16-bit
+    # gray keeps its brightness (a stretch would turn any flat dark frame pure white).
+    for value in (1000, 32768, 65535):
+        flat = _encode(Image.fromarray(np.full((8, 8), value, dtype=np.uint16)), "PNG")
+        (tmp_path / "flat16.png").write_bytes(flat)
+        assert load_image(tmp_path / "flat16.png").image.getpixel((3, 3)) == (value * 255 // 65535,) * 3, value
+    # An RGB PNG's tRNS colour key is transparency too: composited on white like the palette case.
+    keyed = Image.new("RGB", (8, 8), (1, 2, 3))
+    keyed.putpixel((0, 0), (200, 100, 50))
+    (tmp_path / "keyed_rgb.png").write_bytes(_encode(keyed, "PNG", transparency=(1, 2, 3)))
+    loaded = load_image(tmp_path / "keyed_rgb.png").image
+    assert loaded.getpixel((3, 3)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (200, 100, 50)
     pal = load_image(cases_dir / "palette_transparent.png").image
     src = Image.open(cases_dir / "palette_transparent.png")
     transparent = np.argwhere(np.asarray(src) == 0)[0]  # a pixel of palette index 0 (transparent)
     assert pal.getpixel((int(transparent[1]), int(transparent[0]))) == (255, 255, 255)  # on white
     for name in ("cmyk.jpg", "one_pixel.png", "strip_10000x200.jpg"):
         assert load_image(cases_dir / name).image.mode == "RGB"
+
+
+def test_loader_refuses_a_non_regular_file_without_blocking(tmp_path: Path) -> None:
+    """A FIFO or a folder where an image was (replaced after discovery) fails at once, never hangs."""
+    import os
+    import threading
+
+    from workers.images import ImageError, header_size, load_image
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "y.jpg"
+    folder.mkdir()
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        outcome["header"] = header_size(fifo)
+        for path in (fifo, folder):
+            try:
+                load_image(path)
+            except ImageError as exc:
+                outcome[path.name] = str(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "reading a FIFO blocked"
+    finally:
+        if thread.is_alive():  # release the blocked reader (a writer opening and closing gives it EOF)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(10)
+    assert outcome["header"] is None
+    assert outcome["x.jpg"] == "not a regular file: x.jpg"
+    assert outcome["y.jpg"] == "not a regular file: y.jpg"
+
+
+def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    """The header-only cost estimate never raises: a bad image fails later, alone, in prepare."""
+    from workers.engine import BatchEngine
+    from workers.scheduler import plan_batches
+
+    engine = BatchEngine(tiny_loaded)
+    ctx = engine.context(1, RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir)))
+    items = [WorkItem(ImageKey(1, 0, i), name) for i, name in enumerate(CASES, start=1)]
+    costs = {it.rel_path: engine.estimate_cost(ctx, it) for it in items}
+    assert costs["thin_1x300.png"] == 0 and costs["zero.jpg"] == 0 and costs["one_pixel.png"] > 0
+    planned = list(plan_batches(items, "per_image", 4, cost=lambda it: engine.estimate_cost(ctx, it)))
+    assert sorted(it.key for b in planned for it in b) == sorted(it.key for it in items)
 
 
 @pytest.mark.slow

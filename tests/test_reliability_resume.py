@@ -82,6 +82,63 @@ def test_interrupted_run_resumes_only_unfinished_and_matches_uninterrupted(
     assert _done(db) == N_IMAGES
 
 
+def _rank_processes(parent: int) -> list[int]:
+    """The engine processes `stage-a run --gpus` spawned (children running multiprocessing's spawn_main)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_two_process_run_with_its_parent_killed_leaves_no_orphan_and_resumes(
+        tree: Path, tiny_checkpoint: Path, reference: Path, tmp_path: Path) -> None:
+    """SIGKILL of `stage-a run --gpus cpu,cpu` itself (not its group: the OOM killer, `kill -9 PID`):
+    its engine processes die with it instead of writing on beside the resume, on the same devices."""
+    out = tmp_path / "out"
+    db = out / "stage_a_results.db"
+    env = base_env(STAGE_A_CACHE_DIR=str(tmp_path / "cache"))
+    proc = cli_popen([*_run_args(tree, out, tiny_checkpoint), "--gpus", "cpu,cpu"], env, tmp_path,
+                     tmp_path / "first.log")
+    ranks: list[int] = []
+    try:
+        wait_for(lambda: _done(db) >= 2 or proc.poll() is not None, 180, "the first batch to be stored", 0.05)
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2, (ranks, (tmp_path / "first.log").read_text(errors="replace"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        wait_for(lambda: not any(_alive(r) for r in ranks), 5, "the engine processes to die with their parent")
+    finally:
+        for r in ranks:
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    finished = _done(db)
+    assert finished < N_IMAGES, "the engine processes worked on to the end after their parent was killed"
+
+    resumed = cli(["run", "--resume", "--run", "1", "--db", str(db), "--output-dir", str(out), "--device", "cpu",
+                   "--gpus", "cpu,cpu"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming run 1: {N_IMAGES - finished} unfinished images to process" in resumed.stderr, resumed.stderr
+    assert (out / JSONL).read_bytes() == (reference / JSONL).read_bytes()
+    assert _done(db) == N_IMAGES
+
+
 def test_resume_of_a_finished_run_processes_nothing(reference: Path, tmp_path: Path) -> None:
     """Resuming twice is harmless: zero images, the same bytes."""
     before = (reference / JSONL).read_bytes()

@@ -27,6 +27,12 @@ verify_log = logging.getLogger(f"{__name__}.verify_inputs")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
+def preprocessing_error(item: WorkItem, exc: BaseException) -> str:
+    """The one-line reason for an image the processor refused, naming the file like load_image does."""
+    name = item.rel_path.rsplit("/", 1)[-1]
+    return f"preprocessing failed: {name}: {exc}".splitlines()[0]
+
+
 @dataclass
 class RunContext:
     """What every batch of one run shares: the rendered chat text, pixel budget and decoding."""
@@ -139,9 +145,11 @@ class BatchEngine:
         """Cheap (header-only) vision-token estimate, used to order per_image batches by length."""
         try:
             size = header_size(resolve_under_root(item.rel_path, ctx.spec.input_root))
-        except ImageError:
-            size = None
-        return self.vision_tokens_for(*size, ctx.spec.max_pixels) if size else 0
+            return self.vision_tokens_for(*size, ctx.spec.max_pixels) if size else 0
+        except (ImageError, ValueError):
+            # Unreadable, or refused by smart_resize (an extreme aspect ratio): `prepare` fails
+            # that image alone with its reason; planning must never fail the whole run.
+            return 0
 
     # ---- CPU side ---------------------------------------------------------------------------
 
@@ -174,7 +182,7 @@ class BatchEngine:
                         self._tensorize(ctx, [img])
                         keep.append((item, img))
                     except Exception as exc:
-                        failed.append(ImageResult(key=item.key, error=f"preprocessing failed: {exc}".splitlines()[0]))
+                        failed.append(ImageResult(key=item.key, error=preprocessing_error(item, exc)))
                 good = [k[0] for k in keep]
                 images = [k[1] for k in keep]
                 inputs = self._tensorize(ctx, images) if good else None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -35,10 +38,27 @@ class LoadedImage:
     file_sha256: str
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file. Opening never blocks: a FIFO (or a
+    folder) put where an image was after discovery is refused instead of hanging the worker."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ImageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"not a regular file: {path.name}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) after EXIF rotation, read from the header only; None if unreadable."""
     try:
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception:
@@ -49,7 +69,8 @@ def header_size(path: Path) -> tuple[int, int] | None:
 def load_image(path: Path) -> LoadedImage:
     """Decode fully (truncation is caught here, not inside the model batch) and normalize to RGB."""
     try:
-        data = path.read_bytes()
+        with _open_regular(path) as f:
+            data = f.read()
     except OSError as exc:
         raise ImageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     if not data:
@@ -74,15 +95,16 @@ def load_image(path: Path) -> LoadedImage:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
+    if im.mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits instead of clipping everything to white.
+        # 16-bit grayscale: scale the format's range to 8 bits (Pillow's own conversion clips
+        # everything above 255 to white); never stretch by the image's maximum, which would
+        # turn a flat dark frame white.
         import numpy as np
 
-        arr = np.asarray(im, dtype=np.float64)
-        top = arr.max() or 1.0
-        return Image.fromarray((arr * (255.0 / top)).astype("uint8"), "L").convert("RGB")
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray((arr * 255 // 65535).astype("uint8"), "L").convert("RGB")
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

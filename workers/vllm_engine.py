@@ -26,7 +26,7 @@ from stage_a.errors import EngineDeadError, UserError
 from stage_a.fingerprint import check_checkpoint, model_fingerprint
 from stage_a.settings import Settings
 from stage_a.work import ImageResult, WorkItem
-from workers.engine import BatchEngine, PreparedBatch, RunContext
+from workers.engine import BatchEngine, PreparedBatch, RunContext, preprocessing_error
 from workers.images import ImageError, load_image, resolve_under_root
 from workers.loader import LoadedModel, force_left_padding, resolve_device
 
@@ -120,7 +120,7 @@ class VllmEngine(BatchEngine):
                 failed.append(ImageResult(key=item.key, error=str(exc)))
                 continue
             except ValueError as exc:  # smart_resize refuses it (e.g. an extreme aspect ratio)
-                failed.append(ImageResult(key=item.key, error=f"preprocessing failed: {exc}".splitlines()[0]))
+                failed.append(ImageResult(key=item.key, error=preprocessing_error(item, exc)))
                 continue
             good.append(item)
             images.append(loaded.image)
