@@ -238,3 +238,22 @@ def test_stage_a_run_reports_bad_images_and_exports_the_rest(cases_dir: Path, ti
         assert [(i["image"], i["file"]) for i in f["images"]] == [("image_2", f"b_{name}")], f
         reason = f["images"][0]["reason"]
         assert CASES[name] in reason and "\n" not in reason, reason
+
+
+def test_a_huge_file_fails_without_being_read_whole(tmp_path: Path) -> None:
+    """A multi-GB file named .jpg (sparse here) is refused by size after reading at most the limit."""
+    import tracemalloc
+
+    from workers.images import MAX_FILE_BYTES, ImageError, load_image
+
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(4 * 2**30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=r"file too large: huge.jpg \(over 256 MiB\)"):
+            load_image(huge)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_FILE_BYTES + 2**24, peak

@@ -149,3 +149,17 @@ def test_resume_of_a_finished_run_processes_nothing(reference: Path, tmp_path: P
     assert (reference / JSONL).read_bytes() == before
 
 
+    assert "ignored" not in proc.stderr  # nothing given that the resume does not use
+
+
+def test_resume_says_which_options_it_does_not_use(reference: Path, tmp_path: Path) -> None:
+    """A resume continues with the run's recorded options; those given again are named, never mixed in."""
+    before = (reference / JSONL).read_bytes()
+    proc = cli(["run", "--resume", "--db", str(reference / "stage_a_results.db"), "--output-dir", str(reference),
+                "--device", "cpu", "--max-new-tokens", "3", "--sample-seed", "7"],
+               base_env(STAGE_A_CACHE_DIR=str(tmp_path / "cache")), tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warning = [ln for ln in proc.stderr.splitlines() if "ignored" in ln]
+    assert len(warning) == 1 and "--max-new-tokens, --sample-seed ignored" in warning[0], proc.stderr
+    assert "--device" not in warning[0]  # used by the resume
+    assert (reference / JSONL).read_bytes() == before

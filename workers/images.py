@@ -38,6 +38,11 @@ class LoadedImage:
     file_sha256: str
 
 
+MAX_FILE_BYTES = 256 * 2**20
+"""Largest image file read (camera JPEGs are a few MiB): a multi-GB file named .jpg fails without
+being read into memory first; the pixel-count guard then bounds what a small file may decode to."""
+
+
 def _open_regular(path: Path) -> BinaryIO:
     """Open ``path`` for reading if it is a regular file. Opening never blocks: a FIFO (or a
     folder) put where an image was after discovery is refused instead of hanging the worker."""
@@ -70,9 +75,11 @@ def load_image(path: Path) -> LoadedImage:
     """Decode fully (truncation is caught here, not inside the model batch) and normalize to RGB."""
     try:
         with _open_regular(path) as f:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ImageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file too large: {path.name} (over {MAX_FILE_BYTES // 2**20} MiB)")
     if not data:
         raise ImageError(f"empty file: {path.name}")
     import io

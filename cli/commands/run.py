@@ -19,6 +19,23 @@ from stage_a.terminal import printable
 DEMO_MISSION = "挡风板安装检查"
 
 
+# What a run recorded when it was registered: a resume continues with those, whatever is given now.
+_RECORDED_ON_REGISTRATION = ("input_dir", "dataset", "prompt_profile", "batch_size", "max_pixels", "max_new_tokens",
+                             "temperature", "top_p", "repetition_penalty", "pass_group_number",
+                             "fail_group_number", "sample_seed", "sharding_mode")
+
+
+def _warn_ignored_on_resume(run_id: int) -> None:
+    """Say which options given for a resume are not used (the run's recorded ones are), never mix."""
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in _RECORDED_ON_REGISTRATION
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        names = ", ".join(p.opts[0] for p in given)
+        click.echo(f"stage-a: warning: {names} ignored: run {run_id} continues with the options it was "
+                   "registered with (start a new run to change them)", err=True)
+
+
 def parse_gpus(value: str | None) -> list[str] | None:
     """'0,1,2,3' -> one process per GPU; 'cpu' -> one CPU process; 'cpu,cpu' -> two CPU processes."""
     if value is None or value.strip() == "":
@@ -116,6 +133,7 @@ def run(**kw: Any) -> None:
             if info is None:
                 raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
             run_id = info.id
+            _warn_ignored_on_resume(run_id)
             checkpoint = _resume_checkpoint(info, checkpoint)  # the run names its model: exactly that one
             reset = store.reset_failed(run_id)
             n_todo = len(store.unfinished_items(run_id))
