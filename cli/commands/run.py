@@ -70,6 +70,9 @@ def run(**kw: Any) -> None:
     `stage-a run` shows the whole job working on a fresh machine.
     """
     setup_logging(kw["log_level"], kw["debug"])
+    from workers.serving import check_engine
+
+    check_engine(kw["engine"])
     gpus = parse_gpus(kw["gpus"])
     if gpus:
         from workers.loader import check_gpus
