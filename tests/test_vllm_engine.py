@@ -78,9 +78,9 @@ def hd32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stage_a_run(tree: Path, out: Path, checkpoint: Path, mission: str, engine: str, mode: str,
-                *extra: str) -> subprocess.CompletedProcess[str]:
+                *extra: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = base_env(STAGE_A_CACHE_DIR=str(out.parent / "cache"), STAGE_A_VLLM_ENFORCE_EAGER="1",
-                   STAGE_A_VLLM_MAX_NUM_SEQS="16")
+                   STAGE_A_VLLM_MAX_NUM_SEQS="16", **(env_extra or {}))
     args = ["run", "--mission", mission, "--input-dir", str(tree), "--output-dir", str(out), "--checkpoint",
             str(checkpoint), "--device", "cpu", "--max-new-tokens", "16", "--batch-size", "4",
             "--sharding-mode", mode, "--engine", engine, *extra]
@@ -146,6 +146,42 @@ def test_pixel_budgets_differ_between_datasets(reference: dict[str, Path]) -> No
     """The 1.9 MP images are cut to 1 MP for bbu and kept whole for rru (so the check above means something)."""
     bbu, rru = vision_tokens(reference[BBU]), vision_tokens(reference[RRU])
     assert max(t for *_, t in bbu) <= 1_048_576 // 32 ** 2 < max(t for *_, t in rru)
+
+
+def image_rows(out: Path) -> dict[str, tuple[str, str | None, str | None, int | None, int | None]]:
+    """rel_path -> (status, summary, error, prompt_tokens, completion_tokens) of every image."""
+    with sqlite3.connect(out / "stage_a_results.db") as db:
+        rows = db.execute("SELECT rel_path, status, summary, error, prompt_tokens, completion_tokens FROM images")
+        return {r[0]: tuple(r[1:]) for r in rows.fetchall()}  # type: ignore[misc]
+
+
+def test_max_model_len_fails_only_the_rows_that_do_not_fit(tree: Path, hd32_checkpoint: Path,
+                                                           reference: dict[str, Path], tmp_path: Path) -> None:
+    """STAGE_A_VLLM_MAX_MODEL_LEN below the two 1.9 MP rru images' prompts (sorted into one per_image batch)
+    and below one more image's prompt + completion: those fail with a reason naming the setting (no dead
+    engine, no summary cut short stored as done); every other image gets the transformers engine's summary."""
+    limit = 1760
+    out = tmp_path / "out"
+    proc = stage_a_run(tree, out, hd32_checkpoint, RRU, "vllm", "per_image",
+                       env_extra={"STAGE_A_VLLM_MAX_MODEL_LEN": str(limit)})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 3, proc.stderr
+    got, ref = image_rows(out), image_rows(reference[RRU])
+    assert got.keys() == ref.keys()
+    too_long = cut = fits = 0
+    for path, (status, summary, _error, prompt, completion) in ref.items():
+        if status != "done":
+            continue
+        assert prompt is not None and completion is not None
+        g_status, g_summary, g_error = got[path][:3]
+        if prompt + completion <= limit:
+            fits += 1
+            assert (g_status, g_summary) == ("done", summary), path
+        else:
+            too_long += prompt > limit
+            cut += prompt <= limit
+            assert g_status == "failed" and g_error and "STAGE_A_VLLM_MAX_MODEL_LEN" in g_error, (path, got[path])
+    assert too_long == 2 and cut >= 1 and fits >= 3, (too_long, cut, fits)
 
 
 @pytest.fixture(scope="module")

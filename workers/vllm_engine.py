@@ -102,6 +102,19 @@ class VllmEngine(BatchEngine):
         self.llm = loaded.model
         self.lora_request = lora_request
         self.stats = CacheStats()
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        """Longest prompt + completion vLLM serves (STAGE_A_VLLM_MAX_MODEL_LEN, as vLLM applied it)."""
+        self._text_tokens: dict[str, int] = {}
+
+    def prompt_length(self, ctx: RunContext, vision_tokens: int) -> int:
+        """Tokens of the prompt vLLM builds: the chat text with its image placeholder expanded."""
+        n = self._text_tokens.get(ctx.chat_text)
+        if n is None:
+            tok = self.processor.tokenizer
+            ids = tok(ctx.chat_text, add_special_tokens=False)["input_ids"]
+            pad = tok.convert_tokens_to_ids("<|image_pad|>")
+            n = self._text_tokens[ctx.chat_text] = len(ids) - ids.count(pad)
+        return n + vision_tokens
 
     # ---- CPU side ---------------------------------------------------------------------------
 
@@ -121,6 +134,13 @@ class VllmEngine(BatchEngine):
                 continue
             except ValueError as exc:  # smart_resize refuses it (e.g. an extreme aspect ratio)
                 failed.append(ImageResult(key=item.key, error=preprocessing_error(item, exc)))
+                continue
+            prompt = self.prompt_length(ctx, tokens)
+            if prompt >= self.max_model_len:  # vLLM would refuse it (and with it the whole generate call)
+                failed.append(ImageResult(key=item.key, error=(
+                    f"prompt too long: {prompt} tokens ({tokens} for the image) leave no room for a completion "
+                    f"within the vLLM engine's max_model_len of {self.max_model_len}: raise "
+                    f"STAGE_A_VLLM_MAX_MODEL_LEN or lower the run's --max-pixels"), vision_tokens=tokens))
                 continue
             good.append(item)
             images.append(loaded.image)
@@ -189,11 +209,16 @@ class VllmEngine(BatchEngine):
                 error = f"generation failed: {str(out).splitlines()[0] if str(out) else repr(out)}"
                 results.append(ImageResult(key=batch.items[row].key, error=error))
             else:
-                results.append(self._result(batch, row, out, per_row_prep, per_row_ms))
+                max_tokens = (params[row] if isinstance(params, list) else params).max_tokens
+                results.append(self._result(batch, row, out, per_row_prep, per_row_ms, max_tokens))
         return results
 
     def _run_rows(self, requests: list[dict[str, Any]], params: Any) -> list[Any]:
-        """One request at a time: a failing row becomes its exception; all rows failing is a dead engine."""
+        """One request at a time: a failing row becomes its exception. Every row failing is a dead
+        engine, unless some of them were refused by vLLM for their input (too long, a bad image):
+        those are the rows' own errors, and a batch of only such rows says nothing about the engine."""
+        from vllm.exceptions import VLLMClientError
+
         outputs: list[Any] = []
         for i, request in enumerate(requests):
             row_params = params[i] if isinstance(params, list) else params
@@ -203,7 +228,8 @@ class VllmEngine(BatchEngine):
                 raise
             except Exception as exc:
                 outputs.append(exc)
-        if all(isinstance(o, Exception) for o in outputs):
+        refused = (ValueError, VLLMClientError)
+        if all(isinstance(o, Exception) and not isinstance(o, refused) for o in outputs):
             raise EngineDeadError(f"vLLM fails on every request: {outputs[0]}")
         return outputs
 
@@ -220,7 +246,8 @@ class VllmEngine(BatchEngine):
                 raise EngineDeadError(f"device failure: {text.splitlines()[0]}") from exc
             raise
 
-    def _result(self, batch: PreparedBatch, row: int, out: Any, prep_ms: float, gen_ms: float) -> ImageResult:
+    def _result(self, batch: PreparedBatch, row: int, out: Any, prep_ms: float, gen_ms: float,
+                max_tokens: int | None = None) -> ImageResult:
         token_ids = list(out.outputs[0].token_ids)
         stops = set(self.stop_ids)
         end = next((i + 1 for i, t in enumerate(token_ids) if t in stops), len(token_ids))
@@ -234,9 +261,15 @@ class VllmEngine(BatchEngine):
         self.stats.prompt_tokens += len(prompt_ids)
         self.stats.cached_tokens += int(out.num_cached_tokens or 0)
         self.stats.completion_tokens += end
+        error = None if summary else "empty summary"
+        if out.outputs[0].finish_reason == "length" and max_tokens is not None and len(token_ids) < max_tokens:
+            # Stopped by max_model_len, not by --max-new-tokens: a summary cut short is no summary.
+            summary = ""
+            error = (f"completion cut at {len(token_ids)} of {max_tokens} tokens by the vLLM engine's max_model_len "
+                     f"of {self.max_model_len} (prompt {len(prompt_ids)} tokens): raise STAGE_A_VLLM_MAX_MODEL_LEN")
         return ImageResult(
             key=batch.items[row].key, summary=summary or None, raw_text=raw,
-            error=None if summary else "empty summary", prompt_tokens=len(prompt_ids), completion_tokens=end,
+            error=error, prompt_tokens=len(prompt_ids), completion_tokens=end,
             vision_tokens=vision, preprocess_ms=prep_ms, generate_ms=gen_ms,
         )
 
