@@ -292,7 +292,9 @@ class VllmEngine(BatchEngine):
 
 
 def _adapter_base(path: Path) -> tuple[Path, int] | None:
-    """(base model folder, LoRA rank) for an adapter folder, None for a merged model folder."""
+    """(base model folder, LoRA rank) for an adapter folder, None for a merged model folder.
+
+    The rank is the largest of any module: peft's rank_pattern may raise some above ``r``."""
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file() or (path / "config.json").is_file():
         return None
@@ -302,7 +304,17 @@ def _adapter_base(path: Path) -> tuple[Path, int] | None:
         base = (path / base).resolve()
     if not base.is_dir():
         raise UserError(f"LoRA base model folder not found: {base} (from {cfg_path})")
-    return base, int(cfg.get("r") or 8)
+    ranks = [int(cfg.get("r") or 8), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
+    return base, max(ranks)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks)."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves ``rank`` (at least 8)."""
+    return next((r for r in VLLM_LORA_RANKS if r >= max(8, rank)), rank)
 
 
 def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: Any) -> VllmEngine:
@@ -350,7 +362,7 @@ def load_vllm_engine(checkpoint: str | Path, device: str = "auto", **settings: A
         if rank > cfg.max_lora_rank:
             raise UserError(f"LoRA rank {rank} exceeds max_lora_rank={cfg.max_lora_rank}: raise it or merge the "
                             f"adapter into its base model (peft merge_and_unload) and serve the merged folder")
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max(8, rank))
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(rank))
         lora_request = LoRARequest("stage-a-adapter", 1, str(path))
     log.info("starting vLLM on %s%s (%s, max_model_len %d, max_num_seqs %d)", "LoRA adapter " if adapter else "",
              path, kwargs["dtype"], cfg.max_model_len, cfg.max_num_seqs)
