@@ -217,7 +217,10 @@ class VllmEngine(BatchEngine):
         """One request at a time: a failing row becomes its exception. Every row failing is a dead
         engine, unless some of them were refused by vLLM for their input (too long, a bad image):
         those are the rows' own errors, and a batch of only such rows says nothing about the engine."""
-        from vllm.exceptions import VLLMClientError
+        try:  # vLLM's refusal of a request's input; not every vLLM release has this type
+            from vllm.exceptions import VLLMClientError as refused_input
+        except ImportError:
+            refused_input = ValueError
 
         outputs: list[Any] = []
         for i, request in enumerate(requests):
@@ -228,7 +231,7 @@ class VllmEngine(BatchEngine):
                 raise
             except Exception as exc:
                 outputs.append(exc)
-        refused = (ValueError, VLLMClientError)
+        refused = (ValueError, refused_input)
         if all(isinstance(o, Exception) and not isinstance(o, refused) for o in outputs):
             raise EngineDeadError(f"vLLM fails on every request: {outputs[0]}")
         return outputs
