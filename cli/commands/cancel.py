@@ -6,14 +6,12 @@ from dataclasses import replace
 
 import click
 
-from cli.commands.options import require_existing_sqlite
-from stage_a.errors import UserError
-from stage_a.settings import database_url
+from cli.commands.status import DB_HELP, open_store
 
 
 @click.command()
 @click.argument("run_id", metavar="RUN", type=int)
-@click.option("--db", help="Results database path or URL (env STAGE_A_DATABASE_URL).")
+@click.option("--db", help=DB_HELP)
 @click.option("--broker", help="Redis URL (env STAGE_A_BROKER_URL).")
 @click.option("--keep-queued", is_flag=True,
               help="Leave the run's queued messages on the broker (workers acknowledge them without work).")
@@ -25,17 +23,11 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     `stage-a export` of it writes the complete groups and says the run was cancelled. Idempotent.
     """
     from stage_a.settings import Settings
-    from stage_a.store import ResultStore
 
     settings = Settings.from_env()
     if broker:
         settings = replace(settings, broker_url=broker)
-    url = db or settings.database_url
-    if not url:
-        raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
-    url = database_url(url)
-    require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
-    store = ResultStore(url)
+    store = open_store(db)
     try:
         info = store.get_run(run_id)
         counts = store.counts(run_id)
