@@ -327,9 +327,6 @@ class BatchEngine:
             "pad_token_id": self.pad_id,
             "logits_processor": processors,
             "do_sample": not gen.greedy,
-            # The penalty is ours (above, pads excluded); None stops generate() from adding the
-            # checkpoint generation_config.json's repetition_penalty on top of it.
-            "repetition_penalty": None,
         }
         if gen.greedy:
             kwargs.update(temperature=None, top_p=None, top_k=None)
