@@ -42,7 +42,7 @@ def machine_line() -> str:
 
 def tiny_checkpoint(head_dim: int = 16) -> Path:
     """The product's own tiny random-weight Qwen3-VL, built once in the stage-a cache (head_dim 32: vLLM's CPU)."""
-    from workers.tiny_model import cached_tiny_checkpoint
+    from engine.tiny_model import cached_tiny_checkpoint
 
     return cached_tiny_checkpoint(cache_dir() / "models", head_dim=head_dim)
 

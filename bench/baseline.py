@@ -61,9 +61,9 @@ def plain_runner(checkpoint: str, device: str, input_dir: Path, batch_size: int,
     from PIL import Image, ImageOps
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from engine.prompts import build_prompt
     from producer.discovery import discover  # the same input order
     from stage_a.missions import get_mission
-    from workers.prompts import build_prompt
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -118,13 +118,13 @@ def plain_runner(checkpoint: str, device: str, input_dir: Path, batch_size: int,
 def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, max_new_tokens: int,
                 sharding: str, work: Path) -> dict[str, Any]:
     """`stage-a run`'s steps in-process: register, load, StepLoop.run (prefetch), export."""
+    from engine.loader import load_model
+    from engine.steploop import LoopHooks, StepLoop
+    from engine.transformers_engine import BatchEngine
     from merger.export import export_run
     from producer.register import register_run
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.store import ResultStore
-    from workers.engine import BatchEngine
-    from workers.loader import load_model
-    from workers.steploop import LoopHooks, StepLoop
 
     t0 = time.perf_counter()
     engine = BatchEngine(load_model(checkpoint, device))

@@ -53,10 +53,10 @@ def main() -> None:
                     help="also time this batch size without length ordering (0 = skip)")
     args = ap.parse_args()
 
+    from engine.loader import load_model
+    from engine.scheduler import padding_fraction, plan_batches
+    from engine.transformers_engine import BatchEngine
     from stage_a.config import GenerationParams, RunSpec
-    from workers.engine import BatchEngine
-    from workers.loader import load_model
-    from workers.scheduler import padding_fraction, plan_batches
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     checkpoint = args.checkpoint or str(tiny_checkpoint())

@@ -302,13 +302,13 @@ def main() -> int:
     if args.checkpoint:
         checkpoint = args.checkpoint
     else:
+        from engine.tiny_model import cached_tiny_checkpoint
         from stage_a.settings import default_cache_dir
-        from workers.tiny_model import cached_tiny_checkpoint
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+    from engine.tiny_model import cached_tiny_checkpoint
     from stage_a.fingerprint import model_fingerprint
     from stage_a.settings import default_cache_dir
-    from workers.tiny_model import cached_tiny_checkpoint
 
     other_checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models", seed=7))
     run_model = model_fingerprint(checkpoint)

@@ -179,7 +179,8 @@ def bench_store(db: str, n_images: int, group_size: int, batch: int, small_batch
 def bench_enqueue(n_images: int, reference: int) -> bool:
     import redis
 
-    from stage_a.broker import Publisher, payloads_for
+    from producer.publish import Publisher
+    from stage_a.messages import payloads_for
     from stage_a.settings import Settings
     from stage_a.work import ImageKey, WorkItem
 
@@ -202,7 +203,7 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
         if reference:
             payloads = list(payloads_for(items[:reference], "per_image"))
             t0 = time.perf_counter()
-            pub.publish_via_celery(payloads)
+            pub.send(payloads)
             rdt = time.perf_counter() - t0
             print(f"reference (Celery create/send_task_message per message, kombu-pipelined): {reference:,} in "
                   f"{rdt:.2f} s = {reference / rdt:,.0f} msgs/s (=> {n_images / (reference / rdt):.0f} s for "

@@ -68,8 +68,8 @@ def make_items(root: Path, n: int) -> list[Any]:
 
 def run_pass(engine: Any, spec: Any, items: list[Any], batch_size: int) -> tuple[float, int]:
     """Plan, prefetch-prepare and generate ``items`` like the product's runner; (seconds, rows)."""
-    from workers.prefetch import Prefetcher
-    from workers.scheduler import plan_batches
+    from engine.prefetch import Prefetcher
+    from engine.scheduler import plan_batches
 
     ctx = engine.context(1, replace(spec, batch_size=batch_size))
     t0 = time.perf_counter()
@@ -115,8 +115,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
     if args.child == "transformers":
-        from workers.engine import BatchEngine, PreparedBatch
-        from workers.loader import load_model
+        from engine.loader import load_model
+        from engine.transformers_engine import BatchEngine, PreparedBatch
 
         class FixedLengths(BatchEngine):
             """Each static batch decodes exactly its longest row's length (what it costs for real)."""
@@ -135,7 +135,7 @@ def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
 
         return FixedLengths(load_model(args.checkpoint, args.device))
 
-    from workers.vllm_engine import VllmEngine, load_vllm_engine
+    from engine.vllm_engine import VllmEngine, load_vllm_engine
 
     class FixedLengthsVllm(VllmEngine):
         """min_tokens = max_tokens = the image's length, per request."""
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["transformers", "vllm"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.checkpoint is None:
-        from workers.tiny_model import cached_tiny_checkpoint
+        from engine.tiny_model import cached_tiny_checkpoint
 
         args.checkpoint = str(cached_tiny_checkpoint(cache_dir() / "models", head_dim=32))
     if args.child:

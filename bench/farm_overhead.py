@@ -102,7 +102,7 @@ def self_cpu_seconds() -> float:
 
 def time_split(store: Any, run_id: int) -> str:
     """Where the time went, from what the engine recorded per image (batch times / rows)."""
-    from workers.scheduler import padding_fraction
+    from engine.scheduler import padding_fraction
 
     rows = store.image_rows(run_id)
     prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000
@@ -131,11 +131,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
 
+    from engine.loader import load_model
+    from engine.steploop import StepLoop
+    from engine.transformers_engine import BatchEngine
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.store import ResultStore
-    from workers.engine import BatchEngine
-    from workers.loader import load_model
-    from workers.steploop import StepLoop
 
     checkpoint = args.checkpoint or str(tiny_checkpoint())
     tmp = Path(tempfile.mkdtemp(prefix="stage-a-bench-farm-"))
@@ -198,7 +198,7 @@ class Worker:
 
     def __init__(self, store: Any, spec: Any, warm_dir: Path, checkpoint: str, db_url: str, k: int, args: Any,
                  tmp: Path) -> None:
-        from stage_a.broker import Publisher
+        from producer.publish import Publisher
         from stage_a.settings import Settings
 
         self.store, self.spec, self.args, self.k = store, spec, args, k

@@ -94,8 +94,8 @@ def vllm_engine(args: argparse.Namespace, tiny: str, device: str, max_batch: int
     """VllmEngine on the tiny checkpoint, or on a config-only folder with vLLM's random (dummy) weights."""
     from transformers import AutoProcessor
 
-    from workers.loader import force_left_padding
-    from workers.vllm_engine import load_vllm_engine
+    from engine.loader import force_left_padding
+    from engine.vllm_engine import load_vllm_engine
 
     settings: dict[str, Any] = dict(max_num_seqs=max_batch, gpu_memory_utilization=args.gpu_memory_utilization)
     if args.tiny:
@@ -125,10 +125,10 @@ def main() -> None:
 
     import torch
 
+    from engine.loader import LoadedModel, force_left_padding, load_model
+    from engine.transformers_engine import BatchEngine
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.work import ImageKey, WorkItem
-    from workers.engine import BatchEngine
-    from workers.loader import LoadedModel, force_left_padding, load_model
 
     small = args.tiny or args.smoke
     device = args.device or ("cpu" if args.tiny else "cuda")

@@ -25,7 +25,7 @@ from stage_a.store.views import ModelShare, RunRow, WorkerBeat
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from stage_a.broker import Publisher
+    from stage_a.queue import TaskQueue
     from stage_a.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -162,24 +162,19 @@ class QueueProbe:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._publisher: Publisher | None = None
+        self._queue: TaskQueue | None = None
 
     def length(self) -> tuple[int | None, str | None]:
         if not self.settings.broker_url:
             return None, "no broker configured"
         try:
-            if self._publisher is None:
-                from stage_a.broker import Publisher
+            if self._queue is None:
+                from stage_a.queue import TaskQueue
 
-                self._publisher = Publisher(self.settings)
-                self._publisher.app.conf.broker_connection_retry = False
-                self._publisher.app.conf.broker_connection_max_retries = 0
-                self._publisher.app.conf.broker_transport_options = {
-                    "socket_connect_timeout": 2, "socket_timeout": 3, "retry_on_timeout": False, "max_retries": 0,
-                }
-            return self._publisher.queue_length(), None
+                self._queue = TaskQueue(self.settings, fail_fast=True)
+            return self._queue.length(), None
         except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
-            from stage_a.config import hide_secrets
+            from stage_a.secrets import hide_secrets
 
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             first = hide_secrets(first, self.settings.broker_url)

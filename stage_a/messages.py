@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from stage_a.work import ImageKey, WorkItem
 
+TASK_NAME = "stage_a.summarize"
+"""The one Celery task every message names."""
 PAYLOAD_VERSION = 1
 MAX_DB_INT = 2**31 - 1
 MAX_IMAGES_PER_MESSAGE = 10_000
@@ -26,6 +30,16 @@ def group_payload(items: list[WorkItem]) -> dict[str, Any]:
         "v": PAYLOAD_VERSION, "run_id": first.run_id, "group_position": first.group_position,
         "images": [{"image_index": it.key.image_index, "path": it.rel_path} for it in items],
     }
+
+
+def payloads_for(items: Iterable[WorkItem], sharding_mode: str) -> Iterator[dict[str, Any]]:
+    """per_image: one message per image; per_group: one message per group (items in group order)."""
+    if sharding_mode == "per_group":
+        for _, group in itertools.groupby(items, key=lambda it: (it.key.run_id, it.key.group_position)):
+            yield group_payload(list(group))
+    else:
+        for it in items:
+            yield image_payload(it)
 
 
 def _int(obj: dict[str, Any], name: str) -> int:

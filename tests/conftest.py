@@ -15,7 +15,7 @@ REDIS_URL = os.environ.get("STAGE_A_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Qwen3-VL with random weights, saved with save_pretrained (tokenizer says padding right)."""
-    from workers.tiny_model import cached_tiny_checkpoint
+    from engine.tiny_model import cached_tiny_checkpoint
 
     cache = os.environ.get("STAGE_A_TEST_MODEL_CACHE")
     base = Path(cache) if cache else tmp_path_factory.mktemp("models")
@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny Qwen3-VL (another seed): other weights, other summaries, another fingerprint."""
-    from workers.tiny_model import cached_tiny_checkpoint
+    from engine.tiny_model import cached_tiny_checkpoint
 
     cache = os.environ.get("STAGE_A_TEST_MODEL_CACHE")
     base = Path(cache) if cache else tmp_path_factory.mktemp("models-other")
@@ -35,7 +35,7 @@ def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded through the product's own loader, once per session."""
-    from workers.loader import load_model
+    from engine.loader import load_model
 
     return load_model(tiny_checkpoint, "cpu")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stage_a.config import GenerationParams, RunSpec, redact_url
+from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
+from stage_a.secrets import redact_url
 from stage_a.settings import database_url
 
 

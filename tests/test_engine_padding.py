@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.images import header_size, load_image
+from engine.loader import load_model
+from engine.transformers_engine import BatchEngine, RunContext
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.work import ImageKey, ImageResult, WorkItem
-from workers.engine import BatchEngine, RunContext
-from workers.images import header_size, load_image
-from workers.loader import load_model
 
 MISSION = "挡风板安装检查"
 MAX_NEW_TOKENS = 14
@@ -242,12 +242,12 @@ def test_stops_at_qwen_stop_tokens_and_trims(forced_engine: Any, image_root: Pat
 def test_verify_inputs_logs_first_batch_only(
     engine: BatchEngine, image_root: Path, items: list[WorkItem], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="workers.engine")
+    caplog.set_level(logging.INFO, logger="engine.transformers_engine")
     ctx = engine.context(3, make_spec(image_root), verify_inputs=True)
     first = engine.prepare(ctx, items[:3])
     engine.prepare(ctx, items[3:6])
     records = [r.getMessage() for r in caplog.records
-               if r.name == "workers.engine.verify_inputs" and "verify_inputs" in r.getMessage()]
+               if r.name == "engine.transformers_engine.verify_inputs" and "verify_inputs" in r.getMessage()]
     assert len(records) == 3
     for row, item in enumerate(first.items):
         line = next(m for m in records if item.rel_path in m)

@@ -66,7 +66,7 @@ class _OpensAFileWhenUnpickled:
 
 def test_every_queue_entry_is_dead_lettered_and_the_worker_goes_on(pg_url: str, farm_factory,  # noqa: F811
                                                                    tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from stage_a.broker import Publisher
+    from producer.publish import Publisher
     from stage_a.messages import image_payload
     from stage_a.settings import Settings
     from stage_a.store import ResultStore

@@ -146,9 +146,9 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path, t
         # image that failed; a good image is SUCCESS with its own share of the batch as runtime.
         from dataclasses import replace
 
+        from producer.publish import Publisher
         from producer.register import register_run
         from producer.sample_data import make_sample_tree
-        from stage_a.broker import Publisher
         from stage_a.config import GenerationParams, RunSpec
         from stage_a.settings import Settings
         from stage_a.store import ResultStore

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.loader import load_model
+from engine.transformers_engine import BatchEngine
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
 from stage_a.work import ImageKey, WorkItem
-from workers.engine import BatchEngine
-from workers.loader import load_model
 
 MISSION = "RRU安装检查"
 

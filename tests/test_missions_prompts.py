@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import stage_a
+from engine.prompts import Prompt, build_prompt, prompt_corpus
 from stage_a import missions as m
 from stage_a.errors import UserError
-from workers.prompts import Prompt, build_prompt, prompt_corpus
 
 SPEC_MISSIONS = {
     "BBU安装方式检查（正装）": "bbu",

@@ -47,8 +47,8 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def runs(db_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     """Run A and B with the same checkpoint, run C with another one (another seed), same input."""
+    from engine.tiny_model import build_tiny_checkpoint
     from producer.sample_data import make_sample_tree
-    from workers.tiny_model import build_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("monitor_e2e")
     tree = make_sample_tree(base / "in", MISSION, n_fail=2, n_pass=2, seed=3)

@@ -45,7 +45,7 @@ def queue() -> Iterator[str]:
 
 
 def _publisher(queue: str):  # type: ignore[no-untyped-def]
-    from stage_a.broker import Publisher
+    from producer.publish import Publisher
     from stage_a.settings import Settings
 
     return Publisher(replace(Settings(), broker_url=REDIS_URL, queue=queue))
@@ -55,14 +55,14 @@ def test_fast_message_is_byte_identical_to_celerys_own(queue: str) -> None:
     """Same task id and delivery tag in, the very same Redis value out, for every kind of payload."""
     import redis
 
-    from stage_a.broker import _FastRedisPublish
+    from producer.publish import _FastRedisPublish
 
     pub = _publisher(queue)
     client = redis.Redis.from_url(REDIS_URL)
     with pub.app.connection_for_write() as conn:
         fast = _FastRedisPublish(pub.app, conn, queue)
         for payload in PAYLOADS:
-            assert pub.publish_via_celery([payload]) == 1  # Celery's create_task_message + send_task_message
+            assert pub.send([payload]) == 1  # Celery's create_task_message + send_task_message
             celery_raw = client.rpop(queue).decode("utf-8")
             env = json.loads(celery_raw)
             ours = fast.encode(payload, env["headers"]["id"], env["properties"]["delivery_tag"])
@@ -75,7 +75,7 @@ def test_fast_publish_decodes_like_send_task(queue: str) -> None:
     pub = _publisher(queue)
     assert pub.publish(PAYLOADS) == len(PAYLOADS)
     pub.app.send_task("stage_a.summarize", args=(PAYLOADS[0],), queue=queue)  # Celery's apply_async path
-    assert pub.queue_length() == len(PAYLOADS) + 1
+    assert pub.length() == len(PAYLOADS) + 1
     got = []
     with pub.app.connection_for_read() as conn:
         channel = conn.default_channel

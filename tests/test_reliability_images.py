@@ -90,7 +90,7 @@ def cases_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loader_normalizes_awkward_images(cases_dir: Path, tmp_path: Path) -> None:
-    from workers.images import load_image
+    from engine.images import load_image
 
     exif = load_image(cases_dir / "exif_rotated.jpg")
     assert exif.size_before == (200, 100) and exif.image.size == (100, 200)  # rotated before encoding
@@ -121,7 +121,7 @@ def test_loader_refuses_a_non_regular_file_without_blocking(tmp_path: Path) -> N
     import os
     import threading
 
-    from workers.images import ImageError, header_size, load_image
+    from engine.images import ImageError, header_size, load_image
 
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)
@@ -153,8 +153,8 @@ def test_loader_refuses_a_non_regular_file_without_blocking(tmp_path: Path) -> N
 
 def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     """The header-only cost estimate never raises: a bad image fails later, alone, in prepare."""
-    from workers.engine import BatchEngine
-    from workers.scheduler import plan_batches
+    from engine.scheduler import plan_batches
+    from engine.transformers_engine import BatchEngine
 
     engine = BatchEngine(tiny_loaded)
     ctx = engine.context(1, RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir)))
@@ -167,7 +167,7 @@ def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) ->
 
 @pytest.mark.slow
 def test_engine_mixed_batch_fails_only_the_bad_rows(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
-    from workers.engine import BatchEngine
+    from engine.transformers_engine import BatchEngine
 
     engine = BatchEngine(tiny_loaded)
     spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir),
@@ -244,7 +244,7 @@ def test_a_huge_file_fails_without_being_read_whole(tmp_path: Path) -> None:
     """A multi-GB file named .jpg (sparse here) is refused by size after reading at most the limit."""
     import tracemalloc
 
-    from workers.images import MAX_FILE_BYTES, ImageError, load_image
+    from engine.images import MAX_FILE_BYTES, ImageError, load_image
 
     huge = tmp_path / "huge.jpg"
     with open(huge, "wb") as f:

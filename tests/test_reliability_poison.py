@@ -55,7 +55,7 @@ def _publish_raw(broker_url: str, queue: str, payloads: list[Any], serializer: s
 
 def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, farm_factory, tmp_path: Path,  # noqa: F811
                                                                   tiny_checkpoint: Path) -> None:
-    from stage_a.broker import Publisher
+    from producer.publish import Publisher
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
 

@@ -71,12 +71,12 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     from kombu import Connection
     from support.farm import MISSION, RedisServer
 
+    from producer.publish import Publisher
     from producer.register import register_run
-    from stage_a.broker import Publisher
     from stage_a.config import RunSpec
-    from stage_a.recovery import Reclaimer
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
+    from workers.reclaimer import Reclaimer
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
     store = ResultStore(pg_url)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from engine.prefetch import Prefetcher
+from engine.scheduler import padding_fraction, plan_batches
 from stage_a.work import ImageKey, WorkItem
-from workers.prefetch import Prefetcher
-from workers.scheduler import padding_fraction, plan_batches
 
 
 def _items(groups: list[int], run_id: int = 1) -> list[WorkItem]:

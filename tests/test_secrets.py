@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from support.cli import base_env, cli, cli_popen
 from support.farm import JSONL, MISSION, RedisServer, free_port, make_tree, wait_for
 
-from stage_a.config import hide_secrets, redact_url, url_passwords
+from stage_a.secrets import hide_secrets, redact_url, url_passwords
 
 PW = "Xq7@Zk9:Secr3t"  # '@' and ':' inside, as people type them
 PIECES = ("Xq7", "Zk9", "Secr3t", quote(PW, safe=""))

@@ -64,7 +64,7 @@ def hd32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (sampling, a penalty, an n-gram ban, a 3-token cap): neither engine may take anything from it."""
     import shutil
 
-    from workers.tiny_model import cached_tiny_checkpoint
+    from engine.tiny_model import cached_tiny_checkpoint
 
     cache = os.environ.get("STAGE_A_TEST_MODEL_CACHE")
     built = cached_tiny_checkpoint(Path(cache) if cache else tmp_path_factory.mktemp("models"), head_dim=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.vllm_engine import _adapter_base, vllm_lora_rank
+from engine.vllm_engine import _adapter_base, vllm_lora_rank
 
 
 def test_adapter_rank_is_the_largest_of_rank_pattern(tmp_path: Path) -> None:

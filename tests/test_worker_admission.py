@@ -152,14 +152,14 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
 def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_checkpoint: Path,
                                                              other_checkpoint: Path, queue: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import workers.serving
+    import engine.hosting
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
     ckpt = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, ckpt)
     run_id, items = register(pg_url, tmp_path / "in", ckpt)
     want = model_fingerprint(ckpt)
-    real_build = workers.serving.build_engine
+    real_build = engine.hosting.build_engine
 
     def build_while_replaced(checkpoint: str, device: str, kind: str = "transformers") -> Any:
         # The model check has passed; then the folder is overwritten with another model as it loads.
@@ -167,7 +167,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
             shutil.copy(f, ckpt / f.name)
         return real_build(checkpoint, device, kind)
 
-    monkeypatch.setattr(workers.serving, "build_engine", build_while_replaced)
+    monkeypatch.setattr(engine.hosting, "build_engine", build_while_replaced)
     rt = runtime(pg_url, queue)
     rt.process([image_payload(it) for it in items])
     rows = rt.store.image_rows(run_id)
@@ -232,7 +232,7 @@ def _export_failures(db_url: str, run_id: int, out: Path) -> list[dict[str, Any]
 
 def test_symlink_escaping_the_root_fails_the_image_and_the_run_finishes(pg_url: str, tiny_checkpoint: Path,
                                                                        tmp_path: Path) -> None:
-    from stage_a.recovery import Reclaimer
+    from workers.reclaimer import Reclaimer
 
     groups = make_tree(tmp_path / "in", groups=2, per_group=2)
     secret = tmp_path / "outside" / "secret.jpg"

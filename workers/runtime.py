@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.hosting import ModelHost, WrongModel
+from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageKey, WorkItem
 from workers.admission import Admission, Admitted
-from workers.serving import ModelHost, WrongModel
-from workers.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class WorkerRuntime:
         self.host = ModelHost(settings, device)
         self.admission = Admission(self.store, settings, self.name, serves=self.host.serves)
         self._loop: StepLoop | None = None
-        self._publisher: Any = None
+        self._queue: Any = None
         self._handed_back_in_a_row = 0
         self.sleep: Callable[[float], None] = time.sleep
         self._state = "starting"
@@ -263,12 +263,12 @@ class WorkerRuntime:
 
     def hand_back(self, payloads: list[Any]) -> None:
         """Re-publish messages for another model's workers (no lease was taken: no attempt counted)."""
-        from stage_a.broker import Publisher
+        from stage_a.queue import TaskQueue
 
-        if self._publisher is None:
-            self._publisher = Publisher(self.settings)
+        if self._queue is None:
+            self._queue = TaskQueue(self.settings)
         try:
-            self._publisher.publish(payloads)
+            self._queue.send(payloads)
         except Exception as exc:  # the images stay pending: the orphan reclaimer re-sends them
             log.error("could not hand %d messages back (%s); the reclaimer will re-send their images",
                       len(payloads), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

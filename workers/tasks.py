@@ -23,8 +23,8 @@ from typing import Any
 from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
-from stage_a.broker import TASK_NAME
 from stage_a.errors import EngineDeadError, UserError
+from stage_a.messages import TASK_NAME
 from stage_a.store import ResultStore
 from workers.celery import app, settings
 from workers.runtime import Outcome, WorkerRuntime
@@ -233,8 +233,8 @@ def _check_services(**_: Any) -> None:
     """
     import sys
 
-    from stage_a.broker import broker_error
     from stage_a.errors import UserError
+    from stage_a.secrets import broker_error
 
     try:
         try:
@@ -263,7 +263,7 @@ def _exit_status(sender: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect
 def _start_reclaimer(sender: Any = None, **_: Any) -> None:
     """Each worker host also runs the recovery loop: a surviving worker rescues a dead one's work."""
-    from stage_a.recovery import Reclaimer
+    from workers.reclaimer import Reclaimer
 
     reclaimer = Reclaimer(settings)
     thread = threading.Thread(target=reclaimer.loop, name="stage-a-reclaimer", daemon=True)

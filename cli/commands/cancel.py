@@ -45,10 +45,10 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
                f"{counts.done} done, {counts.failed} failed, {counts.pending + counts.leased} not processed")
     if keep_queued or not info.farm:
         return
-    from stage_a.broker import Publisher
+    from stage_a.queue import TaskQueue
 
     try:
-        dropped = Publisher(settings).drop_run(run_id)
+        dropped = TaskQueue(settings).drop_run(run_id)
     except Exception as exc:  # the cancellation itself is recorded; workers drop the messages anyway
         click.echo(f"stage-a: warning: could not remove queued messages ({str(exc).splitlines()[0]}); "
                    "workers will acknowledge them without work", err=True)

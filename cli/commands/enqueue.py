@@ -25,7 +25,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     per_image queues one message per image, per_group one per group. Prints the run id and counts.
     Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
     """
-    from stage_a.broker import Publisher
+    from producer.publish import Publisher
     from stage_a.fingerprint import check_checkpoint
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
@@ -87,16 +87,16 @@ def _dry_run(kw: dict[str, Any], settings: Any, db: str | None) -> None:
     """Discover, sample and check; the broker and database are only looked at, never written."""
     from cli.commands.dryrun import print_plan
     from producer.register import plan_run
-    from stage_a.config import redact_url
+    from stage_a.secrets import redact_url
 
     spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint)
     plan = plan_run(spec, require_input_dir(kw["input_dir"]))
     try:
-        from stage_a.broker import Publisher
+        from producer.publish import Publisher
 
         publisher = Publisher(settings)
         publisher.check()
-        broker = f"reachable, {publisher.queue_length()} messages waiting"
+        broker = f"reachable, {publisher.length()} messages waiting"
     except Exception as exc:
         broker = f"NOT reachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"

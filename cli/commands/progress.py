@@ -19,7 +19,7 @@ from rich.progress import (
 from stage_a.store import ResultStore, RunCounts
 
 if TYPE_CHECKING:
-    from workers.steploop import BatchDone
+    from engine.steploop import BatchDone
 
 GROUP_REFRESH_S = 3.0
 

@@ -9,8 +9,8 @@ import click
 @click.option("--loop", is_flag=True, help="Keep running every STAGE_A_RECLAIM_INTERVAL seconds.")
 def reclaim(loop: bool) -> None:
     """Re-enqueue images whose lease expired and pending images whose messages were lost."""
-    from stage_a.recovery import Reclaimer
     from stage_a.settings import Settings
+    from workers.reclaimer import Reclaimer
 
     r = Reclaimer(Settings.from_env())
     if loop:

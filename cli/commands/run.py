@@ -70,16 +70,16 @@ def run(**kw: Any) -> None:
     `stage-a run` shows the whole job working on a fresh machine.
     """
     setup_logging(kw["log_level"], kw["debug"])
-    from workers.serving import check_engine
+    from engine.hosting import check_engine
 
     check_engine(kw["engine"])
     gpus = parse_gpus(kw["gpus"])
     if gpus:
-        from workers.loader import check_gpus
+        from engine.loader import check_gpus
 
         check_gpus(gpus)
     elif kw["device"].startswith("cuda"):
-        from workers.loader import resolve_device
+        from engine.loader import resolve_device
 
         resolve_device(kw["device"])
     if kw["run_id"] is not None:
@@ -120,7 +120,7 @@ def run(**kw: Any) -> None:
             _dry_run(spec, input_dir, output_dir, kw)
             return
     if demo:
-        from workers.tiny_model import cached_tiny_checkpoint
+        from engine.tiny_model import cached_tiny_checkpoint
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
@@ -172,7 +172,7 @@ def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any]) -
     plan = plan_run(spec, input_dir)
     jsonl, failures = output_paths(output_dir, spec.mission)
     db = database_url(kw["db"], output_dir)
-    from stage_a.config import redact_url
+    from stage_a.secrets import redact_url
 
     print_plan(plan, kw["checkpoint"] or "", Settings.from_env(),
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
@@ -184,8 +184,8 @@ def _resume_checkpoint(run: Any, given: str | None) -> str:
     A farm run enqueued without --checkpoint is served by the demo model (as its workers did);
     otherwise by the recorded checkpoint, or --checkpoint when it is the same model.
     """
+    from engine.hosting import run_checkpoint, run_model
     from stage_a.fingerprint import DEMO_MODEL, check_checkpoint, model_fingerprint
-    from workers.serving import run_checkpoint, run_model
 
     want = run_model(run)
     if given is None and not run.spec.checkpoint:
@@ -214,7 +214,7 @@ def _resume_hint(run_id: int, db_url: str, output_dir: Path) -> str:
     not work): the hint names STAGE_A_DATABASE_URL instead."""
     import shlex
 
-    from stage_a.config import redact_url
+    from stage_a.secrets import redact_url
     from stage_a.settings import Settings
 
     if redact_url(db_url) == db_url:
@@ -230,7 +230,7 @@ def _resume_hint(run_id: int, db_url: str, output_dir: Path) -> str:
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
              gpus: list[str] | None) -> tuple[int, float]:
     from cli.commands.progress import RunProgress
-    from cli.local_run import LocalJob, run_in_process, run_multi
+    from engine.local_run import LocalJob, run_in_process, run_multi
 
     job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"], kw["engine"])
     start_counts = store.counts(run_info.id)

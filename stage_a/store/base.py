@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from stage_a.config import redact_url
+from stage_a.secrets import redact_url
 from stage_a.store.engine import _first_line, make_engine, upgrade_schema
 from stage_a.work import ImageKey
 

@@ -10,8 +10,8 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchModuleError, OperationalError
 
-from stage_a.config import SCHEME, hide_secrets, redact_url, userinfo_end
 from stage_a.errors import UserError
+from stage_a.secrets import SCHEME, hide_secrets, redact_url, userinfo_end
 from stage_a.settings import Settings
 
 log = logging.getLogger(__name__)

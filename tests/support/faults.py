@@ -15,7 +15,7 @@ MESSAGE = "injected generation fault"
 
 
 def install() -> None:
-    from workers.engine import BatchEngine
+    from engine.transformers_engine import BatchEngine
 
     original = BatchEngine.generate
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.images import ImageError, load_image, resolve_under_root
+from engine.loader import LoadedModel, force_left_padding, resolve_device
+from engine.transformers_engine import BatchEngine, PreparedBatch, RunContext, preprocessing_error
 from stage_a.cleanup import clean_summary
 from stage_a.errors import EngineDeadError, UserError
 from stage_a.fingerprint import check_checkpoint, model_fingerprint
 from stage_a.settings import Settings
 from stage_a.work import ImageResult, WorkItem
-from workers.engine import BatchEngine, PreparedBatch, RunContext, preprocessing_error
-from workers.images import ImageError, load_image, resolve_under_root
-from workers.loader import LoadedModel, force_left_padding, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -3,148 +3,39 @@
 On Redis, messages are Celery's own protocol-2 JSON messages, built once by Celery/kombu as a
 template and then stamped per payload (_FastRedisPublish): ~28k messages/s instead of ~2.5k
 (bench/control_plane.py). Other brokers, or a Celery/kombu whose message shape is not the one
-expected, use Celery's regular send path (publish_via_celery).
+expected, use Celery's own send path (stage_a.queue.TaskQueue.send).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from stage_a.config import hide_secrets, redact_url
-from stage_a.errors import UserError
-from stage_a.messages import group_payload, image_payload
-from stage_a.settings import Settings
+from stage_a.messages import TASK_NAME, payloads_for
+from stage_a.queue import TaskQueue
 from stage_a.work import WorkItem
 
 log = logging.getLogger(__name__)
-TASK_NAME = "stage_a.summarize"
-PIPELINE_SIZE = 2000
 
 
-def broker_error(url: str, exc: BaseException, doing: str = "cannot reach broker") -> str:
-    """One line naming the broker (password hidden) and the first line of what went wrong."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{doing} {redact_url(url)}: {hide_secrets(first, url)}"
-
-
-def payloads_for(items: Iterable[WorkItem], sharding_mode: str) -> Iterator[dict[str, Any]]:
-    """per_image: one message per image; per_group: one message per group."""
-    if sharding_mode == "per_group":
-        for _, group in itertools.groupby(items, key=lambda it: (it.key.run_id, it.key.group_position)):
-            yield group_payload(list(group))
-    else:
-        for it in items:
-            yield image_payload(it)
-
-
-class Publisher:
-    """Sends `stage_a.summarize` messages through Celery's own message format (JSON)."""
-
-    def __init__(self, settings: Settings) -> None:
-        from celery import Celery
-
-        self.settings = settings
-        # A bare app (not workers.celery) keeps the producer free of worker imports.
-        self.app = Celery("stage_a_producer", broker=settings.broker_url)
-        self.app.conf.update(
-            task_serializer="json", accept_content=["json"], task_default_queue=settings.queue,
-            broker_connection_timeout=5, broker_connection_retry=True,
-            broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": False,
-                                      "max_retries": 3},
-        )
-
-    def check(self) -> None:
-        """Fail fast with one line when Redis is unreachable."""
-        try:
-            with self.app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
-        except Exception as exc:
-            raise UserError(broker_error(self.settings.broker_url, exc)) from None
+class Publisher(TaskQueue):
+    """The run's messages onto the queue: on Redis through the fast path, else Celery's send."""
 
     def publish(self, payloads: Iterable[dict[str, Any]]) -> int:
-        """Publish every payload; on Redis through the fast path (see _FastRedisPublish)."""
+        """Publish every payload, in order; returns the count."""
         with self.app.connection_for_write() as conn:
             if getattr(conn.transport, "driver_type", "") != "redis":
-                return self.publish_via_celery(payloads)
+                return self.send(payloads)
             try:
                 fast = _FastRedisPublish(self.app, conn, self.settings.queue)
             except RuntimeError as exc:  # an unexpected kombu/Celery shape: stay correct, be slow
                 log.warning("fast publishing unavailable (%s); using Celery's send path", exc)
-                return self.publish_via_celery(payloads)
+                return self.send(payloads)
             return fast.publish(payloads)
-
-    def publish_via_celery(self, payloads: Iterable[dict[str, Any]]) -> int:
-        """One Celery create/send per payload, pipelined by kombu (~1-3k msgs/s): the reference path."""
-        from celery.utils import uuid
-
-        amqp = self.app.amqp
-        sent = 0
-        with self.app.producer_or_acquire() as producer:
-            with producer.batch(PIPELINE_SIZE):
-                for payload in payloads:
-                    task_id = uuid()
-                    message = amqp.create_task_message(task_id, TASK_NAME, (payload,), {})
-                    amqp.send_task_message(producer, TASK_NAME, message, queue=self.settings.queue,
-                                           serializer="json")
-                    sent += 1
-        return sent
-
-    def queue_length(self) -> int:
-        with self.app.connection_for_read() as conn:
-            client = conn.default_channel.client
-            return int(client.llen(self.settings.queue))
-
-    def drop_run(self, run_id: int, chunk: int = 5000) -> int:
-        """Remove the run's messages still waiting on the queue; other runs' messages are untouched.
-
-        Each message is removed by its exact value (LREM), so one a worker pops meanwhile is simply
-        not found (the worker drops it: the run is cancelled). Messages already delivered are
-        acknowledged without work by the workers. Returns how many were removed here.
-        """
-        import json
-
-        removed = 0
-        with self.app.connection_for_write() as conn:
-            client = conn.default_channel.client
-            key = self.settings.queue
-            start = 0
-            while True:
-                raws = client.lrange(key, start, start + chunk - 1)
-                if not raws:
-                    break
-                ours = [raw for raw in raws if _message_run(raw, json) == run_id]
-                if ours:
-                    pipe = client.pipeline(transaction=False)
-                    for raw in ours:
-                        pipe.lrem(key, 1, raw)
-                    n = sum(int(x) for x in pipe.execute())
-                    removed += n
-                start += len(raws) - len(ours)
-        return removed
 
     def publish_items(self, items: Sequence[WorkItem], sharding_mode: str) -> int:
         return self.publish(payloads_for(items, sharding_mode))
-
-
-def _message_run(raw: bytes, json: Any) -> int | None:
-    """The run id of one queued kombu envelope of a stage_a.summarize message (None: not readable)."""
-    import base64
-
-    try:
-        envelope = json.loads(raw)
-        if envelope.get("headers", {}).get("task") != TASK_NAME:
-            return None
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        run_id = args[0].get("run_id") if args and isinstance(args[0], dict) else None
-        return run_id if type(run_id) is int else None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
 
 
 def _capturing_producer(conn: Any) -> Any:

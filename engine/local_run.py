@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from engine.steploop import BatchDone
 from stage_a.store import ResultStore
-from workers.steploop import BatchDone
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
                    rank: int = 0, world: int = 1, store: ResultStore | None = None,
                    on_loading: Callable[[], None] | None = None) -> int:
     """Load the model and process this rank's share of the run's unfinished images."""
-    from workers.serving import build_engine
-    from workers.steploop import LoopHooks, StepLoop, worker_name
+    from engine.hosting import build_engine
+    from engine.steploop import LoopHooks, StepLoop, worker_name
 
     own_store = store is None
     store = store or ResultStore(job.db_url)
@@ -69,7 +69,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _rank_main(job: LocalJob, gpu: str, rank: int, world: int, parent: int) -> None:
-    from workers.loader import pin_process_to_gpu
+    from engine.loader import pin_process_to_gpu
 
     _die_with_parent(parent)
     pin_process_to_gpu(gpu)

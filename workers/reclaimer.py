@@ -7,13 +7,14 @@ re-enqueued; result writes are idempotent, so a rare double delivery costs time,
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 
-from stage_a.broker import Publisher, broker_error
 from stage_a.errors import UserError
+from stage_a.messages import payloads_for
+from stage_a.queue import TaskQueue
+from stage_a.secrets import broker_error
 from stage_a.settings import Settings
 from stage_a.store import ResultStore
 from stage_a.work import WorkItem
@@ -31,7 +32,7 @@ class Reclaimer:
     def __init__(self, settings: Settings, store: ResultStore | None = None) -> None:
         self.settings = settings
         self._store = store
-        self._publisher: Publisher | None = None
+        self._queue: TaskQueue | None = None
         self.orphan_grace = settings.orphan_grace_seconds
 
     @property
@@ -41,10 +42,10 @@ class Reclaimer:
         return self._store
 
     @property
-    def publisher(self) -> Publisher:
-        if self._publisher is None:
-            self._publisher = Publisher(self.settings)
-        return self._publisher
+    def queue(self) -> TaskQueue:
+        if self._queue is None:
+            self._queue = TaskQueue(self.settings)
+        return self._queue
 
     def once(self) -> ReclaimReport:
         """One pass. Each claim commits only once its messages are published; with the broker down
@@ -72,38 +73,22 @@ class Reclaimer:
         if not items:
             return
         try:
-            self.publisher.publish_items(items, "per_image")
+            self.queue.send(payloads_for(items, "per_image"))
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
     def _broker_idle(self) -> bool:
         """No message is waiting in the queue and none is delivered but unacknowledged.
 
-        Only then can a pending image have lost its message. Checking the queue alone mistook the
-        batch a live worker had prefetched while it was still loading its model for lost messages
-        and re-enqueued it (double work, and every extra delivery counts toward the attempt limit).
+        Only then can a pending image have lost its message: a batch a live worker prefetched while
+        it loads its model is unacknowledged, not lost.
         A dead worker's unacknowledged messages are restored by the broker after its visibility
         timeout (STAGE_A_LEASE_SECONDS + 60); a Redis restart wipes both, so lost ones are found.
-        kombu keeps every queue's unacknowledged messages of a Redis database in one hash of
-        [message, exchange, routing_key]; only entries of our queue count (the scan stops at the
-        first one, so a farm alone on its database pays one HSCAN page).
         """
         try:
-            if self.publisher.queue_length() != 0:
-                return False
-            queue = self.settings.queue
-            with self.publisher.app.connection_for_read() as conn:
-                channel = conn.default_channel
-                for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
-                    try:
-                        _message, exchange, routing_key = json.loads(raw)
-                    except (ValueError, TypeError):
-                        return False  # an entry we cannot read: assume it is ours, never re-send early
-                    if queue in (routing_key, exchange):
-                        return False
+            return self.queue.length() == 0 and not self.queue.has_unacked()
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
-        return True
 
     def loop(self) -> None:
         while True:

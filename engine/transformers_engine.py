@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine.images import ImageError, header_size, load_image, resolve_under_root
+from engine.loader import LoadedModel
+from engine.prompts import build_prompt
 from stage_a.cleanup import clean_summary
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import dead_engine_error
 from stage_a.missions import get_mission
 from stage_a.work import ImageResult, WorkItem
-from workers.images import ImageError, header_size, load_image, resolve_under_root
-from workers.loader import LoadedModel
-from workers.prompts import build_prompt
 
 log = logging.getLogger(__name__)
 verify_log = logging.getLogger(f"{__name__}.verify_inputs")

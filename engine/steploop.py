@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from engine.prefetch import Prefetcher
+from engine.scheduler import plan_batches
+from engine.transformers_engine import Engine, PreparedBatch, RunContext
 from stage_a.errors import dead_engine_error
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageResult, WorkItem
-from workers.engine import Engine, PreparedBatch, RunContext
-from workers.prefetch import Prefetcher
-from workers.scheduler import plan_batches
 
 log = logging.getLogger(__name__)
 

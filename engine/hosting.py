@@ -12,17 +12,17 @@ import os
 import time
 from dataclasses import dataclass
 
+from engine.transformers_engine import Engine
 from stage_a.errors import UserError
 from stage_a.fingerprint import DEMO_MODEL, model_fingerprint
 from stage_a.settings import Settings, default_cache_dir
 from stage_a.store import RunInfo
-from workers.engine import Engine
 
 log = logging.getLogger(__name__)
 
 
 def demo_checkpoint() -> str:
-    from workers.tiny_model import cached_tiny_checkpoint
+    from engine.tiny_model import cached_tiny_checkpoint
 
     return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
@@ -42,12 +42,12 @@ def build_engine(checkpoint: str, device: str, kind: str = "transformers") -> En
     t0 = time.perf_counter()
     engine: Engine
     if kind == "vllm":
-        from workers.vllm_engine import load_vllm_engine
+        from engine.vllm_engine import load_vllm_engine
 
         engine = load_vllm_engine(checkpoint, device)  # sized by the STAGE_A_VLLM_* settings
     elif kind == "transformers":
-        from workers.engine import BatchEngine
-        from workers.loader import load_model
+        from engine.loader import load_model
+        from engine.transformers_engine import BatchEngine
 
         engine = BatchEngine(load_model(checkpoint, device))
     else:
@@ -97,7 +97,7 @@ class ModelHost:
         its first model on its first batch, and a host without CUDA for STAGE_A_GPUS (or
         STAGE_A_DEVICE=cuda), or without the vllm package for STAGE_A_ENGINE=vllm, would otherwise take
         message after message it can only fail."""
-        from workers.loader import resolve_device
+        from engine.loader import resolve_device
 
         resolve_device(self.device)
         check_engine(self.settings.engine)

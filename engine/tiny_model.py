@@ -55,7 +55,7 @@ _FILLER = [
 
 def _corpus() -> list[str]:
     try:
-        from workers.prompts import prompt_corpus
+        from engine.prompts import prompt_corpus
 
         texts = list(prompt_corpus())
     except Exception:  # prompt data missing must not stop building a test model

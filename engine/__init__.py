@@ -1,0 +1,1 @@
+"""One process, one model, no Celery: engines, preparation, the step loop, model hosting, local runs."""

@@ -1,0 +1,128 @@
+"""The task queue on the broker: reach it, measure it, send to it, drop a run's entries.
+
+Every process that touches the queue goes through `TaskQueue`: the producer (its bulk publisher
+adds a faster send on top), workers handing messages back, the reclaimer, `status` and `cancel`.
+Sending here is Celery's own send path (`app.amqp` + a pipelined kombu producer): the reference
+that the producer's fast path is checked against byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from stage_a.errors import UserError
+from stage_a.messages import TASK_NAME
+from stage_a.secrets import broker_error
+from stage_a.settings import Settings
+
+PIPELINE_SIZE = 2000
+
+
+class TaskQueue:
+    """One broker connection pool (a bare Celery app: no worker code) for the settings' queue."""
+
+    def __init__(self, settings: Settings, fail_fast: bool = False) -> None:
+        from celery import Celery
+
+        self.settings = settings
+        self.app = Celery("stage_a_producer", broker=settings.broker_url)
+        options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "retry_on_timeout": False,
+                                   "max_retries": 3}
+        if fail_fast:  # views: a broker that is down is a note on the page, never a wait
+            options.update(socket_connect_timeout=2, socket_timeout=3, max_retries=0)
+        self.app.conf.update(
+            task_serializer="json", accept_content=["json"], task_default_queue=settings.queue,
+            broker_connection_timeout=5, broker_connection_retry=not fail_fast,
+            broker_connection_max_retries=0 if fail_fast else None, broker_transport_options=options,
+        )
+
+    def check(self) -> None:
+        """Fail fast with one line (password hidden) when the broker is unreachable."""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
+        except Exception as exc:
+            raise UserError(broker_error(self.settings.broker_url, exc)) from None
+
+    def send(self, payloads: Iterable[dict[str, Any]]) -> int:
+        """One Celery task message per payload, pipelined by kombu (~1-3k msgs/s); returns the count."""
+        from celery.utils import uuid
+
+        amqp = self.app.amqp
+        sent = 0
+        with self.app.producer_or_acquire() as producer:
+            with producer.batch(PIPELINE_SIZE):
+                for payload in payloads:
+                    message = amqp.create_task_message(uuid(), TASK_NAME, (payload,), {})
+                    amqp.send_task_message(producer, TASK_NAME, message, queue=self.settings.queue,
+                                           serializer="json")
+                    sent += 1
+        return sent
+
+    def length(self) -> int:
+        """Messages waiting on the queue (not those delivered and unacknowledged)."""
+        with self.app.connection_for_read() as conn:
+            return int(conn.default_channel.client.llen(self.settings.queue))
+
+    def has_unacked(self) -> bool:
+        """Whether some message of this queue is delivered but not yet acknowledged.
+
+        kombu's Redis transport keeps every queue's unacknowledged messages of a database in one hash
+        of [message, exchange, routing_key]; only entries of this queue count, and the scan stops at
+        the first one (a farm alone on its database pays one HSCAN page). An entry that cannot be
+        read counts as ours: never conclude early that messages were lost.
+        """
+        queue = self.settings.queue
+        with self.app.connection_for_read() as conn:
+            channel = conn.default_channel
+            for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
+                try:
+                    _message, exchange, routing_key = json.loads(raw)
+                except (ValueError, TypeError):
+                    return True
+                if queue in (routing_key, exchange):
+                    return True
+        return False
+
+    def drop_run(self, run_id: int, chunk: int = 5000) -> int:
+        """Remove the run's messages still waiting on the queue; other runs' messages are untouched.
+
+        Each message is removed by its exact value (LREM), so one a worker pops meanwhile is simply
+        not found (the worker drops it: the run is cancelled). Returns how many were removed here.
+        """
+        removed = 0
+        with self.app.connection_for_write() as conn:
+            client = conn.default_channel.client
+            key = self.settings.queue
+            start = 0
+            while True:
+                raws = client.lrange(key, start, start + chunk - 1)
+                if not raws:
+                    break
+                ours = [raw for raw in raws if message_run(raw) == run_id]
+                if ours:
+                    pipe = client.pipeline(transaction=False)
+                    for raw in ours:
+                        pipe.lrem(key, 1, raw)
+                    removed += sum(int(x) for x in pipe.execute())
+                start += len(raws) - len(ours)
+        return removed
+
+
+def message_run(raw: bytes) -> int | None:
+    """The run id of one queued kombu envelope of a stage_a.summarize message (None: not readable)."""
+    try:
+        envelope = json.loads(raw)
+        if envelope.get("headers", {}).get("task") != TASK_NAME:
+            return None
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        run_id = args[0].get("run_id") if args and isinstance(args[0], dict) else None
+        return run_id if type(run_id) is int else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
