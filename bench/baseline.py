@@ -120,14 +120,15 @@ def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, 
     """`stage-a run`'s steps in-process: register, load, StepLoop.run (prefetch), export."""
     from engine.loader import load_model
     from engine.steploop import LoopHooks, StepLoop
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
     from merger.export import export_run
     from producer.register import register_run
+    from stage_a.checkpoint import Checkpoint
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.store import ResultStore
 
     t0 = time.perf_counter()
-    engine = BatchEngine(load_model(checkpoint, device))
+    engine = TransformersEngine(load_model(Checkpoint.open(checkpoint), device))
     load_s = time.perf_counter() - t0
     work.mkdir(parents=True, exist_ok=True)
     store = ResultStore(f"sqlite:///{work / 'stage_a_results.db'}")

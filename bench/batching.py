@@ -55,14 +55,15 @@ def main() -> None:
 
     from engine.loader import load_model
     from engine.scheduler import padding_fraction, plan_batches
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
+    from stage_a.checkpoint import Checkpoint
     from stage_a.config import GenerationParams, RunSpec
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     checkpoint = args.checkpoint or str(tiny_checkpoint())
     root = Path(tempfile.mkdtemp(prefix="stage-a-bench-batching-"))
     items = image_set(args.images, root)
-    engine = BatchEngine(load_model(checkpoint, args.device))
+    engine = TransformersEngine(load_model(Checkpoint.open(checkpoint), args.device))
     gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(root), checkpoint=checkpoint,
                    sharding_mode="per_image", batch_size=max(sizes), generation=gen)

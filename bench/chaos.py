@@ -307,11 +307,11 @@ def main() -> int:
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
     from engine.tiny_model import cached_tiny_checkpoint
-    from stage_a.fingerprint import model_fingerprint
+    from stage_a.checkpoint import Checkpoint
     from stage_a.settings import default_cache_dir
 
     other_checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models", seed=7))
-    run_model = model_fingerprint(checkpoint)
+    run_model = Checkpoint.open(checkpoint).identity
     groups = add_escaping_symlinks(workdir / "in", make_tree(workdir / "in", args.images, rng), args.symlinks, rng)
     n_images = sum(n for _, _, n in groups)
     db_url, drop_db = make_database(args, workdir)

@@ -116,9 +116,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
     if args.child == "transformers":
         from engine.loader import load_model
-        from engine.transformers_engine import BatchEngine, PreparedBatch
+        from engine.transformers_engine import PreparedBatch, TransformersEngine
+        from stage_a.checkpoint import Checkpoint
 
-        class FixedLengths(BatchEngine):
+        class FixedLengths(TransformersEngine):
             """Each static batch decodes exactly its longest row's length (what it costs for real)."""
 
             slot_steps = 0
@@ -133,9 +134,13 @@ def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
             def counters(self) -> dict[str, float]:
                 return {"slot_steps": float(self.slot_steps)}
 
-        return FixedLengths(load_model(args.checkpoint, args.device))
+        return FixedLengths(load_model(Checkpoint.open(args.checkpoint), args.device))
+
+    from dataclasses import replace as replace_settings
 
     from engine.vllm_engine import VllmEngine, load_vllm_engine
+    from stage_a.checkpoint import Checkpoint
+    from stage_a.settings import Settings
 
     class FixedLengthsVllm(VllmEngine):
         """min_tokens = max_tokens = the image's length, per request."""
@@ -150,14 +155,29 @@ def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
             return params
 
         def counters(self) -> dict[str, float]:
-            m = self.metrics()
-            s = self.prefix_cache_stats()
+            m = vllm_metrics(self.llm)
             return {"slot_steps": m.get("vllm:iteration_tokens_total", 0.0) * args.max_num_seqs,
-                    "prompt_tokens": float(s.prompt_tokens), "cached_tokens": float(s.cached_tokens)}
+                    "prompt_tokens": m.get("vllm:prefix_cache_queries", 0.0),
+                    "cached_tokens": m.get("vllm:prefix_cache_hits", 0.0)}
 
-    engine = load_vllm_engine(args.checkpoint, args.device, max_num_seqs=args.max_num_seqs, log_stats=True,
-                              enforce_eager=args.enforce_eager, max_model_len=args.max_model_len)
-    return FixedLengthsVllm(engine.loaded, lora_request=engine.lora_request)
+    settings = replace_settings(Settings.from_env(), vllm_max_num_seqs=args.max_num_seqs,
+                                vllm_enforce_eager=args.enforce_eager, vllm_max_model_len=args.max_model_len)
+    engine = load_vllm_engine(Checkpoint.open(args.checkpoint), args.device, settings, disable_log_stats=False)
+    return FixedLengthsVllm(engine.llm, engine.processor, engine.checkpoint, lora_request=engine.lora_request)
+
+
+def vllm_metrics(llm: Any) -> dict[str, float]:
+    """vLLM's own counters (needs disable_log_stats=False): a counter's value, a histogram's count.
+
+    ``vllm:iteration_tokens_total`` is a histogram: its count is the number of engine steps;
+    ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` count prompt tokens looked up / served.
+    """
+    totals: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        value = getattr(metric, "count", getattr(metric, "value", None))
+        if isinstance(value, int | float):
+            totals[metric.name] = totals.get(metric.name, 0.0) + float(value)
+    return totals
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:

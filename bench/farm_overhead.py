@@ -133,7 +133,8 @@ def main() -> None:
 
     from engine.loader import load_model
     from engine.steploop import StepLoop
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
+    from stage_a.checkpoint import Checkpoint
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.store import ResultStore
 
@@ -152,7 +153,7 @@ def main() -> None:
     summary = []
     with pg_database("stage_a_bench_farm") as db_url:
         store = ResultStore(db_url)
-        engine = BatchEngine(load_model(checkpoint, args.device))
+        engine = TransformersEngine(load_model(Checkpoint.open(checkpoint), args.device))
         loop = StepLoop(engine, store, "bench-engine")
         warm = register(store, spec, warm_dir, farm=False)
         loop.run(warm, store.unfinished_items(warm.id))  # warm-up, as the worker gets one

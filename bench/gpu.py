@@ -11,7 +11,7 @@ The weights are random (no download; the published config's shapes), so summarie
 but every FLOP and byte is the real model's. The processor (image resize, chat template) is the
 product's; its tokenizer is the tiny model's (a smaller BPE vocabulary, so the Chinese prompt is
 ~1100 tokens where Qwen's tokenizer makes it shorter: the prefill here is a bit pessimistic).
-Each batch goes through BatchEngine.prepare + BatchEngine.generate with greedy decoding and
+Each batch goes through TransformersEngine.prepare + TransformersEngine.generate with greedy decoding and
 min_new_tokens = max_new_tokens, so every row generates exactly that many tokens. Figures per
 batch size: generate images/s and generated tokens/s (the model's own limit), prepare images/s
 on one CPU thread (what one prefetch thread feeds), and the peak GPU memory of the batch.
@@ -92,20 +92,26 @@ def random_model(shape: str, processor: Any, device: str, dtype: Any, smoke: boo
 
 def vllm_engine(args: argparse.Namespace, tiny: str, device: str, max_batch: int) -> tuple[Any, str]:
     """VllmEngine on the tiny checkpoint, or on a config-only folder with vLLM's random (dummy) weights."""
+    from dataclasses import replace
+
     from transformers import AutoProcessor
 
     from engine.loader import force_left_padding
     from engine.vllm_engine import load_vllm_engine
+    from stage_a.checkpoint import Checkpoint
+    from stage_a.settings import Settings
 
-    settings: dict[str, Any] = dict(max_num_seqs=max_batch, gpu_memory_utilization=args.gpu_memory_utilization)
+    settings = replace(Settings.from_env(), vllm_max_num_seqs=max_batch,
+                       vllm_gpu_memory_utilization=args.gpu_memory_utilization)
     if args.tiny:
-        return load_vllm_engine(tiny, device, **settings), f"tiny random Qwen3-VL, head_dim 32 ({tiny}), vLLM"
+        return (load_vllm_engine(Checkpoint.open(tiny), device, settings),
+                f"tiny random Qwen3-VL, head_dim 32 ({tiny}), vLLM")
     processor = AutoProcessor.from_pretrained(tiny)
     force_left_padding(processor)
     folder = Path(tempfile.mkdtemp(prefix=f"stage-a-bench-{args.shape}-"))
     model_config(args.shape, processor, args.smoke).save_pretrained(folder)
     processor.save_pretrained(folder)
-    engine = load_vllm_engine(folder, device, load_format="dummy", **settings)
+    engine = load_vllm_engine(Checkpoint.open(folder), device, settings, load_format="dummy")
     return engine, (f"Qwen3-VL-{args.shape.upper()} shape{' (smoke)' if args.smoke else ''}, random weights "
                     f"(vLLM load_format=dummy), bf16, vLLM max_num_seqs {max_batch}")
 
@@ -126,7 +132,8 @@ def main() -> None:
     import torch
 
     from engine.loader import LoadedModel, force_left_padding, load_model
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
+    from stage_a.checkpoint import Checkpoint
     from stage_a.config import GenerationParams, RunSpec
     from stage_a.work import ImageKey, WorkItem
 
@@ -138,9 +145,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.engine == "vllm":
         engine, what = vllm_engine(args, tiny, device, max(sizes))
-        loaded = engine.loaded
+        on_device = torch.device(device)
     elif args.tiny:
-        loaded = load_model(tiny, device)
+        loaded = load_model(Checkpoint.open(tiny), device)
+        on_device = loaded.device
         what = f"tiny random Qwen3-VL ({tiny})"
     else:
         from transformers import AutoProcessor
@@ -150,14 +158,16 @@ def main() -> None:
         dtype = torch.bfloat16
         model, attn = random_model(args.shape, processor, device, dtype, args.smoke)
         loaded = LoadedModel(model=model, processor=processor, device=torch.device(device), dtype=dtype,
-                             checkpoint=f"random-{args.shape}", adapter=False, attn_implementation=attn)
+                             checkpoint=f"random-{args.shape}", adapter=False, attn_implementation=attn,
+                             fingerprint=f"random-{args.shape}")
+        on_device = loaded.device
         n_params = sum(p.numel() for p in model.parameters())
         what = (f"Qwen3-VL-{args.shape.upper()} shape{' (smoke: 2 text layers, 3 vision blocks)' if args.smoke else ''}, "
                 f"random bf16 weights, {n_params / 1e9:.2f} B parameters, attention {attn}")
     build_s = time.perf_counter() - t0
     if args.engine == "transformers":
-        engine = BatchEngine(loaded)
-    on_cuda = loaded.device.type == "cuda"
+        engine = TransformersEngine(loaded)
+    on_cuda = on_device.type == "cuda"
 
     root = Path(tempfile.mkdtemp(prefix="stage-a-bench-gpu-"))
     n_img = max(sizes)
@@ -172,8 +182,8 @@ def main() -> None:
     ctx = engine.context(1, spec)
     print(machine_line())
     if on_cuda:
-        print(f"device: {torch.cuda.get_device_name(loaded.device)}")
-    print(f"model: {what} on {loaded.device} (built in {build_s:.1f} s)")
+        print(f"device: {torch.cuda.get_device_name(on_device)}")
+    print(f"model: {what} on {on_device} (built in {build_s:.1f} s)")
     print(f"images: {len(set(SIZES))} camera sizes {min(SIZES)}..{max(SIZES)} at max_pixels {spec.max_pixels}; "
           f"greedy, {max_new} new tokens per image (min_new_tokens = max_new_tokens)")
     print(f"{'batch':>5} {'prompt':>7} {'generate img/s':>15} {'tokens/s':>9} {'prepare img/s':>14} {'peak mem':>12}")

@@ -12,19 +12,19 @@ import os
 import time
 from dataclasses import dataclass
 
-from engine.transformers_engine import Engine
+from engine.interface import Engine
+from stage_a.checkpoint import DEMO_MODEL, Checkpoint
 from stage_a.errors import UserError
-from stage_a.fingerprint import DEMO_MODEL, model_fingerprint
-from stage_a.settings import Settings, default_cache_dir
+from stage_a.settings import Settings
 from stage_a.store import RunInfo
 
 log = logging.getLogger(__name__)
 
 
-def demo_checkpoint() -> str:
+def demo_checkpoint(settings: Settings) -> str:
     from engine.tiny_model import cached_tiny_checkpoint
 
-    return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+    return str(cached_tiny_checkpoint(settings.cache_path / "models"))
 
 
 def check_engine(kind: str) -> None:
@@ -36,30 +36,35 @@ def check_engine(kind: str) -> None:
                         "(GPU host) or build a CPU venv with scripts/vllm-cpu-venv.sh DIR (see README)")
 
 
-def build_engine(checkpoint: str, device: str, kind: str = "transformers") -> Engine:
-    """Load ``checkpoint`` on ``device`` behind the engine interface; logs the time it took."""
+def build_engine(checkpoint: Checkpoint, device: str, settings: Settings, kind: str | None = None) -> Engine:
+    """Load ``checkpoint`` on ``device`` behind the engine interface (``kind``: settings.engine by default).
+
+    Raises WrongModel when the folder changed while it loaded: what was read may be either model, or both.
+    """
+    kind = kind or settings.engine
     check_engine(kind)
     t0 = time.perf_counter()
     engine: Engine
     if kind == "vllm":
         from engine.vllm_engine import load_vllm_engine
 
-        engine = load_vllm_engine(checkpoint, device)  # sized by the STAGE_A_VLLM_* settings
+        engine = load_vllm_engine(checkpoint, device, settings)
     elif kind == "transformers":
         from engine.loader import load_model
-        from engine.transformers_engine import BatchEngine
+        from engine.transformers_engine import TransformersEngine
 
-        engine = BatchEngine(load_model(checkpoint, device))
+        engine = TransformersEngine(load_model(checkpoint, device))
     else:
         raise UserError(f"unknown engine {kind!r}; use transformers or vllm")
-    log.info("model %s (%s) loaded on %s by the %s engine in %.1f s", checkpoint, engine.fingerprint, device,
+    after = checkpoint.reread()
+    if after != checkpoint.identity:
+        raise WrongModel(f"checkpoint {checkpoint.path} changed while it was loading "
+                         f"({checkpoint.identity} before, {after} after); serve it once it is no longer being written")
+    log.info("model %s (%s) loaded on %s by the %s engine in %.1f s", checkpoint.path, engine.fingerprint, device,
              kind, time.perf_counter() - t0)
     return engine
 
 
-def run_checkpoint(run: RunInfo) -> str:
-    """The checkpoint folder a run is served with (the demo model for runs enqueued without one)."""
-    return run.spec.checkpoint or demo_checkpoint()
 
 
 def run_model(run: RunInfo) -> str | None:
@@ -77,20 +82,19 @@ class ModelHost:
     device: str
     engine: Engine | None = None
     serving: str | None = None
-    """Model fingerprint (or DEMO_MODEL) of the loaded engine."""
+    """Identity (or DEMO_MODEL) of the loaded engine."""
 
     def __post_init__(self) -> None:
-        self.pinned: str | None = model_fingerprint(self.settings.checkpoint) if self.settings.checkpoint else None
+        self.pinned: Checkpoint | None = Checkpoint.open(self.settings.checkpoint) if self.settings.checkpoint else None
 
     def serves(self, run: RunInfo) -> bool:
         """Whether this process may serve the run at all (a pinned worker: only its own model)."""
         if self.pinned is None:
             return True
         want = run_model(run)
-        if want is None:  # a run recorded before fingerprints: the same folder at least
-            return bool(run.spec.checkpoint) and os.path.realpath(run.spec.checkpoint) == \
-                os.path.realpath(self.settings.checkpoint)
-        return want == self.pinned
+        if want is None:  # a run recorded before identities: the same folder at least
+            return bool(run.spec.checkpoint) and os.path.realpath(run.spec.checkpoint) == str(self.pinned.path)
+        return want == self.pinned.identity
 
     def check_device(self) -> None:
         """The device must be usable here before any model is asked for: an unpinned worker loads
@@ -104,16 +108,14 @@ class ModelHost:
 
     def preload(self) -> Engine:
         """Load the pinned checkpoint now (at process start), so the first batch does not wait for it."""
-        if not self.settings.checkpoint:
+        if self.pinned is None:
             raise UserError("preload needs STAGE_A_CHECKPOINT (an unpinned worker loads each run's model)")
         if self.engine is None:
-            engine = build_engine(self.settings.checkpoint, self.device, self.settings.engine)
-            if engine.fingerprint != self.pinned:
-                raise UserError(f"checkpoint {self.settings.checkpoint} changed while it was loading "
-                                f"({self.pinned} before, {engine.fingerprint} after); start the worker again "
-                                "once the folder is no longer being written")
-            self.engine = engine
-            self.serving = self.pinned
+            try:
+                self.engine = build_engine(self.pinned, self.device, self.settings)
+            except WrongModel as exc:
+                raise UserError(f"{exc}; start the worker again") from None
+            self.serving = self.pinned.identity
         return self.engine
 
     def engine_for(self, run: RunInfo) -> Engine:
@@ -124,23 +126,25 @@ class ModelHost:
         wrong answer.
         """
         want = run_model(run)
-        checkpoint = self.settings.checkpoint or run_checkpoint(run)
         if self.engine is not None and want is not None and want == self.serving:
             return self.engine
-        have = DEMO_MODEL if not run.spec.checkpoint and not self.settings.checkpoint else model_fingerprint(checkpoint)
+        if self.pinned is not None:
+            checkpoint = self.pinned
+        else:
+            checkpoint = Checkpoint.open(run.spec.checkpoint or demo_checkpoint(self.settings))
+        demo = not run.spec.checkpoint and self.pinned is None
+        have = DEMO_MODEL if demo else checkpoint.identity
         if self.engine is not None and want is None and have == self.serving:
-            return self.engine  # a run recorded before fingerprints: the model at its path
+            return self.engine  # a run recorded before identities: the model at its path
         if want is not None and have != want:
-            raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint} here is {have}")
+            raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint.path} here is {have}")
         if self.engine is not None:
             log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
             self.engine, self.serving = None, None
-        engine = build_engine(checkpoint, self.device, self.settings.engine)
-        if have != DEMO_MODEL and engine.fingerprint != have:
-            # The folder was replaced while it loaded: what was read may be either model, or both.
-            raise WrongModel(f"run {run.id}: checkpoint {checkpoint} changed while it was loading "
-                             f"({have} before, {engine.fingerprint} after)")
-        self.engine = engine
+        try:
+            self.engine = build_engine(checkpoint, self.device, self.settings)
+        except WrongModel as exc:
+            raise WrongModel(f"run {run.id}: {exc}") from None
         self.serving = have
         return self.engine
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from stage_a.checkpoint import Checkpoint
 from stage_a.errors import UserError
-from stage_a.fingerprint import check_checkpoint, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +23,7 @@ class LoadedModel:
     adapter: bool
     attn_implementation: str
     fingerprint: str
-    """stage_a.fingerprint.model_fingerprint of the checkpoint: recorded with every result."""
+    """The checkpoint's identity (stage_a.checkpoint): recorded with every result."""
 
     @property
     def tokenizer(self) -> Any:
@@ -70,49 +68,38 @@ def force_left_padding(processor: Any) -> None:
         processor.padding_side = "left"
 
 
-def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
-    """Load model + processor once; bf16 and the best attention on CUDA, float32 on CPU."""
+def load_model(checkpoint: Checkpoint, device: str = "auto") -> LoadedModel:
+    """Load model + processor once; bf16 and the best attention on CUDA, float32 on CPU.
+
+    A LoRA adapter is merged into its base at load: generation then runs at the merged model's speed.
+    """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one users watch
-    path = check_checkpoint(checkpoint)
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     attn = _best_attention(dev)
-    adapter_cfg = path / "adapter_config.json"
-    is_adapter = adapter_cfg.is_file() and not (path / "config.json").is_file()
-    base_path = path
-    if is_adapter:
-        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path") or ""
-        base_path = Path(base).expanduser()
-        if not base_path.is_absolute() and not base_path.is_dir():
-            base_path = (path / base).resolve()
-        if not base_path.is_dir():
-            raise UserError(f"LoRA base model folder not found: {base} (from {adapter_cfg})")
-    log.info("loading %s%s on %s (%s, %s)", "LoRA adapter " if is_adapter else "", path, dev, dtype, attn)
+    path = checkpoint.path
+    log.info("loading %s%s on %s (%s, %s)", "LoRA adapter " if checkpoint.adapter else "", path, dev, dtype, attn)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, attn_implementation=attn)
-        if is_adapter:
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint.base, dtype=dtype, attn_implementation=attn)
+        if checkpoint.adapter:
             from peft import PeftModel
 
-            # Merge once at load: generation then runs at the merged model's speed.
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        processor_src = path if (path / "tokenizer_config.json").is_file() else base_path
-        processor = AutoProcessor.from_pretrained(processor_src)
+        processor = AutoProcessor.from_pretrained(checkpoint.processor)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
     force_left_padding(processor)
     # Decoding is the run's own (GenerationParams): the checkpoint's generation_config.json (Qwen
     # ships sampling defaults and a repetition penalty) must not fill what the engine leaves unset.
-    from transformers import GenerationConfig
-
     model.generation_config = GenerationConfig()
     model.to(dev).eval()  # type: ignore[arg-type]
     return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
-                       checkpoint=str(path), adapter=is_adapter, attn_implementation=attn,
-                       fingerprint=model_fingerprint(path))
+                       checkpoint=str(path), adapter=checkpoint.adapter, attn_implementation=attn,
+                       fingerprint=checkpoint.identity)
 
 
 def check_gpus(gpus: list[str]) -> None:

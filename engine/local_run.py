@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from engine.steploop import BatchDone
+from stage_a.checkpoint import Checkpoint
+from stage_a.settings import Settings
 from stage_a.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,7 @@ class LocalJob:
     db_url: str
     run_id: int
     checkpoint: str
+    settings: Settings
     device: str = "auto"
     verify_inputs: bool = False
     engine: str = "transformers"
@@ -43,7 +46,7 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
             return 0
         if on_loading:
             on_loading()
-        engine = build_engine(job.checkpoint, job.device, job.engine)
+        engine = build_engine(Checkpoint.open(job.checkpoint), job.device, job.settings, job.engine)
         loop = StepLoop(engine, store, worker_name(f"/rank{rank}" if world > 1 else ""),
                         verify_inputs=job.verify_inputs)
         # Same deterministic plan in every rank, each takes every world-th batch (torchrun-style).

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from engine.interface import Engine, PreparedBatch, RunContext
+from engine.policy import dead_engine_error, first_line
 from engine.prefetch import Prefetcher
 from engine.scheduler import plan_batches
-from engine.transformers_engine import Engine, PreparedBatch, RunContext
-from stage_a.errors import dead_engine_error
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageResult, WorkItem
 
@@ -131,18 +131,11 @@ class StepLoop:
             dead = dead_engine_error(exc)
             if dead is not None:
                 raise dead from exc
-        reason = f"{stage} failed: {_first_line(exc)}"
-        log.error("%s for a batch of %d images: %s", stage, len(rows), _first_line(exc),
+        reason = f"{stage} failed: {first_line(exc)}"
+        log.error("%s for a batch of %d images: %s", stage, len(rows), first_line(exc),
                   exc_info=log.isEnabledFor(logging.DEBUG))
         done = {r.key for r in already or []}
         return list(already or []) + [ImageResult(key=it.key, error=reason) for it in rows if it.key not in done]
-
-
-def _first_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _log_batch(batch: BatchDone) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from producer.discovery import Group, discover
 from producer.sampling import sample_groups
+from stage_a.checkpoint import DEMO_MODEL, Checkpoint
 from stage_a.config import RunSpec
 from stage_a.errors import UserError
-from stage_a.fingerprint import DEMO_MODEL, check_checkpoint, model_fingerprint
 from stage_a.store import GroupInput, ResultStore
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
     before anything is recorded."""
     plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
-    model = model_fingerprint(check_checkpoint(spec.checkpoint)) if spec.checkpoint else DEMO_MODEL
+    model = Checkpoint.open(spec.checkpoint).identity if spec.checkpoint else DEMO_MODEL
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
                               model=model)
     n_images = sum(len(g.images) for g in kept)

@@ -36,8 +36,9 @@ def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_loaded(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded through the product's own loader, once per session."""
     from engine.loader import load_model
+    from stage_a.checkpoint import Checkpoint
 
-    return load_model(tiny_checkpoint, "cpu")
+    return load_model(Checkpoint.open(tiny_checkpoint), "cpu")
 
 
 @pytest.fixture()

@@ -20,7 +20,8 @@ from PIL import Image
 
 from engine.images import header_size, load_image
 from engine.loader import load_model
-from engine.transformers_engine import BatchEngine, RunContext
+from engine.transformers_engine import RunContext, TransformersEngine
+from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
@@ -50,16 +51,16 @@ def make_spec(root: Path, temperature: float = 0.0, max_new_tokens: int = MAX_NE
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_loaded: Any) -> BatchEngine:
-    return BatchEngine(tiny_loaded)
+def engine(tiny_loaded: Any) -> TransformersEngine:
+    return TransformersEngine(tiny_loaded)
 
 
 @pytest.fixture(scope="module")
-def ctx(engine: BatchEngine, image_root: Path) -> RunContext:
+def ctx(engine: TransformersEngine, image_root: Path) -> RunContext:
     return engine.context(1, make_spec(image_root))
 
 
-def run_batches(engine: BatchEngine, ctx: RunContext, items: list[WorkItem], batch_size: int) -> dict[int, ImageResult]:
+def run_batches(engine: TransformersEngine, ctx: RunContext, items: list[WorkItem], batch_size: int) -> dict[int, ImageResult]:
     out: dict[int, ImageResult] = {}
     for i in range(0, len(items), batch_size):
         for r in engine.generate(engine.prepare(ctx, items[i:i + batch_size])):
@@ -70,7 +71,7 @@ def run_batches(engine: BatchEngine, ctx: RunContext, items: list[WorkItem], bat
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(engine: BatchEngine, ctx: RunContext, items: list[WorkItem]) -> dict[int, ImageResult]:
+def one_at_a_time(engine: TransformersEngine, ctx: RunContext, items: list[WorkItem]) -> dict[int, ImageResult]:
     return run_batches(engine, ctx, items, 1)
 
 
@@ -84,7 +85,7 @@ def test_reference_results_are_meaningful(one_at_a_time: dict[int, ImageResult])
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_left_padded_batches_equal_one_at_a_time(
-    engine: BatchEngine, ctx: RunContext, items: list[WorkItem], one_at_a_time: dict[int, ImageResult],
+    engine: TransformersEngine, ctx: RunContext, items: list[WorkItem], one_at_a_time: dict[int, ImageResult],
     batch_size: int,
 ) -> None:
     assert engine.processor.tokenizer.padding_side == "left"
@@ -99,7 +100,7 @@ def test_left_padded_batches_equal_one_at_a_time(
             ref.prompt_tokens, ref.vision_tokens, ref.completion_tokens)
 
 
-def test_tiny_temperature_is_greedy(engine: BatchEngine, image_root: Path, items: list[WorkItem],
+def test_tiny_temperature_is_greedy(engine: TransformersEngine, image_root: Path, items: list[WorkItem],
                                     one_at_a_time: dict[int, ImageResult]) -> None:
     ctx = engine.context(2, make_spec(image_root, temperature=1e-5))
     got = run_batches(engine, ctx, items, 8)
@@ -122,13 +123,13 @@ def test_checkpoint_generation_config_does_not_change_decoding(
                    no_repeat_ngram_size=2, min_new_tokens=6, num_beams=2, bad_words_ids=[[7], [11]],
                    suppress_tokens=[5, 9], sequence_bias=[[[3], -5.0]])
     (ckpt / "generation_config.json").write_text(json.dumps(gen_cfg))
-    engine = BatchEngine(load_model(ckpt, "cpu"))
+    engine = TransformersEngine(load_model(Checkpoint.open(ckpt), "cpu"))
     got = run_batches(engine, engine.context(1, make_spec(image_root)), items, 8)
     assert {k: r.raw_text for k, r in got.items()} == {k: r.raw_text for k, r in one_at_a_time.items()}
 
 
 def test_right_padding_breaks_the_invariant(
-    engine: BatchEngine, ctx: RunContext, items: list[WorkItem], one_at_a_time: dict[int, ImageResult],
+    engine: TransformersEngine, ctx: RunContext, items: list[WorkItem], one_at_a_time: dict[int, ImageResult],
 ) -> None:
     """The same comparison with the tokenizer forced to right padding must fail for some image."""
     tok = engine.processor.tokenizer
@@ -151,11 +152,11 @@ def test_right_padded_checkpoint_still_loads_left_padded(
 ) -> None:
     cfg = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
     assert cfg.get("padding_side") == "right"  # the checkpoint ships the wrong side on purpose
-    loaded = load_model(tiny_checkpoint, "cpu")
+    loaded = load_model(Checkpoint.open(tiny_checkpoint), "cpu")
     assert loaded.tokenizer.padding_side == "left"
     assert loaded.tokenizer.truncation_side == "left"
     assert loaded.adapter is False
-    engine = BatchEngine(loaded)
+    engine = TransformersEngine(loaded)
     batch = engine.prepare(engine.context(1, make_spec(image_root)), items)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     assert bool((mask[:, -1] == 1).all())  # every row ends with real tokens
@@ -178,7 +179,7 @@ def test_token_counts(one_at_a_time: dict[int, ImageResult]) -> None:
     assert vision[(320, 240)] > vision[(200, 150)] > vision[(50, 50)]
 
 
-def test_vision_token_estimate_matches_processor(engine: BatchEngine, ctx: RunContext, items: list[WorkItem],
+def test_vision_token_estimate_matches_processor(engine: TransformersEngine, ctx: RunContext, items: list[WorkItem],
                                                  one_at_a_time: dict[int, ImageResult]) -> None:
     """The per_image scheduler's header-only estimate is what the processor really produces."""
     for it in items:
@@ -191,8 +192,8 @@ def test_vision_token_estimate_matches_processor(engine: BatchEngine, ctx: RunCo
 @pytest.fixture()
 def forced_engine(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
     """A private copy of the model whose lm_head emits a scripted token sequence per row."""
-    loaded = load_model(tiny_checkpoint, "cpu")
-    engine = BatchEngine(loaded)
+    loaded = load_model(Checkpoint.open(tiny_checkpoint), "cpu")
+    engine = TransformersEngine(loaded)
     script: dict[str, Any] = {"rows": [], "step": 0}
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
@@ -240,14 +241,14 @@ def test_stops_at_qwen_stop_tokens_and_trims(forced_engine: Any, image_root: Pat
 
 
 def test_verify_inputs_logs_first_batch_only(
-    engine: BatchEngine, image_root: Path, items: list[WorkItem], caplog: pytest.LogCaptureFixture,
+    engine: TransformersEngine, image_root: Path, items: list[WorkItem], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine.transformers_engine")
+    caplog.set_level(logging.INFO, logger="engine")
     ctx = engine.context(3, make_spec(image_root), verify_inputs=True)
     first = engine.prepare(ctx, items[:3])
     engine.prepare(ctx, items[3:6])
     records = [r.getMessage() for r in caplog.records
-               if r.name == "engine.transformers_engine.verify_inputs" and "verify_inputs" in r.getMessage()]
+               if r.name == "engine.verify_inputs" and "verify_inputs" in r.getMessage()]
     assert len(records) == 3
     for row, item in enumerate(first.items):
         line = next(m for m in records if item.rel_path in m)
@@ -269,7 +270,7 @@ def test_verify_inputs_logs_first_batch_only(
 # ---- EXIF orientation ------------------------------------------------------------------------
 
 
-def test_exif_orientation_applied_before_encoding(engine: BatchEngine, tmp_path: Path) -> None:
+def test_exif_orientation_applied_before_encoding(engine: TransformersEngine, tmp_path: Path) -> None:
     w, h = 200, 100
     rng = np.random.default_rng(7)
     stored = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -35,9 +35,9 @@ def enqueue(farm: Farm, input_dir: Path, checkpoint: Path) -> int:
 
 def test_a_run_is_served_by_its_model_only(pg_url: str, farm_factory, tiny_checkpoint: Path,  # noqa: F811
                                            other_checkpoint: Path, tmp_path: Path) -> None:
-    from stage_a.fingerprint import model_fingerprint
+    from stage_a.checkpoint import Checkpoint
 
-    model_a, model_b = model_fingerprint(other_checkpoint), model_fingerprint(tiny_checkpoint)
+    model_a, model_b = Checkpoint.open(other_checkpoint).identity, Checkpoint.open(tiny_checkpoint).identity
     assert model_a != model_b
     make_tree(tmp_path / "in", groups=3, per_group=2)
     ref = cli(["run", "--mission", MISSION, "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "ref"),

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from engine.loader import load_model
-from engine.transformers_engine import BatchEngine
+from engine.transformers_engine import TransformersEngine
+from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
 from stage_a.work import ImageKey, WorkItem
@@ -62,7 +63,7 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def summarize(loaded: Any, root: Path) -> list[str]:
-    engine = BatchEngine(loaded)
+    engine = TransformersEngine(loaded)
     spec = RunSpec(mission=MISSION, dataset="rru", input_root=str(root), batch_size=4,
                    generation=GenerationParams(max_new_tokens=12))
     ctx = engine.context(1, spec)
@@ -75,7 +76,7 @@ def summarize(loaded: Any, root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_lora_adapter_loads_and_generates(adapter_dir: Path, tiny_loaded: Any, image_root: Path) -> None:
-    loaded = load_model(adapter_dir, "cpu")
+    loaded = load_model(Checkpoint.open(adapter_dir), "cpu")
     assert loaded.adapter is True
     assert loaded.checkpoint == str(adapter_dir)
     assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.truncation_side == "left"
@@ -100,10 +101,10 @@ def test_lora_adapter_with_its_own_processor_and_relative_base(
     data = json.loads((copy / "adapter_config.json").read_text())
     data["base_model_name_or_path"] = os.path.relpath(tiny_checkpoint, copy)
     (copy / "adapter_config.json").write_text(json.dumps(data))
-    loaded = load_model(copy, "cpu")
+    loaded = load_model(Checkpoint.open(copy), "cpu")
     assert loaded.adapter is True
     assert loaded.tokenizer.padding_side == "left"  # the shipped config says right
-    assert summarize(loaded, image_root) == summarize(load_model(adapter_dir, "cpu"), image_root)
+    assert summarize(loaded, image_root) == summarize(load_model(Checkpoint.open(adapter_dir), "cpu"), image_root)
 
 
 def test_lora_missing_base_model_is_a_user_error(adapter_dir: Path, tmp_path: Path) -> None:
@@ -113,12 +114,12 @@ def test_lora_missing_base_model_is_a_user_error(adapter_dir: Path, tmp_path: Pa
     data["base_model_name_or_path"] = str(tmp_path / "no-such-base")
     (copy / "adapter_config.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match="base model"):
-        load_model(copy, "cpu")
+        load_model(Checkpoint.open(copy), "cpu")
 
 
 def test_missing_checkpoint_folder_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
-        load_model(tmp_path / "nothing-here", "cpu")
+        load_model(Checkpoint.open(tmp_path / "nothing-here"), "cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="adapter"):
-        load_model(tmp_path / "empty", "cpu")
+        load_model(Checkpoint.open(tmp_path / "empty"), "cpu")

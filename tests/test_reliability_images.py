@@ -154,9 +154,9 @@ def test_loader_refuses_a_non_regular_file_without_blocking(tmp_path: Path) -> N
 def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     """The header-only cost estimate never raises: a bad image fails later, alone, in prepare."""
     from engine.scheduler import plan_batches
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
 
-    engine = BatchEngine(tiny_loaded)
+    engine = TransformersEngine(tiny_loaded)
     ctx = engine.context(1, RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir)))
     items = [WorkItem(ImageKey(1, 0, i), name) for i, name in enumerate(CASES, start=1)]
     costs = {it.rel_path: engine.estimate_cost(ctx, it) for it in items}
@@ -167,9 +167,9 @@ def test_per_image_planning_survives_every_case(cases_dir: Path, tiny_loaded) ->
 
 @pytest.mark.slow
 def test_engine_mixed_batch_fails_only_the_bad_rows(cases_dir: Path, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
 
-    engine = BatchEngine(tiny_loaded)
+    engine = TransformersEngine(tiny_loaded)
     spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(cases_dir),
                    generation=GenerationParams(max_new_tokens=4))
     ctx = engine.context(1, spec)

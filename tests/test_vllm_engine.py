@@ -136,10 +136,10 @@ def test_vllm_jsonl_equals_transformers(mission: str, mode: str, tree: Path, hd3
     # The run's pixel budget reached vLLM's processor: the same vision tokens per image.
     assert vision_tokens(out) == vision_tokens(reference[mission])
     # Every result says which engine and model produced it.
-    from stage_a.fingerprint import model_fingerprint
+    from stage_a.checkpoint import Checkpoint
 
-    assert producers(out) == {("vllm", model_fingerprint(hd32_checkpoint))}
-    assert producers(reference[mission]) == {("transformers", model_fingerprint(hd32_checkpoint))}
+    assert producers(out) == {("vllm", Checkpoint.open(hd32_checkpoint).identity)}
+    assert producers(reference[mission]) == {("transformers", Checkpoint.open(hd32_checkpoint).identity)}
 
 
 def test_pixel_budgets_differ_between_datasets(reference: dict[str, Path]) -> None:

@@ -24,9 +24,9 @@ import pytest
 from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
 
+from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
-from stage_a.fingerprint import model_fingerprint
 from stage_a.messages import group_payload, image_payload
 from stage_a.settings import Settings
 from stage_a.store import ResultStore
@@ -109,15 +109,15 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     unpinned = runtime(pg_url, queue)  # no STAGE_A_CHECKPOINT: loads the run's checkpoint
     admitted = unpinned.process([image_payload(it) for it in items]).admitted
     assert sum(len(v) for v in admitted.work.values()) == 4 and not admitted.handed_back
-    want = model_fingerprint(other_checkpoint)
+    want = Checkpoint.open(other_checkpoint).identity
     assert unpinned.host.serving == want
     rows = unpinned.store.image_rows(run_id)
     assert all(r["status"] == "done" and r["model"] == want and r["engine"] == "transformers" for r in rows)
-    assert want != model_fingerprint(tiny_checkpoint)
+    assert want != Checkpoint.open(tiny_checkpoint).identity
     # Their heartbeats say which kind each is (status counts an unpinned worker for any run).
     unpinned.rename("test-worker:2")
-    pinned.beat("ready")
-    unpinned.beat("ready")
+    pinned.heartbeats.beat("ready")
+    unpinned.heartbeats.beat("ready")
     assert {b.name: b.pinned for b in pinned.store.worker_beats()} == {"test-worker:1": True, "test-worker:2": False}
     pinned.store.close()
     unpinned.store.close()
@@ -158,7 +158,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
     ckpt = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, ckpt)
     run_id, items = register(pg_url, tmp_path / "in", ckpt)
-    want = model_fingerprint(ckpt)
+    want = Checkpoint.open(ckpt).identity
     real_build = engine.hosting.build_engine
 
     def build_while_replaced(checkpoint: str, device: str, kind: str = "transformers") -> Any:

@@ -26,7 +26,7 @@ FLUSH = "4"
 
 
 def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
-    from stage_a.fingerprint import model_fingerprint
+    from stage_a.checkpoint import Checkpoint
 
     farm: Farm = farm_factory(pg_url, STAGE_A_HEARTBEAT_INTERVAL="1", STAGE_A_FLUSH_SIZE=FLUSH)
     worker = farm.worker("life")
@@ -42,7 +42,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
         assert len(beats) == 1, beats
         beat = next(iter(beats.values()))
         assert beat.name.startswith("life@") and beat.state == "ready", beat
-        assert beat.model == model_fingerprint(farm.checkpoint) and beat.engine == "transformers"
+        assert beat.model == Checkpoint.open(farm.checkpoint).identity and beat.engine == "transformers"
         assert beat.device == "cpu" and beat.last_batch_at is None and beat.images_total == 0
         # Idle heartbeats keep coming.
         first = beat.heartbeat_at

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.hosting import ModelHost, WrongModel
+from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
@@ -63,6 +64,61 @@ class Processed:
         return sum(len(v) for v in self.admitted.work.values())
 
 
+class Heartbeats:
+    """This process's row in the store's workers table: its state, written on change and every interval.
+
+    Best effort: monitoring never fails work, so a failed write is a warning.
+    """
+
+    def __init__(self, store: ResultStore, name: str, host: ModelHost, engine_kind: str) -> None:
+        self.store = store
+        self.name = name
+        self.host = host
+        self.engine_kind = engine_kind
+        self.state = "starting"
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def beat(self, state: str, *, started: bool = False, model: str | None = None, engine: str | None = None) -> None:
+        self.state = state
+        self._write(lambda: self.store.heartbeat(
+            self.name, state, model=model or self.host.serving, engine=engine or self.engine_kind,
+            device=self.host.device, pinned=self.host.pinned is not None, started=started))
+
+    def batch(self, batch: BatchDone, engine: Engine | None) -> None:
+        """A model batch was recorded: the row says busy and counts it."""
+        self.state = "busy"
+        self._write(lambda: self.store.record_batch(
+            self.name, run_id=batch.run_id, images=batch.images, seconds=batch.seconds,
+            completion_tokens=batch.completion_tokens, model=engine.fingerprint if engine else None,
+            engine=engine.name if engine else None))
+
+    def every(self, interval: float) -> None:
+        """Re-write the current state every ``interval`` seconds (alive: ready between buffers, busy inside one)."""
+        if interval <= 0 or self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                if self.state != "stopped":
+                    self.beat(self.state)
+
+        self._thread = threading.Thread(target=loop, name="stage-a-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.beat("stopped")
+
+    def _write(self, write: Callable[[], None]) -> None:
+        try:
+            with self._lock:
+                write()
+        except Exception as exc:
+            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 class WorkerRuntime:
     """Per pool process: the store (created after fork), the model host, admission and the loop."""
 
@@ -77,15 +133,12 @@ class WorkerRuntime:
         self._queue: Any = None
         self._handed_back_in_a_row = 0
         self.sleep: Callable[[float], None] = time.sleep
-        self._state = "starting"
-        self._beat_lock = threading.Lock()
-        self._beats: threading.Thread | None = None
-        self._stop_beats = threading.Event()
+        self.heartbeats = Heartbeats(self.store, self.name, self.host, settings.engine)
 
     def rename(self, name: str) -> None:
         if name == self.name:
             return
-        self.name = self.admission.worker = name
+        self.name = self.admission.worker = self.heartbeats.name = name
         if self._loop is not None:
             self._loop.name = name
 
@@ -97,53 +150,21 @@ class WorkerRuntime:
         A worker pinned with STAGE_A_CHECKPOINT loads it now; an unpinned one loads each run's model
         on that run's first batch. Then a thread re-writes the heartbeat every interval while idle.
         """
-        self.beat("starting", started=True)
+        beat = self.heartbeats.beat
+        beat("starting", started=True)
         if self.settings.checkpoint:
-            self.beat("loading")
+            beat("loading")
             engine = self.host.preload()
-            self.beat("ready", model=self.host.serving, engine=engine.name)
+            beat("ready", model=self.host.serving, engine=engine.name)
         else:
             self.host.check_device()
             log.info("no STAGE_A_CHECKPOINT: each run's model is loaded on its first batch")
-            self.beat("ready")
-        interval = self.settings.heartbeat_interval if heartbeat_interval is None else heartbeat_interval
-        if interval > 0 and self._beats is None:
-            self._beats = threading.Thread(target=self._beat_loop, args=(interval,), name="stage-a-heartbeat",
-                                           daemon=True)
-            self._beats.start()
+            beat("ready")
+        self.heartbeats.every(self.settings.heartbeat_interval if heartbeat_interval is None else heartbeat_interval)
 
     def stop(self) -> None:
         """At shutdown: the heartbeat thread ends and the row says stopped."""
-        self._stop_beats.set()
-        self.beat("stopped")
-
-    def beat(self, state: str, *, started: bool = False, model: str | None = None, engine: str | None = None) -> None:
-        """Write this process's heartbeat; best effort (monitoring never fails work)."""
-        self._state = state
-        try:
-            with self._beat_lock:
-                self.store.heartbeat(self.name, state, model=model or self.host.serving,
-                                     engine=engine or self.settings.engine, device=self.host.device,
-                                     pinned=self.host.pinned is not None, started=started)
-        except Exception as exc:
-            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-
-    def _beat_loop(self, interval: float) -> None:
-        while not self._stop_beats.wait(interval):
-            if self._state != "stopped":
-                self.beat(self._state)  # alive: ready between buffers, busy inside one
-
-    def _after_batch(self, batch: BatchDone) -> None:
-        self._state = "busy"
-        try:
-            with self._beat_lock:
-                engine = self._loop.engine if self._loop is not None else None
-                self.store.record_batch(self.name, run_id=batch.run_id, images=batch.images, seconds=batch.seconds,
-                                        completion_tokens=batch.completion_tokens,
-                                        model=engine.fingerprint if engine else None,
-                                        engine=engine.name if engine else None)
-        except Exception as exc:
-            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.heartbeats.stop()
 
     # ---- one buffer ---------------------------------------------------------------------------
 
@@ -152,7 +173,7 @@ class WorkerRuntime:
 
         Between model batches the loop asks the store whether the run was cancelled; a cancelled
         run's images not yet run are put back to pending (never run, never re-enqueued)."""
-        self._state = "busy"
+        self.heartbeats.state = "busy"
         admitted = self.admission.admit(payloads)
         results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
         not_run: dict[ImageKey, str] = {}
@@ -162,7 +183,7 @@ class WorkerRuntime:
             share = batch.seconds / batch.images if batch.images else 0.0
             for r in batch.results:
                 results[r.key] = (None if r.ok else (r.error or "empty summary"), share)
-            self._after_batch(batch)
+            self.heartbeats.batch(batch, self._loop.engine if self._loop is not None else None)
 
         for run_id, items in admitted.work.items():
             run = self.admission.run(run_id)
@@ -187,7 +208,7 @@ class WorkerRuntime:
         if admitted.handed_back:
             self.hand_back(admitted.handed_back)
         self._back_off(admitted, served)
-        self._state = "ready"
+        self.heartbeats.state = "ready"
         return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
 
     @staticmethod

@@ -244,9 +244,9 @@ def _check_services(**_: Any) -> None:
             raise UserError(broker_error(settings.broker_url, exc)) from None
         ResultStore(settings.require_database()).close()  # connects and migrates to head
         if settings.checkpoint:
-            from stage_a.fingerprint import check_checkpoint
+            from stage_a.checkpoint import Checkpoint
 
-            check_checkpoint(settings.checkpoint)  # a mistyped STAGE_A_CHECKPOINT: one line, exit 2
+            Checkpoint.open(settings.checkpoint)  # a mistyped STAGE_A_CHECKPOINT: one line, exit 2
     except UserError as exc:
         sys.stderr.write(f"stage-a worker: error: {exc}\n")
         sys.stderr.flush()

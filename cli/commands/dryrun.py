@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,20 +29,16 @@ def checkpoint_note(checkpoint: str) -> str:
     """Load the checkpoint's config only (no weights): the model type, or why it would not load."""
     if not checkpoint:
         return "none: the tiny random-weight demo model (meaningless summaries)"
+    from stage_a.checkpoint import Checkpoint
     from stage_a.errors import UserError
-    from stage_a.fingerprint import check_checkpoint
 
     try:
-        path = check_checkpoint(checkpoint)
-        adapter = path / "adapter_config.json"
-        if adapter.is_file() and not (path / "config.json").is_file():
-            base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
-            base_path = Path(base).expanduser() if Path(base).expanduser().is_absolute() else path / base
-            kind = f"LoRA adapter on {base}; base {_config_note(base_path)}"
-        else:
-            kind = _config_note(path)
-    except (UserError, OSError, ValueError) as exc:
+        ckpt = Checkpoint.open(checkpoint)
+    except UserError as exc:
         return f"{checkpoint}: WILL NOT LOAD: {exc}"
+    kind = _config_note(ckpt.base)
+    if ckpt.adapter:
+        kind = f"LoRA adapter on {ckpt.base}; base {kind}"
     return f"{checkpoint}: {kind}"
 
 

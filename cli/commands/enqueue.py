@@ -26,7 +26,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
     """
     from producer.publish import Publisher
-    from stage_a.fingerprint import check_checkpoint
+    from stage_a.checkpoint import Checkpoint
     from stage_a.settings import Settings
     from stage_a.store import ResultStore
     from stage_a.store.runs import check_run_id
@@ -54,7 +54,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
             raise UserError(f"input dir {input_dir} is outside STAGE_A_INPUT_ROOTS "
                             f"({os.pathsep.join(settings.input_roots)}): the workers would refuse every image")
         if checkpoint:
-            check_checkpoint(checkpoint)
+            Checkpoint.open(checkpoint)
     publisher = Publisher(settings)
     publisher.check()
     store = ResultStore(database_url(db))

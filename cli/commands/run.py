@@ -99,9 +99,9 @@ def run(**kw: Any) -> None:
         if kw["input_dir"] is None:
             kw["mission"] = kw["mission"] or DEMO_MISSION
     elif checkpoint is not None:  # --resume without --checkpoint uses the run's recorded one
-        from stage_a.fingerprint import check_checkpoint
+        from stage_a.checkpoint import Checkpoint
 
-        check_checkpoint(checkpoint)
+        Checkpoint.open(checkpoint)
     if not kw["resume"]:
         spec = build_spec(kw, checkpoint or "")
         input_dir = kw["input_dir"]
@@ -184,26 +184,26 @@ def _resume_checkpoint(run: Any, given: str | None) -> str:
     A farm run enqueued without --checkpoint is served by the demo model (as its workers did);
     otherwise by the recorded checkpoint, or --checkpoint when it is the same model.
     """
-    from engine.hosting import run_checkpoint, run_model
-    from stage_a.fingerprint import DEMO_MODEL, check_checkpoint, model_fingerprint
+    from engine.hosting import run_model
+    from engine.tiny_model import cached_tiny_checkpoint
+    from stage_a.checkpoint import DEMO_MODEL, Checkpoint
 
     want = run_model(run)
     if given is None and not run.spec.checkpoint:
         click.secho(f"stage-a: run {run.id} was enqueued without a checkpoint: resuming it with the tiny "
                     "RANDOM-WEIGHT demo model (its summaries are meaningless)", fg="yellow", err=True)
-        return run_checkpoint(run)
+        return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
     if given is not None and want == DEMO_MODEL:
         raise UserError(f"run {run.id} was enqueued without a checkpoint (demo model); resume it without "
                         f"--checkpoint, its other images were summarized by the demo model")
     path = given if given is not None else run.spec.checkpoint
     try:
-        check_checkpoint(path)
+        have = Checkpoint.open(path).identity
     except UserError as exc:
         if given is not None:
             raise
         raise UserError(f"run {run.id} was registered with checkpoint {path}, which is not usable here ({exc}); "
                         f"pass --checkpoint with the same model") from None
-    have = model_fingerprint(path)
     if want is not None and have != want:
         raise UserError(f"run {run.id} must be served by model {want}, but {path} is model {have}")
     return path
@@ -231,8 +231,10 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
              gpus: list[str] | None) -> tuple[int, float]:
     from cli.commands.progress import RunProgress
     from engine.local_run import LocalJob, run_in_process, run_multi
+    from stage_a.settings import Settings
 
-    job = LocalJob(store.url, run_info.id, checkpoint, kw["device"], kw["verify_inputs"], kw["engine"])
+    job = LocalJob(store.url, run_info.id, checkpoint, Settings.from_env(), kw["device"], kw["verify_inputs"],
+                   kw["engine"])
     start_counts = store.counts(run_info.id)
     t0 = time.perf_counter()
     with RunProgress(store, run_info.id, start_counts) as progress:

@@ -15,16 +15,16 @@ MESSAGE = "injected generation fault"
 
 
 def install() -> None:
-    from engine.transformers_engine import BatchEngine
+    from engine.transformers_engine import TransformersEngine
 
-    original = BatchEngine.generate
+    original = TransformersEngine.generate
 
-    def generate(self: BatchEngine, batch: Any) -> Any:
+    def generate(self: TransformersEngine, batch: Any) -> Any:
         if any(MARKER in it.rel_path for it in batch.items):
             raise RuntimeError(f"{MESSAGE} ({len(batch.items)} rows)")
         return original(self, batch)
 
-    BatchEngine.generate = generate  # type: ignore[method-assign]
+    TransformersEngine.generate = generate  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":  # python -m support.faults ARGS...: `stage-a ARGS` with the fault installed

@@ -1,0 +1,58 @@
+"""What the step loop drives: the engine interface, per-run contexts and typed prepared batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from stage_a.config import RunSpec
+from stage_a.work import ImageResult, WorkItem
+
+InputsT = TypeVar("InputsT")
+
+
+@dataclass
+class RunContext:
+    """What every batch of one run shares: the rendered chat text, pixel budget and decoding."""
+
+    run_id: int
+    spec: RunSpec
+    chat_text: str
+    verify_inputs: bool = False
+    verified: bool = False
+
+
+@dataclass
+class PreparedBatch(Generic[InputsT]):
+    """A batch after the CPU work: its rows' model inputs, and the rows that failed before the model."""
+
+    ctx: RunContext
+    items: list[WorkItem]
+    """Rows that made it into ``inputs``, in row order."""
+    inputs: InputsT | None
+    """The engine's own model inputs for ``items`` (None when every row failed)."""
+    vision_tokens: list[int]
+    prompt_tokens: list[int]
+    preprocess_ms: float
+    failed: list[ImageResult] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    """Per-run context, CPU-side `prepare` (the prefetch thread), device-side `generate`.
+
+    `prepare` turns per-image problems into failed rows; `generate` returns one result per row
+    (engine.policy decides what a failure means) and raises EngineDeadError when the device is gone.
+    """
+
+    name: str
+    """Engine kind recorded with every result: transformers or vllm."""
+    fingerprint: str
+    """Identity of the model it serves (stage_a.checkpoint)."""
+
+    def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext: ...
+
+    def estimate_cost(self, ctx: RunContext, item: WorkItem) -> int: ...
+
+    def prepare(self, ctx: RunContext, items: list[WorkItem]) -> PreparedBatch[Any]: ...
+
+    def generate(self, batch: PreparedBatch[Any]) -> list[ImageResult]: ...
