@@ -1,0 +1,1 @@
+"""Discover, sample, register and publish a run: everything before the broker."""

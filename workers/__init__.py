@@ -1,0 +1,1 @@
+"""The Celery farm only: the app, a thin batch task, the process runtime, admission, the reclaimer."""
