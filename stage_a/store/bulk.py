@@ -1,8 +1,8 @@
-"""Bulk fast paths (speed only: same rows, same semantics as the SQLAlchemy statements).
+"""Bulk fast paths (speed only: same rows, same semantics as the SQLAlchemy statements), and key chunking.
 
 SQLAlchemy's executemany spends ~40 us of Python per row building parameters, and on psycopg it
-becomes one pipelined statement per row (~100 us): a 1M-image run took minutes to register and
-to store. These paths hand rows straight to the driver (SQLite executemany, PostgreSQL COPY).
+becomes one pipelined statement per row (~100 us): minutes for a 1M-image run. These paths hand rows
+straight to the driver (SQLite executemany, PostgreSQL COPY).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def bulk_update_results(conn: Any, rows: list[dict[str, Any]]) -> bool:
                 copy.write_row(k + values(r))
         sets = ", ".join(f"{prep.quote(c)} = r.{prep.quote(c)}" for c in _RESULT_COLUMNS)
         # Primary-key lookups whatever the statistics say: on a freshly loaded run (not yet
-        # analyzed) the planner hash-joins against a scan of the whole images table per batch.
+        # analyzed) the planner would hash-join against a scan of the whole images table per batch.
         cur.execute("SET LOCAL enable_hashjoin = off")
         cur.execute("SET LOCAL enable_mergejoin = off")
         cur.execute(
