@@ -153,7 +153,7 @@ def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, 
     n = loop.run(run, store.unfinished_items(run.id), hooks=LoopHooks(after_batch=count))
     report = export_run(store, run.id, work)
     seconds = time.perf_counter() - t0
-    texts = {r["rel_path"]: r["raw_text"] for r in store.image_rows(run.id)}
+    texts = {r["rel_path"]: r["raw_text"] for r in store.queries.image_rows(run.id)}
     store.close()
     return {"seconds": seconds, "images": n, "load_s": load_s, "batches": batches, "texts": texts,
             "written": report.groups_written}

@@ -359,7 +359,7 @@ def main() -> int:
         last_report = 0.0
         while True:
             now = time.monotonic()
-            counts = store.counts(run_id)
+            counts = store.queries.counts(run_id)
             if counts.finished:
                 break
             if now - t0 > args.timeout:
@@ -427,7 +427,7 @@ def main() -> int:
         must = [(t, sh) for t, sh, at in poison if at > last_kill]
         deadline = time.monotonic() + 120
         while True:
-            letters = "\n".join(p for _, p in store.dead_letters())
+            letters = "\n".join(p for _, p in store.queries.dead_letters())
             missing_poison = [(t, sh) for t, sh in must if t not in letters]
             if not missing_poison or time.monotonic() > deadline:
                 break
@@ -446,7 +446,7 @@ def main() -> int:
         records = [json.loads(ln) for ln in (out / f"{MISSION}_stage_a.jsonl").read_text("utf-8").splitlines()]
         failures = [json.loads(ln) for ln in
                     (out / f"{MISSION}_stage_a_failures.jsonl").read_text("utf-8").splitlines() if ln.strip()]
-        rows = store.image_rows(run_id)
+        rows = store.queries.image_rows(run_id)
         store.close()
 
         expected = {(g, label): n for g, label, n in groups}

@@ -96,7 +96,7 @@ def phase_record(url: str, run_id: int, n_images: int, group_size: int, batch: i
     out: dict[str, Any] = {"seconds": dt, "cpu_seconds": _cpu() - c0, "rows": done, "batch": batch}
     if limit is None:
         t1 = time.perf_counter()
-        c = store.counts(run_id)
+        c = store.queries.counts(run_id)
         out["counts_seconds"] = time.perf_counter() - t1
         out["counts_ok"] = c.done == n_images and c.groups_done == n_images // group_size
     return out

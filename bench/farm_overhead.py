@@ -104,7 +104,7 @@ def time_split(store: Any, run_id: int) -> str:
     """Where the time went, from what the engine recorded per image (batch times / rows)."""
     from engine.scheduler import padding_fraction
 
-    rows = store.image_rows(run_id)
+    rows = store.queries.image_rows(run_id)
     prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000
     gen = sum(r["generate_ms"] or 0 for r in rows) / 1000
     # Rows of one model batch share its generate_ms (batch time / rows): regroup them into batches.
@@ -237,7 +237,7 @@ class Worker:
         self.publisher.publish_items(items, "per_image")
         t1 = wait_done(self.store, run.id, len(items), self.args.timeout, self.proc, self.log)
         cpu = (tree_cpu_seconds(self.proc.pid) - c0) / len(items)
-        c = self.store.counts(run.id)
+        c = self.store.queries.counts(run.id)
         span = (c.last_update - c.first_update).total_seconds() if c.first_update and c.last_update else 0
         print(f"  farm, 1 worker (celery + Redis + PostgreSQL): {len(items)} images in {t1 - t0:.1f} s = "
               f"{len(items) / (t1 - t0):.2f} images/s, {cpu:.3f} CPU s/image (done {c.done}, failed {c.failed}; "

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from stage_a.config import RunSpec  # noqa: E402
-from stage_a.store import GroupInput, ResultStore  # noqa: E402
-from stage_a.store.base import utcnow  # noqa: E402
+from stage_a.settings import Settings  # noqa: E402
+from stage_a.store import GroupInput, ResultStore, utcnow  # noqa: E402
 from stage_a.store.models import WorkerRow  # noqa: E402
 
 MISSION = "挡风板安装检查"
@@ -152,8 +152,8 @@ def main() -> int:
 
         from monitor.web.app import create_app
 
-        client = TestClient(create_app(store))
-        mid = (store.run_row(run_id).n_groups if store.run_row(run_id) else 0) // 2  # type: ignore[union-attr]
+        client = TestClient(create_app(store, Settings.from_env()))
+        mid = (store.queries.run_row(run_id).n_groups if store.queries.run_row(run_id) else 0) // 2  # type: ignore[union-attr]
         urls = [
             ("run page, first page", f"/runs/{run_id}"),
             ("run page, middle (keyset)", f"/runs/{run_id}?after={mid}"),

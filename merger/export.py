@@ -66,7 +66,7 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
     counts = {"written": 0, "failed": 0, "incomplete": 0}
     # Both files are replaced together or not at all (a new JSONL never sits beside an old report).
     with atomic_files(jsonl_path, failures_path) as (out, failures):
-        for group in store.iter_export_groups(run_id):
+        for group in store.queries.iter_export_groups(run_id):
             failure = _failure(group, run.cancelled)
             if failure is not None:
                 counts[str(failure["status"])] += 1
@@ -81,4 +81,4 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
             counts["written"] += 1
             out.write(record.to_json_line())  # validates before anything is written
     return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
-                        tuple(store.served_by(run_id)))
+                        tuple(store.queries.served_by(run_id)))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from monitor.report import require_run
 from monitor.summary import parse_summary, stat_counts
 from stage_a.store.models import DONE, FAILED
-from stage_a.store.views import IRRELEVANT
+from stage_a.store.queries import IRRELEVANT
 
 if TYPE_CHECKING:
     from stage_a.store import ResultStore
@@ -83,34 +83,36 @@ def diff_runs(store: ResultStore, run_a: int, run_b: int, keep: int = 100_000) -
     require_run(store, run_a)
     require_run(store, run_b)
     b: dict[Key, tuple[str, str | None]] = {
-        (g, lab, f): (st, summ) for g, lab, f, st, summ, _, _ in store.iter_diff_rows(run_b)
+        (g.group_id, g.label, i.file_name): (i.status, i.summary)
+        for g in store.queries.iter_export_groups(run_b) for i in g.images
     }
     d = RunDiff(run_a, run_b)
     entries_a: Counter[str] = Counter()
     entries_b: Counter[str] = Counter()
     values_a: Counter[tuple[str, str, str]] = Counter()
     values_b: Counter[tuple[str, str, str]] = Counter()
-    for gid, label, fname, st_a, sum_a, pos, idx in store.iter_diff_rows(run_a):
-        other = b.pop((gid, label, fname), None)
+    for g, img in ((grp, img) for grp in store.queries.iter_export_groups(run_a) for img in grp.images):
+        other = b.pop((g.group_id, g.label, img.file_name), None)
         if other is None:
             d.only_a += 1
             continue
         st_b, sum_b = other
-        if FAILED in (st_a, st_b):
+        if FAILED in (img.status, st_b):
             d.failed_in_either += 1
             continue
-        if st_a != DONE or st_b != DONE:
+        if img.status != DONE or st_b != DONE:
             d.unfinished_in_either += 1
             continue
-        d.irrelevant_a += sum_a == IRRELEVANT
+        d.irrelevant_a += img.summary == IRRELEVANT
         d.irrelevant_b += sum_b == IRRELEVANT
-        if sum_a == sum_b:
+        if img.summary == sum_b:
             d.same += 1
         else:
             d.changed += 1
             if len(d.changes) < keep:
-                d.changes.append(ImageChange(gid, label, fname, sum_a or "", sum_b or "", pos, idx))
-        pa, pb = parse_summary(sum_a), parse_summary(sum_b)
+                d.changes.append(ImageChange(g.group_id, g.label, img.file_name, img.summary or "", sum_b or "",
+                                             g.position, img.index))
+        pa, pb = parse_summary(img.summary), parse_summary(sum_b)
         for parsed, entries, values in ((pa, entries_a, values_a), (pb, entries_b, values_b)):
             e, v = stat_counts(parsed)
             entries.update(e)

@@ -1,8 +1,8 @@
 """What a run is doing, read from the store (and the broker's queue length): one RunReport.
 
 `stage-a status`, `stage-a runs`, the web pages, `/api/runs/{id}` and `/metrics` all build their
-view from here, so they never disagree. Building one report costs two aggregate queries over the
-run's rows plus a few small ones (workers, dead letters), whatever the run's size.
+view from here, so they never disagree. Building one report costs one `store.queries.counts` of the
+run plus a few small queries (workers, dead letters), whatever the run's size.
 
 Rates are never taken from one timestamp: a batch of images finished in the same instant has no
 duration of its own, so every rate divides by a span of at least MIN_SPAN_S that starts at the
@@ -14,13 +14,13 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError
 from stage_a.settings import Settings
-from stage_a.store.runs import check_run_id
-from stage_a.store.views import ModelShare, RunRow, WorkerBeat
+from stage_a.store import check_run_id, utcnow
+from stage_a.store.queries import ModelShare, RunRow, WorkerBeat
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,33 +32,6 @@ log = logging.getLogger(__name__)
 
 STATES = ("running", "stalled", "finished", "cancelled")
 MIN_SPAN_S = 1.0
-
-
-def utcnow() -> datetime:
-    """The store's clock: naive UTC."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """A worker process as its last heartbeat describes it."""
-
-    name: str
-    online: bool
-    state: str
-    model: str | None
-    pinned: bool | None
-    """Serves only its STAGE_A_CHECKPOINT model; False: loads each run's model; None: not recorded."""
-    engine: str | None
-    device: str | None
-    run_id: int | None
-    heartbeat_age_s: float
-    last_batch_at: datetime | None
-    last_batch_images: int | None
-    last_batch_seconds: float | None
-    images_per_s: float | None
-    tokens_per_s: float | None
-    images_total: int
 
 
 @dataclass(frozen=True)
@@ -112,7 +85,7 @@ class RunReport:
     queue_note: str | None
     workers_online: int
     """Workers with a fresh heartbeat that can serve this run's model."""
-    workers: tuple[WorkerView, ...]
+    workers: tuple[WorkerBeat, ...]
     result_writers: tuple[str, ...]
     """Worker names found on the run's image rows (who leased or wrote them)."""
     first_activity_at: datetime | None
@@ -184,7 +157,7 @@ class QueueProbe:
 
 def nearest_run_ids(store: ResultStore, run_id: int, n: int = 5) -> list[int]:
     """Existing run ids closest to ``run_id`` (by value, then by spelling)."""
-    ids = store.run_ids()
+    ids = store.queries.run_ids()
     by_value = sorted(ids, key=lambda i: (abs(i - run_id), -i))[:n]
     spelled = [int(s) for s in difflib.get_close_matches(str(run_id), [str(i) for i in ids], n=2, cutoff=0.6)]
     out: list[int] = []
@@ -197,7 +170,7 @@ def nearest_run_ids(store: ResultStore, run_id: int, n: int = 5) -> list[int]:
 def require_run(store: ResultStore, run_id: int) -> RunRow:
     """The run, or a UserError that names the nearest existing ids."""
     check_run_id(run_id)
-    row = store.run_row(run_id)
+    row = store.queries.run_row(run_id)
     if row is not None:
         return row
     near = nearest_run_ids(store, run_id)
@@ -206,22 +179,7 @@ def require_run(store: ResultStore, run_id: int) -> RunRow:
     raise UserError(f"no run {run_id} in {store.display_url}{hint}")
 
 
-def worker_views(beats: list[WorkerBeat], now: datetime, settings: Settings) -> list[WorkerView]:
-    out = []
-    for b in beats:
-        age = max(0.0, (now - b.heartbeat_at).total_seconds())
-        online = age <= settings.heartbeat_timeout and b.state != "stopped"
-        out.append(WorkerView(
-            name=b.name, online=online, state=b.state if online or b.state == "stopped" else "offline",
-            model=b.model, pinned=b.pinned, engine=b.engine, device=b.device, run_id=b.run_id, heartbeat_age_s=age,
-            last_batch_at=b.last_batch_at, last_batch_images=b.last_batch_images,
-            last_batch_seconds=b.last_batch_seconds, images_per_s=b.images_per_s, tokens_per_s=b.tokens_per_s,
-            images_total=b.images_total,
-        ))
-    return out
-
-
-def _serves(worker: WorkerView, run: RunRow) -> bool:
+def _serves(worker: WorkerBeat, run: RunRow) -> bool:
     """A worker serves the run when its model is the run's, it is not tied to one (an unpinned worker
     loads each run's model, whatever it served last), or its last batch was this run's (a demo run
     names no fingerprint)."""
@@ -229,24 +187,22 @@ def _serves(worker: WorkerView, run: RunRow) -> bool:
             or worker.run_id == run.id)
 
 
-def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,
+def build_report(store: ResultStore, run_id: int, settings: Settings,
                  queue: QueueProbe | None = None, now: datetime | None = None,
                  beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
 
     ``queue``: where the queue length comes from (None: not asked, reported unknown). ``beats``:
-    the workers table when the caller already read it (the runs list and /metrics read it once).
+    the workers table read at ``now`` when the caller already read it (the runs list reads it once).
     ``writers``: also list the worker names found on the run's rows (one more scan of the run; the
     web pages skip it and show the heartbeat table).
     """
-    settings = settings or Settings.from_env()
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window
-    agg = store.run_aggregate(run_id, now - timedelta(seconds=window))
-    tally = store.group_tally(run_id, run.n_groups)
-    dead = store.dead_letter_counts().get(run_id, 0)
-    workers = worker_views(store.worker_beats() if beats is None else beats, now, settings)
+    agg = store.queries.counts(run_id, now - timedelta(seconds=window), workers=writers)
+    dead = store.queries.dead_letter_counts().get(run_id, 0)
+    workers = store.queries.worker_beats(now, settings.heartbeat_timeout) if beats is None else beats
     relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
     online = sum(1 for w in relevant if w.online and _serves(w, run))
     if queue is not None and run.farm:
@@ -255,14 +211,15 @@ def build_report(store: ResultStore, run_id: int, settings: Settings | None = No
         queue_length, queue_note = None, (None if run.farm else "not a farm run")
 
     unfinished = agg.pending + agg.leased
+    finished = agg.done + agg.failed
     # Rates: never from one timestamp (see the module docstring).
     overall = None
-    if agg.finished and agg.last_result is not None:
+    if finished and agg.last_update is not None:
         start = agg.first_activity or run.created_at
-        span = (agg.last_result - start).total_seconds()
+        span = (agg.last_update - start).total_seconds()
         if span < MIN_SPAN_S:
-            span = (agg.last_result - run.created_at).total_seconds()
-        overall = agg.finished / span if span >= MIN_SPAN_S else None
+            span = (agg.last_update - run.created_at).total_seconds()
+        overall = finished / span if span >= MIN_SPAN_S else None
     recent = None
     if unfinished and not run.cancelled_at:
         span = min(window, (now - run.created_at).total_seconds())
@@ -272,18 +229,18 @@ def build_report(store: ResultStore, run_id: int, settings: Settings | None = No
     tokens_per_s = (agg.completion_tokens / (agg.generate_ms_with_tokens / 1000.0)
                     if agg.generate_ms_with_tokens > 0 else None)
 
-    state, reason = _state(run, agg.pending, agg.leased, agg.last_result, agg.first_activity, online,
+    state, reason = _state(run, agg.pending, agg.leased, agg.last_update, agg.first_activity, online,
                            queue_length, now, settings)
-    end = run.cancelled_at or (agg.last_result if state == "finished" and agg.last_result else now)
+    end = run.cancelled_at or (agg.last_update if state == "finished" and agg.last_update else now)
     return RunReport(
         run_id=run.id, mission=run.mission, dataset=run.dataset, checkpoint=run.checkpoint, model=run.model,
         models_served=agg.models, farm=run.farm, sharding_mode=run.sharding_mode, created_at=run.created_at,
         cancelled_at=run.cancelled_at, now=now, elapsed_s=max(0.0, (end - run.created_at).total_seconds()),
-        images_total=agg.total, done=agg.done, failed=agg.failed, pending=agg.pending, in_flight=agg.leased,
-        groups_total=tally.total, groups_complete=tally.complete, groups_with_failures=tally.with_failures,
+        images_total=agg.images_total, done=agg.done, failed=agg.failed, pending=agg.pending, in_flight=agg.leased,
+        groups_total=agg.groups_total, groups_complete=agg.groups_done, groups_with_failures=agg.groups_failed,
         dead_letters=dead, queue_length=queue_length, queue_note=queue_note, workers_online=online,
-        workers=tuple(relevant), result_writers=tuple(store.run_workers(run_id)) if writers else (),
-        first_activity_at=agg.first_activity, last_result_at=agg.last_result,
+        workers=tuple(relevant), result_writers=agg.workers,
+        first_activity_at=agg.first_activity, last_result_at=agg.last_update,
         throughput=Throughput(recent, window, overall, eta),
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason,
@@ -363,15 +320,14 @@ class RunSummary:
         return dict(_jsonable(asdict(self)), finished=self.done + self.failed)
 
 
-def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = None,
+def list_runs(store: ResultStore, limit: int, settings: Settings,
               now: datetime | None = None, ids: Sequence[int] | None = None) -> list[RunSummary]:
     """Runs newest first (or the given ids) with counts and state; full reports only for unfinished runs
     (their state depends on activity), so a list of many finished runs stays one index-only aggregate."""
-    settings = settings or Settings.from_env()
     now = now or utcnow()
-    runs = store.run_rows(limit, ids)
-    counts = store.status_counts([r.id for r in runs])
-    dead = store.dead_letter_counts()
+    runs = store.queries.run_rows(limit, ids)
+    counts = store.queries.status_counts([r.id for r in runs])
+    dead = store.queries.dead_letter_counts()
     beats: list[WorkerBeat] | None = None
     out = []
     for r in runs:
@@ -384,7 +340,7 @@ def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = 
             state = "finished"
         else:
             if beats is None:
-                beats = store.worker_beats()
+                beats = store.queries.worker_beats(now, settings.heartbeat_timeout)
             report = build_report(store, r.id, settings, None, now, beats, writers=False)
             state, rate, reason = report.state, report.throughput.recent_images_per_s, report.reason
         out.append(RunSummary(

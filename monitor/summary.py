@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from stage_a.store.views import IRRELEVANT
+from stage_a.store.queries import IRRELEVANT
 
 
 @dataclass(frozen=True)

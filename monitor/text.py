@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from monitor.report import RunReport, RunSummary, WorkerView, human_duration
-from stage_a.store.views import DeadLetterRow
+from monitor.report import RunReport, RunSummary, human_duration
+from stage_a.store.queries import DeadLetterRow, WorkerBeat
 
 
 def fmt_time(t: datetime | None) -> str:
@@ -27,7 +27,7 @@ def ago(t: datetime | None, now: datetime) -> str:
     return "never" if t is None else f"{human_duration((now - t).total_seconds())} ago"
 
 
-def worker_line(w: WorkerView, now: datetime) -> str:
+def worker_line(w: WorkerBeat, now: datetime) -> str:
     batch = "no batch yet"
     if w.last_batch_at is not None:
         batch = (f"last batch {w.last_batch_images or 0} images in {w.last_batch_seconds or 0:.1f}s "

@@ -187,7 +187,7 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path, t
         assert all(f"run {run_id}: done, 1 image(s)" == t.get("result") for t in succeeded), succeeded
         store = ResultStore(pg_url)
         try:
-            rows = store.image_rows(run_id)
+            rows = store.queries.image_rows(run_id)
         finally:
             store.close()
         batch_seconds = sum((r["generate_ms"] or 0) + (r["preprocess_ms"] or 0) for r in rows) / 1000

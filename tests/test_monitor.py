@@ -71,7 +71,7 @@ def _cli(args: list[str], db: str, **env: str) -> subprocess.CompletedProcess[st
 
 def _heartbeat(store, name: str, run_id: int | None, age_s: float = 1.0, model: str | None = None,  # type: ignore[no-untyped-def]
                state: str = "busy", pinned: bool | None = None) -> None:
-    from stage_a.store.base import utcnow
+    from stage_a.store import utcnow
     from stage_a.store.models import WorkerRow
 
     now = utcnow()
@@ -89,7 +89,7 @@ def _heartbeat(store, name: str, run_id: int | None, age_s: float = 1.0, model: 
 def test_report_counts_rates_and_states(seeded) -> None:  # type: ignore[no-untyped-def]
     from monitor.report import build_report
     from stage_a.settings import Settings
-    from stage_a.store.base import utcnow
+    from stage_a.store import utcnow
 
     store, a, _, _, _ = seeded
     settings = Settings.from_env({})
@@ -128,7 +128,7 @@ def test_rate_needs_a_span(seeded) -> None:  # type: ignore[no-untyped-def]
     """Results spread over 10 s give their rate; the ETA follows the recent rate."""
     from monitor.report import build_report
     from stage_a.settings import Settings
-    from stage_a.store.base import utcnow
+    from stage_a.store import utcnow
 
     store, a, _, _, _ = seeded
     now = utcnow()
@@ -147,7 +147,7 @@ def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded)
     model) does not make this run's state "no worker online"; a worker pinned to another model does."""
     from monitor.report import build_report
     from stage_a.settings import Settings
-    from stage_a.store.base import utcnow
+    from stage_a.store import utcnow
 
     store, a, b, _, _ = seeded
     settings = Settings.from_env({})
@@ -170,7 +170,7 @@ def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded)
 
 @pytest.mark.slow
 def test_status_runs_and_dead_letters_commands(seeded, pg_url: str) -> None:  # type: ignore[no-untyped-def]
-    from stage_a.store.base import utcnow
+    from stage_a.store import utcnow
     from stage_a.store.models import DeadLetter
 
     store, a, b, _, _ = seeded

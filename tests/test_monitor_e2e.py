@@ -72,7 +72,7 @@ def _run_ids(db_url: str) -> list[int]:
 
     store = ResultStore(db_url)
     try:
-        return store.run_ids()
+        return store.queries.run_ids()
     finally:
         store.close()
 
@@ -103,7 +103,7 @@ def test_run_page_and_diff_page_of_real_runs(runs: dict[str, int], db_url: str) 
 
     store = ResultStore(db_url)
     try:
-        rows = store.image_rows(runs["a"])
+        rows = store.queries.image_rows(runs["a"])
         client = TestClient(create_app(store, Settings.from_env({})))
         page = client.get(f"/runs/{runs['a']}?per=200").text
         for r in rows:  # every image of the page, each with its thumbnail
@@ -216,7 +216,7 @@ def test_browser_sees_thumbnails_and_filters_failures(runs: dict[str, int], db_u
 
     store = ResultStore(db_url)
     try:
-        n_images = len(store.image_rows(run))
+        n_images = len(store.queries.image_rows(run))
     finally:
         store.close()
     with _Server(db_url) as base, _Chromium(tmp_path / "profile") as browser:

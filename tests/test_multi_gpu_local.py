@@ -50,7 +50,7 @@ def test_two_cpu_processes_match_a_single_process_run(tree: Path, tiny_checkpoin
     try:
         run = store.latest_run(MISSION)
         assert run is not None
-        rows = store.image_rows(run.id)
+        rows = store.queries.image_rows(run.id)
     finally:
         store.close()
     assert rows and all(r["status"] == "done" and r["summary"] for r in rows)

@@ -29,10 +29,10 @@ def test_redis_restart_mid_run_nothing_lost_or_duplicated(pg_url: str, farm_fact
     run_id = farm.enqueue(tmp_path / "in")
     store = farm.store()
 
-    wait_for(lambda: store.counts(run_id).done >= 4, 150, "the first results", 0.1, on_timeout=farm.logs)
+    wait_for(lambda: store.queries.counts(run_id).done >= 4, 150, "the first results", 0.1, on_timeout=farm.logs)
     queued = farm.redis.queued(farm.queue)
     assert queued > 0, "the run finished before Redis was killed: nothing was tested"
-    at_kill = store.counts(run_id)
+    at_kill = store.queries.counts(run_id)
     farm.redis.kill()  # SIGKILL: queued and unacked messages are gone
     time.sleep(2)
     farm.redis.start()

@@ -143,7 +143,7 @@ def test_run_never_prints_a_password(pg_url: str, tiny_checkpoint: Path, tmp_pat
 
 
 def _done(store) -> int:  # type: ignore[no-untyped-def]
-    c = store.counts(1)
+    c = store.queries.counts(1)
     return int(c.done + c.failed)
 
 

@@ -68,7 +68,7 @@ def _head() -> str:
 
 
 def _all_keys(store: ResultStore, run_id: int) -> list[ImageKey]:
-    return [ImageKey(run_id, r["group_position"], r["image_index"]) for r in store.image_rows(run_id)]
+    return [ImageKey(run_id, r["group_position"], r["image_index"]) for r in store.queries.image_rows(run_id)]
 
 
 def test_create_run_records_groups_and_pending_images(store: ResultStore) -> None:
@@ -76,7 +76,7 @@ def test_create_run_records_groups_and_pending_images(store: ResultStore) -> Non
     info = store.get_run(run_id)
     assert (info.n_groups, info.n_images) == (len(GROUPS), N_IMAGES)
     assert info.spec == _spec()  # the spec round-trips (workers rebuild it from the row)
-    rows = store.image_rows(run_id)
+    rows = store.queries.image_rows(run_id)
     assert len(rows) == N_IMAGES and {r["status"] for r in rows} == {PENDING}
     assert [(r["group_position"], r["image_index"]) for r in rows] == [
         (p, i) for p, g in enumerate(GROUPS) for i in range(1, len(g.images) + 1)]
@@ -84,7 +84,7 @@ def test_create_run_records_groups_and_pending_images(store: ResultStore) -> Non
     assert [it.rel_path for it in items] == [path for g in GROUPS for path in g.images]
     # A second run in the same database is independent.
     other = store.create_run(_spec(), GROUPS[:1])
-    assert other != run_id and len(store.image_rows(other)) == 2 and len(store.image_rows(run_id)) == N_IMAGES
+    assert other != run_id and len(store.queries.image_rows(other)) == 2 and len(store.queries.image_rows(run_id)) == N_IMAGES
 
 
 def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> None:
@@ -93,7 +93,7 @@ def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> N
     first = [_ok(k, f'{{"统计": [{{"类别": "BBU设备", "n": {i}}}]}}') for i, k in enumerate(keys)]
     store.record_results(first, "w1")
     store.record_results(first, "w1")  # a redelivered batch
-    rows = store.image_rows(run_id)
+    rows = store.queries.image_rows(run_id)
     assert len(rows) == N_IMAGES  # one row per image, never a duplicate
     assert all(r["status"] == DONE and r["worker"] == "w1" for r in rows)
     before = {(r["group_position"], r["image_index"]): r["summary"] for r in rows}
@@ -101,7 +101,7 @@ def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> N
     # A late duplicate from another worker (failure or a different text) never overwrites a done row.
     store.record_results([ImageResult(key=k, error="CUDA out of memory") for k in keys], "w2")
     store.record_results([_ok(k, "something else") for k in keys], "w2")
-    rows = store.image_rows(run_id)
+    rows = store.queries.image_rows(run_id)
     assert len(rows) == N_IMAGES
     assert all(r["status"] == DONE and r["worker"] == "w1" and r["error"] is None for r in rows)
     assert {(r["group_position"], r["image_index"]): r["summary"] for r in rows} == before
@@ -111,17 +111,17 @@ def test_failed_row_can_later_succeed_and_empty_summary_is_a_failure(store: Resu
     run_id = store.create_run(_spec(), GROUPS)
     k1, k2 = _all_keys(store, run_id)[:2]
     store.record_results([ImageResult(key=k1, error="decode error"), ImageResult(key=k2, summary="")], "w1")
-    rows = {(r["group_position"], r["image_index"]): r for r in store.image_rows(run_id)}
+    rows = {(r["group_position"], r["image_index"]): r for r in store.queries.image_rows(run_id)}
     assert rows[(0, 1)]["status"] == FAILED and rows[(0, 1)]["error"] == "decode error"
     assert rows[(0, 2)]["status"] == FAILED and rows[(0, 2)]["error"] == "empty summary"
     store.record_results([_ok(k1)], "w2")  # a retry that works
-    row = next(r for r in store.image_rows(run_id) if (r["group_position"], r["image_index"]) == (0, 1))
+    row = next(r for r in store.queries.image_rows(run_id) if (r["group_position"], r["image_index"]) == (0, 1))
     assert row["status"] == DONE and row["error"] is None and row["worker"] == "w2"
 
 
 def test_counts(store: ResultStore) -> None:
     run_id = store.create_run(_spec(), GROUPS)
-    c = store.counts(run_id)
+    c = store.queries.counts(run_id)
     assert (c.pending, c.leased, c.done, c.failed) == (N_IMAGES, 0, 0, 0)
     assert (c.groups_total, c.groups_done, c.groups_failed) == (4, 0, 0)
     assert not c.finished and c.workers == () and c.first_update is None
@@ -130,7 +130,7 @@ def test_counts(store: ResultStore) -> None:
     store.lease([g2a, g2b, g2c], "w-b", 600)
     store.record_results([_ok(g0a), _ok(g0b), _ok(g1)], "w-a")
     store.record_results([ImageResult(key=g3, error="unreadable")], "w-b")
-    c = store.counts(run_id)
+    c = store.queries.counts(run_id)
     assert (c.pending, c.leased, c.done, c.failed) == (0, 3, 3, 1)
     assert c.images_total == N_IMAGES
     assert (c.groups_done, c.groups_failed) == (2, 1)
@@ -138,7 +138,7 @@ def test_counts(store: ResultStore) -> None:
     assert c.first_update is not None and c.last_update is not None and c.first_update <= c.last_update
 
     store.record_results([_ok(k) for k in (g2a, g2b, g2c)], "w-b")
-    c = store.counts(run_id)
+    c = store.queries.counts(run_id)
     assert (c.pending, c.leased, c.done, c.failed) == (0, 0, 6, 1) and c.finished
     assert (c.groups_done, c.groups_failed) == (3, 1)
 
@@ -152,7 +152,7 @@ def test_iter_export_groups_order_with_resubmitted_ids(store: ResultStore, page_
     store.record_results([_ok(k, f"s{k.group_position}.{k.image_index}") for k in reversed(keys)], "w")
     store.record_results([_ok(k, "other run") for k in _all_keys(store, other)], "w")
 
-    groups = list(store.iter_export_groups(run_id, batch_rows=page_rows))  # 5 rows: one group per page
+    groups = list(store.queries.iter_export_groups(run_id, batch_rows=page_rows))  # 5 rows: one group per page
     assert [(g.position, g.group_id, g.label) for g in groups] == [
         (p, g.group_id, g.label) for p, g in enumerate(GROUPS)]
     assert [g.group_id for g in groups].count("QC-T-20240101-0000001") == 2
@@ -178,7 +178,7 @@ def test_migration_runs_once_and_a_second_store_is_a_noop(db_url: str, monkeypat
     second = ResultStore(db_url)  # a second worker / command on the same database
     try:
         assert second.get_run(run_id).n_images == N_IMAGES
-        assert len(second.image_rows(run_id)) == N_IMAGES
+        assert len(second.queries.image_rows(run_id)) == N_IMAGES
         with second.engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
     finally:
@@ -249,7 +249,7 @@ def test_stale_leases_are_released_to_exactly_one_caller(db_url: str) -> None:
         assert got_a | got_b == set(dead)
         # Re-armed: no longer stale, still leased (a worker will pick the re-enqueued message up).
         assert a.stale_leases() == [] and b.release(stale, 600) == []
-        status = {(r["group_position"], r["image_index"]): r["status"] for r in a.image_rows(run_id)}
+        status = {(r["group_position"], r["image_index"]): r["status"] for r in a.queries.image_rows(run_id)}
         assert all(status[(k.group_position, k.image_index)] == LEASED for k in dead + alive)
     finally:
         a.close()

@@ -251,7 +251,7 @@ def test_celery_worker_with_vllm_exports_the_same_jsonl(tree: Path, hd32_checkpo
             store = ResultStore(db_url)
             try:
                 deadline = time.monotonic() + 600
-                while not store.counts(run_id).finished:
+                while not store.queries.counts(run_id).finished:
                     worker.assert_alive()
                     assert time.monotonic() < deadline, worker.log()[-4000:]
                     time.sleep(1)

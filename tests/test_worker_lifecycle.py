@@ -38,7 +38,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
 
     store = farm.store()
     try:
-        beats = {b.name: b for b in store.worker_beats()}
+        beats = {b.name: b for b in store.queries.worker_beats()}
         assert len(beats) == 1, beats
         beat = next(iter(beats.values()))
         assert beat.name.startswith("life@") and beat.state == "ready", beat
@@ -46,14 +46,14 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
         assert beat.device == "cpu" and beat.last_batch_at is None and beat.images_total == 0
         # Idle heartbeats keep coming.
         first = beat.heartbeat_at
-        wait_for(lambda: store.worker_beats()[0].heartbeat_at > first, 10, "an idle heartbeat")
+        wait_for(lambda: store.queries.worker_beats()[0].heartbeat_at > first, 10, "an idle heartbeat")
 
         make_tree(tmp_path / "in", groups=3, per_group=2)
         run_id = farm.enqueue(tmp_path / "in", "--verify-inputs")  # recorded with the run, honoured by workers
         assert store.get_run(run_id).spec.verify_inputs
         farm.wait_finished(run_id, 150)
-        beat = wait_for(lambda: next((b for b in store.worker_beats() if b.images_total == 6), None), 10,
-                        "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.worker_beats()}")
+        beat = wait_for(lambda: next((b for b in store.queries.worker_beats() if b.images_total == 6), None), 10,
+                        "heartbeat with the run's 6 images", on_timeout=lambda: f"{store.queries.worker_beats()}")
         assert beat.run_id == run_id and beat.last_batch_at is not None
         assert beat.last_batch_images and beat.last_batch_seconds and beat.images_per_s
         assert beat.tokens_per_s is not None
@@ -75,7 +75,7 @@ def test_model_loaded_at_start_heartbeats_and_batch_logs(pg_url: str, farm_facto
     worker.proc.wait(60)
     store = farm.store()
     try:
-        assert [b.state for b in store.worker_beats()] == ["stopped"], store.worker_beats()
+        assert [b.state for b in store.queries.worker_beats()] == ["stopped"], store.queries.worker_beats()
     finally:
         store.close()
 
@@ -94,24 +94,24 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
 
     store = farm.store()
     try:
-        wait_for(lambda: store.counts(big).done >= 4, 120, "the big run to start", on_timeout=farm.logs)
+        wait_for(lambda: store.queries.counts(big).done >= 4, 120, "the big run to start", on_timeout=farm.logs)
         proc = cli(["cancel", str(big)], farm.env(), tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"run {big}: cancelled at" in proc.stdout, proc.stdout
         assert re.search(rf"run {big}: \d+ queued messages removed", proc.stdout), proc.stdout
-        at_cancel = store.counts(big)
+        at_cancel = store.queries.counts(big)
 
         # The other run is unaffected and finishes; nothing more of the cancelled run is processed
         # beyond the one model batch (--batch-size FLUSH) that may have been running.
         counts = farm.wait_finished(small, 150)
         assert (counts.done, counts.failed) == (6, 0)
         time.sleep(8)  # several reclaim rounds (STAGE_A_RECLAIM_INTERVAL=1, orphan grace 4 s)
-        after = store.counts(big)
+        after = store.queries.counts(big)
         assert after.done + after.failed <= at_cancel.done + at_cancel.failed + int(FLUSH), (at_cancel, after)
         assert after.done + after.failed < 60
         assert after.leased == 0, after  # images of a stopped buffer went back to pending, not left leased
         assert farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
-        assert store.counts(big) == after  # still nothing moves: the reclaimer leaves the run alone
+        assert store.queries.counts(big) == after  # still nothing moves: the reclaimer leaves the run alone
         assert store.get_run(big).cancelled and not store.get_run(small).cancelled
     finally:
         store.close()
@@ -150,7 +150,7 @@ def test_unpinned_worker_with_a_gpu_on_a_host_without_cuda_stops(pg_url: str, fa
     assert farm.redis.queued(farm.queue) == 2  # its messages are still there for a worker that can serve
     store = farm.store()
     try:
-        assert store.counts(run_id).pending == 2
+        assert store.queries.counts(run_id).pending == 2
     finally:
         store.close()
 
@@ -169,6 +169,6 @@ def test_worker_pinned_to_a_gpu_on_a_host_without_cuda_stops(pg_url: str, farm_f
     assert "batch of" not in log
     store = farm.store()
     try:
-        assert [(b.state, b.device) for b in store.worker_beats()] == [("stopped", "cuda:0")]
+        assert [(b.state, b.device) for b in store.queries.worker_beats()] == [("stopped", "cuda:0")]
     finally:
         store.close()

@@ -24,8 +24,7 @@ from typing import Any
 from engine.images import ImageError, resolve_under_root
 from stage_a.messages import PoisonMessage, parse_payload
 from stage_a.settings import Settings
-from stage_a.store import ResultStore, RunInfo
-from stage_a.store.ledger import LedgerEntry
+from stage_a.store import LedgerEntry, ResultStore, RunInfo
 from stage_a.store.models import DONE, FAILED
 from stage_a.work import ImageKey, ImageResult, WorkItem
 

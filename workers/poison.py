@@ -76,7 +76,9 @@ class PoisonSink:
             from stage_a.settings import Settings
             from stage_a.store import ResultStore
 
-            self._store = ResultStore(Settings.from_env().require_database(), migrate=False)
+            s = Settings.from_env()
+            self._store = ResultStore(s.require_database(), migrate=False, pool_size=s.db_pool_size,
+                                      sqlite_busy_timeout=s.sqlite_busy_timeout)
             self._pid = os.getpid()
         return self._store
 

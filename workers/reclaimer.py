@@ -38,7 +38,9 @@ class Reclaimer:
     @property
     def store(self) -> ResultStore:
         if self._store is None:
-            self._store = ResultStore(self.settings.require_database())
+            s = self.settings
+            self._store = ResultStore(s.require_database(), pool_size=s.db_pool_size,
+                                      sqlite_busy_timeout=s.sqlite_busy_timeout)
         return self._store
 
     @property

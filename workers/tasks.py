@@ -242,7 +242,8 @@ def _check_services(**_: Any) -> None:
                 conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
         except Exception as exc:
             raise UserError(broker_error(settings.broker_url, exc)) from None
-        ResultStore(settings.require_database()).close()  # connects and migrates to head
+        ResultStore(settings.require_database(), pool_size=settings.db_pool_size,
+                    sqlite_busy_timeout=settings.sqlite_busy_timeout).close()  # connects and migrates to head
         if settings.checkpoint:
             from stage_a.checkpoint import Checkpoint
 

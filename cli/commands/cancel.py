@@ -30,14 +30,14 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     store = open_store(db)
     try:
         info = store.get_run(run_id)
-        counts = store.counts(run_id)
+        counts = store.queries.counts(run_id)
         if counts.finished and not info.cancelled:  # nothing left to stop: a finished run stays finished
             click.echo(f"run {run_id} is already finished ({counts.done} done, {counts.failed} failed); "
                        "nothing to cancel")
             return
         newly = store.cancel_run(run_id)
         info = store.get_run(run_id)
-        counts = store.counts(run_id)
+        counts = store.queries.counts(run_id)
     finally:
         store.close()
     when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC") if info.cancelled_at else "?"

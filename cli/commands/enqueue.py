@@ -57,7 +57,8 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
             Checkpoint.open(checkpoint)
     publisher = Publisher(settings)
     publisher.check()
-    store = ResultStore(database_url(db))
+    store = ResultStore(database_url(db), pool_size=settings.db_pool_size,
+                        sqlite_busy_timeout=settings.sqlite_busy_timeout)
     if run_id is not None:
         info = store.get_run(run_id)
         sharding = info.spec.sharding_mode

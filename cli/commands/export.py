@@ -9,7 +9,7 @@ import click
 
 from cli.commands.options import make_output_dir, require_existing_sqlite
 from stage_a.errors import UserError
-from stage_a.settings import database_url
+from stage_a.settings import Settings, database_url
 from stage_a.terminal import printable
 
 
@@ -43,11 +43,12 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         check_run_id(run_id)
     url = database_url(db, output_dir)
     require_existing_sqlite(url, "pass --db, or the --output-dir of the run")
-    store = ResultStore(url)
+    settings = Settings.from_env()
+    store = ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
     info = store.get_run(run_id) if run_id is not None else store.latest_run(mission)
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")
-    counts = store.counts(info.id)
+    counts = store.queries.counts(info.id)
     if info.cancelled:
         when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC") if info.cancelled_at else "?"
         click.echo(f"stage-a: warning: run {info.id} was cancelled at {when}", err=True)

@@ -73,13 +73,13 @@ class RunProgress:
             self.refresh_groups()
 
     def refresh_groups(self) -> None:
-        counts = self.store.counts(self.run_id)
+        counts = self.store.queries.counts(self.run_id)
         self._last_groups = time.perf_counter()
         self.progress.update(self.groups, completed=counts.groups_done + counts.groups_failed)
 
     def refresh_from_store(self) -> None:
         """For multi-process runs the parent only sees the store."""
-        counts = self.store.counts(self.run_id)
+        counts = self.store.queries.counts(self.run_id)
         if counts.done + counts.failed > self._finished:
             self.progress.update(self.images, description="images")
         self._finished = counts.done + counts.failed

@@ -124,12 +124,14 @@ def run(**kw: Any) -> None:
 
         checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
 
+    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
     db_url = database_url(kw["db"], output_dir)
     fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
     make_output_dir(output_dir)
-    store = ResultStore(db_url)
+    settings = Settings.from_env()
+    store = ResultStore(db_url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
     try:
         if kw["resume"]:
             info = store.get_run(kw["run_id"]) if kw["run_id"] is not None else store.latest_run(kw["mission"])
@@ -235,7 +237,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
 
     job = LocalJob(store.url, run_info.id, checkpoint, Settings.from_env(), kw["device"], kw["verify_inputs"],
                    kw["engine"])
-    start_counts = store.counts(run_info.id)
+    start_counts = store.queries.counts(run_info.id)
     t0 = time.perf_counter()
     with RunProgress(store, run_info.id, start_counts) as progress:
         try:
@@ -251,7 +253,7 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
             click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: "
                        f"{_resume_hint(run_info.id, store.url, kw['output_dir'])}", err=True)
             sys.exit(130)
-    end_counts = store.counts(run_info.id)
+    end_counts = store.queries.counts(run_info.id)
     processed = (end_counts.done + end_counts.failed) - (start_counts.done + start_counts.failed)
     return processed, time.perf_counter() - t0
 

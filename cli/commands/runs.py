@@ -44,7 +44,7 @@ def dead_letters(run_id: int | None, db: str | None, as_json: bool, limit: int) 
     if run_id is not None:
         check_run_id(run_id)
     store = open_store(db)
-    rows = store.dead_letter_rows(run_id, limit)
+    rows = store.queries.dead_letter_rows(run_id, limit)
     if as_json:
         click.echo(json.dumps([
             {"id": d.id, "received_at": fmt_time(d.received_at).replace(" ", "T"), "run_id": d.run_id,

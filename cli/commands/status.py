@@ -20,11 +20,12 @@ def open_store(db: str | None):  # type: ignore[no-untyped-def]  # -> ResultStor
     """The store named by --db or STAGE_A_DATABASE_URL; a UserError when neither is given."""
     from stage_a.store import ResultStore
 
-    if not db and not Settings.from_env().database_url:
+    settings = Settings.from_env()
+    if not db and not settings.database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
     url = database_url(db)
     require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
-    return ResultStore(url)
+    return ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
 
 
 @click.command()

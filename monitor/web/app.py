@@ -31,7 +31,7 @@ from monitor.web.metrics import metrics_registry, render
 from monitor.web.thumbs import DB_INT_MAX, NotFound, Thumbnails
 from stage_a.errors import UserError
 from stage_a.settings import Settings
-from stage_a.store.views import ImageFilter
+from stage_a.store.queries import ImageFilter
 
 if TYPE_CHECKING:
     from stage_a.store import ResultStore
@@ -83,8 +83,7 @@ def _int_param(request: Request, name: str, default: int | None = None, lo: int 
     return min(hi, value) if hi is not None else value
 
 
-def create_app(store: ResultStore, settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings.from_env()
+def create_app(store: ResultStore, settings: Settings) -> Starlette:
     queue = QueueProbe(settings)
     thumbs = Thumbnails(store)
     registry = metrics_registry(store, settings, queue)
@@ -126,8 +125,8 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
         per = _int_param(request, "per", PAGE_GROUPS, 1, MAX_PAGE_GROUPS) or PAGE_GROUPS
         after = _int_param(request, "after", None, -1, DB_INT_MAX)
         before = _int_param(request, "before", None, 0, DB_INT_MAX)
-        groups, more = store.page_groups(run_id, flt, after=after, before=before, limit=per)
-        failures = store.failed_images(run_id, 50) if report.failed and not flt.any and after is None \
+        groups, more = store.queries.page_groups(run_id, flt, after=after, before=before, limit=per)
+        failures = store.queries.failed_images(run_id, 50) if report.failed and not flt.any and after is None \
             and before is None else []
         if before is not None and after is None:
             has_prev, has_next = more, True
@@ -138,7 +137,7 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
                                     ("per", str(per) if per != PAGE_GROUPS else None)) if v}
         return page(request, "run.html", title=f"run {run_id}", r=report, groups=groups, flt=flt,
                     failures=failures, has_prev=has_prev and bool(groups), has_next=has_next and bool(groups),
-                    params=params, per=per, other_runs=[x for x in store.run_ids() if x != run_id][-20:])
+                    params=params, per=per, other_runs=[x for x in store.queries.run_ids() if x != run_id][-20:])
 
     def diff_page(request: Request) -> Response:
         a, b = int(request.path_params["a"]), int(request.path_params["b"])
@@ -157,7 +156,7 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
         offset = _int_param(request, "offset", 0, 0) or 0
         rows = d.changes[offset: offset + DIFF_PAGE]
         return page(request, "diff.html", title=f"diff {a} / {b}", d=d, rows=rows, offset=offset,
-                    page_size=DIFF_PAGE, ra=store.run_row(a), rb=store.run_row(b))
+                    page_size=DIFF_PAGE, ra=store.queries.run_row(a), rb=store.queries.run_row(b))
 
     def diff_form(request: Request) -> Response:
         a = _int_param(request, "a", None, 1)
@@ -192,7 +191,7 @@ def create_app(store: ResultStore, settings: Settings | None = None) -> Starlett
 
     def healthz(request: Request) -> Response:
         try:
-            store.run_ids()
+            store.queries.run_ids()
         except Exception as exc:
             return PlainTextResponse(f"database unreachable: {type(exc).__name__}\n", status_code=503)
         return PlainTextResponse("ok\n")

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from monitor.report import STATES, QueueProbe, list_runs, utcnow, worker_views
+from monitor.report import STATES, QueueProbe, list_runs
 from stage_a.settings import Settings
+from stage_a.store import utcnow
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
@@ -34,7 +35,7 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = utcnow()
         runs = list_runs(self.store, RUNS_IN_METRICS, self.settings, now)
-        older = sorted(set(self.store.unfinished_run_ids()) - {r.run_id for r in runs})
+        older = sorted(set(self.store.queries.unfinished_run_ids()) - {r.run_id for r in runs})
         if older:
             runs += list_runs(self.store, len(older), self.settings, now, older)
         images = GaugeMetricFamily("stage_a_run_images", "Images of a run by state.", labels=["run", "state"])
@@ -63,7 +64,7 @@ class StoreCollector(Collector):
             q = GaugeMetricFamily("stage_a_queue_length", "Messages waiting on the stage-a queue (all runs).")
             q.add_metric([], length)
             yield q
-        workers = worker_views(self.store.worker_beats(), now, self.settings)
+        workers = self.store.queries.worker_beats(now, self.settings.heartbeat_timeout)
         online = GaugeMetricFamily("stage_a_workers_online", "Worker processes with a fresh heartbeat.")
         online.add_metric([], sum(1 for w in workers if w.online))
         yield online
@@ -75,7 +76,7 @@ class StoreCollector(Collector):
             by_state.add_metric([s], n)
         yield by_state
         total_dead = GaugeMetricFamily("stage_a_dead_letters", "Dead-lettered messages, all runs.")
-        total_dead.add_metric([], sum(self.store.dead_letter_counts().values()))
+        total_dead.add_metric([], sum(self.store.queries.dead_letter_counts().values()))
         yield total_dead
 
 

@@ -62,7 +62,7 @@ class Thumbnails:
     def get(self, run_id: int, group_position: int, image_index: int) -> Thumb:
         if not (0 < run_id <= DB_INT_MAX and 0 <= group_position <= DB_INT_MAX and 0 <= image_index <= DB_INT_MAX):
             raise NotFound("no such image")  # the database would refuse the number itself
-        loc = self.store.image_location(run_id, group_position, image_index)
+        loc = self.store.queries.image_location(run_id, group_position, image_index)
         if loc is None:
             raise NotFound("no such image")
         path = resolve_inside(*loc)

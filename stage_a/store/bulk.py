@@ -1,26 +1,38 @@
-"""Bulk fast paths (speed only: same rows, same semantics as the SQLAlchemy statements).
+"""Bulk fast paths (speed only: same rows, same semantics as the SQLAlchemy statements), and key chunking.
 
 SQLAlchemy's executemany spends ~40 us of Python per row building parameters, and on psycopg it
-becomes one pipelined statement per row (~100 us): a 1M-image run took minutes to register and
-to store. These paths hand rows straight to the driver (SQLite executemany, PostgreSQL COPY).
+becomes one pipelined statement per row (~100 us): minutes for a 1M-image run. These paths hand rows
+straight to the driver (SQLite executemany, PostgreSQL COPY).
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import insert
 
-from stage_a.store.base import _chunks
 from stage_a.store.models import DONE, ImageRow
+from stage_a.work import ImageKey
 
 _INSERT_CHUNK = 5000
 _RESULT_COLUMNS = ("status", "summary", "raw_text", "error", "prompt_tokens", "completion_tokens",
                    "vision_tokens", "preprocess_ms", "generate_ms", "worker", "updated_at", "model", "engine")
 _PG_COPY_MIN_ROWS = 256  # below this (a worker's model batch) the plain executemany is as quick
+
+
+def chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(it)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def by_run(keys: Sequence[ImageKey]) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """(run, [(group_position, image_index), ...]) in chunks of 500 keys, one run at a time."""
+    for run_id, ks in itertools.groupby(sorted(keys), key=lambda k: k.run_id):
+        yield from ((run_id, chunk) for chunk in chunks(((k.group_position, k.image_index) for k in ks), 500))
 
 
 def _psycopg_connection(conn: Any) -> Any | None:
@@ -52,14 +64,14 @@ def bulk_insert(conn: Any, table: Any, rows: Iterator[dict[str, Any]]) -> None:
     if conn.dialect.name == "sqlite":
         procs = _bind_processors(conn, table, columns)
         sql = f"INSERT INTO {prep.format_table(table)} ({cols}) VALUES ({', '.join('?' * len(columns))})"
-        for chunk in _chunks(rows, _INSERT_CHUNK):
+        for chunk in chunks(rows, _INSERT_CHUNK):
             if any(procs):
                 chunk = [tuple(p(v) if p else v for p, v in zip(procs, r.values(), strict=True)) for r in chunk]
             else:
                 chunk = [tuple(r.values()) for r in chunk]
             conn.exec_driver_sql(sql, chunk)
         return
-    for chunk in _chunks(rows, _INSERT_CHUNK):
+    for chunk in chunks(rows, _INSERT_CHUNK):
         conn.execute(insert(table), chunk)
 
 
@@ -108,7 +120,7 @@ def bulk_update_results(conn: Any, rows: list[dict[str, Any]]) -> bool:
                 copy.write_row(k + values(r))
         sets = ", ".join(f"{prep.quote(c)} = r.{prep.quote(c)}" for c in _RESULT_COLUMNS)
         # Primary-key lookups whatever the statistics say: on a freshly loaded run (not yet
-        # analyzed) the planner hash-joins against a scan of the whole images table per batch.
+        # analyzed) the planner would hash-join against a scan of the whole images table per batch.
         cur.execute("SET LOCAL enable_hashjoin = off")
         cur.execute("SET LOCAL enable_mergejoin = off")
         cur.execute(

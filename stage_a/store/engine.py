@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError
 
 from stage_a.errors import UserError
 from stage_a.secrets import SCHEME, hide_secrets, redact_url, userinfo_end
-from stage_a.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Connect timeouts keep a wrong URL from hanging a command.
@@ -68,8 +72,14 @@ def parse_url(url: str) -> URL:
         raise UserError(f"invalid database URL {redact_url(url)}: {hide_secrets(str(exc), url)}") from None
 
 
-def make_engine(url: str) -> Engine:
-    """A new engine for ``url``; call after fork, never share one across processes."""
+def make_engine(url: str, pool_size: int = 5, sqlite_busy_timeout: float = 30.0) -> Engine:
+    """A new engine for ``url``; call after fork, never share one across processes.
+
+    ``pool_size`` (STAGE_A_DB_POOL_SIZE) caps a process's PostgreSQL connections (no overflow), so
+    README's arithmetic for N hosts x M GPUs is an upper bound. ``sqlite_busy_timeout``
+    (STAGE_A_SQLITE_BUSY_TIMEOUT) is how long one SQLite statement waits for another writer's lock
+    before "database is locked"; the store then retries with backoff.
+    """
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -77,11 +87,8 @@ def make_engine(url: str) -> Engine:
             folder = Path(parsed.database).parent
             if not folder.is_dir():
                 raise UserError(f"database folder does not exist: {folder}")
-        # STAGE_A_SQLITE_BUSY_TIMEOUT: how long one statement waits for another writer's lock
-        # before "database is locked"; the store then retries with backoff (tests set it low).
-        busy = Settings.from_env().sqlite_busy_timeout
         engine = create_engine(
-            parsed, connect_args={"timeout": busy, "check_same_thread": False}
+            parsed, connect_args={"timeout": sqlite_busy_timeout, "check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -94,9 +101,7 @@ def make_engine(url: str) -> Engine:
         return create_engine(
             parsed,
             pool_pre_ping=True,
-            # STAGE_A_DB_POOL_SIZE is the cap per process (no overflow), so README's arithmetic for
-            # N hosts x M GPUs is an upper bound; a process opens only as many as it uses at once.
-            pool_size=Settings.from_env().db_pool_size,
+            pool_size=pool_size,
             max_overflow=0,
             connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": f"stage-a:{os.getpid()}"},
         )
@@ -136,3 +141,18 @@ def upgrade_schema(engine: Engine) -> None:
 def _first_line(exc: BaseException) -> str:
     msg = str(getattr(exc, "orig", None) or exc).strip()
     return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int = 8, base_delay: float = 0.5) -> T:
+    """Run a DB operation, retrying transient failures (server restart, SQLite lock) with backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if attempt == attempts or (isinstance(exc, DBAPIError) and not exc.connection_invalidated
+                                       and not isinstance(exc, OperationalError)):
+                raise
+            delay = min(base_delay * 2 ** (attempt - 1), 10.0) * (0.5 + random.random() / 2)
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, _first_line(exc), attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

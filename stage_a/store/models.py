@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, CheckConstraint, ForeignKeyConstraint, Index, String, Text
@@ -25,6 +25,11 @@ class ImageStatus(str, enum.Enum):
 PENDING, LEASED, DONE, FAILED = (s.value for s in ImageStatus)
 UNFINISHED = (PENDING, LEASED)
 STATUS_CHECK = "status IN ('pending', 'leased', 'done', 'failed')"
+
+
+def utcnow() -> datetime:
+    """The store's clock: naive UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

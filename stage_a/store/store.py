@@ -1,20 +1,414 @@
-"""The results store: one class, composed of parts with one job each.
+"""The results store: the work ledger and its writes; reads are ``store.queries`` (queries.py).
 
-runs.py (runs, their groups and images), ledger.py (the work ledger: lease, record, attempts,
-dead letters), recovery.py (expired leases, lost messages), reports.py (counts, export stream),
-workers.py (worker heartbeats), views.py (read-only queries of the operator views), bulk.py
-(driver-level fast paths), base.py (engine, retries). Alembic (migrations/) owns the schema.
+The ledger says which images of a run are pending, leased, done or failed. Workers lease and record;
+every worker host's reclaimer re-arms expired leases and re-enqueues pending images whose messages
+were lost, each row won by one caller. Alembic (migrations/) owns the schema; bulk.py holds the
+driver-level fast paths.
 """
 
 from __future__ import annotations
 
-from stage_a.store.ledger import LedgerPart
-from stage_a.store.recovery import RecoveryPart
-from stage_a.store.reports import ReportsPart
-from stage_a.store.runs import RunsPart
-from stage_a.store.views import ViewQueries
-from stage_a.store.workers import WorkersPart
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from stage_a.config import RunSpec
+from stage_a.errors import UserError
+from stage_a.secrets import redact_url
+from stage_a.store.bulk import bulk_insert, bulk_update_results, by_run
+from stage_a.store.engine import make_engine, retrying, upgrade_schema
+from stage_a.store.models import (
+    DONE,
+    FAILED,
+    LEASED,
+    PENDING,
+    UNFINISHED,
+    DeadLetter,
+    GroupRow,
+    ImageRow,
+    Run,
+    WorkerRow,
+    utcnow,
+)
+from stage_a.store.queries import Queries
+from stage_a.store.runs import GroupInput, RunInfo, check_run_id, run_info
+from stage_a.work import ImageKey, ImageResult, WorkItem
+
+WORKER_STATES = ("starting", "loading", "ready", "busy", "stopped")
 
 
-class ResultStore(RunsPart, LedgerPart, RecoveryPart, ReportsPart, WorkersPart, ViewQueries):
-    """All database access of stage-a. One instance (one engine) per process."""
+@dataclass(frozen=True)
+class LedgerEntry:
+    status: str
+    attempts: int
+    """Deliveries so far (each lease counts one)."""
+    rel_path: str
+    """The image's path under the run's input root, as registered: the only path a worker reads."""
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL (a byte-level model can emit one): U+FFFD on every backend,
+    so SQLite and PostgreSQL runs store and export the same text."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+class ResultStore:
+    """All database access of stage-a. One instance (one engine) per process: create it after fork.
+
+    ``pool_size`` and ``sqlite_busy_timeout`` come from the entry point's Settings (make_engine).
+    """
+
+    def __init__(self, url: str, migrate: bool = True, *, pool_size: int = 5,
+                 sqlite_busy_timeout: float = 30.0) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size, sqlite_busy_timeout)
+        if migrate:
+            upgrade_schema(self.engine)
+        self.queries = Queries(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def create_run(self, spec: RunSpec, groups: Sequence[GroupInput], farm: bool = False,
+                   model: str | None = None) -> int:
+        """Record a run, its groups in output order and every image as pending, in one transaction.
+
+        ``model`` is the fingerprint of the checkpoint the run must be served with."""
+        with Session(self.engine) as s, s.begin():
+            run = Run(
+                mission=spec.mission, dataset=spec.dataset, prompt_profile=spec.prompt_profile,
+                checkpoint=spec.checkpoint, input_root=spec.input_root, sharding_mode=spec.sharding_mode,
+                params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=len(groups),
+                n_images=sum(len(g.images) for g in groups), created_at=utcnow(), farm=farm, model=model,
+            )
+            s.add(run)
+            s.flush()
+            run_id = run.id
+            conn = s.connection()
+            bulk_insert(conn, GroupRow.__table__, (
+                {"run_id": run_id, "position": pos, "group_id": g.group_id, "label": g.label, "n_images": len(g.images)}
+                for pos, g in enumerate(groups)
+            ))
+            bulk_insert(conn, ImageRow.__table__, (
+                {"run_id": run_id, "group_position": pos, "image_index": i, "rel_path": path,
+                 "status": PENDING, "attempts": 0}
+                for pos, g in enumerate(groups)
+                for i, path in enumerate(g.images, start=1)
+            ))
+        return run_id
+
+    def get_run(self, run_id: int) -> RunInfo:
+        check_run_id(run_id)
+        with Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise UserError(f"no run {run_id} in {self.display_url}")
+            return run_info(run)
+
+    def find_run(self, run_id: int) -> RunInfo | None:
+        try:
+            return self.get_run(run_id)
+        except UserError:
+            return None
+
+    def latest_run(self, mission: str | None = None) -> RunInfo | None:
+        with Session(self.engine) as s:
+            q = select(Run).order_by(Run.id.desc()).limit(1)
+            if mission:
+                q = q.where(Run.mission == mission)
+            run = s.scalars(q).first()
+            return run_info(run) if run else None
+
+    def cancel_run(self, run_id: int) -> bool:
+        """Mark a run cancelled (workers drop its messages); False when it already was. Idempotent."""
+        check_run_id(run_id)
+        with self.engine.begin() as conn:
+            res = conn.execute(update(Run).where(Run.id == run_id, Run.cancelled_at.is_(None))
+                               .values(cancelled_at=utcnow()))
+            return bool(res.rowcount)
+
+    def is_cancelled(self, run_id: int) -> bool:
+        """Whether the run was cancelled (one indexed read; workers ask between model batches)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(Run.cancelled_at).where(Run.id == run_id)).scalar() is not None
+
+    def reset_failed(self, run_id: int) -> int:
+        """Put failed images back to pending (a --resume retries them)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(ImageRow).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                .values(status=PENDING, error=None, lease_until=None)
+            )
+            return int(res.rowcount or 0)
+
+    # ---- the ledger -------------------------------------------------------------------------
+
+    def unfinished_items(self, run_id: int) -> list[WorkItem]:
+        """Images still pending or leased, in output order."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                .where(ImageRow.run_id == run_id, ImageRow.status.in_(UNFINISHED))
+                .order_by(ImageRow.group_position, ImageRow.image_index)
+            ).all()
+        return [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
+
+    def entries(self, keys: Sequence[ImageKey]) -> dict[ImageKey, LedgerEntry]:
+        """The ledger entry (status, delivery attempts, stored path) of each key that exists."""
+        out: dict[ImageKey, LedgerEntry] = {}
+        with self.engine.connect() as c:
+            for run_id, chunk in by_run(keys):
+                rows = c.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.status, ImageRow.attempts,
+                           ImageRow.rel_path)
+                    .where(ImageRow.run_id == run_id, tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                ).all()
+                for p, i, st, n, path in rows:
+                    out[ImageKey(run_id, p, i)] = LedgerEntry(st, n, path)
+        return out
+
+    def _update_keys(self, keys: Sequence[ImageKey], statuses: Sequence[str], values: dict[str, Any]) -> None:
+        """One UPDATE per run (in chunks) of the given images that are in one of ``statuses``."""
+        with self.engine.begin() as conn:
+            for run_id, chunk in by_run(keys):
+                conn.execute(
+                    update(ImageRow)
+                    .where(ImageRow.run_id == run_id, ImageRow.status.in_(statuses),
+                           tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+                    .values(**values)
+                )
+
+    def lease(self, keys: Sequence[ImageKey], worker: str, seconds: float) -> None:
+        """Mark images as in flight on ``worker`` until now + seconds (stale leases get re-enqueued)."""
+        if keys:
+            now = utcnow()
+            values = {"status": LEASED, "worker": worker, "lease_until": now + timedelta(seconds=seconds),
+                      "attempts": ImageRow.attempts + 1, "updated_at": now}
+            retrying(lambda: self._update_keys(keys, UNFINISHED, values), "lease")
+
+    def renew(self, keys: Sequence[ImageKey], seconds: float) -> None:
+        """Extend the leases of in-flight images (no attempt is counted). Best effort, no retry:
+        the caller goes on without renewal rather than wait out an outage."""
+        if keys:
+            self._update_keys(keys, (LEASED,), {"lease_until": utcnow() + timedelta(seconds=seconds)})
+
+    def unlease(self, keys: Sequence[ImageKey]) -> None:
+        """Put leased images back to pending without counting an attempt (a cancelled run's images
+        that were leased but never run). Never touches done or failed rows."""
+        if keys:
+            values = {"status": PENDING, "lease_until": None, "attempts": ImageRow.attempts - 1}
+            retrying(lambda: self._update_keys(keys, (LEASED,), values), "unlease")
+
+    def record_results(self, results: Sequence[ImageResult], worker: str, model: str | None = None,
+                       engine: str | None = None) -> None:
+        """Store one model batch of results in one transaction; idempotent, a done row stays done.
+
+        ``model`` (fingerprint) and ``engine`` say what produced them; None for rows failed
+        without a model (rejected before any engine ran)."""
+        if not results:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "k_run": r.key.run_id, "k_pos": r.key.group_position, "k_idx": r.key.image_index,
+                "status": DONE if r.ok else FAILED,
+                "summary": _no_nul(r.summary) if r.ok else None,
+                "raw_text": _no_nul(r.raw_text),
+                "error": None if r.ok else _no_nul(r.error or "empty summary"),
+                "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "vision_tokens": r.vision_tokens, "preprocess_ms": r.preprocess_ms,
+                "generate_ms": r.generate_ms, "worker": worker, "updated_at": now, "model": model, "engine": engine,
+            }
+            for r in results
+        ]
+        columns = ("status", "summary", "raw_text", "error", "prompt_tokens", "completion_tokens", "vision_tokens",
+                   "preprocess_ms", "generate_ms", "worker", "updated_at", "model", "engine")
+        stmt = (
+            update(ImageRow)
+            .where(ImageRow.run_id == bindparam("k_run"), ImageRow.group_position == bindparam("k_pos"),
+                   ImageRow.image_index == bindparam("k_idx"), ImageRow.status != DONE)
+            .values(lease_until=None, **{c: bindparam(c) for c in columns})
+        )
+
+        def op() -> None:
+            with self.engine.begin() as conn:
+                if not bulk_update_results(conn, rows):
+                    conn.execute(stmt.execution_options(synchronize_session=False), rows)
+
+        retrying(op, "storing results")
+
+    def dead_letter(self, reason: str, payload: str, worker: str | None, run_id: int | None = None) -> None:
+        """Record a rejected message; ``run_id`` when the message named one that fits the column."""
+        if run_id is not None and not 0 < run_id < 2**31:
+            run_id = None
+
+        def op() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(insert(DeadLetter).values(
+                    received_at=utcnow(), reason=_no_nul(reason[:2000]), payload=_no_nul(payload[:10_000]),
+                    worker=worker, run_id=run_id))
+
+        retrying(op, "dead-letter")
+
+    # ---- recovery: expired leases and lost messages, each row won by one caller -------------
+
+    def orphaned_pending(self, grace_seconds: float, limit: int = 100_000) -> list[WorkItem]:
+        """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost).
+
+        Cancelled runs are left alone: their pending images are never re-enqueued."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        out: list[WorkItem] = []
+        with self.engine.connect() as c:
+            active = c.execute(
+                select(ImageRow.run_id, func.min(Run.created_at))
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), ImageRow.status == PENDING)
+                .group_by(ImageRow.run_id)
+            ).all()
+            for run_id, created in active:
+                last = c.execute(select(func.max(ImageRow.updated_at)).where(ImageRow.run_id == run_id)).scalar()
+                if (last or created) > cutoff:
+                    continue
+                rows = c.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                    .where(ImageRow.run_id == run_id, ImageRow.status == PENDING)
+                    .order_by(ImageRow.group_position, ImageRow.image_index).limit(limit - len(out))
+                ).all()
+                out += [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
+                if len(out) >= limit:
+                    break
+        return out
+
+    def claim_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> list[WorkItem]:
+        """``claiming_orphans`` with nothing to do before the commit."""
+        with self.claiming_orphans(items, grace_seconds) as won:
+            return won
+
+    @contextmanager
+    def claiming_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> Iterator[list[WorkItem]]:
+        """Mark orphaned pending images as re-enqueued; yields only the ones this caller won.
+
+        Every worker host runs a reclaimer and all of them see the same orphans: like ``releasing``
+        for leases, a row is won only while it is still pending and idle since the grace cutoff.
+        """
+        now = utcnow()
+        cutoff = now - timedelta(seconds=grace_seconds)
+        with self._claiming(items, lambda run_id, chunk: (
+            update(ImageRow)
+            .where(ImageRow.run_id == run_id, ImageRow.status == PENDING,
+                   tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk),
+                   or_(ImageRow.updated_at.is_(None), ImageRow.updated_at <= cutoff))
+            .values(updated_at=now)
+        )) as won:
+            yield won
+
+    def stale_leases(self, now: datetime | None = None, limit: int = 10_000) -> list[WorkItem]:
+        """Leased images whose lease ran out: their worker died or lost them (cancelled runs excluded)."""
+        now = now or utcnow()
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(ImageRow.status == LEASED, ImageRow.lease_until < now, Run.cancelled_at.is_(None))
+                .order_by(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index)
+                .limit(limit)
+            ).all()
+        return [WorkItem(ImageKey(r, p, i), path) for r, p, i, path in rows]
+
+    def release(self, items: Sequence[WorkItem], lease_seconds: float) -> list[WorkItem]:
+        """``releasing`` with nothing to do before the commit."""
+        with self.releasing(items, lease_seconds) as won:
+            return won
+
+    @contextmanager
+    def releasing(self, items: Sequence[WorkItem], lease_seconds: float) -> Iterator[list[WorkItem]]:
+        """Re-arm stale leases; yields only the items this caller won (no double re-enqueue).
+
+        Every reclaimer (one per worker host) sees the same expired leases; only the first to update
+        a row re-sends it.
+        """
+        now = utcnow()
+        with self._claiming(items, lambda run_id, chunk: (
+            update(ImageRow)
+            .where(ImageRow.run_id == run_id, ImageRow.status == LEASED, ImageRow.lease_until < now,
+                   tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+            .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
+        )) as won:
+            yield won
+
+    @contextmanager
+    def _claiming(self, items: Sequence[WorkItem],
+                  statement: Callable[[int, list[tuple[int, int]]], Any]) -> Iterator[list[WorkItem]]:
+        """Run ``statement`` (an UPDATE of one run's chunk of keys) over ``items`` in one transaction,
+        yield the rows it updated, commit after the block, roll back if the block raises.
+
+        The block publishes the won images: an image is recorded as re-enqueued only when its message
+        was sent, and one the block failed to send stays eligible for the next pass. The updated rows
+        stay locked until the commit (PostgreSQL): a second reclaimer's UPDATE waits and then no
+        longer matches them, so the block must do nothing slow besides publishing.
+        """
+        by_key = {it.key: it for it in items}
+        with self.engine.connect() as conn, conn.begin():
+            won: list[WorkItem] = []
+            for run_id, chunk in by_run(list(by_key)):
+                rows = conn.execute(
+                    statement(run_id, chunk).returning(ImageRow.group_position, ImageRow.image_index)
+                ).all()
+                won.extend(by_key[ImageKey(run_id, p, i)] for p, i in rows)
+            yield sorted(won, key=lambda it: it.key)
+
+    # ---- worker heartbeats (read by queries.worker_beats) -----------------------------------
+
+    def heartbeat(self, name: str, state: str, *, model: str | None = None, engine: str | None = None,
+                  device: str | None = None, pinned: bool | None = None, started: bool = False) -> None:
+        """Upsert the worker's row with its state; fields left None keep their stored value.
+
+        ``started`` (the first beat of a process) resets started_at and the per-process totals, so a
+        name reused by a restarted process does not carry the old one's figures."""
+        if state not in WORKER_STATES:
+            raise ValueError(f"worker state must be one of {', '.join(WORKER_STATES)}, got {state!r}")
+        now = utcnow()
+        values: dict[str, Any] = {"state": state, "heartbeat_at": now}
+        values.update((k, v) for k, v in (("model", model), ("engine", engine), ("device", device),
+                                          ("pinned", pinned)) if v is not None)
+        if started:
+            values.update(started_at=now, images_total=0, run_id=None, last_batch_at=None, last_batch_images=None,
+                          last_batch_seconds=None, images_per_s=None, tokens_per_s=None)
+        self._upsert_worker(name, values, now)
+
+    def record_batch(self, name: str, *, run_id: int, images: int, seconds: float, completion_tokens: int,
+                     model: str | None = None, engine: str | None = None) -> None:
+        """After a committed model batch: its size, time and rates, and the process's running total."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "state": "busy", "heartbeat_at": now, "run_id": run_id, "last_batch_at": now,
+            "last_batch_images": images, "last_batch_seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else None,
+            "tokens_per_s": completion_tokens / seconds if seconds > 0 else None,
+            "images_total": WorkerRow.images_total + images,
+        }
+        values.update((k, v) for k, v in (("model", model), ("engine", engine)) if v is not None)
+        self._upsert_worker(name, values, now)
+
+    def _upsert_worker(self, name: str, values: dict[str, Any], now: datetime) -> None:
+        def op() -> None:
+            with self.engine.begin() as conn:
+                if conn.execute(update(WorkerRow).where(WorkerRow.name == name).values(**values)).rowcount:
+                    return
+                row = {"name": name, "started_at": now, "images_total": 0, **values}
+                if not isinstance(row["images_total"], int):  # a first beat that is a batch
+                    row["images_total"] = values.get("last_batch_images") or 0
+                conn.execute(insert(WorkerRow).values(**row))
+
+        retrying(op, "worker heartbeat", attempts=3)

@@ -254,13 +254,13 @@ class Farm:
                 for w in self.workers:
                     if w.proc is not None and w.proc.returncode not in (None, -9):
                         w.assert_alive()
-                c = store.counts(run_id)
+                c = store.queries.counts(run_id)
                 return c if c.finished else None
 
             def report() -> str:
                 rows = [(r["group_position"], r["image_index"], r["status"], r["attempts"], r["worker"])
-                        for r in store.image_rows(run_id) if r["status"] != "done"]
-                return (f"{store.counts(run_id)}\nunfinished rows: {rows}\nqueued {self.redis.queued(self.queue)} "
+                        for r in store.queries.image_rows(run_id) if r["status"] != "done"]
+                return (f"{store.queries.counts(run_id)}\nunfinished rows: {rows}\nqueued {self.redis.queued(self.queue)} "
                         f"unacked {self.redis.unacked() if self.redis.ping() else '?'}\n{self.logs()}")
 
             return wait_for(done, timeout, f"run {run_id} to finish", 0.5, on_timeout=report)
@@ -305,7 +305,7 @@ def check_export(out: Path, expected: list[tuple[str, str]]) -> list[dict[str, A
 
 def check_rows(store: Any, run_id: int, n_images: int) -> list[dict[str, Any]]:
     """One row per image (no duplicates by construction of the key, asserted anyway), all done."""
-    rows = store.image_rows(run_id)
+    rows = store.queries.image_rows(run_id)
     keys = [(r["group_position"], r["image_index"]) for r in rows]
     assert len(rows) == n_images and len(set(keys)) == n_images
     assert {r["status"] for r in rows} == {"done"}, [(r["rel_path"], r["status"], r["error"]) for r in rows

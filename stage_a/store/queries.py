@@ -1,0 +1,467 @@
+"""Read-only queries of the results store: a run's counts, its pages, the operator views.
+
+Each read of one run costs a fixed number of aggregate queries over that run's rows (index
+ix_images_run_status or the primary key), never a query per image or per group, so they stay fast at
+a million images. Groups are paged by keyset on their position (``iter_export_groups``, ``page_groups``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, false, func, or_, select
+
+from stage_a.store.models import DONE, FAILED, LEASED, PENDING, DeadLetter, GroupRow, ImageRow, Run, WorkerRow
+
+IRRELEVANT = "无关图片"
+"""The whole cleaned summary of an irrelevant image (SPEC section 5)."""
+
+
+@dataclass(frozen=True)
+class ModelShare:
+    """Images of a run finished by one (model, engine) pair."""
+
+    model: str | None
+    engine: str | None
+    images: int
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """Where a run's images and groups stand, read in one pass over its rows."""
+
+    pending: int
+    leased: int
+    done: int
+    failed: int
+    groups_total: int
+    groups_done: int
+    """Groups whose every image is done."""
+    groups_failed: int
+    """Groups with at least one failed image."""
+    first_update: datetime | None
+    """Earliest result (done or failed)."""
+    last_update: datetime | None
+    workers: tuple[str, ...]
+    """Worker names found on the run's rows (who leased or wrote them; at most 100)."""
+    first_activity: datetime | None
+    """Earliest updated_at of any row (a lease, or the first result)."""
+    finished_since: int
+    """Images finished (done or failed) after the ``since`` time the caller passed (0 without one)."""
+    preprocess_ms_mean: float | None
+    generate_ms_mean: float | None
+    completion_tokens: int
+    generate_ms_with_tokens: float
+    """Sum of generate_ms over the rows that have completion_tokens (tokens/s = tokens / this)."""
+    models: tuple[ModelShare, ...]
+    """Who finished the done images, most images first."""
+
+    @property
+    def images_total(self) -> int:
+        return self.pending + self.leased + self.done + self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.pending == 0 and self.leased == 0
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as recorded (no image counts)."""
+
+    id: int
+    mission: str
+    dataset: str
+    checkpoint: str
+    model: str | None
+    input_root: str
+    sharding_mode: str
+    farm: bool
+    n_groups: int
+    n_images: int
+    created_at: datetime
+    cancelled_at: datetime | None
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    """One worker process's last heartbeat (the `workers` table), as read at some time ``now``."""
+
+    name: str
+    model: str | None
+    pinned: bool | None
+    """Serves only its STAGE_A_CHECKPOINT model; False: loads each run's model; None: not recorded."""
+    engine: str | None
+    device: str | None
+    state: str
+    """starting, loading, ready, busy or stopped; "offline" when the last beat is too old."""
+    started_at: datetime
+    heartbeat_at: datetime
+    run_id: int | None
+    last_batch_at: datetime | None
+    last_batch_images: int | None
+    last_batch_seconds: float | None
+    images_per_s: float | None
+    tokens_per_s: float | None
+    images_total: int
+    heartbeat_age_s: float
+    online: bool
+    """A fresh heartbeat and not stopped."""
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    received_at: datetime
+    run_id: int | None
+    worker: str | None
+    reason: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class ExportImage:
+    file_name: str
+    status: str
+    summary: str | None
+    error: str | None
+    index: int
+
+
+@dataclass(frozen=True)
+class ExportGroup:
+    position: int
+    group_id: str
+    label: str
+    images: list[ExportImage]
+
+
+@dataclass(frozen=True)
+class PageImage:
+    group_position: int
+    image_index: int
+    rel_path: str
+    status: str
+    summary: str | None
+    raw_text: str | None
+    error: str | None
+    worker: str | None
+    preprocess_ms: float | None
+    generate_ms: float | None
+    completion_tokens: int | None
+
+    @property
+    def file_name(self) -> str:
+        return self.rel_path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class PageGroup:
+    position: int
+    group_id: str
+    label: str
+    n_images: int
+    images: list[PageImage]
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Which images a run page shows; empty = all."""
+
+    label: str | None = None
+    failed: bool = False
+    irrelevant: bool = False
+    text: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.label or self.failed or self.irrelevant or self.text)
+
+
+_PAGE_COLUMNS = (ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path, ImageRow.status,
+                 ImageRow.summary, ImageRow.raw_text, ImageRow.error, ImageRow.worker, ImageRow.preprocess_ms,
+                 ImageRow.generate_ms, ImageRow.completion_tokens)
+_GROUP_JOIN = and_(GroupRow.run_id == ImageRow.run_id, GroupRow.position == ImageRow.group_position)
+
+
+class Queries:
+    """Read-only queries; ``store.queries`` of a ResultStore."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def run_row(self, run_id: int) -> RunRow | None:
+        rows = self.run_rows(1, [run_id])
+        return rows[0] if rows else None
+
+    def run_rows(self, limit: int = 100, ids: Sequence[int] | None = None) -> list[RunRow]:
+        """Runs newest first (or the given ids)."""
+        q = select(Run).order_by(Run.id.desc()).limit(limit)
+        if ids is not None:
+            q = q.where(Run.id.in_(list(ids)))
+        with self.engine.connect() as c:
+            return [RunRow(**{k: r._mapping[k] for k in RunRow.__dataclass_fields__}) for r in c.execute(q)]
+
+    def run_ids(self) -> list[int]:
+        with self.engine.connect() as c:
+            return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
+
+    def unfinished_run_ids(self) -> list[int]:
+        """Runs not cancelled with images pending or leased, oldest first (one index probe per run)."""
+        busy = select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_((PENDING, LEASED)))
+        with self.engine.connect() as c:
+            return [int(i) for (i,) in c.execute(
+                select(Run.id).where(Run.cancelled_at.is_(None), busy.exists()).order_by(Run.id))]
+
+    # ---- counts -----------------------------------------------------------------------------
+
+    def status_counts(self, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """{run: {status: images}} for many runs in one index-only aggregate."""
+        out: dict[int, dict[str, int]] = {r: {} for r in run_ids}
+        if not run_ids:
+            return out
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.run_id, ImageRow.status, func.count())
+                .where(ImageRow.run_id.in_(list(run_ids))).group_by(ImageRow.run_id, ImageRow.status)
+            )
+            for run_id, status, n in rows:
+                out[int(run_id)][str(status)] = int(n)
+        return out
+
+    def counts(self, run_id: int, since: datetime | None = None, workers: bool = True) -> RunCounts:
+        """The run's counts: images by status, groups, first/last times, images finished after
+        ``since``, per-stage means, who served it. ``workers``: also the worker names on its rows.
+
+        Groups are counted from the images that are not done (index ix_images_run_status), so a
+        mostly finished run costs a read of its unfinished and failed rows only.
+        """
+        with_tokens = ImageRow.completion_tokens.is_not(None)
+        after = ImageRow.updated_at > since if since is not None else false()
+        agg = (
+            select(
+                ImageRow.status, ImageRow.model, ImageRow.engine, func.count(),
+                func.min(ImageRow.updated_at), func.max(ImageRow.updated_at), func.count().filter(after),
+                func.sum(ImageRow.preprocess_ms), func.count(ImageRow.preprocess_ms),
+                func.sum(ImageRow.generate_ms), func.count(ImageRow.generate_ms),
+                func.sum(ImageRow.completion_tokens), func.sum(ImageRow.generate_ms).filter(with_tokens),
+            )
+            .where(ImageRow.run_id == run_id)
+            .group_by(ImageRow.status, ImageRow.model, ImageRow.engine)
+        )
+        failed_pos = case((ImageRow.status == FAILED, ImageRow.group_position))
+        tally = (
+            select(func.count(func.distinct(ImageRow.group_position)), func.count(func.distinct(failed_pos)))
+            .where(ImageRow.run_id == run_id, ImageRow.status.in_((PENDING, LEASED, FAILED)))
+        )
+        by_status = {PENDING: 0, LEASED: 0, DONE: 0, FAILED: 0}
+        first_act: list[datetime] = []
+        firsts: list[datetime] = []
+        lasts: list[datetime] = []
+        since_n = tokens = 0
+        pre_sum = pre_n = gen_sum = gen_n = gen_tok_ms = 0.0
+        models: dict[tuple[str | None, str | None], int] = {}
+        with self.engine.connect() as c:
+            n_groups = c.execute(select(Run.n_groups).where(Run.id == run_id)).scalar() or 0
+            for status, model, engine, n, lo, hi, n_since, ps, pn, gs, gn, tok, gtm in c.execute(agg):
+                by_status[str(status)] = by_status.get(str(status), 0) + int(n)
+                if lo is not None:
+                    first_act.append(lo)
+                if status in (DONE, FAILED):
+                    if lo is not None and hi is not None:
+                        firsts.append(lo)
+                        lasts.append(hi)
+                    since_n += int(n_since or 0)
+                    if status == DONE:
+                        models[(model, engine)] = models.get((model, engine), 0) + int(n)
+                pre_sum += float(ps or 0)
+                pre_n += float(pn or 0)
+                gen_sum += float(gs or 0)
+                gen_n += float(gn or 0)
+                tokens += int(tok or 0)
+                gen_tok_ms += float(gtm or 0)
+            incomplete, with_failures = c.execute(tally).one()
+            names = c.execute(
+                select(ImageRow.worker).where(ImageRow.run_id == run_id, ImageRow.worker.is_not(None))
+                .distinct().limit(100)
+            ).scalars().all() if workers else []
+        return RunCounts(
+            pending=by_status[PENDING], leased=by_status[LEASED], done=by_status[DONE], failed=by_status[FAILED],
+            groups_total=int(n_groups), groups_done=int(n_groups) - int(incomplete),
+            groups_failed=int(with_failures), first_update=min(firsts) if firsts else None,
+            last_update=max(lasts) if lasts else None, workers=tuple(sorted(w for w in names if w)),
+            first_activity=min(first_act) if first_act else None, finished_since=since_n,
+            preprocess_ms_mean=pre_sum / pre_n if pre_n else None,
+            generate_ms_mean=gen_sum / gen_n if gen_n else None,
+            completion_tokens=tokens, generate_ms_with_tokens=gen_tok_ms,
+            models=tuple(ModelShare(m, e, n) for (m, e), n in sorted(models.items(), key=lambda kv: -kv[1])),
+        )
+
+    def served_by(self, run_id: int) -> list[tuple[str, int]]:
+        """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.model, func.count()).where(ImageRow.run_id == run_id, ImageRow.status == DONE)
+                .group_by(ImageRow.model)
+            ).all()
+        return sorted(((m or "unknown", int(n)) for m, n in rows), key=lambda r: (-r[1], r[0]))
+
+    # ---- workers and dead letters -----------------------------------------------------------
+
+    def worker_beats(self, now: datetime | None = None, timeout: float = math.inf) -> list[WorkerBeat]:
+        """Every worker's last heartbeat by name, read at ``now``: a beat older than ``timeout`` seconds
+        is offline (``now`` None: the heartbeats' own times, all of them fresh)."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(WorkerRow).order_by(WorkerRow.name)).all()
+        out = []
+        for r in rows:
+            row = {k: r._mapping[k] for k in WorkerBeat.__dataclass_fields__ if k in r._mapping}
+            age = max(0.0, (now - r.heartbeat_at).total_seconds()) if now else 0.0
+            online = age <= timeout and r.state != "stopped"
+            if not online and r.state != "stopped":
+                row["state"] = "offline"
+            out.append(WorkerBeat(**row, heartbeat_age_s=age, online=online))
+        return out
+
+    def dead_letters(self) -> list[tuple[str, str]]:
+        """(reason, payload) of every dead letter, oldest first."""
+        with self.engine.connect() as c:
+            return [(r, p) for r, p in c.execute(select(DeadLetter.reason, DeadLetter.payload).order_by(DeadLetter.id))]
+
+    def dead_letter_counts(self) -> dict[int | None, int]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
+            return {(int(r) if r is not None else None): int(n) for r, n in rows}
+
+    def dead_letter_rows(self, run_id: int | None = None, limit: int = 1000) -> list[DeadLetterRow]:
+        """Newest first; only the run's when ``run_id`` is given."""
+        q = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
+        if run_id is not None:
+            q = q.where(DeadLetter.run_id == run_id)
+        with self.engine.connect() as c:
+            return [DeadLetterRow(r.id, r.received_at, r.run_id, r.worker, r.reason, r.payload) for r in c.execute(q)]
+
+    # ---- pages of a run ---------------------------------------------------------------------
+
+    def iter_export_groups(self, run_id: int, batch_rows: int = 20_000) -> Iterator[ExportGroup]:
+        """Groups in output order with their images, streamed by keyset pages (flat memory)."""
+        last_pos = -1
+        while True:
+            with self.engine.connect() as c:
+                groups = c.execute(
+                    select(GroupRow.position, GroupRow.group_id, GroupRow.label)
+                    .where(GroupRow.run_id == run_id, GroupRow.position > last_pos)
+                    .order_by(GroupRow.position).limit(max(1, batch_rows // 5))
+                ).all()
+                if not groups:
+                    return
+                lo, last_pos = groups[0][0], groups[-1][0]
+                images = c.execute(
+                    select(ImageRow.group_position, ImageRow.rel_path, ImageRow.status, ImageRow.summary,
+                           ImageRow.error, ImageRow.image_index)
+                    .where(ImageRow.run_id == run_id, ImageRow.group_position.between(lo, last_pos))
+                    .order_by(ImageRow.group_position, ImageRow.image_index)
+                ).all()
+            by_pos = {pos: list(rows) for pos, rows in itertools.groupby(images, key=lambda r: r[0])}
+            for pos, gid, label in groups:
+                yield ExportGroup(pos, gid, label, [ExportImage(path.rsplit("/", 1)[-1], st, summ, err, idx)
+                                                    for _, path, st, summ, err, idx in by_pos.get(pos, [])])
+
+    def page_groups(self, run_id: int, flt: ImageFilter, after: int | None = None, before: int | None = None,
+                    limit: int = 20) -> tuple[list[PageGroup], bool]:
+        """One page of groups in output order (keyset on position) with their images that match ``flt``.
+
+        ``after``: positions greater than it (next page); ``before``: the page just before it.
+        Returns the groups and whether there are more in the paging direction.
+        """
+        img_cond = _image_conditions(run_id, flt)
+        backwards = before is not None and after is None
+        if img_cond is None:
+            pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
+        else:
+            pos_q = select(ImageRow.group_position).where(*img_cond).distinct()
+            if flt.label:
+                pos_q = pos_q.join(GroupRow, _GROUP_JOIN)
+        if flt.label:
+            pos_q = pos_q.where(GroupRow.label == flt.label)
+        col = pos_q.selected_columns[0]
+        if after is not None:
+            pos_q = pos_q.where(col > after)
+        pos_q = pos_q.where(col < before).order_by(col.desc()) if backwards else pos_q.order_by(col)
+        with self.engine.connect() as c:
+            positions = [int(p) for (p,) in c.execute(pos_q.limit(limit + 1))]
+            more = len(positions) > limit
+            positions = sorted(positions[:limit])
+            if not positions:
+                return [], False
+            groups = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
+                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
+            ).all()
+            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
+                                              ImageRow.group_position.between(positions[0], positions[-1]))
+            if img_cond is not None:
+                iq = iq.where(*img_cond)
+            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
+        by_pos: dict[int, list[PageImage]] = {}
+        for r in images:
+            by_pos.setdefault(int(r[0]), []).append(PageImage(*r))  # type: ignore[call-arg]  # _PAGE_COLUMNS
+        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
+
+    def failed_images(self, run_id: int, limit: int = 50) -> list[tuple[PageGroup, PageImage]]:
+        """The first failed images in output order, with their group."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images, *_PAGE_COLUMNS)
+                .join(GroupRow, _GROUP_JOIN)
+                .where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                .order_by(ImageRow.group_position, ImageRow.image_index).limit(limit)
+            ).all()
+        return [(PageGroup(r[0], r[1], r[2], r[3], []), PageImage(*r[4:])) for r in rows]  # type: ignore[call-arg]
+
+    def image_location(self, run_id: int, group_position: int, image_index: int) -> tuple[str, str] | None:
+        """(input_root, rel_path) of one image as the store recorded them."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(Run.input_root, ImageRow.rel_path)
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(ImageRow.run_id == run_id, ImageRow.group_position == group_position,
+                       ImageRow.image_index == image_index)
+            ).first()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def image_rows(self, run_id: int) -> list[dict[str, Any]]:
+        """Every image row of a run, every column (tests and debugging; not for big runs)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.__table__).where(ImageRow.run_id == run_id)
+                .order_by(ImageRow.group_position, ImageRow.image_index)
+            )
+            return [dict(r._mapping) for r in rows]
+
+
+def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
+    conds: list[Any] = []
+    if flt.failed:
+        conds.append(ImageRow.status == FAILED)
+    if flt.irrelevant:
+        conds.append(ImageRow.summary == IRRELEVANT)
+    if flt.text:
+        pattern = f"%{_like_escape(flt.text)}%"
+        conds.append(or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
+                         ImageRow.rel_path.like(pattern, escape="\\")))
+    return [ImageRow.run_id == run_id, *conds] if conds else None
+
+
+def _like_escape(text: str) -> str:
+    """The LIKE pattern (ESCAPE '\\') that matches ``text`` literally; NUL as the U+FFFD stored in its place."""
+    text = text.replace("\x00", "\ufffd")
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
