@@ -8,4 +8,4 @@ class UserError(ValueError):
 
 
 class EngineDeadError(RuntimeError):
-    """The model engine can no longer serve any request (OOM loop, CUDA error): stop the worker."""
+    """The engine can serve nothing more (a device fault, vLLM's engine gone): the process stops."""
