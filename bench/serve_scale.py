@@ -151,8 +151,9 @@ def main() -> int:
         from starlette.testclient import TestClient
 
         from monitor.web.app import create_app
+        from stage_a.settings import Settings
 
-        client = TestClient(create_app(store))
+        client = TestClient(create_app(store, Settings.from_env()))
         mid = (store.run_row(run_id).n_groups if store.run_row(run_id) else 0) // 2  # type: ignore[union-attr]
         urls = [
             ("run page, first page", f"/runs/{run_id}"),

@@ -229,7 +229,7 @@ def _serves(worker: WorkerView, run: RunRow) -> bool:
             or worker.run_id == run.id)
 
 
-def build_report(store: ResultStore, run_id: int, settings: Settings | None = None,
+def build_report(store: ResultStore, run_id: int, settings: Settings,
                  queue: QueueProbe | None = None, now: datetime | None = None,
                  beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
@@ -239,7 +239,6 @@ def build_report(store: ResultStore, run_id: int, settings: Settings | None = No
     ``writers``: also list the worker names found on the run's rows (one more scan of the run; the
     web pages skip it and show the heartbeat table).
     """
-    settings = settings or Settings.from_env()
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window
@@ -363,11 +362,10 @@ class RunSummary:
         return dict(_jsonable(asdict(self)), finished=self.done + self.failed)
 
 
-def list_runs(store: ResultStore, limit: int = 100, settings: Settings | None = None,
+def list_runs(store: ResultStore, limit: int, settings: Settings,
               now: datetime | None = None, ids: Sequence[int] | None = None) -> list[RunSummary]:
     """Runs newest first (or the given ids) with counts and state; full reports only for unfinished runs
     (their state depends on activity), so a list of many finished runs stays one index-only aggregate."""
-    settings = settings or Settings.from_env()
     now = now or utcnow()
     runs = store.run_rows(limit, ids)
     counts = store.status_counts([r.id for r in runs])

@@ -73,10 +73,10 @@ class PoisonSink:
             self._store.engine.dispose(close=False)
             self._store = None
         if self._store is None:
-            from stage_a.settings import Settings
             from stage_a.store import ResultStore
+            from workers.celery import settings
 
-            self._store = ResultStore(Settings.from_env().require_database(), migrate=False)
+            self._store = ResultStore(settings.require_database(), migrate=False)
             self._pid = os.getpid()
         return self._store
 

@@ -83,8 +83,7 @@ def _int_param(request: Request, name: str, default: int | None = None, lo: int 
     return min(hi, value) if hi is not None else value
 
 
-def create_app(store: ResultStore, settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings.from_env()
+def create_app(store: ResultStore, settings: Settings) -> Starlette:
     queue = QueueProbe(settings)
     thumbs = Thumbnails(store)
     registry = metrics_registry(store, settings, queue)
