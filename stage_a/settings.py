@@ -2,7 +2,8 @@
 
 Each field below is one variable (its name is STAGE_A_ + the field name upper-cased, unless the
 field says otherwise), its default written once, its meaning in the docstring under it.
-deploy/stage-a.env.example documents the same variables for operators.
+deploy/stage-a.env.example documents the same variables for operators. Entry points (each
+`stage-a` command, workers/celery.py, the alembic env) call Settings.from_env() once and pass it down.
 """
 
 from __future__ import annotations
