@@ -23,9 +23,9 @@ REDIS_URL = os.environ.get("STAGE_A_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 
 def cache_dir() -> Path:
-    from stage_a.settings import default_cache_dir
+    from stage_a.settings import Settings
 
-    return default_cache_dir()
+    return Settings.from_env().cache_path
 
 
 def machine_line() -> str:

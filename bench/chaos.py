@@ -303,14 +303,14 @@ def main() -> int:
         checkpoint = args.checkpoint
     else:
         from engine.tiny_model import cached_tiny_checkpoint
-        from stage_a.settings import default_cache_dir
+        from stage_a.settings import Settings
 
-        checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+        checkpoint = str(cached_tiny_checkpoint(Settings.from_env().cache_path / "models"))
     from engine.tiny_model import cached_tiny_checkpoint
     from stage_a.checkpoint import Checkpoint
-    from stage_a.settings import default_cache_dir
+    from stage_a.settings import Settings
 
-    other_checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models", seed=7))
+    other_checkpoint = str(cached_tiny_checkpoint(Settings.from_env().cache_path / "models", seed=7))
     run_model = Checkpoint.open(checkpoint).identity
     groups = add_escaping_symlinks(workdir / "in", make_tree(workdir / "in", args.images, rng), args.symlinks, rng)
     n_images = sum(n for _, _, n in groups)

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from stage_a.config import RunSpec  # noqa: E402
-from stage_a.settings import Settings  # noqa: E402
 from stage_a.store import GroupInput, ResultStore, utcnow  # noqa: E402
 from stage_a.store.models import WorkerRow  # noqa: E402
 
@@ -151,6 +150,7 @@ def main() -> int:
         from starlette.testclient import TestClient
 
         from monitor.web.app import create_app
+        from stage_a.settings import Settings
 
         client = TestClient(create_app(store, Settings.from_env()))
         mid = (store.queries.run_row(run_id).n_groups if store.queries.run_row(run_id) else 0) // 2  # type: ignore[union-attr]

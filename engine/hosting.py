@@ -53,7 +53,7 @@ def build_engine(checkpoint: Checkpoint, device: str, settings: Settings, kind: 
         from engine.loader import load_model
         from engine.transformers_engine import TransformersEngine
 
-        engine = TransformersEngine(load_model(checkpoint, device))
+        engine = TransformersEngine(load_model(checkpoint, device), settings.data_dir)
     else:
         raise UserError(f"unknown engine {kind!r}; use transformers or vllm")
     after = checkpoint.reread()

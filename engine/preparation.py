@@ -43,8 +43,10 @@ def preprocessing_error(item: WorkItem, exc: BaseException) -> str:
 class Preparation:
     """Thread-safe CPU work around one processor (the prefetch thread runs it)."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, data_dir: str = "") -> None:
         self.processor = processor
+        self.data_dir = data_dir
+        """Mission and prompt data overriding the packaged one (STAGE_A_DATA_DIR); empty: packaged."""
         self.tokenizer = processor.tokenizer
         tok = self.tokenizer
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if i is not None and i >= 0]
@@ -56,7 +58,8 @@ class Preparation:
         self.min_pixels = int((ip.size or {}).get("shortest_edge") or 0) or self.factor * self.factor
 
     def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext:
-        prompt = build_prompt(get_mission(spec.mission), spec.dataset, spec.prompt_profile)
+        mission = get_mission(spec.mission, data_dir=self.data_dir)
+        prompt = build_prompt(mission, spec.dataset, spec.prompt_profile, data_dir=self.data_dir)
         messages = [
             {"role": "system", "content": [{"type": "text", "text": prompt.system}]},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.user}]},

@@ -43,11 +43,11 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, data_dir: str = "") -> None:
         self.loaded = loaded
         self.fingerprint = loaded.fingerprint
         self.processor = loaded.processor
-        self.prep = Preparation(loaded.processor)
+        self.prep = Preparation(loaded.processor, data_dir)
         self.pad_id = self.prep.pad_id
 
     def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext:

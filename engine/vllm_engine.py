@@ -36,12 +36,13 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, llm: Any, processor: Any, checkpoint: Checkpoint, lora_request: Any = None) -> None:
+    def __init__(self, llm: Any, processor: Any, checkpoint: Checkpoint, lora_request: Any = None,
+                 data_dir: str = "") -> None:
         self.llm = llm
         self.checkpoint = checkpoint
         self.fingerprint = checkpoint.identity
         self.processor = processor
-        self.prep = Preparation(processor)
+        self.prep = Preparation(processor, data_dir)
         self.lora_request = lora_request
         self.max_model_len = int(llm.model_config.max_model_len)
         """Longest prompt + completion vLLM serves (STAGE_A_VLLM_MAX_MODEL_LEN, as vLLM applied it)."""
@@ -216,4 +217,4 @@ def load_vllm_engine(checkpoint: Checkpoint, device: str, settings: Settings, **
         hint = " (to serve a LoRA adapter without vLLM's LoRA support, merge it into its base model)" \
             if checkpoint.adapter else ""
         raise UserError(f"vLLM cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from None
-    return VllmEngine(llm, processor, checkpoint, lora_request=lora_request)
+    return VllmEngine(llm, processor, checkpoint, lora_request=lora_request, data_dir=settings.data_dir)

@@ -31,7 +31,7 @@ def output_paths(output_dir: Path, mission: str) -> tuple[Path, Path]:
     return output_dir / f"{mission}_stage_a.jsonl", output_dir / f"{mission}_stage_a_failures.jsonl"
 
 
-def _failure(group: ExportGroup, cancelled: bool = False) -> dict[str, object] | None:
+def _failure(group: ExportGroup, cancelled: bool) -> dict[str, object] | None:
     problems: list[dict[str, str | None]] = []
     incomplete = False
     for i, img in enumerate(group.images, start=1):

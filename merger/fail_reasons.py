@@ -119,12 +119,12 @@ def load_fail_reasons(excel: Path) -> dict[tuple[str, str], list[str]]:
     return {key: sorted(texts) for key, texts in reasons.items()}
 
 
-def _require_supported_mission(mission: str, path: Path, line_no: int) -> None:
+def _require_supported_mission(mission: str, path: Path, line_no: int, data_dir: str) -> None:
     """A record of a known RRU mission is refused whatever --dataset says (the default is bbu)."""
     from stage_a.missions import get_mission, list_missions
 
-    if mission in list_missions():
-        dataset = get_mission(mission).dataset
+    if mission in list_missions(data_dir=data_dir):
+        dataset = get_mission(mission, data_dir=data_dir).dataset
         if dataset not in SUPPORTED_DATASETS:
             raise UserError(
                 f"{path}:{line_no}: mission {mission} is {dataset.upper()}; "
@@ -133,7 +133,7 @@ def _require_supported_mission(mission: str, path: Path, line_no: int) -> None:
 
 
 def add_fail_reasons_file(
-    path: Path, excel: Path, dataset: str, output: Path | None = None, inplace: bool = False
+    path: Path, excel: Path, dataset: str, output: Path | None = None, inplace: bool = False, data_dir: str = ""
 ) -> FailReasonReport:
     """Attach ``gt_fail_reason_texts``/``gt_fail_reason_text`` to every fail record of ``path``.
 
@@ -156,7 +156,7 @@ def add_fail_reasons_file(
     def updated_lines() -> Iterator[str]:
         for line_no, d in read_records(path):
             rec = GroupRecord.from_dict(d)
-            _require_supported_mission(rec.mission, path, line_no)
+            _require_supported_mission(rec.mission, path, line_no, data_dir)
             if rec.label == "fail":
                 rec.set_fail_reasons(table.get((rec.group_id, rec.mission), []))
                 report.fail_records += 1

@@ -19,8 +19,9 @@ def check_post_steps(dataset: str, add_gt_fail_reason: bool, excel_path: Path) -
 
 
 def apply_post_steps(jsonl: Path, dataset: str, postprocess: bool, add_gt_fail_reason: bool,
-                     excel_path: Path) -> list[str]:
-    """Run the requested steps on the exported file in place; returns lines to show the user."""
+                     excel_path: Path, data_dir: str) -> list[str]:
+    """Run the requested steps on the exported file in place; returns lines to show the user.
+    ``data_dir``: the mission data folder (Settings.data_dir)."""
     notes: list[str] = []
     if postprocess:
         from merger.postprocess import postprocess_file
@@ -30,7 +31,7 @@ def apply_post_steps(jsonl: Path, dataset: str, postprocess: bool, add_gt_fail_r
     if add_gt_fail_reason:
         from merger.fail_reasons import add_fail_reasons_file
 
-        fr = add_fail_reasons_file(jsonl, excel_path, dataset, inplace=True)
+        fr = add_fail_reasons_file(jsonl, excel_path, dataset, inplace=True, data_dir=data_dir)
         notes.append(f"fail reasons attached to {fr.updated} records; {fr.fail_without_reason} of "
                      f"{fr.fail_records} fail records had none")
     return notes

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from stage_a.store import ResultStore
 
 Key = tuple[str, str, str]
+MAX_CHANGES = 100_000
+"""Changed images a diff keeps (the counts cover every image)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ class RunDiff:
     irrelevant_b: int = 0
     categories: list[CategoryMove] = field(default_factory=list)
     changes: list[ImageChange] = field(default_factory=list)
-    """Changed images in run A's output order (at most ``keep`` of them)."""
+    """Changed images in run A's output order (at most MAX_CHANGES of them)."""
 
-    def to_json(self, with_images: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_json(self) -> dict[str, Any]:
+        return {
             "run_a": self.run_a, "run_b": self.run_b, "same": self.same, "changed": self.changed,
             "only_a": self.only_a, "only_b": self.only_b, "failed_in_either": self.failed_in_either,
             "unfinished_in_either": self.unfinished_in_either,
@@ -71,14 +73,11 @@ class RunDiff:
                              "values": {f"{attr}={value}": [na, nb] for attr, value, na, nb in c.values}}
                 for c in self.categories
             },
+            "changed_images": [{"group_id": c.group_id, "label": c.label, "file": c.file} for c in self.changes],
         }
-        if with_images:
-            out["changed_images"] = [{"group_id": c.group_id, "label": c.label, "file": c.file}
-                                     for c in self.changes]
-        return out
 
 
-def diff_runs(store: ResultStore, run_a: int, run_b: int, keep: int = 100_000) -> RunDiff:
+def diff_runs(store: ResultStore, run_a: int, run_b: int) -> RunDiff:
     """Stream both runs from the store; holds run B's texts in memory (one dict entry per image)."""
     require_run(store, run_a)
     require_run(store, run_b)
@@ -109,7 +108,7 @@ def diff_runs(store: ResultStore, run_a: int, run_b: int, keep: int = 100_000) -
             d.same += 1
         else:
             d.changed += 1
-            if len(d.changes) < keep:
+            if len(d.changes) < MAX_CHANGES:
                 d.changes.append(ImageChange(g.group_id, g.label, img.file_name, img.summary or "", sum_b or "",
                                              g.position, img.index))
         pa, pb = parse_summary(img.summary), parse_summary(sum_b)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +95,6 @@ class RunReport:
     state: str
     reason: str | None
     """Why the run is stalled, and what to do."""
-    settings_note: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished_images(self) -> int:
@@ -112,7 +111,6 @@ class RunReport:
     def to_json(self) -> dict[str, Any]:
         """One JSON object (what `status --json` prints and /api/runs/{id} returns)."""
         d = asdict(self)
-        d.pop("settings_note", None)
         d["finished"] = self.finished_images
         d["models_served"] = [asdict(m) for m in self.models_served]
         return _jsonable(d)
@@ -244,7 +242,6 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         throughput=Throughput(recent, window, overall, eta),
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason,
-        settings_note={"stall_seconds": settings.stall_seconds, "heartbeat_timeout": settings.heartbeat_timeout},
     )
 
 

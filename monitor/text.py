@@ -91,13 +91,13 @@ def runs_table(runs: list[RunSummary]) -> str:
     return _table(rows)
 
 
-def dead_letters_table(rows: list[DeadLetterRow], payload_chars: int = 80) -> str:
+def dead_letters_table(rows: list[DeadLetterRow]) -> str:
     if not rows:
         return "no dead letters"
     head = ("id", "received", "run", "worker", "reason", "payload")
     body = [
         (str(d.id), fmt_time(d.received_at), str(d.run_id) if d.run_id is not None else "-", d.worker or "-",
-         _one_line(d.reason, 100), _one_line(d.payload, payload_chars))
+         _one_line(d.reason, 100), _one_line(d.payload, 80))
         for d in rows
     ]
     return _table([head, *body])

@@ -1,8 +1,8 @@
 """Missions, domain packs and prompt profiles, loaded from data files (SPEC sections 2 and 3).
 
 Everything here is data so that adding a mission is a JSON edit, not a code change. The data
-directory is, in order of precedence: an explicit ``data_dir`` argument, the ``STAGE_A_DATA_DIR``
-environment variable, or the ``stage_a/data`` package data. Parsed data is cached per directory.
+directory is the caller's ``data_dir`` (entry points pass ``Settings.data_dir``, STAGE_A_DATA_DIR);
+empty or None means the ``stage_a/data`` package data. Parsed data is cached per directory.
 """
 
 from __future__ import annotations
@@ -62,15 +62,10 @@ def _package_data() -> Traversable:
 
 
 def _cache_key(data_dir: DataDir) -> str | None:
-    """None for package data, else the resolved override directory. The env var is read per call."""
-    if data_dir is None:
-        from stage_a.settings import Settings
-
-        data_dir = Settings.from_env().data_dir or None
-    chosen = data_dir
-    if chosen is None:
+    """None for package data, else the resolved override directory."""
+    if not data_dir:
         return None
-    path = Path(chosen).expanduser().resolve()
+    path = Path(data_dir).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"data directory '{path}' does not exist (from data_dir or {DATA_DIR_ENV})")
     return str(path)

@@ -2,7 +2,8 @@
 
 Each field below is one variable (its name is STAGE_A_ + the field name upper-cased, unless the
 field says otherwise), its default written once, its meaning in the docstring under it.
-deploy/stage-a.env.example documents the same variables for operators.
+deploy/stage-a.env.example documents the same variables for operators. Entry points (each
+`stage-a` command, workers/celery.py, the alembic env) call Settings.from_env() once and pass it down.
 """
 
 from __future__ import annotations
@@ -162,6 +163,15 @@ class Settings:
             raise UserError("STAGE_A_DATABASE_URL is not set (e.g. postgresql+psycopg://user@host/stage_a)")
         return self.database_url
 
+    def results_database(self, db: str | None, output_dir: Path | None = None) -> str:
+        """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""
+        value = db or self.database_url
+        if not value:
+            return f"sqlite:///{Path(output_dir or Path.cwd()).resolve() / 'stage_a_results.db'}"
+        if "://" in value:
+            return value
+        return f"sqlite:///{Path(value).expanduser().resolve()}"
+
 
 def _var(name: str) -> str:
     f = next(f for f in fields(Settings) if f.name == name)
@@ -193,24 +203,3 @@ def _parse(name: str, raw: str, default: Any) -> Any:
         sep = os.pathsep if name.endswith("INPUT_ROOTS") else ","
         return tuple(p.strip() for p in raw.split(sep) if p.strip())
     return raw
-
-
-def settings() -> Settings:
-    """The process's settings, read from the environment now (cheap; tests change the environment)."""
-    return Settings.from_env()
-
-
-def default_cache_dir() -> Path:
-    """Where the embedded default keeps its tiny model and sample data."""
-    return Settings.from_env().cache_path
-
-
-def database_url(db: str | None, output_dir: Path | None = None) -> str:
-    """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""
-    value = db or Settings.from_env().database_url
-    if not value:
-        folder = output_dir if output_dir is not None else Path.cwd()
-        return f"sqlite:///{Path(folder).resolve() / 'stage_a_results.db'}"
-    if "://" in value:
-        return value
-    return f"sqlite:///{Path(value).expanduser().resolve()}"

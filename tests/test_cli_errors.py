@@ -164,12 +164,12 @@ def test_unparseable_options_are_usage_errors(inputs: Path, tmp_path: Path, opti
 
 
 def test_export_unknown_run(tmp_path: Path) -> None:
-    from stage_a.settings import database_url
+    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
     out = tmp_path / "out"
     out.mkdir()
-    ResultStore(database_url(None, out)).close()  # an existing, empty results database
+    ResultStore(Settings.from_env().results_database(None, out)).close()  # an existing, empty results database
     before = sorted(p.name for p in out.iterdir())
     assert_one_line_error(cli(["export", "--run", "99", "--output-dir", str(out)], tmp_path), "99")
     assert sorted(p.name for p in out.iterdir()) == before

@@ -7,7 +7,11 @@ import pytest
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
 from stage_a.secrets import redact_url
-from stage_a.settings import database_url
+from stage_a.settings import Settings
+
+
+def database_url(db, output_dir=None):  # type: ignore[no-untyped-def]
+    return Settings.from_env().results_database(db, output_dir)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -12,6 +12,7 @@ import stage_a
 from engine.prompts import Prompt, build_prompt, prompt_corpus
 from stage_a import missions as m
 from stage_a.errors import UserError
+from stage_a.settings import Settings
 
 SPEC_MISSIONS = {
     "BBU安装方式检查（正装）": "bbu",
@@ -167,8 +168,9 @@ def test_new_mission_is_a_data_only_change(tmp_path: Path, monkeypatch: pytest.M
     assert "RRU天线检查" not in m.list_missions()  # package data untouched
 
     monkeypatch.setenv(m.DATA_DIR_ENV, str(data))
-    assert m.list_missions()[-1] == "RRU天线检查"
-    assert len(prompt_corpus()) == (len(SPEC_MISSIONS) + 1) * len(m.DATASETS) * 2
+    data_dir = Settings.from_env().data_dir  # what an entry point passes down
+    assert m.list_missions(data_dir=data_dir)[-1] == "RRU天线检查"
+    assert len(prompt_corpus(data_dir=data_dir)) == (len(SPEC_MISSIONS) + 1) * len(m.DATASETS) * 2
 
 
 @pytest.mark.parametrize(

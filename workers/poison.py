@@ -1,14 +1,14 @@
 """Queue entries that never become a task: recorded in the dead_letters table, never fatal.
 
-Celery and kombu handle a malformed entry at three depths, and each depth killed the worker or
-lost the entry silently for some shape of bytes:
+Celery and kombu handle a malformed entry at three depths, and at each depth some shape of bytes
+stops the worker or loses the entry silently unless it is caught:
 - the Redis transport pops and JSON-decodes the raw entry and builds a kombu Message from it
   (not JSON, not an envelope object, a body that is not valid base64, no delivery tag):
   `workers.transport.Channel`;
 - Celery's consumer decodes the body and finds the task (a content type it refuses, such as
   pickle; an unknown task; a body that does not decode): `workers.consumer.Consumer`;
 - celery-batches builds its request and, at flush time, unpacks the body as [args, kwargs, embed]
-  (any other shape raised in the flush timer): `workers.tasks.ReconnectSafeBatches.Strategy`.
+  (any other shape raises in the flush timer): `workers.tasks.ReconnectSafeBatches.Strategy`.
 All of them end here: the reason and the raw entry (truncated) go to `ResultStore.dead_letter`,
 and the entry is dropped (acknowledged) so that it is neither retried nor lost without a trace.
 
@@ -73,12 +73,11 @@ class PoisonSink:
             self._store.engine.dispose(close=False)
             self._store = None
         if self._store is None:
-            from stage_a.settings import Settings
             from stage_a.store import ResultStore
+            from workers.celery import settings
 
-            s = Settings.from_env()
-            self._store = ResultStore(s.require_database(), migrate=False, pool_size=s.db_pool_size,
-                                      sqlite_busy_timeout=s.sqlite_busy_timeout)
+            self._store = ResultStore(settings.require_database(), migrate=False, pool_size=settings.db_pool_size,
+                                      sqlite_busy_timeout=settings.sqlite_busy_timeout)
             self._pid = os.getpid()
         return self._store
 

@@ -27,7 +27,7 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     settings = Settings.from_env()
     if broker:
         settings = replace(settings, broker_url=broker)
-    store = open_store(db)
+    store = open_store(db, settings)
     try:
         info = store.get_run(run_id)
         counts = store.queries.counts(run_id)

@@ -7,6 +7,7 @@ import json
 import click
 
 from cli.commands.status import DB_HELP, open_store
+from stage_a.settings import Settings
 from stage_a.terminal import printable
 
 
@@ -24,7 +25,7 @@ def diff(run_a: int, run_b: int, db: str | None, as_json: bool, examples: int) -
     category. Exit status 0 whatever differs; `stage-a serve` shows the changed images side by side."""
     from monitor.diff import describe_diff, diff_runs
 
-    store = open_store(db)
+    store = open_store(db, Settings.from_env())
     result = diff_runs(store, run_a, run_b)
     if as_json:
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))

@@ -11,7 +11,7 @@ import click
 
 from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError
-from stage_a.settings import database_url
+from stage_a.settings import Settings
 
 
 @click.command(context_settings={"show_default": True})
@@ -27,7 +27,6 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     """
     from producer.publish import Publisher
     from stage_a.checkpoint import Checkpoint
-    from stage_a.settings import Settings
     from stage_a.store import ResultStore
     from stage_a.store.runs import check_run_id
 
@@ -48,7 +47,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     else:
         # Everything the workers would refuse is refused here, before anything is recorded or queued.
         checkpoint = kw["checkpoint"] or settings.checkpoint
-        spec = build_spec(kw, checkpoint)
+        spec = build_spec(kw, checkpoint, settings.data_dir)
         input_dir = require_input_dir(kw["input_dir"])
         if not settings.allows_input_root(input_dir):
             raise UserError(f"input dir {input_dir} is outside STAGE_A_INPUT_ROOTS "
@@ -57,7 +56,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
             Checkpoint.open(checkpoint)
     publisher = Publisher(settings)
     publisher.check()
-    store = ResultStore(database_url(db), pool_size=settings.db_pool_size,
+    store = ResultStore(settings.results_database(db), pool_size=settings.db_pool_size,
                         sqlite_busy_timeout=settings.sqlite_busy_timeout)
     if run_id is not None:
         info = store.get_run(run_id)
@@ -84,13 +83,13 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     click.echo(f"run_id={run_id}")
 
 
-def _dry_run(kw: dict[str, Any], settings: Any, db: str | None) -> None:
+def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     """Discover, sample and check; the broker and database are only looked at, never written."""
     from cli.commands.dryrun import print_plan
     from producer.register import plan_run
     from stage_a.secrets import redact_url
 
-    spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint)
+    spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint, settings.data_dir)
     plan = plan_run(spec, require_input_dir(kw["input_dir"]))
     try:
         from producer.publish import Publisher

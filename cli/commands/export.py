@@ -9,7 +9,7 @@ import click
 
 from cli.commands.options import make_output_dir, require_existing_sqlite
 from stage_a.errors import UserError
-from stage_a.settings import Settings, database_url
+from stage_a.settings import Settings
 from stage_a.terminal import printable
 
 
@@ -41,7 +41,8 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         raise UserError("give a run id (RUN or --run) or --mission")
     if run_id is not None:
         check_run_id(run_id)
-    url = database_url(db, output_dir)
+    settings = Settings.from_env()
+    url = settings.results_database(db, output_dir)
     require_existing_sqlite(url, "pass --db, or the --output-dir of the run")
     settings = Settings.from_env()
     store = ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
@@ -61,7 +62,8 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
         click.echo(f"stage-a: warning: {printable(msg)}; exporting complete groups only", err=True)
     make_output_dir(output_dir)
     report = export_run(store, info.id, output_dir)
-    for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path):
+    for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path,
+                                 settings.data_dir):
         click.echo(f"stage-a: {printable(note)}", err=True)
     click.echo(f"stage-a: run {info.id}{' (cancelled)' if info.cancelled else ''}: {report.groups_written} groups written, {report.groups_failed} failed, "
                f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")

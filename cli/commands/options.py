@@ -81,14 +81,15 @@ def setup_logging(level: str, debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
-def build_spec(kw: dict[str, Any], checkpoint: str) -> RunSpec:
-    """Validate options (mission, dataset, numbers) into a RunSpec; input_root is set at registration."""
+def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str) -> RunSpec:
+    """Validate options (mission, dataset, numbers) into a RunSpec; input_root is set at registration.
+    ``data_dir``: the mission data folder (Settings.data_dir; empty: packaged)."""
     from stage_a.missions import get_mission, get_profile, resolve_dataset
 
     if not kw.get("mission"):
         raise UserError("--mission is required")
-    mission = get_mission(kw["mission"])
-    get_profile(kw["prompt_profile"])
+    mission = get_mission(kw["mission"], data_dir=data_dir)
+    get_profile(kw["prompt_profile"], data_dir=data_dir)
     dataset = resolve_dataset(mission, kw.get("dataset"))
     gen = GenerationParams(
         max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],

@@ -30,7 +30,9 @@ def postprocess(path: Path, dataset: str | None, inplace: bool, output: Path | N
 def add_fail_reasons(path: Path, excel: Path, dataset: str, inplace: bool, output: Path | None) -> None:
     """Attach gt_fail_reason_texts / gt_fail_reason_text to the fail records of PATH."""
     from merger.fail_reasons import add_fail_reasons_file
+    from stage_a.settings import Settings
 
-    report = add_fail_reasons_file(path, excel, dataset, output=output, inplace=inplace)
+    report = add_fail_reasons_file(path, excel, dataset, output=output, inplace=inplace,
+                                   data_dir=Settings.from_env().data_dir)
     click.echo(f"add-fail-reasons: {report.updated} records updated; {report.fail_without_reason} of "
                f"{report.fail_records} fail records had no reason")

@@ -13,7 +13,7 @@ import click
 from cli.commands.options import build_spec, make_output_dir, require_input_dir, run_options, setup_logging
 from stage_a.config import ENGINES
 from stage_a.errors import UserError
-from stage_a.settings import database_url, default_cache_dir
+from stage_a.settings import Settings
 from stage_a.terminal import printable
 
 DEMO_MISSION = "挡风板安装检查"
@@ -102,13 +102,14 @@ def run(**kw: Any) -> None:
         from stage_a.checkpoint import Checkpoint
 
         Checkpoint.open(checkpoint)
+    settings = Settings.from_env()
     if not kw["resume"]:
-        spec = build_spec(kw, checkpoint or "")
+        spec = build_spec(kw, checkpoint or "", settings.data_dir)
         input_dir = kw["input_dir"]
         if input_dir is None and demo:
             from producer.sample_data import make_sample_tree
 
-            input_dir = default_cache_dir() / "sample-input"
+            input_dir = settings.cache_path / "sample-input"
             if not (input_dir / spec.mission).is_dir():
                 make_sample_tree(input_dir, spec.mission)
             click.echo(f"stage-a: no --input-dir: using generated sample data in {input_dir}", err=True)
@@ -117,17 +118,16 @@ def run(**kw: Any) -> None:
 
         check_post_steps(spec.dataset, kw["add_gt_fail_reason"], kw["excel_path"])
         if kw["dry_run"]:
-            _dry_run(spec, input_dir, output_dir, kw)
+            _dry_run(spec, input_dir, output_dir, kw, settings)
             return
     if demo:
         from engine.tiny_model import cached_tiny_checkpoint
 
-        checkpoint = str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+        checkpoint = str(cached_tiny_checkpoint(settings.cache_path / "models"))
 
-    from stage_a.settings import Settings
     from stage_a.store import ResultStore
 
-    db_url = database_url(kw["db"], output_dir)
+    db_url = settings.results_database(kw["db"], output_dir)
     fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
     make_output_dir(output_dir)
     settings = Settings.from_env()
@@ -139,14 +139,12 @@ def run(**kw: Any) -> None:
                 raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
             run_id = info.id
             _warn_ignored_on_resume(run_id)
-            checkpoint = _resume_checkpoint(info, checkpoint)  # the run names its model: exactly that one
+            checkpoint = _resume_checkpoint(info, checkpoint, settings)  # the run names its model: exactly that one
             reset = store.reset_failed(run_id)
             n_todo = len(store.unfinished_items(run_id))
             click.echo(f"stage-a: resuming run {run_id}: {n_todo} unfinished images to process "
                        f"({reset} previously failed retried)", err=True)
         else:
-            from dataclasses import replace
-
             from producer.register import register_run
 
             reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
@@ -161,26 +159,24 @@ def run(**kw: Any) -> None:
         raise
     run_info = store.get_run(run_id)
     assert checkpoint is not None
-    processed, seconds = _process(store, run_info, checkpoint, kw, gpus)
-    _finish(store, run_id, output_dir, processed, seconds, kw)
+    processed, seconds = _process(store, run_info, checkpoint, kw, gpus, settings)
+    _finish(store, run_id, output_dir, processed, seconds, kw, settings)
 
 
-def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any]) -> None:
+def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], settings: Settings) -> None:
     from cli.commands.dryrun import print_plan
     from merger.export import output_paths
     from producer.register import plan_run
-    from stage_a.settings import Settings
+    from stage_a.secrets import redact_url
 
     plan = plan_run(spec, input_dir)
     jsonl, failures = output_paths(output_dir, spec.mission)
-    db = database_url(kw["db"], output_dir)
-    from stage_a.secrets import redact_url
-
-    print_plan(plan, kw["checkpoint"] or "", Settings.from_env(),
+    db = settings.results_database(kw["db"], output_dir)
+    print_plan(plan, kw["checkpoint"] or "", settings,
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
 
 
-def _resume_checkpoint(run: Any, given: str | None) -> str:
+def _resume_checkpoint(run: Any, given: str | None, settings: Settings) -> str:
     """The checkpoint that serves a resumed run: exactly the model the run was registered with.
 
     A farm run enqueued without --checkpoint is served by the demo model (as its workers did);
@@ -194,7 +190,7 @@ def _resume_checkpoint(run: Any, given: str | None) -> str:
     if given is None and not run.spec.checkpoint:
         click.secho(f"stage-a: run {run.id} was enqueued without a checkpoint: resuming it with the tiny "
                     "RANDOM-WEIGHT demo model (its summaries are meaningless)", fg="yellow", err=True)
-        return str(cached_tiny_checkpoint(default_cache_dir() / "models"))
+        return str(cached_tiny_checkpoint(settings.cache_path / "models"))
     if given is not None and want == DEMO_MODEL:
         raise UserError(f"run {run.id} was enqueued without a checkpoint (demo model); resume it without "
                         f"--checkpoint, its other images were summarized by the demo model")
@@ -211,31 +207,29 @@ def _resume_checkpoint(run: Any, given: str | None) -> str:
     return path
 
 
-def _resume_hint(run_id: int, db_url: str, output_dir: Path) -> str:
+def _resume_hint(run_id: int, db_url: str, output_dir: Path, settings: Settings) -> str:
     """A command that can be pasted back. A URL with a password is never printed (redacted it would
     not work): the hint names STAGE_A_DATABASE_URL instead."""
     import shlex
 
     from stage_a.secrets import redact_url
-    from stage_a.settings import Settings
 
     if redact_url(db_url) == db_url:
         db = shlex.quote(db_url)
         note = ""
     else:
         db = '"$STAGE_A_DATABASE_URL"'
-        note = "" if Settings.from_env().database_url == db_url else \
+        note = "" if settings.database_url == db_url else \
             " (first set STAGE_A_DATABASE_URL to the database URL you gave with --db)"
     return f"stage-a run --resume --run {run_id} --db {db} --output-dir {shlex.quote(str(output_dir))}{note}"
 
 
 def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
-             gpus: list[str] | None) -> tuple[int, float]:
+             gpus: list[str] | None, settings: Settings) -> tuple[int, float]:
     from cli.commands.progress import RunProgress
     from engine.local_run import LocalJob, run_in_process, run_multi
-    from stage_a.settings import Settings
 
-    job = LocalJob(store.url, run_info.id, checkpoint, Settings.from_env(), kw["device"], kw["verify_inputs"],
+    job = LocalJob(store.url, run_info.id, checkpoint, settings, kw["device"], kw["verify_inputs"],
                    kw["engine"])
     start_counts = store.queries.counts(run_info.id)
     t0 = time.perf_counter()
@@ -251,20 +245,21 @@ def _process(store: Any, run_info: Any, checkpoint: str, kw: dict[str, Any],
         except KeyboardInterrupt:
             progress.stop()
             click.echo(f"\nstage-a: interrupted; finished batches are saved. Resume with: "
-                       f"{_resume_hint(run_info.id, store.url, kw['output_dir'])}", err=True)
+                       f"{_resume_hint(run_info.id, store.url, kw['output_dir'], settings)}", err=True)
             sys.exit(130)
     end_counts = store.queries.counts(run_info.id)
     processed = (end_counts.done + end_counts.failed) - (start_counts.done + start_counts.failed)
     return processed, time.perf_counter() - t0
 
 
-def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: float, kw: dict[str, Any]) -> None:
+def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: float, kw: dict[str, Any],
+            settings: Settings) -> None:
     from merger.export import export_run
     from merger.post_steps import apply_post_steps
 
     report = export_run(store, run_id, output_dir)
     for note in apply_post_steps(report.jsonl_path, store.get_run(run_id).spec.dataset, kw.get("postprocess", False),
-                                 kw.get("add_gt_fail_reason", False), kw["excel_path"]):
+                                 kw.get("add_gt_fail_reason", False), kw["excel_path"], settings.data_dir):
         click.echo(f"stage-a: {printable(note)}", err=True)
     rate = processed / seconds if seconds > 0 else 0.0
     click.echo(

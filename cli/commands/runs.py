@@ -22,8 +22,8 @@ def runs(db: str | None, as_json: bool, limit: int) -> None:
     from monitor.report import list_runs
     from monitor.text import runs_table
 
-    store = open_store(db)
-    rows = list_runs(store, limit, Settings.from_env())
+    settings = Settings.from_env()
+    rows = list_runs(open_store(db, settings), limit, settings)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], ensure_ascii=False))
     else:
@@ -43,7 +43,7 @@ def dead_letters(run_id: int | None, db: str | None, as_json: bool, limit: int) 
 
     if run_id is not None:
         check_run_id(run_id)
-    store = open_store(db)
+    store = open_store(db, Settings.from_env())
     rows = store.queries.dead_letter_rows(run_id, limit)
     if as_json:
         click.echo(json.dumps([

@@ -24,7 +24,7 @@ def serve(db: str | None, host: str, port: int, log_level: str) -> None:
     from stage_a.settings import Settings
 
     settings = Settings.from_env()
-    store = open_store(db)
+    store = open_store(db, settings)
     click.echo(f"stage-a serve: {store.display_url} on http://{host}:{port}/"
                + (" (basic auth)" if settings.serve_basic_auth else ""), err=True)
     uvicorn.run(create_app(store, settings), host=host, port=port, log_level=log_level.lower(),

@@ -10,20 +10,19 @@ import click
 
 from cli.commands.options import require_existing_sqlite
 from stage_a.errors import UserError
-from stage_a.settings import Settings, database_url
+from stage_a.settings import Settings
 from stage_a.terminal import printable
 
 DB_HELP = "Results database path or URL (env STAGE_A_DATABASE_URL)."
 
 
-def open_store(db: str | None):  # type: ignore[no-untyped-def]  # -> ResultStore
+def open_store(db: str | None, settings: Settings):  # type: ignore[no-untyped-def]  # -> ResultStore
     """The store named by --db or STAGE_A_DATABASE_URL; a UserError when neither is given."""
     from stage_a.store import ResultStore
 
-    settings = Settings.from_env()
     if not db and not settings.database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
-    url = database_url(db)
+    url = settings.results_database(db)
     require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
     return ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
 
@@ -47,7 +46,7 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
     if interval <= 0:
         raise UserError(f"--interval must be > 0, got {interval}")
     settings = Settings.from_env()
-    store = open_store(db)
+    store = open_store(db, settings)
     probe = QueueProbe(settings)
     writers = not as_json  # the JSON object is /api/runs/RUN's, which skips that scan
     report = build_report(store, run_id, settings, probe, writers=writers)

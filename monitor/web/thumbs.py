@@ -8,6 +8,7 @@ address and the file's mtime and size, so a replaced file is never served stale.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -47,14 +48,11 @@ class Thumb:
     body: bytes
     media_type: str
     etag: str
-    placeholder: bool
 
 
 class Thumbnails:
-    def __init__(self, store: ResultStore, max_px: int = THUMB_PX, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, store: ResultStore) -> None:
         self.store = store
-        self.max_px = max_px
-        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[int, int, int, int, int], Thumb] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
@@ -78,7 +76,7 @@ class Thumbnails:
             if key not in self._cache:
                 self._cache[key] = thumb
                 self._size += len(thumb.body)
-            while self._size > self.cache_bytes and self._cache:
+            while self._size > CACHE_BYTES and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._size -= len(old.body)
         return thumb
@@ -88,30 +86,25 @@ class Thumbnails:
 
         try:
             with Image.open(path) as src:
-                src.draft("RGB", (self.max_px, self.max_px))  # JPEG: decode at a reduced scale
+                src.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a reduced scale
                 im = ImageOps.exif_transpose(src)
-                im.thumbnail((self.max_px, self.max_px))
+                im.thumbnail((THUMB_PX, THUMB_PX))
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, format="JPEG", quality=82)
-            return Thumb(buf.getvalue(), "image/jpeg", etag, False)
+            return Thumb(buf.getvalue(), "image/jpeg", etag)
         except Exception:  # unreadable or truncated image: say so in the picture, not with a broken icon
-            return Thumb(_placeholder(self.max_px), "image/png", etag, True)
+            return Thumb(_placeholder(), "image/png", etag)
 
 
-_PLACEHOLDER: bytes | None = None
+@functools.cache
+def _placeholder() -> bytes:
+    from PIL import Image, ImageDraw
 
-
-def _placeholder(px: int) -> bytes:
-    global _PLACEHOLDER
-    if _PLACEHOLDER is None:
-        from PIL import Image, ImageDraw
-
-        im = Image.new("RGB", (px, px * 3 // 4), (236, 236, 240))
-        draw = ImageDraw.Draw(im)
-        draw.line((0, 0, im.width, im.height), fill=(200, 80, 80), width=3)
-        draw.line((0, im.height, im.width, 0), fill=(200, 80, 80), width=3)
-        draw.text((10, 10), "unreadable image", fill=(120, 30, 30))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        _PLACEHOLDER = buf.getvalue()
-    return _PLACEHOLDER
+    im = Image.new("RGB", (THUMB_PX, THUMB_PX * 3 // 4), (236, 236, 240))
+    draw = ImageDraw.Draw(im)
+    draw.line((0, 0, im.width, im.height), fill=(200, 80, 80), width=3)
+    draw.line((0, im.height, im.width, 0), fill=(200, 80, 80), width=3)
+    draw.text((10, 10), "unreadable image", fill=(120, 30, 30))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
