@@ -1,14 +1,13 @@
 """Queue entries that never become a task: recorded in the dead_letters table, never fatal.
 
-Celery and kombu handle a malformed entry at three depths, and each depth killed the worker or
-lost the entry silently for some shape of bytes:
+Celery and kombu handle a malformed entry at three depths, each checked here first:
 - the Redis transport pops and JSON-decodes the raw entry and builds a kombu Message from it
   (not JSON, not an envelope object, a body that is not valid base64, no delivery tag):
   `workers.transport.Channel`;
 - Celery's consumer decodes the body and finds the task (a content type it refuses, such as
   pickle; an unknown task; a body that does not decode): `workers.consumer.Consumer`;
-- celery-batches builds its request and, at flush time, unpacks the body as [args, kwargs, embed]
-  (any other shape raised in the flush timer): `workers.tasks.ReconnectSafeBatches.Strategy`.
+- celery-batches builds its request and, at flush time, unpacks the body as [args, kwargs, embed]:
+  `workers.tasks.ReconnectSafeBatches.Strategy`.
 All of them end here: the reason and the raw entry (truncated) go to `ResultStore.dead_letter`,
 and the entry is dropped (acknowledged) so that it is neither retried nor lost without a trace.
 
