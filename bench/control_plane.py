@@ -1,10 +1,10 @@
-"""Control-plane benchmarks: enqueue 100k images, store + export 1M images / 200k groups, discover 100k files.
+"""Control-plane benchmarks: enqueue 1M images, store + export 1M images / 200k groups, discover 100k files.
 
     python bench/control_plane.py                      # everything, SQLite and PostgreSQL
     python bench/control_plane.py --only enqueue       # or store / discover
     python bench/control_plane.py --only store --db sqlite --images 1000000 --group-size 5
 
-Targets (issue 6): enqueue 100,000 images < 10 s; store results for 1,000,000 images and export
+Targets: enqueue 1,000,000 images < 60 s (issue 17; issue 6: 100,000 < 10 s); store results for 1,000,000 images and export
 them as 200,000 groups < 60 s with peak memory < 1 GiB; discover 100,000 files < 10 s.
 Each store phase runs in its own process so its peak RSS (getrusage) is its own; a realistic
 worker commits one model batch per transaction (--result-batch), many workers in parallel.
@@ -199,7 +199,8 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
         print(f"fast path (producer/publish.py): {sent:,} messages in {dt:.2f} s = {sent / dt:,.0f} msgs/s; "
               f"queue length {length:,}")
         client.delete(queue)
-        ok = dt < 10 and length == n_images
+        limit = max(10.0, 60.0 * n_images / 1_000_000)
+        ok = dt < limit and length == n_images
         if reference:
             payloads = list(payloads_for(items[:reference], "per_image"))
             t0 = time.perf_counter()
@@ -215,7 +216,7 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
         print(f"per_group: {len(gp):,} group messages for the same images in {gdt:.2f} s")
     finally:
         client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
-    print(f"enqueue target < 10 s for {n_images:,} images: {'MET' if ok else 'NOT MET'} ({dt:.2f} s)")
+    print(f"enqueue target < {limit:.0f} s for {n_images:,} images: {'MET' if ok else 'NOT MET'} ({dt:.2f} s)")
     return ok
 
 
@@ -253,7 +254,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=5)
     ap.add_argument("--result-batch", type=int, default=1000, help="results per record_results transaction")
     ap.add_argument("--small-batch", type=int, default=32, help="also time this batch (one worker's model batch) on 50k; 0 = skip")
-    ap.add_argument("--enqueue-images", type=int, default=100_000)
+    ap.add_argument("--enqueue-images", type=int, default=1_000_000)
     ap.add_argument("--reference", type=int, default=5000, help="messages through Celery's own send path, for comparison")
     ap.add_argument("--files", type=int, default=100_000)
     args = ap.parse_args()

@@ -1,14 +1,18 @@
 """Publishing task messages to Redis in pipelined batches (not one round trip per image).
 
-On Redis, messages are Celery's own protocol-2 JSON messages, built once by Celery/kombu as a
-template and then stamped per payload (_FastRedisPublish): ~28k messages/s instead of ~2.5k
-(bench/control_plane.py). Other brokers, or a Celery/kombu whose message shape is not the one
-expected, use Celery's own send path (stage_a.queue.TaskQueue.send).
+On Redis, messages are Celery's own protocol-2 JSON messages: Celery sends one real message
+as a template, and each payload is stamped into it (_FastRedisPublish). Other brokers, or a
+Celery/kombu whose message is not the one expected, use Celery's own send path
+(stage_a.queue.TaskQueue.send). bench/README.md has the figures.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -29,7 +33,7 @@ class Publisher(TaskQueue):
                 return self.send(payloads)
             try:
                 fast = _FastRedisPublish(self.app, conn, self.settings.queue)
-            except RuntimeError as exc:  # an unexpected kombu/Celery shape: stay correct, be slow
+            except RuntimeError as exc:  # an unexpected kombu/Celery message: stay correct, be slow
                 log.warning("fast publishing unavailable (%s); using Celery's send path", exc)
                 return self.send(payloads)
             return fast.publish(payloads)
@@ -38,36 +42,17 @@ class Publisher(TaskQueue):
         return self.publish(payloads_for(items, sharding_mode))
 
 
-def _capturing_producer(conn: Any) -> Any:
-    """A kombu Producer that records the final publish (after all of kombu's processing) instead of sending."""
-    from kombu import Producer
-
-    class Capturing(Producer):  # type: ignore[misc]
-        captured: tuple[Any, ...] | None = None
-
-        # kombu calls _publish(body, priority, content_type, content_encoding, headers, properties,
-        # routing_key, mandatory, immediate, exchange, declare, ...) after all of its own processing.
-        def _publish(self, body: Any, priority: Any, content_type: Any, content_encoding: Any,
-                     headers: Any, properties: Any, routing_key: Any, mandatory: Any, immediate: Any,
-                     exchange: Any, declare: Any, *rest: Any, **kw: Any) -> None:
-            for entity in declare or ():
-                self.maybe_declare(entity)  # the queue exists exactly as after a normal send
-            self.captured = (body, priority, content_type, content_encoding, headers, properties,
-                             routing_key, exchange)
-
-    return Capturing(conn)
-
-
 class _FastRedisPublish:
     """Celery protocol-2 task messages straight into the Redis list, ~10x faster than Celery's send.
 
-    Celery + kombu spend ~0.3-0.4 ms of Python per message (routing, signals, serialization,
+    Celery + kombu spend 0.1-0.2 ms of Python per message (routing, signals, serialization,
     envelope). Every ``stage_a.summarize`` message differs only in its task id, delivery tag, args
-    repr and body, so we let Celery and kombu build ONE real message (a template, captured just
-    before kombu would write it to Redis), render its envelope JSON once with markers in those
-    fields, and per payload only splice the four values in; values are LPUSHed many per command
-    through a non-transactional pipeline. tests/test_publish.py checks the result is byte-identical
-    to the message Celery itself writes and that a real `celery worker` runs it.
+    repr and body. So Celery's public send path puts ONE real message on a scratch queue; it is
+    read back, its routing key set to the real queue, and its envelope JSON cut at those four
+    fields; per payload only the four values are spliced in, and values are LPUSHed many per
+    command through a non-transactional pipeline. No private kombu API is involved: what the fast
+    path relies on is the envelope on the wire, which tests/test_publish.py checks byte for byte
+    against the message Celery itself writes (and runs through a real `celery worker`).
     """
 
     LPUSH_VALUES = 1000  # values per LPUSH command
@@ -75,50 +60,61 @@ class _FastRedisPublish:
     _FIELDS = ("body", "id", "delivery_tag", "argsrepr")
 
     def __init__(self, app: Any, conn: Any, queue: str) -> None:
-        import json
-        import re
-
         from celery.utils.saferepr import saferepr
         from kombu.utils.json import dumps
 
         self._saferepr = saferepr
-        self._json = json.dumps  # payload values are plain JSON types: stdlib output == kombu's
         self.argsrepr_maxsize = app.amqp.argsrepr_maxsize
-        probe_id = "00000000-0000-4000-8000-000000000000"
-        producer = _capturing_producer(conn)
-        message = app.amqp.create_task_message(probe_id, TASK_NAME, ({},), {})
-        app.amqp.send_task_message(producer, TASK_NAME, message, queue=queue, serializer="json")
-        if producer.captured is None:
-            raise RuntimeError("kombu did not publish the template message (changed internals?)")
-        body, priority, ctype, cenc, headers, properties, routing_key, exchange = producer.captured
-        channel = conn.default_channel
-        envelope = channel.prepare_message(body, priority, ctype, cenc, headers, properties)
-        channel._inplace_augment_message(envelope, exchange, routing_key)  # base64 body, delivery info/tag
-        if envelope["properties"].get("body_encoding") != "base64" or cenc != "utf-8":
-            raise RuntimeError(f"unexpected kombu envelope encoding: {envelope['properties']}")
-        if exchange or routing_key in getattr(channel, "_expires", {}):
-            # A real exchange (fanout/topic routing) or an expiring queue: keep kombu's own path.
-            raise RuntimeError("fast publish supports the anonymous direct exchange to a plain queue only")
+        self.key = queue  # kombu LPUSHes a priority-0 message to the list named after the queue
+        self.client = conn.default_channel.client
+        declared = app.amqp.queues[queue]
+        if declared.expires is not None or declared.max_priority:
+            raise RuntimeError("fast publish supports a plain queue only (no expiry, no priorities)")
+        raw = self._template(app, conn, declared)
+        envelope = json.loads(raw)
         hdr, props = envelope["headers"], envelope["properties"]
-        if not (hdr.get("id") == hdr.get("root_id") == props.get("correlation_id") == probe_id):
+        probe_id = hdr.get("id")
+        if dumps(envelope) != raw.decode("utf-8"):
+            raise RuntimeError("kombu's envelope does not round-trip through JSON")
+        if props.get("body_encoding") != "base64" or envelope.get("content-encoding") != "utf-8":
+            raise RuntimeError(f"unexpected kombu envelope encoding: {props}")
+        if props.get("delivery_info", {}).get("exchange") != "":
+            raise RuntimeError("fast publish supports the anonymous direct exchange only")
+        if not (hdr.get("root_id") == props.get("correlation_id") == probe_id):
             raise RuntimeError("unexpected Celery task message headers")
+        props["delivery_info"]["routing_key"] = queue
         # The protocol-2 body is [args, kwargs, embed]; only args changes: '[[' + payload + '], ...'.
-        _args, kwargs, embed = json.loads(body.decode("utf-8") if isinstance(body, bytes) else body)
-        self.body_tail = ("], " + dumps(kwargs) + ", " + dumps(embed) + "]").encode("utf-8")
-        if dumps([[{}], kwargs, embed]).encode("utf-8") != (body if isinstance(body, bytes) else body.encode()):
+        body = base64.b64decode(envelope["body"])
+        _args, kwargs, embed = json.loads(body)
+        if dumps([[{}], kwargs, embed]).encode("utf-8") != body:
             raise RuntimeError("unexpected Celery task body layout")
+        self.body_tail = ("], " + dumps(kwargs) + ", " + dumps(embed) + "]").encode("utf-8")
         # Render the envelope once with a marker in each varying field, then cut it at the markers.
         marks = {f: f"\x00stage-a:{f}\x00" for f in self._FIELDS}
         hdr["id"] = hdr["root_id"] = props["correlation_id"] = marks["id"]
         hdr["argsrepr"], props["delivery_tag"] = marks["argsrepr"], marks["delivery_tag"]
         envelope["body"] = marks["body"]
-        rendered = dumps(envelope)
         quoted = {json.dumps(m): f for f, m in marks.items()}  # a marker as it appears, quotes included
-        parts = re.split("(" + "|".join(re.escape(q) for q in quoted) + ")", rendered)
+        parts = re.split("(" + "|".join(re.escape(q) for q in quoted) + ")", dumps(envelope))
         self.literals = parts[0::2]  # constant text between fields
         self.fields = [quoted[q] for q in parts[1::2]]  # which field goes in each gap
-        self.key = channel._q_for_pri(routing_key, priority)  # the Redis list kombu would LPUSH to
-        self.client = channel.client
+
+    def _template(self, app: Any, conn: Any, declared: Any) -> bytes:
+        """One real message for an empty payload, sent by Celery to a scratch queue and read back."""
+        from kombu import Producer
+
+        scratch = f"{declared.name}.stage-a-template.{os.urandom(8).hex()}"
+        message = app.amqp.create_task_message(next(_uuid4_strings(1)), TASK_NAME, ({},), {})
+        try:
+            producer = Producer(conn)
+            producer.maybe_declare(declared)  # the real queue exists, as after a normal send
+            app.amqp.send_task_message(producer, TASK_NAME, message, queue=scratch, serializer="json", declare=[])
+            raw = self.client.rpop(scratch)
+        finally:
+            self.client.delete(scratch)
+        if not raw:
+            raise RuntimeError("Celery's template message is not on the scratch queue's list")
+        return bytes(raw)
 
     def _argsrepr(self, args: tuple[dict[str, Any]]) -> str:
         """Celery's saferepr(args) (shown by Flower), but 60 us -> 1 us for plain image payloads.
@@ -141,14 +137,12 @@ class _FastRedisPublish:
 
     def encode(self, payload: dict[str, Any], task_id: str, delivery_tag: str) -> str:
         """The kombu envelope JSON (exactly what kombu LPUSHes) of one stage_a.summarize message."""
-        import base64
-
-        body = b"[[" + self._json(payload).encode("utf-8") + self.body_tail
+        body = b"[[" + json.dumps(payload).encode("utf-8") + self.body_tail
         values = {
             "body": '"' + base64.b64encode(body).decode("ascii") + '"',
             "id": '"' + task_id + '"',
             "delivery_tag": '"' + delivery_tag + '"',
-            "argsrepr": self._json(self._argsrepr((payload,))),
+            "argsrepr": json.dumps(self._argsrepr((payload,))),  # plain JSON types: stdlib == kombu
         }
         lits = self.literals
         out = [lits[0]]
@@ -161,28 +155,19 @@ class _FastRedisPublish:
         """LPUSH one message per payload, in order (the worker pops the oldest first); returns the count."""
         sent = 0
         ids = _uuid4_strings()
-        values: list[str] = []
         pipe = self.client.pipeline(transaction=False)
-        queued = 0
-
-        def push() -> None:
-            nonlocal queued, values
-            if values:
-                pipe.lpush(self.key, *values)  # LPUSH a b c == LPUSH a; LPUSH b; LPUSH c (FIFO kept)
-                queued += 1
-                values = []
-
+        values: list[str] = []
         for payload in payloads:
             values.append(self.encode(payload, next(ids), next(ids)))
-            sent += 1
-            if len(values) >= self.LPUSH_VALUES:
-                push()
-                if queued >= self.PIPELINE_COMMANDS:
+            if len(values) == self.LPUSH_VALUES:
+                pipe.lpush(self.key, *values)  # LPUSH a b c == LPUSH a; LPUSH b; LPUSH c (FIFO kept)
+                sent, values = sent + len(values), []
+                if len(pipe) >= self.PIPELINE_COMMANDS:
                     pipe.execute()
-                    queued = 0
-        push()
-        if queued:
-            pipe.execute()
+        if values:
+            pipe.lpush(self.key, *values)
+            sent += len(values)
+        pipe.execute()
         return sent
 
 
@@ -192,8 +177,6 @@ def _uuid4_strings(block: int = 4096) -> Iterator[str]:
     str(uuid.uuid4()) costs a syscall and object churn per id; two ids per message made it a
     quarter of the publishing time.
     """
-    import os
-
     while True:
         raw = os.urandom(16 * block).hex()
         for i in range(0, 32 * block, 32):

@@ -4,10 +4,14 @@ celery-batches acknowledges every message of a batch when the pool call returns,
 succeeded or raised; so every image's result or failure is committed to the store here before
 returning, and a crash (which never returns) is recovered by the store's leases, not the broker.
 
-Lifecycle: each pool process loads its model in worker_process_init (Celery's process-up timeout
-is raised to STAGE_A_MODEL_LOAD_TIMEOUT for it), and the consumer does not start fetching
-messages until every pool process has loaded (WaitForModels), so no message waits in a buffer
-behind a model load. Heartbeats go to the store's workers table (WorkerRuntime).
+Lifecycle: each pool process pins its GPU and loads its model in worker_process_init, the one
+hook that runs in every pool process before it can be handed a batch (CUDA cannot cross a fork,
+so the model cannot load in the main process). Celery kills a process that is not up within
+worker_proc_alive_timeout, raised to STAGE_A_MODEL_LOAD_TIMEOUT for it. The consumer fetches no
+message until every pool process has loaded (WaitForModels), so no message waits in a buffer
+behind a model load. Pool processes report to the main process through two multiprocessing
+values created before the pool forks (how many have loaded; the exit status of a configuration
+error). Heartbeats go to the store's workers table (WorkerRuntime).
 """
 
 from __future__ import annotations
@@ -31,26 +35,23 @@ from workers.runtime import Outcome, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
-# Pool processes that finished loading their model (created in the main process before the pool
-# forks, so every pool process shares it); the consumer waits for it before fetching messages.
 _loaded = multiprocessing.Value("i", 0)
-# Set by a pool process that cannot serve (a configuration error): the worker then exits with this
-# status instead of 0, so a supervisor and an operator's shell see that it stopped on an error.
+"""Pool processes that finished loading their model; WaitForModels waits for all of them."""
 _fatal = multiprocessing.Value("i", 0)
+"""The worker's exit status when a pool process cannot serve (a configuration error), else 0."""
 _node: str | None = None
 """This worker's node name (-n), read in the main process before the pool forks."""
 
 
 class ReconnectSafeBatches(Batches):
-    """Batches whose interval flush survives a broker reconnect.
+    """Batches whose interval flush survives a broker reconnect, and that refuses malformed bodies.
 
-    celery-batches 0.11 arms its repeating flush timer once, on the first message, and keeps the
-    handle on the (long-lived) task. A lost broker connection makes Celery clear the consumer's
-    timer and rebuild the strategy, but the stale handle stays set, so the timer is never armed
-    again: a partial batch (fewer than flush_every messages, e.g. the orphans re-sent after a
-    Redis restart) then sits unacknowledged until the broker's visibility timeout
-    (clokep/celery-batches#107, fixed upstream by #108). Strategy() runs at every consumer
-    (re)start: re-arm there, at once, so requests buffered before the reconnect flush too.
+    celery-batches 0.11 arms its repeating flush timer on the first message and keeps the handle
+    (`_tref`) on the long-lived task. On a lost broker connection Celery clears the consumer's
+    timer and calls Strategy() again, but the stale handle stays set and the timer is never armed
+    again: a partial batch then waits, unacknowledged, for the broker's visibility timeout
+    (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() re-arms it at once.
+    celery-batches is pinned to 0.11 and tests/test_library_internals.py fails when it changes.
     """
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
@@ -62,10 +63,9 @@ class ReconnectSafeBatches(Batches):
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
-            # celery-batches unpacks the body as [args, kwargs, embed] only when it flushes, in
-            # the timer: any other body raised there, took every buffered message with it and
-            # stopped the worker. Refuse it here, as one message: Celery's consumer rejects it
-            # and workers.consumer dead-letters it.
+            # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
+            # timer, where any other body raises and takes every buffered message with it. It is
+            # refused here, as one message: workers.consumer dead-letters it.
             if body is None:
                 check_task_message(message)
             return handler(message, body, *args, **kwargs)
@@ -216,26 +216,21 @@ app.steps["consumer"].add(WaitForModels)
 
 
 @signals.worker_init.connect
-def _remember_node(sender: Any = None, **_: Any) -> None:
-    global _node
-    _node = getattr(sender, "hostname", None)
-
-
-@signals.worker_init.connect
-def _check_services(**_: Any) -> None:
+def _check_services(sender: Any = None, **_: Any) -> None:
     """Fail within seconds, with one line, when Redis or the database cannot be reached at start.
 
     Celery itself retries the broker forever (right for a Redis restart mid-run, wrong for a
     mistyped URL), and the database is first touched on the first batch: without this check a
     worker with a wrong URL hangs silently. Exit status 2 like the CLI; a supervisor (systemd
     Restart=always) restarts the worker, so a server that is merely late is still waited for.
-    Messages name URLs with their password redacted.
+    Messages name URLs with their password redacted. Also records the node name (-n).
     """
     import sys
 
-    from stage_a.errors import UserError
     from stage_a.secrets import broker_error
 
+    global _node
+    _node = getattr(sender, "hostname", None)
     try:
         try:
             with app.connection_for_write() as conn:

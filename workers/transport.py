@@ -1,12 +1,14 @@
 """kombu's Redis transport, with every popped entry checked before kombu trusts it.
 
-kombu's Redis channel pops an entry (BRPOP in the worker's event loop, RPOP for basic_get),
-JSON-decodes it and builds a Message from it, with no error handling: an entry that is not JSON,
-not an envelope object, whose body is not valid base64 or that lacks a delivery tag raised out of
-the event loop, Celery logged "Unrecoverable error" and the worker exited (the entry, already
-popped, was lost). This channel checks the envelope first and dead-letters an entry kombu could
-not turn into a Message (workers/poison.py); a well-formed one is delivered exactly as before.
-The worker's app selects it with ``broker_transport`` (workers/celery.py).
+kombu's Redis channel pops an entry (BRPOP, in the worker's event loop), JSON-decodes it and
+builds a Message from it with no error handling: an entry that is not JSON, not an envelope
+object, whose body is not valid base64 or that lacks a delivery tag raises out of the event loop,
+Celery logs "Unrecoverable error" and the worker exits; the entry, already popped, is gone.
+Here such an entry is dead-lettered (workers/poison.py); a well-formed one is delivered as by
+kombu. kombu has no hook between the pop and the decode, so `Channel._brpop_read` is kombu's own
+method with one call added; kombu is pinned to the version it was copied from and
+tests/test_library_internals.py fails when that method changes. The worker's app selects this
+transport with ``broker_transport`` (workers/celery.py).
 """
 
 from __future__ import annotations
@@ -68,13 +70,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             return None
 
     def _brpop_read(self, **options: Any) -> bool:
-        # kombu's own method, with _checked between the pop and _deliver.
+        # kombu 5.7.0's Channel._brpop_read, with _checked between the pop and _deliver.
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
             except self.connection_errors:
-                # On a connection error, disconnect so the next iteration reconnects.
-                self.client.connection.disconnect()
+                self.client.connection.disconnect()  # the next iteration reconnects
                 raise
             if not dest__item:
                 raise Empty()
@@ -87,20 +88,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
-            flush = getattr(self, "_flush_brpop_reauth", None)
-            if flush is not None:
-                flush()
-
-    def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
-        with self.conn_or_acquire() as client:
-            for pri in self.priority_steps:
-                while item := client.rpop(self._q_for_pri(queue, pri)):
-                    message = self._checked(item, queue)
-                    if message is not None:
-                        self._maybe_update_queues_expire(client, queue)
-                        return message
-            self._maybe_update_queues_expire(client, queue)
-            raise Empty()
+            self._flush_brpop_reauth()
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

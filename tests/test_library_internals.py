@@ -1,0 +1,93 @@
+"""The library internals the product still reaches into have the shape the code was written against.
+
+Each reach is kept for what bench/README.md ("Library internals") shows it buys, and its library
+is pinned in pyproject.toml. When an upgrade changes one of them, a test here fails and names the
+product code to re-check against the new version before updating the pin and the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+
+def _source_hash(obj: Any) -> str:
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+
+
+def test_kombu_redis_brpop_read_is_the_one_workers_transport_copies() -> None:
+    """workers/transport.py's Channel._brpop_read is kombu 5.7.0's with one call added."""
+    from kombu.transport import redis as kombu_redis
+
+    assert _source_hash(kombu_redis.Channel._brpop_read) == (
+        "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
+    ), "kombu's Channel._brpop_read changed: re-copy it into workers/transport.py"
+
+
+def test_celery_batches_flush_timer_is_the_one_reconnect_safe_batches_rearms() -> None:
+    """workers/tasks.py's ReconnectSafeBatches replaces `_tref` and calls `_do_flush` of celery-batches 0.11."""
+    from celery_batches import Batches
+
+    assert _source_hash(Batches.Strategy) == (
+        "af1dfe19ae06175f64c2c14a828314405b0f20a8531f0139a64c000b0c375628"
+    ), "celery-batches' Strategy changed: does it re-arm its flush timer itself now (#108)?"
+    assert _source_hash(Batches._do_flush) == (
+        "f61e90f5361ea7234d73c4835cbc236de5b658cb659e4dddca953fc89bddcbd4"
+    ), "celery-batches' _do_flush changed: re-check ReconnectSafeBatches"
+    assert "self._tref" in inspect.getsource(Batches.__init__)
+
+
+def test_celery_consumer_hooks_have_the_parameters_workers_consumer_overrides() -> None:
+    from celery.worker.consumer import Consumer
+
+    expected = {
+        "on_decode_error": ["self", "message", "exc"],
+        "on_unknown_message": ["self", "body", "message"],
+        "on_unknown_task": ["self", "body", "message", "exc"],
+        "on_invalid_task": ["self", "body", "message", "exc"],
+        "create_task_handler": ["self", "promise"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(Consumer, name)).parameters) == params, name
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.armed: list[Any] = []
+
+    def call_repeatedly(self, interval: float, fun: Any) -> Any:
+        timer = self
+
+        class Entry:
+            def cancel(self) -> None:
+                if self in timer.armed:
+                    timer.armed.remove(self)
+
+        entry = Entry()
+        self.armed.append(entry)
+        return entry
+
+
+class _Consumer:
+    def __init__(self, timer: _Timer) -> None:
+        from types import SimpleNamespace
+
+        self.timer, self.hostname = timer, "probe@host"
+        self.pool = SimpleNamespace(apply_async=None)  # a pool is only looked at here
+        self.connection_errors: tuple[type[BaseException], ...] = ()
+        self.event_dispatcher = None
+
+
+def test_the_flush_timer_is_armed_again_when_the_consumer_restarts() -> None:
+    """After a reconnect (Celery clears the timer and rebuilds the strategy) the interval flush is armed."""
+    from workers.tasks import summarize
+
+    task: Any = summarize
+    first = _Timer()
+    task.Strategy(task, task.app, _Consumer(first))
+    assert len(first.armed) == 1
+    first.armed.clear()  # Celery clears the consumer's timer when the broker connection is lost
+    second = _Timer()
+    task.Strategy(task, task.app, _Consumer(second))
+    assert len(second.armed) == 1 and task._tref is second.armed[0]
