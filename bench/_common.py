@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout works without installing
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # `python bench/x.py` from a checkout works without installing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))  # tests/: the store helpers of tests/support
 
 MISSION = "挡风板安装检查"  # a bbu mission (max_pixels 1,048,576)
 PASS_DIR, FAIL_DIR = "审核通过", "审核不通过"

@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MISSION, machine_line, tiny_checkpoint, write_tree  # noqa: E402
+from support.store import image_rows  # noqa: E402
 
 # Camera sizes: mostly 2 MP, some portrait/16:9, a 5 MP, a 12 MP, a small one.
 SIZES = [(1600, 1200), (1200, 1600), (1920, 1080), (1600, 1200), (2560, 1920), (1600, 1200), (800, 600),
@@ -153,7 +154,7 @@ def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, 
     n = loop.run(run, store.unfinished_items(run.id), hooks=LoopHooks(after_batch=count))
     report = export_run(store, run.id, work)
     seconds = time.perf_counter() - t0
-    texts = {r["rel_path"]: r["raw_text"] for r in store.queries.image_rows(run.id)}
+    texts = {r["rel_path"]: r["raw_text"] for r in image_rows(store, run.id)}
     store.close()
     return {"seconds": seconds, "images": n, "load_s": load_s, "batches": batches, "texts": texts,
             "written": report.groups_written}

@@ -298,7 +298,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="stage-a-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tests/: the store helpers of tests/support
     if args.checkpoint:
         checkpoint = args.checkpoint
     else:
@@ -427,7 +427,9 @@ def main() -> int:
         must = [(t, sh) for t, sh, at in poison if at > last_kill]
         deadline = time.monotonic() + 120
         while True:
-            letters = "\n".join(p for _, p in store.queries.dead_letters())
+            from support.store import dead_letters
+
+            letters = "\n".join(p for _, p in dead_letters(store))
             missing_poison = [(t, sh) for t, sh in must if t not in letters]
             if not missing_poison or time.monotonic() > deadline:
                 break
@@ -446,7 +448,9 @@ def main() -> int:
         records = [json.loads(ln) for ln in (out / f"{MISSION}_stage_a.jsonl").read_text("utf-8").splitlines()]
         failures = [json.loads(ln) for ln in
                     (out / f"{MISSION}_stage_a_failures.jsonl").read_text("utf-8").splitlines() if ln.strip()]
-        rows = store.queries.image_rows(run_id)
+        from support.store import image_rows
+
+        rows = image_rows(store, run_id)
         store.close()
 
         expected = {(g, label): n for g, label, n in groups}

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MISSION, REDIS_URL, ROOT, machine_line, pg_database, tiny_checkpoint, write_tree  # noqa: E402
+from support.store import image_rows  # noqa: E402
 
 SIZES = [(1600, 1200), (320, 240), (1200, 1600), (640, 480), (1920, 1080), (480, 640), (1024, 768),
          (400, 300), (2048, 1536), (800, 800), (1280, 720), (720, 1280)]
@@ -104,7 +105,7 @@ def time_split(store: Any, run_id: int) -> str:
     """Where the time went, from what the engine recorded per image (batch times / rows)."""
     from engine.scheduler import padding_fraction
 
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000
     gen = sum(r["generate_ms"] or 0 for r in rows) / 1000
     # Rows of one model batch share its generate_ms (batch time / rows): regroup them into batches.

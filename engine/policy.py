@@ -16,20 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.interface import PreparedBatch
-from stage_a.errors import EngineDeadError
+from stage_a.errors import EngineDeadError, first_line
 from stage_a.work import ImageResult
 
 log = logging.getLogger(__name__)
 
 RunRows = Callable[[list[int]], list[ImageResult]]
 """Generate the given rows (indices into the batch's items) in one model call."""
-
-
-def first_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def dead_engine_error(exc: BaseException) -> EngineDeadError | None:
@@ -41,7 +34,7 @@ def dead_engine_error(exc: BaseException) -> EngineDeadError | None:
     dead = tuple(t for t in (getattr(torch, "AcceleratorError", None), getattr(vllm_errors, "EngineDeadError", None))
                  if isinstance(t, type))
     if dead and isinstance(exc, dead) and not is_out_of_memory(exc):
-        return EngineDeadError(f"device failure: {first_line(exc)}")
+        return EngineDeadError(f"device failure: {first_line(exc, typed=True)}")
     return None
 
 
@@ -71,8 +64,8 @@ def _attempt(batch: PreparedBatch[Any], rows: list[int], run: RunRows) -> list[I
             half = len(rows) // 2
             return _attempt(batch, rows[:half], run) + _attempt(batch, rows[half:], run)
         if len(rows) == 1:
-            return [ImageResult(key=batch.items[rows[0]].key, error=f"generation failed: {first_line(exc)}")]
-        log.warning("generation failed on %d rows (%s); retrying them one at a time", len(rows), first_line(exc))
+            return [ImageResult(key=batch.items[rows[0]].key, error=f"generation failed: {first_line(exc, typed=True)}")]
+        log.warning("generation failed on %d rows (%s); retrying them one at a time", len(rows), first_line(exc, typed=True))
         return [result for row in rows for result in _attempt(batch, [row], run)]
 
 

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from engine.interface import Engine, PreparedBatch, RunContext
-from engine.policy import dead_engine_error, first_line
+from engine.policy import dead_engine_error
 from engine.prefetch import Prefetcher
 from engine.scheduler import plan_batches
+from stage_a.errors import first_line
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageResult, WorkItem
 
@@ -131,8 +132,8 @@ class StepLoop:
             dead = dead_engine_error(exc)
             if dead is not None:
                 raise dead from exc
-        reason = f"{stage} failed: {first_line(exc)}"
-        log.error("%s for a batch of %d images: %s", stage, len(rows), first_line(exc),
+        reason = f"{stage} failed: {first_line(exc, typed=True)}"
+        log.error("%s for a batch of %d images: %s", stage, len(rows), first_line(exc, typed=True),
                   exc_info=log.isEnabledFor(logging.DEBUG))
         done = {r.key for r in already or []}
         return list(already or []) + [ImageResult(key=it.key, error=reason) for it in rows if it.key not in done]

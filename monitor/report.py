@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from stage_a.errors import UserError
+from stage_a.errors import UserError, first_line
 from stage_a.settings import Settings
 from stage_a.store import check_run_id, utcnow
 from stage_a.store.queries import ModelShare, RunRow, WorkerBeat
@@ -147,7 +147,7 @@ class QueueProbe:
         except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
             from stage_a.secrets import hide_secrets
 
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = first_line(exc)
             first = hide_secrets(first, self.settings.broker_url)
             log.debug("queue length unavailable: %s", first)
             return None, f"broker unreachable ({first[:120]})"

@@ -9,3 +9,13 @@ class UserError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine can serve nothing more (a device fault, vLLM's engine gone): the process stops."""
+
+
+def first_line(exc: BaseException | None, typed: bool = False) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none), for one-line logs and reasons."""
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]

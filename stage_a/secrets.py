@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from stage_a.errors import first_line
+
 SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Query parameters that carry secrets (libpq's password/sslpassword, tokens of other services).
 _SECRET_PARAM = re.compile(r"(?i)([?&;]\s*[\w.-]*(?:pass(?:word)?|passwd|pwd|secret|token)[\w.-]*=)[^&;#\s]*")
@@ -76,5 +78,4 @@ def hide_secrets(text: str, *urls: str) -> str:
 
 def broker_error(url: str, exc: BaseException, doing: str = "cannot reach broker") -> str:
     """One line naming the broker (password hidden) and the first line of what went wrong."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{doing} {redact_url(url)}: {hide_secrets(first, url)}"
+    return f"{doing} {redact_url(url)}: {hide_secrets(first_line(exc), url)}"

@@ -27,6 +27,7 @@ import pytest
 from support.cli import base_env, cli
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
+from support.store import image_rows
 
 from producer.sample_data import make_sample_tree
 
@@ -216,7 +217,7 @@ def wait_finished(farm: Farm, run_id: int):  # type: ignore[no-untyped-def]
                 w.assert_alive()
             counts = store.queries.counts(run_id)
             if counts.finished:
-                return counts, store.queries.image_rows(run_id)
+                return counts, image_rows(store, run_id)
             assert time.monotonic() < deadline, f"run {run_id} not finished: {counts}\n{farm.logs()}"
             time.sleep(0.5)
     finally:
@@ -297,7 +298,7 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
     store = ResultStore(pg_url)
     try:
         # ...and finished group 0 and one image of group 1; group 2 image 1 failed (failed is final too).
-        done = [ImageKey(run_id, 0, r["image_index"]) for r in store.queries.image_rows(run_id) if r["group_position"] == 0]
+        done = [ImageKey(run_id, 0, r["image_index"]) for r in image_rows(store, run_id) if r["group_position"] == 0]
         done.append(ImageKey(run_id, 1, 1))
         store.record_results([ImageResult(key=k, summary="无关图片") for k in done], "test-worker")
         store.record_results([ImageResult(key=ImageKey(run_id, 2, 1), error="unreadable")], "test-worker")
@@ -343,7 +344,7 @@ def test_status_and_export_of_an_unfinished_run(tree: Path, tiny_checkpoint: Pat
     run_id = run_id_of(stage_a(enqueue_args(tree, tiny_checkpoint, "per_image"), env, tmp_path))
     store = ResultStore(pg_url)
     try:
-        rows = store.queries.image_rows(run_id)
+        rows = image_rows(store, run_id)
         group_sizes = [sum(1 for r in rows if r["group_position"] == g) for g in range(5)]
         # Groups 0 and 3 complete; group 1 half done; group 4 has one image in flight.
         done = [ImageKey(run_id, g, i) for g in (0, 3) for i in range(1, group_sizes[g] + 1)]

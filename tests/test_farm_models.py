@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from support.cli import base_env, cli, read_jsonl
 from support.farm import FAILURES, JSONL, MISSION, Farm, Worker, farm_factory, make_tree, wait_for  # noqa: F401
+from support.store import dead_letters, image_rows
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_a_run_is_served_by_its_model_only(pg_url: str, farm_factory, tiny_check
     wait_for(lambda: pinned.log().count("handed ") >= 3, 60, "the pinned worker to hand the run back",
              on_timeout=farm.logs)
     store = farm.store()
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     assert all(r["status"] == "pending" and r["attempts"] == 0 and r["model"] is None for r in rows), rows
     assert "nothing this worker serves" in pinned.log()  # it backs off instead of spinning
 
@@ -70,7 +71,7 @@ def test_a_run_is_served_by_its_model_only(pg_url: str, farm_factory, tiny_check
     farm.workers.remove(pinned)  # gone on purpose: the farm's liveness checks skip it
     counts = farm.wait_finished(run_id, 180)
     assert (counts.done, counts.failed) == (6, 0)
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     assert {r["model"] for r in rows} == {model_a}, {r["model"] for r in rows}
     assert {r["engine"] for r in rows} == {"transformers"}
     assert all(r["attempts"] == 1 for r in rows)  # handing back never counted a delivery
@@ -121,8 +122,8 @@ def test_images_that_can_never_succeed_fail_and_the_runs_finish(pg_url: str, far
 
     # No loop: several orphan-grace periods later nothing was re-sent or dead-lettered again.
     store = farm.store()
-    letters = len(store.queries.dead_letters())
+    letters = len(dead_letters(store))
     time.sleep(3 * float(farm.settings["STAGE_A_ORPHAN_GRACE"]))
-    assert len(store.queries.dead_letters()) == letters == 3  # one per refused message (per_image: one per image)
+    assert len(dead_letters(store)) == letters == 3  # one per refused message (per_image: one per image)
     assert farm.redis.queued(farm.queue) == 0 and "re-enqueued" not in worker.log()
     store.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
+from support.store import dead_letters
 
 from stage_a.config import GenerationParams, RunSpec
 
@@ -126,9 +127,9 @@ def test_every_queue_entry_is_dead_lettered_and_the_worker_goes_on(pg_url: str, 
     assert counts.done == len(items) and counts.failed == 0
     store = ResultStore(pg_url)
     expected = len(raw) + len(bad_payloads)
-    wait_for(lambda: farm.redis.queued(q) == 0 and farm.redis.unacked() == 0 and len(store.queries.dead_letters()) >= expected,
+    wait_for(lambda: farm.redis.queued(q) == 0 and farm.redis.unacked() == 0 and len(dead_letters(store)) >= expected,
              60, "every entry dead-lettered and the broker empty", on_timeout=farm.logs)
-    letters = store.queries.dead_letters()
+    letters = dead_letters(store)
     store.close()
     assert len(letters) == expected, [r for r, _ in letters]
     unmatched = list(letters)

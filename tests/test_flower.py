@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from support.store import image_rows
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +188,7 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path, t
         assert all(f"run {run_id}: done, 1 image(s)" == t.get("result") for t in succeeded), succeeded
         store = ResultStore(pg_url)
         try:
-            rows = store.queries.image_rows(run_id)
+            rows = image_rows(store, run_id)
         finally:
             store.close()
         batch_seconds = sum((r["generate_ms"] or 0) + (r["preprocess_ms"] or 0) for r in rows) / 1000

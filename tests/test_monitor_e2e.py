@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.db import pg_database
+from support.store import image_rows
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_run_page_and_diff_page_of_real_runs(runs: dict[str, int], db_url: str) 
 
     store = ResultStore(db_url)
     try:
-        rows = store.queries.image_rows(runs["a"])
+        rows = image_rows(store, runs["a"])
         client = TestClient(create_app(store, Settings.from_env({})))
         page = client.get(f"/runs/{runs['a']}?per=200").text
         for r in rows:  # every image of the page, each with its thumbnail
@@ -216,7 +217,7 @@ def test_browser_sees_thumbnails_and_filters_failures(runs: dict[str, int], db_u
 
     store = ResultStore(db_url)
     try:
-        n_images = len(store.queries.image_rows(run))
+        n_images = len(image_rows(store, run))
     finally:
         store.close()
     with _Server(db_url) as base, _Chromium(tmp_path / "profile") as browser:

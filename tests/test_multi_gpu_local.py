@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.store import image_rows
 
 from producer.sample_data import make_sample_tree
 
@@ -50,7 +51,7 @@ def test_two_cpu_processes_match_a_single_process_run(tree: Path, tiny_checkpoin
     try:
         run = store.latest_run(MISSION)
         assert run is not None
-        rows = store.queries.image_rows(run.id)
+        rows = image_rows(store, run.id)
     finally:
         store.close()
     assert rows and all(r["status"] == "done" and r["summary"] for r in rows)

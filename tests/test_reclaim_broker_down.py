@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support.cli import base_env, cli
 from support.farm import MISSION, RedisServer, free_port
+from support.store import claim_orphans, release
 from test_cli_errors import assert_one_line_error
 
 from stage_a.config import RunSpec
@@ -73,8 +74,8 @@ def test_orphan_claim_is_rolled_back_when_publishing_fails(pg_url: str) -> None:
             assert len(won) == N_IMAGES
             raise ConnectionError("broker down")
         assert len(store.orphaned_pending(1.0)) == N_IMAGES
-        assert len(store.claim_orphans(orphans, 1.0)) == N_IMAGES  # claimed for real this time
-        assert store.claim_orphans(orphans, 1.0) == []
+        assert len(claim_orphans(store, orphans, 1.0)) == N_IMAGES  # claimed for real this time
+        assert claim_orphans(store, orphans, 1.0) == []
     finally:
         store.close()
 
@@ -90,7 +91,7 @@ def test_expired_lease_claim_is_rolled_back_when_publishing_fails(pg_url: str) -
         with pytest.raises(ConnectionError), store.releasing(stale, 600) as won:
             assert len(won) == N_IMAGES
             raise ConnectionError("broker down")
-        assert len(store.release(store.stale_leases(), 600)) == N_IMAGES
+        assert len(release(store, store.stale_leases(), 600)) == N_IMAGES
         assert store.stale_leases() == []
     finally:
         store.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
+from support.store import dead_letters, image_rows
 
 from stage_a.config import GenerationParams, RunSpec
 
@@ -99,9 +100,9 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
     # poison message was dead-lettered exactly once.
     store = ResultStore(pg_url)
     wait_for(lambda: farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
-             and len(store.queries.dead_letters()) >= len(poison) + 1, 30, "the broker drained and every poison dead-lettered",
+             and len(dead_letters(store)) >= len(poison) + 1, 30, "the broker drained and every poison dead-lettered",
              on_timeout=farm.logs)
-    letters = store.queries.dead_letters()
+    letters = dead_letters(store)
     store.close()
     # ... the pickle message too, refused by Celery's consumer (workers/consumer.py records it).
     assert len(letters) == len(poison) + 1, letters
@@ -136,9 +137,9 @@ def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_pa
     for _ in range(3):  # three deliveries whose worker died before writing a result
         rt.store.lease([items[0].key], "dead-worker", 0.01)
     rt.process([image_payload(items[0])])  # the fourth delivery: no model is even loaded
-    rows = rt.store.queries.image_rows(run_id)
+    rows = image_rows(rt.store, run_id)
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "gave up after 3 deliveries without a result"
     assert rows[1]["status"] == "pending"
-    assert [r for r, _ in rt.store.queries.dead_letters()] == [f"image {items[0].key}: gave up after 3 deliveries without a result"]
+    assert [r for r, _ in dead_letters(rt.store)] == [f"image {items[0].key}: gave up after 3 deliveries without a result"]
     assert rt.host.engine is None  # no model was loaded for it
     rt.store.close()

@@ -23,6 +23,7 @@ from support.farm import (  # noqa: F401
     make_tree,
     wait_for,
 )
+from support.store import image_rows
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def test_worker_killed_mid_batch_run_completes_via_reclaimer(pg_url: str, farm_f
         """The worker whose pool process holds leased rows right now (it is generating)."""
         for w in (a, b):
             pids = w.pids()
-            rows = [r for r in store.queries.image_rows(run_id)
+            rows = [r for r in image_rows(store, run_id)
                     if r["status"] == "leased" and int(str(r["worker"]).rsplit(":", 1)[1]) in pids]
             if rows:
                 return w, rows
@@ -57,7 +58,7 @@ def test_worker_killed_mid_batch_run_completes_via_reclaimer(pg_url: str, farm_f
     victim.kill(signal.SIGKILL)  # main process and pool child: nothing acks, nothing restarts it
     assert not victim.alive()
     # What the victim held when it died (re-read: it cannot have finished anything since).
-    lost_keys = {(r["group_position"], r["image_index"]) for r in store.queries.image_rows(run_id)
+    lost_keys = {(r["group_position"], r["image_index"]) for r in image_rows(store, run_id)
                  if r["status"] == "leased" and int(str(r["worker"]).rsplit(":", 1)[1]) in victim_pids}
     assert lost_keys, "the kill must land while the batch is in flight"
 

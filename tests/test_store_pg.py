@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from support.store import image_rows, release
 
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.store import GroupInput, ResultStore
@@ -68,7 +69,7 @@ def _head() -> str:
 
 
 def _all_keys(store: ResultStore, run_id: int) -> list[ImageKey]:
-    return [ImageKey(run_id, r["group_position"], r["image_index"]) for r in store.queries.image_rows(run_id)]
+    return [ImageKey(run_id, r["group_position"], r["image_index"]) for r in image_rows(store, run_id)]
 
 
 def test_create_run_records_groups_and_pending_images(store: ResultStore) -> None:
@@ -76,7 +77,7 @@ def test_create_run_records_groups_and_pending_images(store: ResultStore) -> Non
     info = store.get_run(run_id)
     assert (info.n_groups, info.n_images) == (len(GROUPS), N_IMAGES)
     assert info.spec == _spec()  # the spec round-trips (workers rebuild it from the row)
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     assert len(rows) == N_IMAGES and {r["status"] for r in rows} == {PENDING}
     assert [(r["group_position"], r["image_index"]) for r in rows] == [
         (p, i) for p, g in enumerate(GROUPS) for i in range(1, len(g.images) + 1)]
@@ -84,7 +85,7 @@ def test_create_run_records_groups_and_pending_images(store: ResultStore) -> Non
     assert [it.rel_path for it in items] == [path for g in GROUPS for path in g.images]
     # A second run in the same database is independent.
     other = store.create_run(_spec(), GROUPS[:1])
-    assert other != run_id and len(store.queries.image_rows(other)) == 2 and len(store.queries.image_rows(run_id)) == N_IMAGES
+    assert other != run_id and len(image_rows(store, other)) == 2 and len(image_rows(store, run_id)) == N_IMAGES
 
 
 def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> None:
@@ -93,7 +94,7 @@ def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> N
     first = [_ok(k, f'{{"统计": [{{"类别": "BBU设备", "n": {i}}}]}}') for i, k in enumerate(keys)]
     store.record_results(first, "w1")
     store.record_results(first, "w1")  # a redelivered batch
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     assert len(rows) == N_IMAGES  # one row per image, never a duplicate
     assert all(r["status"] == DONE and r["worker"] == "w1" for r in rows)
     before = {(r["group_position"], r["image_index"]): r["summary"] for r in rows}
@@ -101,7 +102,7 @@ def test_record_results_is_idempotent_and_done_is_final(store: ResultStore) -> N
     # A late duplicate from another worker (failure or a different text) never overwrites a done row.
     store.record_results([ImageResult(key=k, error="CUDA out of memory") for k in keys], "w2")
     store.record_results([_ok(k, "something else") for k in keys], "w2")
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     assert len(rows) == N_IMAGES
     assert all(r["status"] == DONE and r["worker"] == "w1" and r["error"] is None for r in rows)
     assert {(r["group_position"], r["image_index"]): r["summary"] for r in rows} == before
@@ -111,11 +112,11 @@ def test_failed_row_can_later_succeed_and_empty_summary_is_a_failure(store: Resu
     run_id = store.create_run(_spec(), GROUPS)
     k1, k2 = _all_keys(store, run_id)[:2]
     store.record_results([ImageResult(key=k1, error="decode error"), ImageResult(key=k2, summary="")], "w1")
-    rows = {(r["group_position"], r["image_index"]): r for r in store.queries.image_rows(run_id)}
+    rows = {(r["group_position"], r["image_index"]): r for r in image_rows(store, run_id)}
     assert rows[(0, 1)]["status"] == FAILED and rows[(0, 1)]["error"] == "decode error"
     assert rows[(0, 2)]["status"] == FAILED and rows[(0, 2)]["error"] == "empty summary"
     store.record_results([_ok(k1)], "w2")  # a retry that works
-    row = next(r for r in store.queries.image_rows(run_id) if (r["group_position"], r["image_index"]) == (0, 1))
+    row = next(r for r in image_rows(store, run_id) if (r["group_position"], r["image_index"]) == (0, 1))
     assert row["status"] == DONE and row["error"] is None and row["worker"] == "w2"
 
 
@@ -178,7 +179,7 @@ def test_migration_runs_once_and_a_second_store_is_a_noop(db_url: str, monkeypat
     second = ResultStore(db_url)  # a second worker / command on the same database
     try:
         assert second.get_run(run_id).n_images == N_IMAGES
-        assert len(second.queries.image_rows(run_id)) == N_IMAGES
+        assert len(image_rows(second, run_id)) == N_IMAGES
         with second.engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
     finally:
@@ -237,7 +238,7 @@ def test_stale_leases_are_released_to_exactly_one_caller(db_url: str) -> None:
         def claim(name: str, store: ResultStore) -> None:
             try:
                 barrier.wait(timeout=30)
-                won[name] = store.release(stale, 600)
+                won[name] = release(store, stale, 600)
             except BaseException as exc:  # collected, asserted below
                 errors.append(exc)
 
@@ -248,8 +249,8 @@ def test_stale_leases_are_released_to_exactly_one_caller(db_url: str) -> None:
         assert not got_a & got_b, "an expired image was re-enqueued by two callers"
         assert got_a | got_b == set(dead)
         # Re-armed: no longer stale, still leased (a worker will pick the re-enqueued message up).
-        assert a.stale_leases() == [] and b.release(stale, 600) == []
-        status = {(r["group_position"], r["image_index"]): r["status"] for r in a.queries.image_rows(run_id)}
+        assert a.stale_leases() == [] and release(b, stale, 600) == []
+        status = {(r["group_position"], r["image_index"]): r["status"] for r in image_rows(a, run_id)}
         assert all(status[(k.group_position, k.image_index)] == LEASED for k in dead + alive)
     finally:
         a.close()

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
+from support.store import dead_letters, image_rows
 
 from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
@@ -78,7 +79,7 @@ def runtime(db_url: str, queue: str = "stage_a_unused", **kw: Any) -> WorkerRunt
 
 
 def rows_by_key(store: ResultStore, run_id: int) -> dict[tuple[int, int], dict[str, Any]]:
-    return {(r["group_position"], r["image_index"]): r for r in store.queries.image_rows(run_id)}
+    return {(r["group_position"], r["image_index"]): r for r in image_rows(store, run_id)}
 
 
 # ---- item 1: the run's model, and only it -------------------------------------------------------
@@ -101,7 +102,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     assert pinned.host.engine is None
     for rid in (run_id, demo_run):
         assert all(r["status"] == "pending" and r["attempts"] == 0 and r["model"] is None
-                   for r in pinned.store.queries.image_rows(rid))
+                   for r in image_rows(pinned.store, rid))
     # Handed back to the queue (every round) and backing off longer each time, capped.
     assert sorted(map(json.dumps, queued(queue)[:5])) == sorted(map(json.dumps, payloads))
     assert slept == [0.25, 0.5, 1.0, 2.0]
@@ -111,7 +112,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     assert sum(len(v) for v in admitted.work.values()) == 4 and not admitted.handed_back
     want = Checkpoint.open(other_checkpoint).identity
     assert unpinned.host.serving == want
-    rows = unpinned.store.queries.image_rows(run_id)
+    rows = image_rows(unpinned.store, run_id)
     assert all(r["status"] == "done" and r["model"] == want and r["engine"] == "transformers" for r in rows)
     assert want != Checkpoint.open(tiny_checkpoint).identity
     # Their heartbeats say which kind each is (status counts an unpinned worker for any run).
@@ -139,7 +140,7 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     rt.sleep = slept.append
     admitted = rt.process([image_payload(it) for it in items]).admitted
     assert admitted.work and rt.host.engine is None  # admitted, but the model check refused it
-    assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rt.store.queries.image_rows(run_id))
+    assert all(r["status"] == "pending" and r["attempts"] == 0 for r in image_rows(rt.store, run_id))
     assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
     # Alone with that run, it backs off like a pinned worker instead of popping, hashing the
     # checkpoint folder and handing back as fast as Redis answers.
@@ -170,7 +171,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
     monkeypatch.setattr(engine.hosting, "build_engine", build_while_replaced)
     rt = runtime(pg_url, queue)
     rt.process([image_payload(it) for it in items])
-    rows = rt.store.queries.image_rows(run_id)
+    rows = image_rows(rt.store, run_id)
     assert all(r["status"] == "pending" and r["model"] is None for r in rows), \
         [(r["status"], r["model"], want) for r in rows]
     assert rt.host.engine is None
@@ -205,7 +206,7 @@ def test_a_key_with_another_images_path_never_stores_that_images_summary(pg_url:
     assert rows[(0, 1)]["status"] == "pending" and rows[(0, 1)]["summary"] is None
     assert rows[(0, 2)]["status"] == "pending" and rows[(0, 2)]["summary"] is None
     assert rows[(1, 1)]["status"] == "done"
-    letters = rt.store.queries.dead_letters()
+    letters = dead_letters(rt.store)
     assert len(letters) == 2 and all("does not match the stored path" in r for r, _ in letters), letters
 
     # The honest messages then summarize each key from its own file.
@@ -250,7 +251,7 @@ def test_symlink_escaping_the_root_fails_the_image_and_the_run_finishes(pg_url: 
     assert counts.finished and (counts.done, counts.failed) == (4, 1)
     row = rows_by_key(rt.store, run_id)[(0, 3)]
     assert row["status"] == "failed" and "path leaves the input root" in row["error"]
-    assert [r for r, _ in rt.store.queries.dead_letters()] == [f"image {ImageKey(run_id, 0, 3)}: {row['error']}"]
+    assert [r for r, _ in dead_letters(rt.store)] == [f"image {ImageKey(run_id, 0, 3)}: {row['error']}"]
     # The reclaimer has nothing to re-send, ever.
     assert [it for it in rt.store.orphaned_pending(0) if it.key.run_id == run_id] == []
     assert Reclaimer(rt.settings, rt.store).store.stale_leases() == []
@@ -274,7 +275,7 @@ def test_input_root_outside_the_allowed_roots_fails_every_image(pg_url: str, tin
     assert rt.host.engine is None  # nothing to serve: no model was even loaded
     counts = rt.store.queries.counts(run_id)
     assert counts.finished and counts.failed == 4
-    assert len(rt.store.queries.dead_letters()) == 2  # one per message, naming the reason
+    assert len(dead_letters(rt.store)) == 2  # one per message, naming the reason
     failures = _export_failures(pg_url, run_id, tmp_path / "out")
     assert [f["group_id"] for f in failures] == [g for g, _ in groups]
     assert all("is outside STAGE_A_INPUT_ROOTS" in img["reason"] for f in failures for img in f["images"])
@@ -310,7 +311,7 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
     admitted = rt.process(buffer).admitted
     assert admitted.dead == len(bad)
-    letters = rt.store.queries.dead_letters()
+    letters = dead_letters(rt.store)
     assert len(letters) == len(bad), [r for r, _ in letters]
     unmatched = list(letters)
     for _payload, fragment in bad:

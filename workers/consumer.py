@@ -15,6 +15,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
+from stage_a.errors import first_line
 from workers.poison import message_text, sink
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,9 @@ def _drop(message: Any, errors: Any) -> None:
         log.error("could not drop a rejected message: %s", exc)
 
 
-def _reason(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
-
-
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        sink.record(f"message body does not decode ({_reason(exc)})", message_text(message))
+        sink.record(f"message body does not decode ({first_line(exc, typed=True)[:300]})", message_text(message))
         super().on_decode_error(message, exc)  # logs it and acknowledges
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
@@ -52,7 +46,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         _drop(message, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        sink.record(f"invalid task message ({_reason(exc)})", message_text(message))
+        sink.record(f"invalid task message ({first_line(exc, typed=True)[:300]})", message_text(message))
         super().on_invalid_task(body, message, exc)  # logs it and rejects
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
@@ -68,7 +62,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             except broker_errors:
                 raise  # the broker connection itself: Celery reconnects
             except Exception as exc:
-                sink.record(f"message could not be received ({_reason(exc)})", message_text(message))
+                sink.record(f"message could not be received ({first_line(exc, typed=True)[:300]})", message_text(message))
                 _drop(message, errors)
                 return None
 

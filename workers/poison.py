@@ -24,6 +24,8 @@ import os
 import threading
 from typing import Any
 
+from stage_a.errors import first_line
+
 log = logging.getLogger(__name__)
 
 RAW_LIMIT = 4000
@@ -90,7 +92,7 @@ class PoisonSink:
                 self._get_store().dead_letter(reason, text, worker or _worker_name(), run_id)
         except Exception as exc:  # a poison entry must never take the consumer down
             log.error("could not store the dead letter (%s); the entry was: %s",
-                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__, text)
+                      first_line(exc), text)
 
 
 def _worker_name() -> str:

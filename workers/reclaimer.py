@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from stage_a.errors import UserError
+from stage_a.errors import UserError, first_line
 from stage_a.messages import payloads_for
 from stage_a.queue import TaskQueue
 from stage_a.secrets import broker_error
@@ -98,4 +98,4 @@ class Reclaimer:
             try:
                 self.once()
             except Exception as exc:  # the broker or DB may be restarting; try again next round
-                log.warning("reclaim check failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                log.warning("reclaim check failed: %s", first_line(exc))

@@ -18,6 +18,7 @@ from typing import Any
 from engine.hosting import ModelHost, WrongModel
 from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
+from stage_a.errors import first_line
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageKey, WorkItem
@@ -116,7 +117,7 @@ class Heartbeats:
             with self._lock:
                 write()
         except Exception as exc:
-            log.warning("heartbeat failed (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("heartbeat failed (%s)", first_line(exc))
 
 
 class WorkerRuntime:
@@ -279,7 +280,7 @@ class WorkerRuntime:
             try:
                 self.store.renew([it.key for it in items], self.settings.lease_seconds)
             except Exception as exc:
-                log.warning("lease renewal failed (%s); continuing", str(exc).splitlines()[0])
+                log.warning("lease renewal failed (%s); continuing", first_line(exc))
 
         return renew
 
@@ -293,7 +294,7 @@ class WorkerRuntime:
             self._queue.send(payloads)
         except Exception as exc:  # the images stay pending: the orphan reclaimer re-sends them
             log.error("could not hand %d messages back (%s); the reclaimer will re-send their images",
-                      len(payloads), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                      len(payloads), first_line(exc))
             return
         log.warning("handed %d messages back to the queue: their runs need another model than this worker's",
                     len(payloads))

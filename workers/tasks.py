@@ -27,7 +27,7 @@ from typing import Any
 from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
-from stage_a.errors import EngineDeadError, UserError
+from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
 from stage_a.store import ResultStore
 from workers.celery import app, settings
@@ -168,7 +168,7 @@ def _start_process(**_: Any) -> None:
         _fatal.value = 2
         os.kill(os.getppid(), signal.SIGTERM)
     except Exception as exc:  # the first batch tries again (and fails its rows with the reason)
-        log.error("model load at process start failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        log.error("model load at process start failed: %s", first_line(exc))
     finally:
         with _loaded.get_lock():
             _loaded.value += 1

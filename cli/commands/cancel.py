@@ -45,12 +45,13 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
                f"{counts.done} done, {counts.failed} failed, {counts.pending + counts.leased} not processed")
     if keep_queued or not info.farm:
         return
+    from stage_a.errors import first_line
     from stage_a.queue import TaskQueue
 
     try:
         dropped = TaskQueue(settings).drop_run(run_id)
     except Exception as exc:  # the cancellation itself is recorded; workers drop the messages anyway
-        click.echo(f"stage-a: warning: could not remove queued messages ({str(exc).splitlines()[0]}); "
+        click.echo(f"stage-a: warning: could not remove queued messages ({first_line(exc)}); "
                    "workers will acknowledge them without work", err=True)
         return
     click.echo(f"run {run_id}: {dropped} queued messages removed from {settings.queue!r}")

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
-from stage_a.errors import UserError
+from stage_a.errors import UserError, first_line
 from stage_a.settings import Settings
 
 
@@ -98,7 +98,7 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
         publisher.check()
         broker = f"reachable, {publisher.length()} messages waiting"
     except Exception as exc:
-        broker = f"NOT reachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        broker = f"NOT reachable ({first_line(exc)})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"
     n = len(plan.groups) if unit == "group" else plan.images
     print_plan(plan, spec.checkpoint, settings,

@@ -331,11 +331,6 @@ class Queries:
             out.append(WorkerBeat(**row, heartbeat_age_s=age, online=online))
         return out
 
-    def dead_letters(self) -> list[tuple[str, str]]:
-        """(reason, payload) of every dead letter, oldest first."""
-        with self.engine.connect() as c:
-            return [(r, p) for r, p in c.execute(select(DeadLetter.reason, DeadLetter.payload).order_by(DeadLetter.id))]
-
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:
             rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
@@ -437,15 +432,6 @@ class Queries:
                        ImageRow.image_index == image_index)
             ).first()
         return (str(row[0]), str(row[1])) if row else None
-
-    def image_rows(self, run_id: int) -> list[dict[str, Any]]:
-        """Every image row of a run, every column (tests and debugging; not for big runs)."""
-        with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.__table__).where(ImageRow.run_id == run_id)
-                .order_by(ImageRow.group_position, ImageRow.image_index)
-            )
-            return [dict(r._mapping) for r in rows]
 
 
 def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:

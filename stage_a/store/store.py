@@ -290,11 +290,6 @@ class ResultStore:
                     break
         return out
 
-    def claim_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> list[WorkItem]:
-        """``claiming_orphans`` with nothing to do before the commit."""
-        with self.claiming_orphans(items, grace_seconds) as won:
-            return won
-
     @contextmanager
     def claiming_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> Iterator[list[WorkItem]]:
         """Mark orphaned pending images as re-enqueued; yields only the ones this caller won.
@@ -325,11 +320,6 @@ class ResultStore:
                 .limit(limit)
             ).all()
         return [WorkItem(ImageKey(r, p, i), path) for r, p, i, path in rows]
-
-    def release(self, items: Sequence[WorkItem], lease_seconds: float) -> list[WorkItem]:
-        """``releasing`` with nothing to do before the commit."""
-        with self.releasing(items, lease_seconds) as won:
-            return won
 
     @contextmanager
     def releasing(self, items: Sequence[WorkItem], lease_seconds: float) -> Iterator[list[WorkItem]]:

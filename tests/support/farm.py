@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from support.cli import REPO, base_env, cli, cli_popen, read_jsonl  # noqa: F401  (re-exported)
+from support.store import image_rows
 
 MISSION = "挡风板安装检查"
 PASS, FAIL = "审核通过", "审核不通过"
@@ -259,7 +260,7 @@ class Farm:
 
             def report() -> str:
                 rows = [(r["group_position"], r["image_index"], r["status"], r["attempts"], r["worker"])
-                        for r in store.queries.image_rows(run_id) if r["status"] != "done"]
+                        for r in image_rows(store, run_id) if r["status"] != "done"]
                 return (f"{store.queries.counts(run_id)}\nunfinished rows: {rows}\nqueued {self.redis.queued(self.queue)} "
                         f"unacked {self.redis.unacked() if self.redis.ping() else '?'}\n{self.logs()}")
 
@@ -305,7 +306,7 @@ def check_export(out: Path, expected: list[tuple[str, str]]) -> list[dict[str, A
 
 def check_rows(store: Any, run_id: int, n_images: int) -> list[dict[str, Any]]:
     """One row per image (no duplicates by construction of the key, asserted anyway), all done."""
-    rows = store.queries.image_rows(run_id)
+    rows = image_rows(store, run_id)
     keys = [(r["group_position"], r["image_index"]) for r in rows]
     assert len(rows) == n_images and len(set(keys)) == n_images
     assert {r["status"] for r in rows} == {"done"}, [(r["rel_path"], r["status"], r["error"]) for r in rows

@@ -1,0 +1,38 @@
+"""Reading and driving the store the way tests need to, beside the product's own API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from stage_a.store import ResultStore
+from stage_a.store.models import DeadLetter, ImageRow
+from stage_a.work import WorkItem
+
+
+def image_rows(store: ResultStore, run_id: int) -> list[dict[str, Any]]:
+    """Every image row of a run, every column, in group order."""
+    with store.engine.connect() as c:
+        rows = c.execute(select(ImageRow.__table__).where(ImageRow.run_id == run_id)
+                         .order_by(ImageRow.group_position, ImageRow.image_index))
+        return [dict(r._mapping) for r in rows]
+
+
+def dead_letters(store: ResultStore) -> list[tuple[str, str]]:
+    """(reason, payload) of every dead letter, oldest first."""
+    with store.engine.connect() as c:
+        return [(r, p) for r, p in c.execute(select(DeadLetter.reason, DeadLetter.payload).order_by(DeadLetter.id))]
+
+
+def claim_orphans(store: ResultStore, items: Sequence[WorkItem], grace_seconds: float) -> list[WorkItem]:
+    """``claiming_orphans`` with nothing to do before the commit."""
+    with store.claiming_orphans(items, grace_seconds) as won:
+        return won
+
+
+def release(store: ResultStore, items: Sequence[WorkItem], lease_seconds: float) -> list[WorkItem]:
+    """``releasing`` with nothing to do before the commit."""
+    with store.releasing(items, lease_seconds) as won:
+        return won
