@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -62,20 +62,21 @@ def test_reclaim_with_redis_down_keeps_leases_expired(pg_url: str, tmp_path: Pat
 
 def test_orphan_claim_is_rolled_back_when_publishing_fails(pg_url: str) -> None:
     """The orphan path: a claim whose publishing raised is not kept; the next reclaimer wins it."""
-    from stage_a.store import ResultStore
+    from stage_a.store import ResultStore, utcnow
 
     run_id, items = _farm_run(pg_url)
     store = ResultStore(pg_url)
     try:
-        time.sleep(1.2)
-        orphans = store.orphaned_pending(1.0)
+        assert store.orphaned_pending(60.0) == []  # just registered: within the grace period
+        later = utcnow() + timedelta(seconds=61)  # the grace period has passed, without waiting for it
+        orphans = store.orphaned_pending(60.0, now=later)
         assert len(orphans) == N_IMAGES
-        with pytest.raises(ConnectionError), store.claiming_orphans(orphans, 1.0) as won:
+        with pytest.raises(ConnectionError), store.claiming_orphans(orphans, 60.0, later) as won:
             assert len(won) == N_IMAGES
             raise ConnectionError("broker down")
-        assert len(store.orphaned_pending(1.0)) == N_IMAGES
-        assert len(claim_orphans(store, orphans, 1.0)) == N_IMAGES  # claimed for real this time
-        assert claim_orphans(store, orphans, 1.0) == []
+        assert len(store.orphaned_pending(60.0, now=later)) == N_IMAGES
+        assert len(claim_orphans(store, orphans, 60.0, later)) == N_IMAGES  # claimed for real this time
+        assert claim_orphans(store, orphans, 60.0, later) == []
     finally:
         store.close()
 

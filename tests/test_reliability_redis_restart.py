@@ -1,13 +1,15 @@
 """Redis restarted mid-run (the test's own Redis, no persistence: every queued message is lost).
 
-The workers reconnect by themselves, and the reclaimer running in them (the producer side of
-recovery) reconnects too and re-enqueues the pending images whose messages vanished.
+The workers reconnect by themselves, and the reclaimer running in them reconnects too and
+re-enqueues the pending images whose messages vanished. The outcome is what is asserted: every
+image done exactly once, by the same worker processes, and the export complete.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,9 @@ def test_redis_restart_mid_run_nothing_lost_or_duplicated(pg_url: str, farm_fact
         w.assert_alive()
         assert w.pids() == before, f"worker {w.name} was restarted"
         assert "Connection to broker lost" in w.log() or "Cannot connect to redis" in w.log(), w.log()[-3000:]
+    # Lost messages are re-sent once at most: the reclaimers of both hosts see the same orphans, one
+    # of them wins each (kombu may also hand back what the workers held, so none may be re-sent).
     resent = [int(m) for w in workers for m in re.findall(rf"re-enqueued (\d+) {ORPHAN_LINE}", w.log())]
-    assert resent, farm.logs()  # messages were lost with the old Redis: the reclaimer found and re-sent them
-    # ... once: the reclaimers of both hosts saw the same orphans, only one of them re-sent each.
     assert sum(resent) <= at_kill.pending + at_kill.leased, (resent, at_kill)
     assert time.monotonic() - restarted < 180
     check_rows(store, run_id, total)
@@ -75,7 +77,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     from producer.register import register_run
     from stage_a.config import RunSpec
     from stage_a.settings import Settings
-    from stage_a.store import ResultStore
+    from stage_a.store import ResultStore, utcnow
     from workers.reclaimer import Reclaimer
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
@@ -83,18 +85,18 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     reg = register_run(store, RunSpec(mission=MISSION, dataset="bbu", input_root=""), tmp_path / "in", farm=True)
     redis = RedisServer(tmp_path)
     redis.start()
-    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans", orphan_grace=0.3)
-    reclaimers = [Reclaimer(settings), Reclaimer(settings)]
+    settings = Settings(broker_url=redis.url, database_url=pg_url, queue="orphans", orphan_grace=30)
+    # Every pass judges the grace period a minute from now: only the broker decides what is lost.
+    later = lambda: utcnow() + timedelta(seconds=60)  # noqa: E731
+    reclaimers = [Reclaimer(settings, clock=later), Reclaimer(settings, clock=later)]
     conn, other = Connection(redis.url), Connection(redis.url)
     try:
         Publisher(settings).publish_items(store.unfinished_items(reg.run_id), "per_image")
-        time.sleep(0.5)
         assert reclaimers[0].once().orphaned == 0  # the messages wait in the queue
 
         ours = conn.SimpleQueue("orphans")
         held = [ours.get(timeout=5), ours.get(timeout=5)]  # a worker holds both, unacknowledged
         assert redis.queued("orphans") == 0 and redis.unacked() == 2
-        time.sleep(0.5)
         assert reclaimers[0].once().orphaned == 0  # in flight, not lost
 
         redis.client().flushall()  # Redis lost everything (what a restart without persistence does)
@@ -102,7 +104,6 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
         foreign.put({"x": 1})
         held.append(foreign.get(timeout=5))  # another queue's unacknowledged message does not count
         assert redis.unacked() == 1
-        time.sleep(0.5)
         assert sum(r.once().orphaned for r in reclaimers) == 2
         assert redis.queued("orphans") == 2
         assert all(r.once().orphaned == 0 for r in reclaimers)  # re-sent, queued again: nothing to do

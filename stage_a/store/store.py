@@ -263,11 +263,12 @@ class ResultStore:
 
     # ---- recovery: expired leases and lost messages, each row won by one caller -------------
 
-    def orphaned_pending(self, grace_seconds: float, limit: int = 100_000) -> list[WorkItem]:
+    def orphaned_pending(self, grace_seconds: float, limit: int = 100_000,
+                         now: datetime | None = None) -> list[WorkItem]:
         """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost).
 
         Cancelled runs are left alone: their pending images are never re-enqueued."""
-        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        cutoff = (now or utcnow()) - timedelta(seconds=grace_seconds)
         out: list[WorkItem] = []
         with self.engine.connect() as c:
             active = c.execute(
@@ -291,13 +292,14 @@ class ResultStore:
         return out
 
     @contextmanager
-    def claiming_orphans(self, items: Sequence[WorkItem], grace_seconds: float) -> Iterator[list[WorkItem]]:
+    def claiming_orphans(self, items: Sequence[WorkItem], grace_seconds: float,
+                         now: datetime | None = None) -> Iterator[list[WorkItem]]:
         """Mark orphaned pending images as re-enqueued; yields only the ones this caller won.
 
         Every worker host runs a reclaimer and all of them see the same orphans: like ``releasing``
         for leases, a row is won only while it is still pending and idle since the grace cutoff.
         """
-        now = utcnow()
+        now = now or utcnow()
         cutoff = now - timedelta(seconds=grace_seconds)
         with self._claiming(items, lambda run_id, chunk: (
             update(ImageRow)
@@ -322,13 +324,14 @@ class ResultStore:
         return [WorkItem(ImageKey(r, p, i), path) for r, p, i, path in rows]
 
     @contextmanager
-    def releasing(self, items: Sequence[WorkItem], lease_seconds: float) -> Iterator[list[WorkItem]]:
+    def releasing(self, items: Sequence[WorkItem], lease_seconds: float,
+                  now: datetime | None = None) -> Iterator[list[WorkItem]]:
         """Re-arm stale leases; yields only the items this caller won (no double re-enqueue).
 
         Every reclaimer (one per worker host) sees the same expired leases; only the first to update
         a row re-sends it.
         """
-        now = utcnow()
+        now = now or utcnow()
         with self._claiming(items, lambda run_id, chunk: (
             update(ImageRow)
             .where(ImageRow.run_id == run_id, ImageRow.status == LEASED, ImageRow.lease_until < now,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -26,9 +27,10 @@ def dead_letters(store: ResultStore) -> list[tuple[str, str]]:
         return [(r, p) for r, p in c.execute(select(DeadLetter.reason, DeadLetter.payload).order_by(DeadLetter.id))]
 
 
-def claim_orphans(store: ResultStore, items: Sequence[WorkItem], grace_seconds: float) -> list[WorkItem]:
+def claim_orphans(store: ResultStore, items: Sequence[WorkItem], grace_seconds: float,
+                  now: datetime | None = None) -> list[WorkItem]:
     """``claiming_orphans`` with nothing to do before the commit."""
-    with store.claiming_orphans(items, grace_seconds) as won:
+    with store.claiming_orphans(items, grace_seconds, now) as won:
         return won
 
 
