@@ -15,7 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "tests"):  # `python bench/x.py` from a checkout works without installing
     if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))  # tests/: the store helpers of tests/support
+        sys.path.insert(0, str(_path))  # tests/: the helpers bench shares with the tests (tests/support)
 
 MISSION = "挡风板安装检查"  # a bbu mission (max_pixels 1,048,576)
 PASS_DIR, FAIL_DIR = "审核通过", "审核不通过"

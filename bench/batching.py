@@ -53,8 +53,10 @@ def main() -> None:
                     help="also time this batch size without length ordering (0 = skip)")
     args = ap.parse_args()
 
+    from support.batches import padding_fraction
+
     from engine.loader import load_model
-    from engine.scheduler import padding_fraction, plan_batches
+    from engine.scheduler import plan_batches
     from engine.transformers_engine import TransformersEngine
     from stage_a.checkpoint import Checkpoint
     from stage_a.config import GenerationParams, RunSpec

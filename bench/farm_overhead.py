@@ -103,7 +103,7 @@ def self_cpu_seconds() -> float:
 
 def time_split(store: Any, run_id: int) -> str:
     """Where the time went, from what the engine recorded per image (batch times / rows)."""
-    from engine.scheduler import padding_fraction
+    from support.batches import padding_fraction
 
     rows = image_rows(store, run_id)
     prep = sum(r["preprocess_ms"] or 0 for r in rows) / 1000

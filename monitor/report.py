@@ -101,10 +101,6 @@ class RunReport:
         return self.done + self.failed
 
     @property
-    def unfinished(self) -> int:
-        return self.pending + self.in_flight
-
-    @property
     def fraction(self) -> float:
         return self.finished_images / self.images_total if self.images_total else 1.0
 

@@ -34,10 +34,6 @@ class Group:
     # Paths relative to Discovery.input_root, posix style, in image order (image_1, image_2, ...).
     images: tuple[str, ...]
 
-    @property
-    def image_names(self) -> list[str]:
-        return [p.rsplit("/", 1)[-1] for p in self.images]
-
 
 @dataclass
 class Discovery:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.discovery import image_names
 
 from producer.discovery import Discovery, Group, discover
 from stage_a.errors import UserError
@@ -55,8 +56,8 @@ def test_groups_labels_order_and_resubmissions(tree: Path) -> None:
 def test_images_natural_sorted_case_insensitive_and_relative(tree: Path) -> None:
     d = discover(tree, MISSION)
     g = next(g for g in d.groups if (g.group_id, g.label) == ("QC-A", "pass"))
-    assert g.image_names == ["a_1.Png", "a_2.JPG", "a_10.jpg"]
-    assert g.images == tuple(f"{MISSION}/{PASS}/QC-A/{n}" for n in g.image_names)
+    assert image_names(g) == ["a_1.Png", "a_2.JPG", "a_10.jpg"]
+    assert g.images == tuple(f"{MISSION}/{PASS}/QC-A/{n}" for n in image_names(g))
     for p in g.images:  # relative to input_root, posix style, and they exist
         assert not p.startswith("/") and "\\" not in p
         assert (d.input_root / p).is_file()
@@ -67,7 +68,7 @@ def test_natural_sort_many(tmp_path: Path) -> None:
     names = [f"x_{i}.jpg" for i in (10, 2, 1, 100, 21, 3)]
     make_group(tmp_path, PASS, "G", names)
     (g,) = discover(tmp_path, MISSION).groups
-    assert g.image_names == ["x_1.jpg", "x_2.jpg", "x_3.jpg", "x_10.jpg", "x_21.jpg", "x_100.jpg"]
+    assert image_names(g) == ["x_1.jpg", "x_2.jpg", "x_3.jpg", "x_10.jpg", "x_21.jpg", "x_100.jpg"]
 
 
 def test_group_folders_sorted_by_name(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_hidden_and_non_file_entries_ignored(tmp_path: Path) -> None:
     make_group(tmp_path, PASS, "G", ["._a_1.jpg", "a_1.jpg"])
     (tmp_path / MISSION / PASS / "G" / "sub.jpg").mkdir()
     (g,) = discover(tmp_path, MISSION).groups
-    assert g.image_names == ["a_1.jpg"]
+    assert image_names(g) == ["a_1.jpg"]
 
 
 def test_input_root_is_mission_folder(tree: Path) -> None:
@@ -142,9 +143,9 @@ def test_no_groups_is_an_error(tmp_path: Path) -> None:
         discover(tmp_path, MISSION)
 
 
-def test_image_names_property() -> None:
+def test_image_names() -> None:
     g = Group("G", "pass", ("m/审核通过/G/a.jpg", "m/审核通过/G/b.png"))
-    assert g.image_names == ["a.jpg", "b.png"]
+    assert image_names(g) == ["a.jpg", "b.png"]
 
 
 @pytest.fixture
@@ -173,5 +174,5 @@ def test_100k_files(fast_tmp: Path) -> None:
     d = discover(tmp_path, MISSION)
     assert len(d.groups) == n_groups
     assert sum(len(g.images) for g in d.groups) == n_groups * per_group
-    assert d.groups[0].image_names[:3] == ["x_0.jpg", "x_1.jpg", "x_2.jpg"]
-    assert d.groups[0].image_names[-1] == "x_49.jpg"
+    assert image_names(d.groups[0])[:3] == ["x_0.jpg", "x_1.jpg", "x_2.jpg"]
+    assert image_names(d.groups[0])[-1] == "x_49.jpg"

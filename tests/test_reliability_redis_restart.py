@@ -2,12 +2,12 @@
 
 The workers reconnect by themselves, and the reclaimer running in them reconnects too and
 re-enqueues the pending images whose messages vanished. The outcome is what is asserted: every
-image done exactly once, by the same worker processes, and the export complete.
+image done exactly once, by the same worker processes, and the export complete. How lost messages
+are found and re-sent once is the second test's subject, step by step.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,27 +16,32 @@ import pytest
 from support.farm import Farm, check_export, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
-ORPHAN_LINE = "pending images with no message on the broker"
 
 
 def test_redis_restart_mid_run_nothing_lost_or_duplicated(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
-    # Enough images that messages still wait on the broker when it dies: with fewer, both workers may
-    # have prefetched the rest between the queue length read and the kill (kombu then restores them).
-    expected = make_tree(tmp_path / "in", groups=14, per_group=2)
-    total = 28
+    # Enough work that messages still wait on the broker when it dies (two workers finish 28 images
+    # of 4 tokens in about a second): with less, both workers may have prefetched the rest between
+    # the queue length read and the kill (kombu then restores them).
+    expected = make_tree(tmp_path / "in", groups=40, per_group=2)
+    total = 80
     farm: Farm = farm_factory(pg_url, STAGE_A_LEASE_SECONDS="30")
     workers = [farm.worker("r1"), farm.worker("r2")]
+    store = farm.store()  # opened (schema checked) before the run starts: the first results are seen at once
     wait_for(lambda: all(w.ready() for w in workers), 90, "workers ready", on_timeout=farm.logs)
     pids = [w.pids() for w in workers]
-    run_id = farm.enqueue(tmp_path / "in")
-    store = farm.store()
+    run_id = farm.enqueue(tmp_path / "in", "--max-new-tokens", "32")
 
     wait_for(lambda: store.queries.counts(run_id).done >= 4, 150, "the first results", 0.1, on_timeout=farm.logs)
     queued = farm.redis.queued(farm.queue)
     assert queued > 0, "the run finished before Redis was killed: nothing was tested"
-    at_kill = store.queries.counts(run_id)
     farm.redis.kill()  # SIGKILL: queued and unacked messages are gone
-    time.sleep(2)
+
+    def lost_broker(w) -> bool:  # type: ignore[no-untyped-def]
+        return "Connection to broker lost" in w.log() or "Cannot connect to redis" in w.log()
+
+    # Redis stays down until both workers have seen it go.
+    wait_for(lambda: all(lost_broker(w) for w in workers), 60, "both workers to lose the broker", 0.1,
+             on_timeout=farm.logs)
     farm.redis.start()
     restarted = time.monotonic()
     assert farm.redis.queued(farm.queue) == 0
@@ -46,11 +51,7 @@ def test_redis_restart_mid_run_nothing_lost_or_duplicated(pg_url: str, farm_fact
     for w, before in zip(workers, pids, strict=True):
         w.assert_alive()
         assert w.pids() == before, f"worker {w.name} was restarted"
-        assert "Connection to broker lost" in w.log() or "Cannot connect to redis" in w.log(), w.log()[-3000:]
-    # Lost messages are re-sent once at most: the reclaimers of both hosts see the same orphans, one
-    # of them wins each (kombu may also hand back what the workers held, so none may be re-sent).
-    resent = [int(m) for w in workers for m in re.findall(rf"re-enqueued (\d+) {ORPHAN_LINE}", w.log())]
-    assert sum(resent) <= at_kill.pending + at_kill.leased, (resent, at_kill)
+        assert lost_broker(w), w.log()[-3000:]
     assert time.monotonic() - restarted < 180
     check_rows(store, run_id, total)
     store.close()

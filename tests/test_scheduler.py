@@ -6,9 +6,10 @@ import threading
 import time
 
 import pytest
+from support.batches import padding_fraction
 
 from engine.prefetch import Prefetcher
-from engine.scheduler import padding_fraction, plan_batches
+from engine.scheduler import plan_batches
 from stage_a.work import ImageKey, WorkItem
 
 
