@@ -38,8 +38,7 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
     from engine.steploop import LoopHooks, StepLoop, worker_name
 
     own_store = store is None
-    store = store or ResultStore(job.db_url, pool_size=job.settings.db_pool_size,
-                                 sqlite_busy_timeout=job.settings.sqlite_busy_timeout)
+    store = store or job.settings.open_store(job.db_url)
     try:
         run = store.get_run(job.run_id)
         items = store.unfinished_items(run.id)

@@ -14,10 +14,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stage_a.config import DEFAULT_BATCH_SIZE, ENGINES
 from stage_a.errors import UserError
+
+if TYPE_CHECKING:
+    from stage_a.store import ResultStore
 
 
 def _env(name: str, *legacy: str) -> dict[str, Any]:
@@ -162,6 +165,14 @@ class Settings:
         if not self.database_url:
             raise UserError("STAGE_A_DATABASE_URL is not set (e.g. postgresql+psycopg://user@host/stage_a)")
         return self.database_url
+
+    def open_store(self, url: str | None = None, migrate: bool = True) -> ResultStore:
+        """The results store at ``url`` (default STAGE_A_DATABASE_URL, required) with this process's
+        pool size and SQLite busy timeout."""
+        from stage_a.store import ResultStore
+
+        return ResultStore(url or self.require_database(), migrate, pool_size=self.db_pool_size,
+                           sqlite_busy_timeout=self.sqlite_busy_timeout)
 
     def results_database(self, db: str | None, output_dir: Path | None = None) -> str:
         """--db (a path or an SQLAlchemy URL), else STAGE_A_DATABASE_URL, else SQLite next to the output."""

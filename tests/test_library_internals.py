@@ -17,12 +17,12 @@ def _source_hash(obj: Any) -> str:
 
 
 def test_kombu_redis_brpop_read_is_the_one_workers_transport_copies() -> None:
-    """workers/transport.py's Channel._brpop_read is kombu 5.7.0's with one call added."""
+    """workers/poison.py's Channel._brpop_read is kombu 5.7.0's with one call added."""
     from kombu.transport import redis as kombu_redis
 
     assert _source_hash(kombu_redis.Channel._brpop_read) == (
         "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
-    ), "kombu's Channel._brpop_read changed: re-copy it into workers/transport.py"
+    ), "kombu's Channel._brpop_read changed: re-copy it into workers/poison.py"
 
 
 def test_celery_batches_flush_timer_is_the_one_reconnect_safe_batches_rearms() -> None:

@@ -104,7 +104,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
              on_timeout=farm.logs)
     letters = dead_letters(store)
     store.close()
-    # ... the pickle message too, refused by Celery's consumer (workers/consumer.py records it).
+    # ... the pickle message too, refused by Celery's consumer (workers/poison.py records it).
     assert len(letters) == len(poison) + 1, letters
     assert sum("Refusing to deserialize untrusted content of type pickle" in r for r, _ in letters) == 1, letters
     log = worker.log()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NoReturn
 
 from celery import Celery
 from kombu import Queue
@@ -11,21 +12,27 @@ from kombu import Queue
 from stage_a.errors import UserError
 from stage_a.settings import Settings
 
-try:
-    settings = Settings.from_env()
-except UserError as exc:  # `celery -A workers worker` imports this module: a bad setting is one line, exit 2
+
+def refuse_to_start(exc: UserError) -> NoReturn:
+    """A configuration error at worker start: one line on stderr and exit status 2, like the CLI."""
     sys.stderr.write(f"stage-a worker: error: {exc}\n")
     sys.stderr.flush()
     raise SystemExit(2) from None
 
+
+try:
+    settings = Settings.from_env()  # `celery -A workers worker` imports this module first
+except UserError as exc:
+    refuse_to_start(exc)
+
 app = Celery("stage_a", broker=settings.broker_url, include=["workers.tasks"])
 if settings.broker_url.split("://", 1)[0] in ("redis", "rediss"):
     # kombu's Redis transport with each popped entry checked first: a malformed one is dead-lettered
-    # instead of stopping the worker (workers/transport.py).
-    app.conf.broker_transport = "workers.transport:Transport"
+    # instead of stopping the worker (workers/poison.py).
+    app.conf.broker_transport = "workers.poison:Transport"
 app.conf.update(
-    # Every message Celery rejects is dead-lettered, and none can stop the consumer (workers/consumer.py).
-    worker_consumer="workers.consumer:Consumer",
+    # Every message Celery rejects is dead-lettered, and none can stop the consumer (workers/poison.py).
+    worker_consumer="workers.poison:Consumer",
     # JSON only: a pickle payload is refused by the consumer before any code runs.
     task_serializer="json",
     accept_content=["json"],
@@ -61,4 +68,4 @@ app.conf.update(
 # worker logs carry stage-a's own INFO lines (model loaded, one per batch), not that chatter.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
-__all__ = ["app", "settings"]
+__all__ = ["app", "refuse_to_start", "settings"]

@@ -1,28 +1,38 @@
-"""Queue entries that never become a task: recorded in the dead_letters table, never fatal.
+"""Queue entries that never become a task: each one a row of dead_letters, none fatal to a worker.
 
-Celery and kombu handle a malformed entry at three depths, and at each depth some shape of bytes
-stops the worker or loses the entry silently unless it is caught:
-- the Redis transport pops and JSON-decodes the raw entry and builds a kombu Message from it
-  (not JSON, not an envelope object, a body that is not valid base64, no delivery tag):
-  `workers.transport.Channel`;
+Celery and kombu handle a malformed entry at three depths; at each, some shape of bytes stops the
+worker (the exception escapes into the event loop: "Unrecoverable error") or loses the entry:
+- the Redis transport pops and JSON-decodes the raw entry and builds a kombu Message from it (not
+  JSON, not an envelope object, a body that is not valid base64, no delivery tag): `Channel`, a
+  kombu Redis channel that checks each entry between the pop and the delivery. kombu has no hook
+  there, so `Channel._brpop_read` is kombu's own method with one call added; kombu is pinned to
+  the version it was copied from and tests/test_library_internals.py fails when it changes;
 - Celery's consumer decodes the body and finds the task (a content type it refuses, such as
-  pickle; an unknown task; a body that does not decode): `workers.consumer.Consumer`;
-- celery-batches builds its request and, at flush time, unpacks the body as [args, kwargs, embed]
-  (any other shape raises in the flush timer): `workers.tasks.ReconnectSafeBatches.Strategy`.
-All of them end here: the reason and the raw entry (truncated) go to `ResultStore.dead_letter`,
-and the entry is dropped (acknowledged) so that it is neither retried nor lost without a trace.
+  pickle; an unknown task; a body that does not decode; a missing header): `Consumer`;
+- celery-batches unpacks the body as [args, kwargs, embed] at flush time, in its timer:
+  `workers.tasks.ReconnectSafeBatches.Strategy` refuses other shapes on arrival.
+Each ends in `sink`: the reason and the raw entry (truncated) go to `ResultStore.dead_letter`, and
+the entry is acknowledged, neither retried nor lost without a trace. The worker's app selects the
+transport and the consumer (``broker_transport``, ``worker_consumer``: workers/celery.py).
 
-These run in the worker's main (consumer) process, which never touches the database otherwise:
+This runs in the worker's main (consumer) process, which never touches the database otherwise:
 the store is created on the first poison entry, and a forked pool process drops its copy.
 """
 
 from __future__ import annotations
 
+import binascii
 import json
 import logging
 import os
 import threading
+from queue import Empty
 from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from stage_a.errors import first_line
 
@@ -75,11 +85,9 @@ class PoisonSink:
             self._store.engine.dispose(close=False)
             self._store = None
         if self._store is None:
-            from stage_a.store import ResultStore
             from workers.celery import settings
 
-            self._store = ResultStore(settings.require_database(), migrate=False, pool_size=settings.db_pool_size,
-                                      sqlite_busy_timeout=settings.sqlite_busy_timeout)
+            self._store = settings.open_store(migrate=False)
             self._pid = os.getpid()
         return self._store
 
@@ -103,3 +111,124 @@ def _worker_name() -> str:
 
 sink = PoisonSink()
 """The process's sink (the consumer hooks and the transport share it)."""
+
+
+class BadEntry(ValueError):
+    """A queue entry kombu cannot make a Message of; the text says why."""
+
+
+def check_envelope(channel: Any, raw: bytes | str) -> dict[str, Any]:
+    """The decoded kombu envelope of ``raw``, or BadEntry naming what is wrong with it."""
+    try:
+        envelope = loads(bytes_to_str(raw))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise BadEntry(f"queue entry is not JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(envelope, dict):
+        raise BadEntry(f"queue entry is not a kombu envelope (a JSON {type(envelope).__name__})")
+    props = envelope.get("properties")
+    if not isinstance(props, dict):
+        raise BadEntry("queue entry has no 'properties' object")
+    if not isinstance(props.get("delivery_tag"), str | int) or isinstance(props.get("delivery_tag"), bool):
+        raise BadEntry("queue entry has no delivery tag")
+    info = props.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        raise BadEntry("queue entry has no delivery_info with exchange and routing_key")
+    headers = envelope.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise BadEntry("queue entry headers are not an object")
+    body = envelope.get("body")
+    if body is not None and not isinstance(body, str | bytes):
+        raise BadEntry(f"queue entry body is a JSON {type(body).__name__}, not a string")
+    if body:
+        try:
+            channel.decode_body(body, props.get("body_encoding"))
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise BadEntry(f"queue entry body does not decode as {props.get('body_encoding')!r} "
+                           f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return envelope
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel with a check between popping an entry and delivering it."""
+
+    def _checked(self, raw: bytes | str, queue: str) -> dict[str, Any] | None:
+        try:
+            return check_envelope(self, raw)
+        except BadEntry as exc:
+            sink.record(f"{exc} (queue {queue})", raw)
+            return None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.7.0's Channel._brpop_read, with _checked between the pop and _deliver.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next iteration reconnects
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            message = self._checked(item, dest)
+            if message is not None:
+                self.connection._deliver(message, dest)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
+    Channel = Channel
+
+
+def _drop(message: Any, errors: Any) -> None:
+    """Acknowledge (reject without requeue) so the entry is neither redelivered nor left unacked."""
+    try:
+        message.reject_log_error(log, errors)
+    except Exception as exc:
+        log.error("could not drop a rejected message: %s", exc)
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer with every message it rejects dead-lettered and acknowledged."""
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        sink.record(f"message body does not decode ({first_line(exc, typed=True)[:300]})", message_text(message))
+        super().on_decode_error(message, exc)  # logs it and acknowledges
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        sink.record("not a Celery task message (no task header)", message_text(message))
+        super().on_unknown_message(body, message)  # warns and rejects
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        # Celery's own version reads more headers (raising on a message without them) and marks
+        # the task failed in a result backend this app does not have: dead-letter and drop instead.
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        sink.record(f"unknown task {str(headers.get('task'))[:200]!r}", message_text(message))
+        _drop(message, self.connection_errors)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        sink.record(f"invalid task message ({first_line(exc, typed=True)[:300]})", message_text(message))
+        super().on_invalid_task(body, message, exc)  # logs it and rejects
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handler = super().create_task_handler(*args, **kwargs)
+        errors = self.connection_errors
+        # kombu's Redis transport counts KeyError as a connection error; a message missing a
+        # header raises it too, and must not make the worker reconnect (and redeliver it) forever.
+        broker_errors = tuple(e for e in errors if not issubclass(e, LookupError))
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handler(message)
+            except broker_errors:
+                raise  # the broker connection itself: Celery reconnects
+            except Exception as exc:
+                sink.record(f"message could not be received ({first_line(exc, typed=True)[:300]})", message_text(message))
+                _drop(message, errors)
+                return None
+
+        return on_task_received

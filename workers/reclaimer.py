@@ -43,9 +43,7 @@ class Reclaimer:
     @property
     def store(self) -> ResultStore:
         if self._store is None:
-            s = self.settings
-            self._store = ResultStore(s.require_database(), pool_size=s.db_pool_size,
-                                      sqlite_busy_timeout=s.sqlite_busy_timeout)
+            self._store = self.settings.open_store()
         return self._store
 
     @property

@@ -125,8 +125,7 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings, name: str | None = None, store: ResultStore | None = None) -> None:
         self.settings = settings
-        self.store = store or ResultStore(settings.require_database(), pool_size=settings.db_pool_size,
-                                          sqlite_busy_timeout=settings.sqlite_busy_timeout)
+        self.store = store or settings.open_store()
         self.name = name or worker_name()
         device = "cuda:0" if settings.gpus else settings.device  # a pinned GPU is this process's cuda:0
         self.host = ModelHost(settings, device)

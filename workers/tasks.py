@@ -1,17 +1,12 @@
 """The batch task: celery-batches buffers messages, one pool process per GPU runs them.
 
-celery-batches acknowledges every message of a batch when the pool call returns, whether it
-succeeded or raised; so every image's result or failure is committed to the store here before
-returning, and a crash (which never returns) is recovered by the store's leases, not the broker.
-
-Lifecycle: each pool process pins its GPU and loads its model in worker_process_init, the one
-hook that runs in every pool process before it can be handed a batch (CUDA cannot cross a fork,
-so the model cannot load in the main process). Celery kills a process that is not up within
-worker_proc_alive_timeout, raised to STAGE_A_MODEL_LOAD_TIMEOUT for it. The consumer fetches no
-message until every pool process has loaded (WaitForModels), so no message waits in a buffer
-behind a model load. Pool processes report to the main process through two multiprocessing
-values created before the pool forks (how many have loaded; the exit status of a configuration
-error). Heartbeats go to the store's workers table (WorkerRuntime).
+celery-batches acknowledges a batch's messages when the pool call returns, raised or not: every
+image's result or failure is committed before returning, and a crash (no return) is recovered by
+the store's leases. Each pool process pins its GPU and loads its model in worker_process_init, the
+one hook that runs in every pool process before it takes a batch (CUDA cannot cross a fork);
+worker_proc_alive_timeout is raised to STAGE_A_MODEL_LOAD_TIMEOUT for it, and the consumer fetches
+nothing until every pool process has loaded (WaitForModels). Pool processes report to the main
+process through two multiprocessing values made before the pool forks.
 """
 
 from __future__ import annotations
@@ -29,8 +24,7 @@ from celery_batches import Batches, SimpleRequest
 
 from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
-from stage_a.store import ResultStore
-from workers.celery import app, settings
+from workers.celery import app, refuse_to_start, settings
 from workers.runtime import Outcome, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -46,12 +40,10 @@ _node: str | None = None
 class ReconnectSafeBatches(Batches):
     """Batches whose interval flush survives a broker reconnect, and that refuses malformed bodies.
 
-    celery-batches 0.11 arms its repeating flush timer on the first message and keeps the handle
-    (`_tref`) on the long-lived task. On a lost broker connection Celery clears the consumer's
-    timer and calls Strategy() again, but the stale handle stays set and the timer is never armed
-    again: a partial batch then waits, unacknowledged, for the broker's visibility timeout
-    (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() re-arms it at once.
-    celery-batches is pinned to 0.11 and tests/test_library_internals.py fails when it changes.
+    celery-batches 0.11 keeps its flush timer's handle (`_tref`) on the task; a reconnect clears
+    the consumer's timer but not the handle, so a partial batch would wait for the visibility
+    timeout (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() runs at every
+    (re)connect and re-arms it. Pinned to 0.11; tests/test_library_internals.py checks the shape.
     """
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
@@ -65,7 +57,7 @@ class ReconnectSafeBatches(Batches):
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
             # timer, where any other body raises and takes every buffered message with it. It is
-            # refused here, as one message: workers.consumer dead-letters it.
+            # refused here, as one message: workers.poison dead-letters it.
             if body is None:
                 check_task_message(message)
             return handler(message, body, *args, **kwargs)
@@ -217,36 +209,23 @@ app.steps["consumer"].add(WaitForModels)
 
 @signals.worker_init.connect
 def _check_services(sender: Any = None, **_: Any) -> None:
-    """Fail within seconds, with one line, when Redis or the database cannot be reached at start.
-
-    Celery itself retries the broker forever (right for a Redis restart mid-run, wrong for a
-    mistyped URL), and the database is first touched on the first batch: without this check a
-    worker with a wrong URL hangs silently. Exit status 2 like the CLI; a supervisor (systemd
-    Restart=always) restarts the worker, so a server that is merely late is still waited for.
-    Messages name URLs with their password redacted. Also records the node name (-n).
-    """
-    import sys
-
-    from stage_a.secrets import broker_error
+    """Fail within seconds, with one line and exit status 2, when the broker, the database or the
+    pinned checkpoint is unusable at start: Celery retries a broker forever (right for a restart
+    mid-run, wrong for a mistyped URL) and the database is first touched on the first batch. A
+    supervisor (systemd Restart=always) restarts the worker, so a late server is still waited for.
+    Also records the node name (-n)."""
+    from stage_a.checkpoint import Checkpoint
+    from stage_a.queue import TaskQueue
 
     global _node
     _node = getattr(sender, "hostname", None)
     try:
-        try:
-            with app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
-        except Exception as exc:
-            raise UserError(broker_error(settings.broker_url, exc)) from None
-        ResultStore(settings.require_database(), pool_size=settings.db_pool_size,
-                    sqlite_busy_timeout=settings.sqlite_busy_timeout).close()  # connects and migrates to head
+        TaskQueue(settings).check()
+        settings.open_store().close()  # connects and migrates to head
         if settings.checkpoint:
-            from stage_a.checkpoint import Checkpoint
-
-            Checkpoint.open(settings.checkpoint)  # a mistyped STAGE_A_CHECKPOINT: one line, exit 2
+            Checkpoint.open(settings.checkpoint)
     except UserError as exc:
-        sys.stderr.write(f"stage-a worker: error: {exc}\n")
-        sys.stderr.flush()
-        raise SystemExit(2) from None
+        refuse_to_start(exc)
 
 
 @signals.worker_shutdown.connect

@@ -27,7 +27,6 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     """
     from producer.publish import Publisher
     from stage_a.checkpoint import Checkpoint
-    from stage_a.store import ResultStore
     from stage_a.store.runs import check_run_id
 
     setup_logging(kw["log_level"], kw["debug"])
@@ -56,8 +55,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
             Checkpoint.open(checkpoint)
     publisher = Publisher(settings)
     publisher.check()
-    store = ResultStore(settings.results_database(db), pool_size=settings.db_pool_size,
-                        sqlite_busy_timeout=settings.sqlite_busy_timeout)
+    store = settings.open_store(settings.results_database(db))
     if run_id is not None:
         info = store.get_run(run_id)
         sharding = info.spec.sharding_mode

@@ -31,7 +31,6 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     """
     from merger.export import export_run
     from merger.post_steps import apply_post_steps
-    from stage_a.store import ResultStore
     from stage_a.store.runs import check_run_id
 
     if run_id is not None and run_arg is not None and run_id != run_arg:
@@ -45,7 +44,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
     url = settings.results_database(db, output_dir)
     require_existing_sqlite(url, "pass --db, or the --output-dir of the run")
     settings = Settings.from_env()
-    store = ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
+    store = settings.open_store(url)
     info = store.get_run(run_id) if run_id is not None else store.latest_run(mission)
     if info is None:
         raise UserError(f"no run for mission {mission!r} in {store.display_url}")

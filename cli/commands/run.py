@@ -125,13 +125,12 @@ def run(**kw: Any) -> None:
 
         checkpoint = str(cached_tiny_checkpoint(settings.cache_path / "models"))
 
-    from stage_a.store import ResultStore
 
     db_url = settings.results_database(kw["db"], output_dir)
     fresh = _not_yet_existing(output_dir, db_url)  # removed again if the input turns out to be bad
     make_output_dir(output_dir)
     settings = Settings.from_env()
-    store = ResultStore(db_url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
+    store = settings.open_store(db_url)
     try:
         if kw["resume"]:
             info = store.get_run(kw["run_id"]) if kw["run_id"] is not None else store.latest_run(kw["mission"])

@@ -18,13 +18,12 @@ DB_HELP = "Results database path or URL (env STAGE_A_DATABASE_URL)."
 
 def open_store(db: str | None, settings: Settings):  # type: ignore[no-untyped-def]  # -> ResultStore
     """The store named by --db or STAGE_A_DATABASE_URL; a UserError when neither is given."""
-    from stage_a.store import ResultStore
 
     if not db and not settings.database_url:
         raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL")
     url = settings.results_database(db)
     require_existing_sqlite(url, "pass --db or set STAGE_A_DATABASE_URL")
-    return ResultStore(url, pool_size=settings.db_pool_size, sqlite_busy_timeout=settings.sqlite_busy_timeout)
+    return settings.open_store(url)
 
 
 @click.command()
