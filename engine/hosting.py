@@ -97,10 +97,8 @@ class ModelHost:
         return want == self.pinned.identity
 
     def check_device(self) -> None:
-        """The device must be usable here before any model is asked for: an unpinned worker loads
-        its first model on its first batch, and a host without CUDA for STAGE_A_GPUS (or
-        STAGE_A_DEVICE=cuda), or without the vllm package for STAGE_A_ENGINE=vllm, would otherwise take
-        message after message it can only fail."""
+        """The device and engine must be usable here before any model is asked for: otherwise an unpinned
+        worker on a host without CUDA (or vLLM) would take message after message it can only fail."""
         from engine.loader import resolve_device
 
         resolve_device(self.device)
@@ -119,12 +117,8 @@ class ModelHost:
         return self.engine
 
     def engine_for(self, run: RunInfo) -> Engine:
-        """The engine for the run's model, loading (or switching to) it first.
-
-        Raises WrongModel when the checkpoint at the run's path on this host is not the model the
-        run was registered with (another file at the same path): serving it would be a silent
-        wrong answer.
-        """
+        """The engine for the run's model, loading (or switching to) it first. Raises WrongModel when the
+        checkpoint at the run's path here is not the model the run was registered with."""
         want = run_model(run)
         if self.engine is not None and want is not None and want == self.serving:
             return self.engine

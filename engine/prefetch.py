@@ -15,12 +15,9 @@ _DONE = object()
 class Prefetcher(Generic[S, T]):
     """Runs ``prepare`` over ``sources`` in a background thread, ``depth`` results ahead.
 
-    Image decoding and the processor release the GIL for most of their time, so one thread
-    keeps the accelerator fed; the bounded queue caps host memory. Iterating yields
-    ``(source, prepared, error)`` in source order: a ``prepare`` that raised gives that source's
-    error (the consumer decides what it means, the next sources still come); an error while
-    producing the sources themselves is re-raised in the consumer.
-    """
+    Decoding and the processor release the GIL, so one thread keeps the accelerator fed; the bounded
+    queue caps host memory. Yields ``(source, prepared, error)`` in source order (a ``prepare`` that
+    raised gives its error and the next sources still come); an error producing the sources is re-raised."""
 
     def __init__(self, prepare: Callable[[S], T], sources: Iterable[S], depth: int = 2) -> None:
         self._prepare = prepare

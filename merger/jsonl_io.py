@@ -41,16 +41,11 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def atomic_files(*paths: Path) -> Iterator[list[TextIO]]:
-    """Write several files as one: the block writes to temp files beside ``paths``; when it ends
-    normally every path is replaced by its new content, together or not at all.
-
-    Any failure (a full or read-only disk, an exception in the block, KeyboardInterrupt) removes
-    the temp files and leaves every path as it was; a disk failure is a UserError naming the path
-    and the reason. All content is written and fsynced before the first rename, so a failure can
-    only come from a rename itself: then the paths already replaced get their old content back
-    (kept as hard links until the end). Only a kill between two renames (microseconds) can leave
-    a new file beside an old one.
-    """
+    """Write several files as one: the block writes temp files beside ``paths``, which replace them
+    together when it ends normally. On any failure (full or read-only disk: a UserError naming the
+    path; an exception in the block; KeyboardInterrupt) every path keeps its old content: all is
+    written and fsynced before the first rename, and a failed rename restores the paths already
+    replaced (their old content is kept as hard links). Only a kill between two renames can mix them."""
     targets = [Path(p) for p in paths]
     temps: list[Path] = []
     files: list[TextIO] = []
@@ -140,13 +135,10 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def atomic_write_lines(path: Path, lines: Iterable[str]) -> int:
-    """Write ``lines`` (a newline is added where missing) to ``path`` atomically; return the count.
+    """Write ``lines`` (newline added where missing) to ``path`` atomically; return the count.
 
-    The final path only ever holds the old content or the complete new content. ``lines`` may be
-    a generator that reads the current ``path``: it is fully consumed before the rename. On any
-    exception (KeyboardInterrupt included) the temp file is removed and the target left untouched;
-    a full or read-only disk is a UserError naming the path.
-    """
+    ``lines`` may read the current ``path``: it is consumed before the rename. On any exception the
+    target is untouched and the temp file removed; a full or read-only disk is a UserError naming it."""
     count = 0
     with atomic_files(Path(path)) as (f,):
         for line in lines:

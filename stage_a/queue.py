@@ -70,11 +70,9 @@ class TaskQueue:
     def has_unacked(self) -> bool:
         """Whether some message of this queue is delivered but not yet acknowledged.
 
-        kombu's Redis transport keeps every queue's unacknowledged messages of a database in one hash
-        of [message, exchange, routing_key]; only entries of this queue count, and the scan stops at
-        the first one (a farm alone on its database pays one HSCAN page). An entry that cannot be
-        read counts as ours: never conclude early that messages were lost.
-        """
+        kombu's Redis transport keeps all unacknowledged messages of a database in one hash of [message,
+        exchange, routing_key]; the scan stops at the first of this queue. An unreadable entry counts as
+        ours: never conclude early that messages were lost."""
         queue = self.settings.queue
         with self.app.connection_for_read() as conn:
             channel = conn.default_channel

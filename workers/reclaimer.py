@@ -84,13 +84,9 @@ class Reclaimer:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
     def _broker_idle(self) -> bool:
-        """No message is waiting in the queue and none is delivered but unacknowledged.
-
-        Only then can a pending image have lost its message: a batch a live worker prefetched while
-        it loads its model is unacknowledged, not lost.
-        A dead worker's unacknowledged messages are restored by the broker after its visibility
-        timeout (STAGE_A_LEASE_SECONDS + 60); a Redis restart wipes both, so lost ones are found.
-        """
+        """No message waits in the queue and none is delivered but unacknowledged: only then can a pending
+        image have lost its message (a batch prefetched by a worker loading its model is not lost; a dead
+        worker's are restored after the visibility timeout; a Redis restart wipes both)."""
         try:
             return self.queue.length() == 0 and not self.queue.has_unacked()
         except Exception as exc:

@@ -146,11 +146,8 @@ class WorkerRuntime:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self, heartbeat_interval: float | None = None) -> None:
-        """At process start, before any message: heartbeat, load the pinned model, heartbeat ready.
-
-        A worker pinned with STAGE_A_CHECKPOINT loads it now; an unpinned one loads each run's model
-        on that run's first batch. Then a thread re-writes the heartbeat every interval while idle.
-        """
+        """At process start, before any message: heartbeat, load the pinned model (an unpinned worker
+        loads each run's on its first batch), heartbeat ready, then re-write the heartbeat every interval."""
         beat = self.heartbeats.beat
         beat("starting", started=True)
         if self.settings.checkpoint:
@@ -241,13 +238,9 @@ class WorkerRuntime:
         return stop
 
     def _back_off(self, admitted: Admitted, served: bool) -> None:
-        """Sleep a little when a whole buffer went back to the queue, longer each time in a row.
-
-        A pinned worker alone with another model's run (refused at admission), or an unpinned one
-        whose copy of the run's checkpoint is another model (refused by the model check), would
-        otherwise pop, hand back and pop the same messages again as fast as Redis answers. Capped
-        at HAND_BACK_MAX_S; reset by work.
-        """
+        """Sleep when a whole buffer went back to the queue, twice as long each time in a row (capped at
+        HAND_BACK_MAX_S; reset by work): a worker alone with runs it cannot serve would otherwise pop and
+        hand back the same messages as fast as Redis answers."""
         if admitted.handed_back and not served:
             self._handed_back_in_a_row += 1
             delay = min(HAND_BACK_MAX_S, HAND_BACK_BASE_S * 2 ** (self._handed_back_in_a_row - 1))
@@ -264,11 +257,8 @@ class WorkerRuntime:
         return self._loop
 
     def _renewer(self) -> Any:
-        """Renew leases of each batch about to run but the first (it was just leased).
-
-        A group message spanning many model batches must not look abandoned to the reclaimer
-        while it is worked on; renewal is best effort (a locked database must not fail a batch).
-        """
+        """Renew the leases of each batch about to run but the first (just leased), so a long group message
+        does not look abandoned to the reclaimer; best effort (a locked database must not fail a batch)."""
         first = True
 
         def renew(items: list[WorkItem]) -> None:

@@ -118,12 +118,9 @@ def summarize(requests: list[SimpleRequest]) -> int:
 
 
 def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) -> None:
-    """celery-batches sends no per-task events; send them so Flower shows each task as it went.
-
-    A task whose image failed (or whose message was rejected) is FAILURE with the reason, a
-    cancelled run's task is REVOKED; the runtime is the task's own share of the model batches it
-    was in, and the run id is in the task's name-independent fields (args, result, exception).
-    """
+    """celery-batches sends no per-task events; these let Flower show each task: FAILURE with the
+    reason for a failed image or rejected message, REVOKED for a cancelled run, the task's own share of
+    its batches as runtime, and the run id in args, result or exception."""
     if not settings.task_events or not requests:
         return
     try:

@@ -75,11 +75,9 @@ def parse_url(url: str) -> URL:
 def make_engine(url: str, pool_size: int = 5, sqlite_busy_timeout: float = 30.0) -> Engine:
     """A new engine for ``url``; call after fork, never share one across processes.
 
-    ``pool_size`` (STAGE_A_DB_POOL_SIZE) caps a process's PostgreSQL connections (no overflow), so
-    README's arithmetic for N hosts x M GPUs is an upper bound. ``sqlite_busy_timeout``
-    (STAGE_A_SQLITE_BUSY_TIMEOUT) is how long one SQLite statement waits for another writer's lock
-    before "database is locked"; the store then retries with backoff.
-    """
+    ``pool_size`` caps a process's PostgreSQL connections (no overflow: README's arithmetic is an upper
+    bound); ``sqlite_busy_timeout`` is how long a SQLite statement waits for another writer's lock
+    before "database is locked" (the store then retries with backoff)."""
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":

@@ -343,14 +343,10 @@ class ResultStore:
     @contextmanager
     def _claiming(self, items: Sequence[WorkItem],
                   statement: Callable[[int, list[tuple[int, int]]], Any]) -> Iterator[list[WorkItem]]:
-        """Run ``statement`` (an UPDATE of one run's chunk of keys) over ``items`` in one transaction,
-        yield the rows it updated, commit after the block, roll back if the block raises.
-
-        The block publishes the won images: an image is recorded as re-enqueued only when its message
-        was sent, and one the block failed to send stays eligible for the next pass. The updated rows
-        stay locked until the commit (PostgreSQL): a second reclaimer's UPDATE waits and then no
-        longer matches them, so the block must do nothing slow besides publishing.
-        """
+        """Run ``statement`` (an UPDATE of one run's chunk of keys) over ``items`` in one transaction and
+        yield the rows it updated; commit after the block, roll back if it raises. The block publishes the
+        won images, so an image is recorded as re-enqueued only once its message is sent. The rows stay
+        locked until the commit (PostgreSQL): another reclaimer's UPDATE waits, then no longer matches."""
         by_key = {it.key: it for it in items}
         with self.engine.connect() as conn, conn.begin():
             won: list[WorkItem] = []
