@@ -1,8 +1,7 @@
 """Which model this process serves, and building the engine for it (the one place engines are made).
 
-A run names its model (the fingerprint recorded at registration); a worker serves exactly that
-model or none of the run's images. A worker pinned with STAGE_A_CHECKPOINT serves only runs of
-that model; an unpinned one loads the checkpoint each run names (one model at a time).
+A worker serves exactly the model a run was registered with, or none of its images: a pinned one
+(STAGE_A_CHECKPOINT) only runs of its model, an unpinned one each run's checkpoint in turn.
 """
 
 from __future__ import annotations

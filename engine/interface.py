@@ -38,11 +38,8 @@ class PreparedBatch(Generic[InputsT]):
 
 
 class Engine(Protocol):
-    """Per-run context, CPU-side `prepare` (the prefetch thread), device-side `generate`.
-
-    `prepare` turns per-image problems into failed rows; `generate` returns one result per row
-    (engine.policy decides what a failure means) and raises EngineDeadError when the device is gone.
-    """
+    """Per-run context, CPU-side `prepare` (the prefetch thread, per-image problems become failed
+    rows), device-side `generate` (one result per row; engine.policy decides what a failure means)."""
 
     name: str
     """Engine kind recorded with every result: transformers or vllm."""

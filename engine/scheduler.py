@@ -19,12 +19,8 @@ def plan_batches(
     cost: Callable[[WorkItem], int] | None = None,
     window_batches: int = SORT_WINDOW_BATCHES,
 ) -> Iterator[list[WorkItem]]:
-    """Yield batches of at most ``batch_size`` items.
-
-    per_group: consecutive items of one group form batches; a batch never mixes groups.
-    per_image: batches span groups; inside each window items are ordered by ``cost``
-    (vision tokens) so rows of a batch have similar prompt lengths and little padding.
-    """
+    """Yield batches of at most ``batch_size`` items: per_group never mixes groups; per_image orders
+    each window's items by ``cost`` (vision tokens), so a batch's prompts are of similar length."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     if mode == "per_group":

@@ -1,9 +1,8 @@
 """The one step loop of `stage-a run` and the farm: schedule -> prepare (prefetched) -> execute -> record.
 
-One failure policy for both: a row that fails is that row's error; a batch whose preparation or
-generation raises becomes failed rows carrying the reason, and the loop goes on; a dead engine
-(a device fault, by exception type) is re-raised and stops the process. What differs between the
-callers (where items come from, lease renewal, progress) is passed in as hooks.
+Rows that fail are their own errors (engine/policy.py); a batch whose preparation or generation
+raises becomes failed rows with the reason and the loop goes on; a dead engine is re-raised. What
+differs between callers (where items come from, lease renewal, progress) comes in as hooks.
 """
 
 from __future__ import annotations

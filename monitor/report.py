@@ -1,12 +1,8 @@
 """What a run is doing, read from the store (and the broker's queue length): one RunReport.
 
-`stage-a status`, `stage-a runs`, the web pages, `/api/runs/{id}` and `/metrics` all build their
-view from here, so they never disagree. Building one report costs one `store.queries.counts` of the
-run plus a few small queries (workers, dead letters), whatever the run's size.
-
-Rates are never taken from one timestamp: a batch of images finished in the same instant has no
-duration of its own, so every rate divides by a span of at least MIN_SPAN_S that starts at the
-run's first activity, or else at its creation.
+`status`, `runs`, the web pages, `/api/runs/{id}` and `/metrics` all build their view here, so they
+never disagree; one report costs one `store.queries.counts` plus a few small queries. Every rate
+divides by a span of at least MIN_SPAN_S from the run's first activity (else its creation).
 """
 
 from __future__ import annotations
@@ -185,12 +181,8 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
                  queue: QueueProbe | None = None, now: datetime | None = None,
                  beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
-
-    ``queue``: where the queue length comes from (None: not asked, reported unknown). ``beats``:
-    the workers table read at ``now`` when the caller already read it (the runs list reads it once).
-    ``writers``: also list the worker names found on the run's rows (one more scan of the run; the
-    web pages skip it and show the heartbeat table).
-    """
+    ``queue``: the queue length's source (None: unknown); ``beats``: the workers table already read at
+    ``now``; ``writers``: also the worker names on the run's rows (one more scan of the run)."""
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window

@@ -95,12 +95,8 @@ def canonical_json(obj: dict[str, Any]) -> str:
 def clean_summary(text: str) -> str:
     """Return the cleaned summary; "" means the image has no usable summary (a failure).
 
-    Choices where SPEC 5 is silent:
-    - ``无关图片`` is also recognised right after a header line (the model sometimes emits both).
-    - When no summary object is found the stripped text is kept as is, header included (it is
-      what the model said; Stage-B may still read it). A text that is nothing but header lines
-      carries no summary, so it cleans to "" (failure) rather than passing as a summary.
-    """
+    Where SPEC 5 is silent: ``无关图片`` is also recognised right after a header line; with no summary
+    object the stripped text is kept as the model said it, but a text of header lines only cleans to ""."""
     stripped = text.strip()
     if stripped.startswith(IRRELEVANT):
         return IRRELEVANT

@@ -1,9 +1,7 @@
 """The task queue on the broker: reach it, measure it, send to it, drop a run's entries.
 
-Every process that touches the queue goes through `TaskQueue`: the producer (its bulk publisher
-adds a faster send on top), workers handing messages back, the reclaimer, `status` and `cancel`.
-Sending here is Celery's own send path (`app.amqp` + a pipelined kombu producer): the reference
-that the producer's fast path is checked against byte for byte.
+Everything that touches the queue goes through `TaskQueue` (the producer's bulk publisher adds a
+faster send on top). Sending here is Celery's own send path, the reference the fast path matches.
 """
 
 from __future__ import annotations
@@ -86,11 +84,8 @@ class TaskQueue:
         return False
 
     def drop_run(self, run_id: int, chunk: int = 5000) -> int:
-        """Remove the run's messages still waiting on the queue; other runs' messages are untouched.
-
-        Each message is removed by its exact value (LREM), so one a worker pops meanwhile is simply
-        not found (the worker drops it: the run is cancelled). Returns how many were removed here.
-        """
+        """Remove the run's messages still waiting on the queue, each by its exact value (LREM): one a
+        worker pops meanwhile is not found and the worker drops it. Returns how many were removed here."""
         removed = 0
         with self.app.connection_for_write() as conn:
             client = conn.default_channel.client

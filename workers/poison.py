@@ -11,12 +11,9 @@ worker (the exception escapes into the event loop: "Unrecoverable error") or los
   pickle; an unknown task; a body that does not decode; a missing header): `Consumer`;
 - celery-batches unpacks the body as [args, kwargs, embed] at flush time, in its timer:
   `workers.tasks.ReconnectSafeBatches.Strategy` refuses other shapes on arrival.
-Each ends in `sink`: the reason and the raw entry (truncated) go to `ResultStore.dead_letter`, and
-the entry is acknowledged, neither retried nor lost without a trace. The worker's app selects the
-transport and the consumer (``broker_transport``, ``worker_consumer``: workers/celery.py).
-
-This runs in the worker's main (consumer) process, which never touches the database otherwise:
-the store is created on the first poison entry, and a forked pool process drops its copy.
+Each ends in `sink`: the reason and the raw entry (truncated) become a dead letter and the entry
+is acknowledged (workers/celery.py selects the transport and the consumer). This runs in the
+worker's main process: its store is made on the first poison entry, never inherited across fork.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""A farm worker process without Celery: admit a buffer, lease, drive the step loop, renew leases.
-
-The Celery task (workers/tasks.py) only hands buffers of JSON payloads to `WorkerRuntime.process`
-and reports the per-message outcomes it returns; tests drive it directly against a real store.
-The runtime also keeps the process's heartbeat row (store.workers) current: starting, loading,
-ready, busy after each batch, periodically while idle, stopped at shutdown.
+"""A farm worker process without Celery: admit a buffer, lease, drive the step loop, renew leases,
+keep the heartbeat row. workers/tasks.py hands it buffers of JSON payloads and reports the
+per-message outcomes; tests drive it directly against a real store.
 """
 
 from __future__ import annotations

@@ -66,12 +66,9 @@ class ReconnectSafeBatches(Batches):
 
 
 def check_task_message(message: Any) -> None:
-    """Raise InvalidTaskError unless celery-batches can buffer and flush ``message`` as one request.
-
-    Protocol 2: the body is [args list, kwargs dict, embed]; protocol 1 / hybrid: a dict with an
-    'args' list and a 'kwargs' dict. No ETA: a far-future ETA would hold the message unacknowledged
-    in the worker forever (the producer never sets one).
-    """
+    """Raise InvalidTaskError unless celery-batches can buffer and flush ``message`` as one request:
+    a protocol-2 body [args list, kwargs dict, embed] or a protocol-1 dict with 'args' and 'kwargs',
+    and no ETA (a far-future one would hold the message unacknowledged forever; producers set none)."""
     from celery.exceptions import InvalidTaskError
 
     payload = message.payload
@@ -182,11 +179,8 @@ def _stop_process(**_: Any) -> None:
 
 
 class WaitForModels(bootsteps.StartStopStep):
-    """The consumer fetches no message until every pool process has loaded its model.
-
-    Runs after the task consumer is set up and before the event loop (the last step) starts
-    reading the queue; meanwhile messages stay on the broker for workers that are ready.
-    """
+    """The consumer fetches no message until every pool process has loaded its model: the step runs
+    before the event loop reads the queue, so meanwhile messages stay on the broker for ready workers."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -206,11 +200,9 @@ app.steps["consumer"].add(WaitForModels)
 
 @signals.worker_init.connect
 def _check_services(sender: Any = None, **_: Any) -> None:
-    """Fail within seconds, with one line and exit status 2, when the broker, the database or the
-    pinned checkpoint is unusable at start: Celery retries a broker forever (right for a restart
-    mid-run, wrong for a mistyped URL) and the database is first touched on the first batch. A
-    supervisor (systemd Restart=always) restarts the worker, so a late server is still waited for.
-    Also records the node name (-n)."""
+    """Fail within seconds, one line and exit status 2, when the broker, the database or the pinned
+    checkpoint is unusable at start (Celery would retry a mistyped broker URL forever); a supervisor
+    restarts the worker, so a late server is still waited for. Also records the node name (-n)."""
     from stage_a.checkpoint import Checkpoint
     from stage_a.queue import TaskQueue
 

@@ -36,13 +36,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 
 def _plain_url(url: str) -> str:
-    """``url`` in the form SQLAlchemy parses right.
-
-    A password typed with ``@`` in it (``user:p@ss@host``) is percent-encoded: SQLAlchemy would cut
-    it at the first ``@`` and take the rest of it for the host, which then shows up in connection
-    errors. Several hosts (``@h1:5432,h2:5432/db``, libpq's failover list) become ``?host=`` parameters,
-    the form SQLAlchemy hands to psycopg.
-    """
+    """``url`` in the form SQLAlchemy parses right: a password with ``@`` in it is percent-encoded
+    (SQLAlchemy would cut it at the first ``@``), several hosts (libpq's failover list) become
+    ``?host=`` parameters, the form SQLAlchemy hands to psycopg."""
     from urllib.parse import quote, unquote
 
     m = SCHEME.match(url)

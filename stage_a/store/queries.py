@@ -238,12 +238,9 @@ class Queries:
         return out
 
     def counts(self, run_id: int, since: datetime | None = None, workers: bool = True) -> RunCounts:
-        """The run's counts: images by status, groups, first/last times, images finished after
-        ``since``, per-stage means, who served it. ``workers``: also the worker names on its rows.
-
-        Groups are counted from the images that are not done (index ix_images_run_status), so a
-        mostly finished run costs a read of its unfinished and failed rows only.
-        """
+        """The run's counts (images by status, groups, first/last times, images finished after ``since``,
+        per-stage means, who served it; ``workers``: the worker names on its rows). Groups are counted from
+        the images not done (ix_images_run_status): a mostly finished run costs a read of few rows."""
         with_tokens = ImageRow.completion_tokens.is_not(None)
         after = ImageRow.updated_at > since if since is not None else false()
         agg = (
@@ -372,11 +369,8 @@ class Queries:
 
     def page_groups(self, run_id: int, flt: ImageFilter, after: int | None = None, before: int | None = None,
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
-        """One page of groups in output order (keyset on position) with their images that match ``flt``.
-
-        ``after``: positions greater than it (next page); ``before``: the page just before it.
-        Returns the groups and whether there are more in the paging direction.
-        """
+        """One page of groups in output order (keyset on position) with their images matching ``flt``:
+        ``after`` the next page, ``before`` the previous one; returns them and whether more follow."""
         img_cond = _image_conditions(run_id, flt)
         backwards = before is not None and after is None
         if img_cond is None:

@@ -294,11 +294,8 @@ class ResultStore:
     @contextmanager
     def claiming_orphans(self, items: Sequence[WorkItem], grace_seconds: float,
                          now: datetime | None = None) -> Iterator[list[WorkItem]]:
-        """Mark orphaned pending images as re-enqueued; yields only the ones this caller won.
-
-        Every worker host runs a reclaimer and all of them see the same orphans: like ``releasing``
-        for leases, a row is won only while it is still pending and idle since the grace cutoff.
-        """
+        """Mark orphaned pending images as re-enqueued; yields only the ones this caller won (like
+        ``releasing``: a row is won only while still pending and idle since the grace cutoff)."""
         now = now or utcnow()
         cutoff = now - timedelta(seconds=grace_seconds)
         with self._claiming(items, lambda run_id, chunk: (
@@ -326,11 +323,8 @@ class ResultStore:
     @contextmanager
     def releasing(self, items: Sequence[WorkItem], lease_seconds: float,
                   now: datetime | None = None) -> Iterator[list[WorkItem]]:
-        """Re-arm stale leases; yields only the items this caller won (no double re-enqueue).
-
-        Every reclaimer (one per worker host) sees the same expired leases; only the first to update
-        a row re-sends it.
-        """
+        """Re-arm stale leases; yields only the items this caller won: every host's reclaimer sees the
+        same expired leases, and only the first to update a row re-sends it."""
         now = now or utcnow()
         with self._claiming(items, lambda run_id, chunk: (
             update(ImageRow)
