@@ -33,8 +33,7 @@ class TaskQueue:
             options.update(socket_connect_timeout=2, socket_timeout=3, max_retries=0)
         self.app.conf.update(
             task_serializer="json", accept_content=["json"], task_default_queue=settings.queue,
-            broker_connection_timeout=5, broker_connection_retry=not fail_fast,
-            broker_connection_max_retries=0 if fail_fast else None, broker_transport_options=options,
+            broker_connection_timeout=5, broker_connection_retry=not fail_fast, broker_transport_options=options,
         )
 
     def check(self) -> None:
