@@ -57,6 +57,11 @@ class Run(Base):
     """Fingerprint of the model the run must be served with (workers serve exactly this model)."""
     cancelled_at: Mapped[datetime | None]
     """Set by `stage-a cancel`: workers drop the run's messages, status says cancelled."""
+    base_model: Mapped[str | None] = mapped_column(String(255))
+    """Identity of the base model that serves the run (its route): ``model`` itself unless that is a LoRA adapter."""
+    inputs_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Hash of what defines the run's work (root, mission, model, options, sampling): a second identical
+    enqueue finds the unfinished first one by it."""
 
 
 class GroupRow(Base):
@@ -145,3 +150,25 @@ class WorkerRow(Base):
     images_per_s: Mapped[float | None]
     tokens_per_s: Mapped[float | None]
     images_total: Mapped[int] = mapped_column(default=0)
+    problem: Mapped[str | None] = mapped_column(Text)
+    """Why this worker cannot serve what it was asked to (e.g. the model at a run's path differs), or None."""
+
+
+class StoreMeta(Base):
+    """Facts about the store itself; ``store_id`` is written once, when the schema is created."""
+
+    __tablename__ = "store_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ReclaimerRow(Base):
+    """One host's recovery loop: when it last ran, and since when and why it fails (None: it works)."""
+
+    __tablename__ = "reclaimers"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    checked_at: Mapped[datetime]
+    failing_since: Mapped[datetime | None]
+    problem: Mapped[str | None] = mapped_column(Text)

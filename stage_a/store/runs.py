@@ -30,6 +30,13 @@ class RunInfo:
     """Fingerprint of the model the run must be served with (stage_a.fingerprint)."""
     farm: bool = False
     cancelled_at: datetime | None = None
+    base_model: str | None = None
+    """Identity of the base model whose workers serve the run (``model`` unless that is a LoRA adapter)."""
+
+    @property
+    def route(self) -> str | None:
+        """The model identity that decides which workers receive the run's messages."""
+        return self.base_model or self.model
 
     @property
     def cancelled(self) -> bool:
@@ -60,4 +67,5 @@ def run_info(run: Run) -> RunInfo:
         verify_inputs=bool(params.get("verify_inputs", False)),
     )
     return RunInfo(id=run.id, spec=spec, n_groups=run.n_groups, n_images=run.n_images, created_at=run.created_at,
-                   model=run.model, farm=run.farm, cancelled_at=run.cancelled_at)
+                   model=run.model, farm=run.farm, cancelled_at=run.cancelled_at,
+                   base_model=run.base_model)

@@ -8,6 +8,7 @@ driver-level fast paths.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from stage_a.store.models import (
     GroupRow,
     ImageRow,
     Run,
+    StoreMeta,
     WorkerRow,
     utcnow,
 )
@@ -78,19 +80,30 @@ class ResultStore:
     def display_url(self) -> str:
         return redact_url(self.url)
 
+    @functools.cached_property
+    def store_id(self) -> str:
+        """This store's identity, written when its schema was created: messages name it."""
+        with self.engine.connect() as c:
+            value = c.execute(select(StoreMeta.value).where(StoreMeta.key == "store_id")).scalar()
+        if not value:
+            raise UserError(f"store {self.display_url} has no store_id (schema older than revision 0005?)")
+        return str(value)
+
     # ---- runs -------------------------------------------------------------------------------
 
     def create_run(self, spec: RunSpec, groups: Sequence[GroupInput], farm: bool = False,
-                   model: str | None = None) -> int:
+                   model: str | None = None, base_model: str | None = None, inputs_key: str | None = None) -> int:
         """Record a run, its groups in output order and every image as pending, in one transaction.
 
-        ``model`` is the fingerprint of the checkpoint the run must be served with."""
+        ``model`` is the identity of the checkpoint the run must be served with, ``base_model`` that of
+        its base (a LoRA adapter's; None: the model itself), ``inputs_key`` what defines its work."""
         with Session(self.engine) as s, s.begin():
             run = Run(
                 mission=spec.mission, dataset=spec.dataset, prompt_profile=spec.prompt_profile,
                 checkpoint=spec.checkpoint, input_root=spec.input_root, sharding_mode=spec.sharding_mode,
                 params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=len(groups),
                 n_images=sum(len(g.images) for g in groups), created_at=utcnow(), farm=farm, model=model,
+                base_model=base_model, inputs_key=inputs_key,
             )
             s.add(run)
             s.flush()
