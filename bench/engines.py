@@ -163,7 +163,7 @@ def build_engine(args: argparse.Namespace, lengths: dict[Any, int]) -> Any:
     settings = replace_settings(Settings.from_env(), vllm_max_num_seqs=args.max_num_seqs,
                                 vllm_enforce_eager=args.enforce_eager, vllm_max_model_len=args.max_model_len)
     engine = load_vllm_engine(Checkpoint.open(args.checkpoint), args.device, settings, disable_log_stats=False)
-    return FixedLengthsVllm(engine.llm, engine.processor, engine.checkpoint, lora_request=engine.lora_request)
+    return FixedLengthsVllm(engine.llm, engine.processor, engine.checkpoint, lora=engine.lora)
 
 
 def vllm_metrics(llm: Any) -> dict[str, float]:

@@ -38,23 +38,27 @@ def check_engine(kind: str) -> None:
 def build_engine(checkpoint: Checkpoint, device: str, settings: Settings, kind: str | None = None) -> Engine:
     """Load ``checkpoint`` on ``device`` behind the engine interface (``kind``: settings.engine by default).
 
-    Raises WrongModel when the folder changed while it loaded: what was read may be either model, or both.
+    A LoRA adapter loads its base and serves the adapter on it (Engine.use_adapter). Raises WrongModel
+    when the folder changed while it loaded: what was read may be either model, or both.
     """
     kind = kind or settings.engine
     check_engine(kind)
     t0 = time.perf_counter()
+    base = Checkpoint.open(checkpoint.base) if checkpoint.adapter else checkpoint
     engine: Engine
     if kind == "vllm":
         from engine.vllm_engine import load_vllm_engine
 
-        engine = load_vllm_engine(checkpoint, device, settings)
+        engine = load_vllm_engine(base, device, settings, adapter=checkpoint if checkpoint.adapter else None)
     elif kind == "transformers":
         from engine.loader import load_model
         from engine.transformers_engine import TransformersEngine
 
-        engine = TransformersEngine(load_model(checkpoint, device), settings.data_dir)
+        engine = TransformersEngine(load_model(base, device), settings.data_dir)
     else:
         raise UserError(f"unknown engine {kind!r}; use transformers or vllm")
+    if checkpoint.adapter:
+        engine.use_adapter(checkpoint)
     after = checkpoint.reread()
     if after != checkpoint.identity:
         raise WrongModel(f"checkpoint {checkpoint.path} changed while it was loading "
@@ -62,8 +66,6 @@ def build_engine(checkpoint: Checkpoint, device: str, settings: Settings, kind: 
     log.info("model %s (%s) loaded on %s by the %s engine in %.1f s", checkpoint.path, engine.fingerprint, device,
              kind, time.perf_counter() - t0)
     return engine
-
-
 
 
 def run_model(run: RunInfo) -> str | None:
@@ -75,25 +77,36 @@ def run_model(run: RunInfo) -> str | None:
 
 @dataclass
 class ModelHost:
-    """The one engine of a worker process, loaded for the runs it is asked to serve."""
+    """The one engine of a worker process: one base model, and the LoRA adapters of its runs beside it.
+
+    Routing (stage_a.queue.model_queue) sends a worker only runs of the models it holds; the checks
+    here are what make a wrong model impossible even so: a run is served only when the model at its
+    path here has the identity the run was registered with.
+    """
 
     settings: Settings
     device: str
     engine: Engine | None = None
     serving: str | None = None
-    """Identity (or DEMO_MODEL) of the loaded engine."""
+    """Identity of the loaded base model (DEMO_MODEL for the demo model): the route it serves."""
+    loads: int = 0
+    """Models loaded by this process so far (a switch costs a reload: routing keeps this low)."""
 
     def __post_init__(self) -> None:
         self.pinned: Checkpoint | None = Checkpoint.open(self.settings.checkpoint) if self.settings.checkpoint else None
 
+    @property
+    def route(self) -> str | None:
+        """The base model identity a pinned worker serves (its queue); None for an unpinned worker."""
+        return self.pinned.base_identity if self.pinned is not None else None
+
     def serves(self, run: RunInfo) -> bool:
-        """Whether this process may serve the run at all (a pinned worker: only its own model)."""
+        """Whether this process may serve the run at all (a pinned worker: only runs on its base model)."""
         if self.pinned is None:
             return True
-        want = run_model(run)
-        if want is None:  # a run recorded before identities: the same folder at least
+        if run.route is None:  # a run recorded before identities: the same folder at least
             return bool(run.spec.checkpoint) and os.path.realpath(run.spec.checkpoint) == str(self.pinned.path)
-        return want == self.pinned.identity
+        return run.route == self.pinned.base_identity
 
     def check_device(self) -> None:
         """The device and engine must be usable here before any model is asked for: otherwise an unpinned
@@ -109,37 +122,60 @@ class ModelHost:
             raise UserError("preload needs STAGE_A_CHECKPOINT (an unpinned worker loads each run's model)")
         if self.engine is None:
             try:
-                self.engine = build_engine(self.pinned, self.device, self.settings)
+                self._load(self.pinned, self.pinned.base_identity)
             except WrongModel as exc:
                 raise UserError(f"{exc}; start the worker again") from None
-            self.serving = self.pinned.identity
+        assert self.engine is not None
         return self.engine
 
     def engine_for(self, run: RunInfo) -> Engine:
-        """The engine for the run's model, loading (or switching to) it first. Raises WrongModel when the
-        checkpoint at the run's path here is not the model the run was registered with."""
-        want = run_model(run)
-        if self.engine is not None and want is not None and want == self.serving:
+        """The engine for the run's model, loading (or switching to) its base first and serving its adapter.
+        Raises WrongModel when the model at the run's path here is not the one the run was registered with."""
+        checkpoint = self._checkpoint_for(run)
+        want = run.route if run.route is not None else (checkpoint.base_identity if checkpoint else None)
+        adapter = checkpoint if checkpoint is not None and checkpoint.adapter else None
+        if self.engine is not None and want == self.serving:
+            self.engine.use_adapter(adapter)
             return self.engine
         if self.pinned is not None:
-            checkpoint = self.pinned
-        else:
-            checkpoint = Checkpoint.open(run.spec.checkpoint or demo_checkpoint(self.settings))
-        demo = not run.spec.checkpoint and self.pinned is None
-        have = DEMO_MODEL if demo else checkpoint.identity
-        if self.engine is not None and want is None and have == self.serving:
-            return self.engine  # a run recorded before identities: the model at its path
-        if want is not None and have != want:
-            raise WrongModel(f"run {run.id} needs model {want}, but {checkpoint.path} here is {have}")
+            raise WrongModel(f"run {run.id} needs base model {want}; this worker is pinned to {self.pinned.base_identity}")
         if self.engine is not None:
-            log.info("switching model %s -> %s for run %d", self.serving, have, run.id)
+            log.info("switching model %s -> %s for run %d", self.serving, want, run.id)
             self.engine, self.serving = None, None
-        try:
-            self.engine = build_engine(checkpoint, self.device, self.settings)
-        except WrongModel as exc:
-            raise WrongModel(f"run {run.id}: {exc}") from None
-        self.serving = have
+        if checkpoint is None:  # the demo model
+            self._load(Checkpoint.open(demo_checkpoint(self.settings)), DEMO_MODEL)
+        else:
+            self._load(checkpoint, checkpoint.base_identity)
+        assert self.engine is not None
+        self.engine.use_adapter(adapter)
         return self.engine
+
+    def _checkpoint_for(self, run: RunInfo) -> Checkpoint | None:
+        """The run's checkpoint as it is on this host (None: the demo model), checked against the identity the
+        run was registered with."""
+        if not run.spec.checkpoint:
+            if self.pinned is not None:
+                raise WrongModel(f"run {run.id} needs the demo model; this worker is pinned to {self.pinned.path}")
+            return None
+        pinned = self.pinned
+        if pinned is not None and run.model in (pinned.identity, None) and run.route in (pinned.base_identity, None):
+            return pinned
+        try:
+            here = Checkpoint.open(run.spec.checkpoint)
+        except UserError as exc:
+            raise WrongModel(f"run {run.id} needs model {run.model}: {exc}") from None
+        if run.model is not None and here.identity != run.model:
+            raise WrongModel(f"run {run.id} needs model {run.model}, but {here.path} here is {here.identity}")
+        return here
+
+    def _load(self, checkpoint: Checkpoint, route: str) -> None:
+        base = Checkpoint.open(checkpoint.base) if checkpoint.adapter else checkpoint
+        try:
+            self.engine = build_engine(base, self.device, self.settings)
+        except WrongModel as exc:
+            raise WrongModel(f"{exc}") from None
+        self.serving = route
+        self.loads += 1
 
 
 class WrongModel(Exception):

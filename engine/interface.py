@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from stage_a.checkpoint import Checkpoint
 from stage_a.config import RunSpec
 from stage_a.work import ImageResult, WorkItem
 
@@ -44,7 +45,12 @@ class Engine(Protocol):
     name: str
     """Engine kind recorded with every result: transformers or vllm."""
     fingerprint: str
-    """Identity of the model it serves (stage_a.checkpoint)."""
+    """Identity of the model it serves now (stage_a.checkpoint): the base's, or the active adapter's."""
+
+    def use_adapter(self, adapter: Checkpoint | None) -> None:
+        """Serve ``adapter`` (a LoRA folder on this engine's base model) from now on, or the base itself
+        (None). Adapters stay loaded side by side: switching runs between them reloads nothing."""
+        ...
 
     def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext: ...
 

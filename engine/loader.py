@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stage_a.checkpoint import Checkpoint
@@ -24,6 +25,8 @@ class LoadedModel:
     attn_implementation: str
     fingerprint: str
     """The checkpoint's identity (stage_a.checkpoint): recorded with every result."""
+    processor_source: str = ""
+    """The folder the processor was loaded from."""
 
     @property
     def tokenizer(self) -> Any:
@@ -68,13 +71,22 @@ def force_left_padding(processor: Any) -> None:
         processor.padding_side = "left"
 
 
-def load_model(checkpoint: Checkpoint, device: str = "auto") -> LoadedModel:
-    """Load model + processor once; bf16 and the best attention on CUDA, float32 on CPU.
+def load_processor(source: str | Path) -> Any:
+    """The processor of a model or adapter folder, left-padding."""
+    from transformers import AutoProcessor
 
-    A LoRA adapter is merged into its base at load: generation then runs at the merged model's speed.
+    processor = AutoProcessor.from_pretrained(str(source))
+    force_left_padding(processor)
+    return processor
+
+
+def load_model(checkpoint: Checkpoint, device: str = "auto") -> LoadedModel:
+    """Load a full model + processor once; bf16 and the best attention on CUDA, float32 on CPU.
+
+    LoRA adapters are not loaded here: the engine puts them beside the base (TransformersEngine.use_adapter).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one users watch
@@ -82,24 +94,21 @@ def load_model(checkpoint: Checkpoint, device: str = "auto") -> LoadedModel:
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     attn = _best_attention(dev)
     path = checkpoint.path
-    log.info("loading %s%s on %s (%s, %s)", "LoRA adapter " if checkpoint.adapter else "", path, dev, dtype, attn)
+    if checkpoint.adapter:
+        raise ValueError(f"load_model loads full models; {path} is a LoRA adapter (load its base)")
+    log.info("loading %s on %s (%s, %s)", path, dev, dtype, attn)
     try:
         model = AutoModelForImageTextToText.from_pretrained(checkpoint.base, dtype=dtype, attn_implementation=attn)
-        if checkpoint.adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        processor = AutoProcessor.from_pretrained(checkpoint.processor)
+        processor = load_processor(checkpoint.processor)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    force_left_padding(processor)
     # Decoding is the run's own (GenerationParams): the checkpoint's generation_config.json (Qwen
     # ships sampling defaults and a repetition penalty) must not fill what the engine leaves unset.
     model.generation_config = GenerationConfig()
     model.to(dev).eval()  # type: ignore[arg-type]
     return LoadedModel(model=model, processor=processor, device=torch.device(dev), dtype=dtype,
                        checkpoint=str(path), adapter=checkpoint.adapter, attn_implementation=attn,
-                       fingerprint=checkpoint.identity)
+                       fingerprint=checkpoint.identity, processor_source=str(checkpoint.processor))
 
 
 def check_gpus(gpus: list[str]) -> None:

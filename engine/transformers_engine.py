@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from engine.interface import PreparedBatch, RunContext
 from engine.loader import LoadedModel
 from engine.policy import generate_rows
 from engine.preparation import Preparation, Row, preprocessing_error
+from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.work import ImageResult, WorkItem
 
@@ -46,8 +48,38 @@ class TransformersEngine:
     def __init__(self, loaded: LoadedModel, data_dir: str = "") -> None:
         self.loaded = loaded
         self.fingerprint = loaded.fingerprint
+        self.base_fingerprint = loaded.fingerprint
         self.processor = loaded.processor
+        self.data_dir = data_dir
         self.prep = Preparation(loaded.processor, data_dir)
+        self._preps = {str(loaded.processor_source): self.prep}
+        self.pad_id = self.prep.pad_id
+        self.adapter: str | None = None
+        """The active peft adapter's name (its identity), None: the base model."""
+
+    def use_adapter(self, adapter: Checkpoint | None) -> None:
+        """peft adapters side by side on the base model (unmerged: a merge could not be undone exactly)."""
+        from peft import PeftModel
+
+        model = self.loaded.model
+        if adapter is None:
+            self.adapter, self.fingerprint = None, self.base_fingerprint
+        else:
+            name = adapter.identity
+            if not isinstance(model, PeftModel):
+                model = self.loaded.model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name=name)
+                model.eval()
+            elif name not in model.peft_config:
+                model.load_adapter(str(adapter.path), adapter_name=name)
+            model.set_adapter(name)
+            self.adapter, self.fingerprint = name, adapter.identity
+        source = str(adapter.processor if adapter is not None else self.loaded.processor_source)
+        if source not in self._preps:  # an adapter that ships its own tokenizer and processor configs
+            from engine.loader import load_processor
+
+            self._preps[source] = Preparation(load_processor(source), self.data_dir)
+        self.prep = self._preps[source]
+        self.processor = self.prep.processor
         self.pad_id = self.prep.pad_id
 
     def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext:
@@ -158,8 +190,10 @@ class TransformersEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=None)
-        with torch.inference_mode():
-            out = self.loaded.model.generate(**tensors, **kwargs)
+        model = self.loaded.model
+        base_only = self.adapter is None and hasattr(model, "disable_adapter")  # a PeftModel serving its base
+        with torch.inference_mode(), (model.disable_adapter() if base_only else nullcontext()):
+            out = model.generate(**tensors, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return [list(row) for row in out[:, tensors["input_ids"].shape[1]:].tolist()]

@@ -36,18 +36,45 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, llm: Any, processor: Any, checkpoint: Checkpoint, lora_request: Any = None,
+    def __init__(self, llm: Any, processor: Any, checkpoint: Checkpoint, lora: bool = False,
                  data_dir: str = "") -> None:
         self.llm = llm
         self.checkpoint = checkpoint
         self.fingerprint = checkpoint.identity
         self.processor = processor
+        self.data_dir = data_dir
         self.prep = Preparation(processor, data_dir)
-        self.lora_request = lora_request
+        self._preps = {str(checkpoint.processor): self.prep}
+        self.lora = lora
+        """vLLM was started with LoRA support: adapters on this base are served per request."""
+        self.lora_request: Any = None
+        self._lora_ids: dict[str, int] = {}
         self.max_model_len = int(llm.model_config.max_model_len)
         """Longest prompt + completion vLLM serves (STAGE_A_VLLM_MAX_MODEL_LEN, as vLLM applied it)."""
         self.image_pad = self.prep.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self._text_tokens: dict[str, int] = {}
+
+    def use_adapter(self, adapter: Checkpoint | None) -> None:
+        """vLLM's per-request LoRA: the adapter's requests name it, the base's name none."""
+        if adapter is None:
+            self.lora_request, self.fingerprint = None, self.checkpoint.identity
+        else:
+            from vllm.lora.request import LoRARequest
+
+            if not self.lora:
+                raise UserError(f"this vLLM engine was started without LoRA support (STAGE_A_VLLM_LORA=0) "
+                                f"and cannot serve adapter {adapter.path}")
+            lora_id = self._lora_ids.setdefault(adapter.identity, len(self._lora_ids) + 1)
+            self.lora_request = LoRARequest(adapter.identity, lora_id, str(adapter.path))
+            self.fingerprint = adapter.identity
+        source = str(adapter.processor if adapter is not None else self.checkpoint.processor)
+        if source not in self._preps:  # an adapter that ships its own tokenizer and processor configs
+            from engine.loader import load_processor
+
+            self._preps[source] = Preparation(load_processor(source), self.data_dir)
+        self.prep = self._preps[source]
+        self.processor = self.prep.processor
+        self._text_tokens = {}
 
     def context(self, run_id: int, spec: RunSpec, verify_inputs: bool = False) -> RunContext:
         return self.prep.context(run_id, spec, verify_inputs)
@@ -165,20 +192,22 @@ def vllm_lora_rank(rank: int) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= max(8, rank)), rank)
 
 
-def load_vllm_engine(checkpoint: Checkpoint, device: str, settings: Settings, **llm_options: Any) -> VllmEngine:
-    """Build the vLLM engine once for this process: bf16 on GPU, float32 on CPU, prefix caching on.
+def load_vllm_engine(checkpoint: Checkpoint, device: str, settings: Settings, adapter: Checkpoint | None = None,
+                     **llm_options: Any) -> VllmEngine:
+    """Build the vLLM engine once for this process for the full model ``checkpoint``: bf16 on GPU,
+    float32 on CPU, prefix caching on.
 
     Sized by the STAGE_A_VLLM_* settings; ``llm_options`` go to `vllm.LLM` as they are (benchmarks:
-    ``load_format="dummy"``, ``disable_log_stats=False``). A LoRA adapter folder is served through
-    vLLM's LoRA support on its base model.
+    ``load_format="dummy"``, ``disable_log_stats=False``). With STAGE_A_VLLM_LORA (or an ``adapter`` to
+    serve first) vLLM starts with LoRA support, and adapters on this base are served per request.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     dev = resolve_device(device)
     if dev.startswith("cuda:") and dev != "cuda:0":
         raise UserError(f"the vLLM engine serves the first visible GPU; pin it with CUDA_VISIBLE_DEVICES, not {dev}")
     path = checkpoint.path
-    if checkpoint.adapter and checkpoint.lora_rank > settings.vllm_max_lora_rank:
-        raise UserError(f"LoRA rank {checkpoint.lora_rank} exceeds max_lora_rank={settings.vllm_max_lora_rank}: "
+    if adapter is not None and adapter.lora_rank > settings.vllm_max_lora_rank:
+        raise UserError(f"LoRA rank {adapter.lora_rank} exceeds max_lora_rank={settings.vllm_max_lora_rank}: "
                         "raise it or merge the adapter into its base model (peft merge_and_unload) and serve the "
                         "merged folder")
 
@@ -201,20 +230,17 @@ def load_vllm_engine(checkpoint: Checkpoint, device: str, settings: Settings, **
         kwargs["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
     else:  # vLLM's CPU backend would reserve a share of the host's RAM instead
         kwargs["kv_cache_memory_bytes"] = int(settings.vllm_cpu_kv_cache_gib * 2**30)
-    lora_request = None
-    if checkpoint.adapter:
-        from vllm.lora.request import LoRARequest
-
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(checkpoint.lora_rank))
-        lora_request = LoRARequest("stage-a-adapter", 1, str(path))
+    lora = settings.vllm_lora or adapter is not None
+    if lora:
+        kwargs.update(enable_lora=True, max_loras=settings.vllm_max_loras,
+                      max_lora_rank=vllm_lora_rank(settings.vllm_max_lora_rank))
     kwargs.update(llm_options)
-    log.info("starting vLLM on %s%s (%s, max_model_len %d, max_num_seqs %d)",
-             "LoRA adapter " if checkpoint.adapter else "", path, kwargs["dtype"], kwargs["max_model_len"],
-             kwargs["max_num_seqs"])
+    log.info("starting vLLM on %s (%s, max_model_len %d, max_num_seqs %d%s)", path, kwargs["dtype"],
+             kwargs["max_model_len"], kwargs["max_num_seqs"], ", LoRA adapters per request" if lora else "")
     try:
         llm = LLM(**kwargs)
     except (OSError, ValueError) as exc:
         hint = " (to serve a LoRA adapter without vLLM's LoRA support, merge it into its base model)" \
-            if checkpoint.adapter else ""
+            if adapter is not None else ""
         raise UserError(f"vLLM cannot load checkpoint {path}: {str(exc).splitlines()[0]}{hint}") from None
-    return VllmEngine(llm, processor, checkpoint, lora_request=lora_request, data_dir=settings.data_dir)
+    return VllmEngine(llm, processor, checkpoint, lora=lora, data_dir=settings.data_dir)

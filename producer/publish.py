@@ -26,20 +26,22 @@ log = logging.getLogger(__name__)
 class Publisher(TaskQueue):
     """The run's messages onto the queue: on Redis through the fast path, else Celery's send."""
 
-    def publish(self, payloads: Iterable[dict[str, Any]]) -> int:
-        """Publish every payload, in order; returns the count."""
+    def publish(self, payloads: Iterable[dict[str, Any]], queue: str | None = None) -> int:
+        """Publish every payload to ``queue`` (default: the plain queue), in order; returns the count."""
+        queue = queue or self.settings.queue
         with self.app.connection_for_write() as conn:
             if getattr(conn.transport, "driver_type", "") != "redis":
-                return self.send(payloads)
+                return self.send(payloads, queue)
             try:
-                fast = _FastRedisPublish(self.app, conn, self.settings.queue)
+                fast = _FastRedisPublish(self.app, conn, queue)
             except RuntimeError as exc:  # an unexpected kombu/Celery message: stay correct, be slow
                 log.warning("fast publishing unavailable (%s); using Celery's send path", exc)
-                return self.send(payloads)
+                return self.send(payloads, queue)
             return fast.publish(payloads)
 
-    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str) -> int:
-        return self.publish(payloads_for(items, sharding_mode))
+    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str, route: str | None = None) -> int:
+        """The run's items to the queue of its model ``route`` (RunInfo.route)."""
+        return self.publish(payloads_for(items, sharding_mode), self.queue_for(route))
 
 
 class _FastRedisPublish:

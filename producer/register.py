@@ -25,6 +25,8 @@ class Registered:
     images: int
     discovered_groups: int
     warnings: tuple[str, ...]
+    route: str
+    """The base model identity whose workers serve the run (its queue)."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,12 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
     before anything is recorded."""
     plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
-    model = Checkpoint.open(spec.checkpoint).identity if spec.checkpoint else DEMO_MODEL
+    model = base = DEMO_MODEL
+    if spec.checkpoint:
+        checkpoint = Checkpoint.open(spec.checkpoint)
+        model, base = checkpoint.identity, checkpoint.base_identity
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
-                              model=model)
+                              model=model, base_model=base)
     n_images = sum(len(g.images) for g in kept)
     log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), plan.discovered_groups, n_images)
-    return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings)
+    return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings, base)

@@ -42,6 +42,12 @@ class Checkpoint:
     """Where the tokenizer and processor configs are: the adapter folder if it ships them, else the base."""
     identity: str
     """``<folder name>:<16 hex>``: what runs and result rows record."""
+    base_identity: str = ""
+    """The base model's identity (``identity`` itself for a full model): runs are routed by it."""
+
+    def __post_init__(self) -> None:
+        if not self.base_identity:
+            object.__setattr__(self, "base_identity", self.identity)
 
     @classmethod
     def open(cls, folder: str | Path) -> Checkpoint:
@@ -67,7 +73,7 @@ class Checkpoint:
                 raise UserError(f"LoRA base model folder not found: {name} (from {adapter_cfg})")
             base = cls.open(folder)
             processor = path if (path / "tokenizer_config.json").is_file() else base.path
-            return cls(path, base.path, True, rank, processor, _identity(path, base.identity))
+            return cls(path, base.path, True, rank, processor, _identity(path, base.identity), base.identity)
         return cls(path, path, False, 0, path, _identity(path))
 
     def reread(self) -> str:

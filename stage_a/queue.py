@@ -1,14 +1,18 @@
-"""The task queue on the broker: reach it, measure it, send to it, drop a run's entries.
+"""The task queues on the broker: reach them, measure them, send to them, drop a run's entries.
 
-Everything that touches the queue goes through `TaskQueue` (the producer's bulk publisher adds a
-faster send on top). Sending here is Celery's own send path, the reference the fast path matches.
+A run's messages go to the queue of the model that serves it (`model_queue`: STAGE_A_QUEUE + "." +
+the base model's identity), so a worker consumes only the queues of models it holds and never
+receives a message it cannot serve. The plain STAGE_A_QUEUE is still consumed by every worker for
+messages queued before routing existed. Everything that touches the queues goes through `TaskQueue`
+(the producer's bulk publisher adds a faster send on top). Sending here is Celery's own send path,
+the reference the fast path matches.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from stage_a.errors import UserError
@@ -17,6 +21,11 @@ from stage_a.secrets import broker_error
 from stage_a.settings import Settings
 
 PIPELINE_SIZE = 2000
+
+
+def model_queue(base: str, route: str | None) -> str:
+    """The queue of the model identity ``route`` (the plain ``base`` queue for a run with none)."""
+    return f"{base}.{route}" if route else base
 
 
 class TaskQueue:
@@ -44,8 +53,12 @@ class TaskQueue:
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
 
-    def send(self, payloads: Iterable[dict[str, Any]]) -> int:
-        """One Celery task message per payload, pipelined by kombu (6-8k msgs/s on 2 cores); returns the count."""
+    def queue_for(self, route: str | None) -> str:
+        return model_queue(self.settings.queue, route)
+
+    def send(self, payloads: Iterable[dict[str, Any]], queue: str | None = None) -> int:
+        """One Celery task message per payload to ``queue`` (default: the plain queue), pipelined by kombu
+        (6-8k msgs/s on 2 cores); returns the count."""
         from celery.utils import uuid
 
         amqp = self.app.amqp
@@ -54,23 +67,33 @@ class TaskQueue:
             with producer.batch(PIPELINE_SIZE):
                 for payload in payloads:
                     message = amqp.create_task_message(uuid(), TASK_NAME, (payload,), {})
-                    amqp.send_task_message(producer, TASK_NAME, message, queue=self.settings.queue,
+                    amqp.send_task_message(producer, TASK_NAME, message, queue=queue or self.settings.queue,
                                            serializer="json")
                     sent += 1
         return sent
 
-    def length(self) -> int:
-        """Messages waiting on the queue (not those delivered and unacknowledged)."""
-        with self.app.connection_for_read() as conn:
-            return int(conn.default_channel.client.llen(self.settings.queue))
+    def length(self, queue: str | None = None) -> int:
+        """Messages waiting on ``queue`` (default: the plain queue), not those delivered and unacknowledged."""
+        return self.lengths([queue or self.settings.queue])[0]
 
-    def has_unacked(self) -> bool:
-        """Whether some message of this queue is delivered but not yet acknowledged.
+    def lengths(self, queues: list[str]) -> list[int]:
+        """Messages waiting on each of ``queues``, in one round trip."""
+        if not queues:
+            return []
+        with self.app.connection_for_read() as conn:
+            pipe = conn.default_channel.client.pipeline(transaction=False)
+            for q in queues:
+                pipe.llen(q)
+            return [int(n) for n in pipe.execute()]
+
+    def has_unacked(self, queue: str | Collection[str] | None = None) -> bool:
+        """Whether some message of ``queue`` (a name or several; default: the plain queue) is delivered but not
+        yet acknowledged.
 
         kombu's Redis transport keeps all unacknowledged messages of a database in one hash of [message,
         exchange, routing_key]; the scan stops at the first of this queue. An unreadable entry counts as
         ours: never conclude early that messages were lost."""
-        queue = self.settings.queue
+        names = {queue or self.settings.queue} if queue is None or isinstance(queue, str) else set(queue)
         with self.app.connection_for_read() as conn:
             channel = conn.default_channel
             for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
@@ -78,17 +101,18 @@ class TaskQueue:
                     _message, exchange, routing_key = json.loads(raw)
                 except (ValueError, TypeError):
                     return True
-                if queue in (routing_key, exchange):
+                if routing_key in names or exchange in names:
                     return True
         return False
 
-    def drop_run(self, run_id: int, chunk: int = 5000) -> int:
-        """Remove the run's messages still waiting on the queue, each by its exact value (LREM): one a
-        worker pops meanwhile is not found and the worker drops it. Returns how many were removed here."""
+    def drop_run(self, run_id: int, queue: str | None = None, chunk: int = 5000) -> int:
+        """Remove the run's messages still waiting on ``queue`` (default: the plain queue), each by its exact
+        value (LREM): one a worker pops meanwhile is not found and the worker drops it. Returns how many
+        were removed here."""
         removed = 0
         with self.app.connection_for_write() as conn:
             client = conn.default_channel.client
-            key = self.settings.queue
+            key = queue or self.settings.queue
             start = 0
             while True:
                 raws = client.lrange(key, start, start + chunk - 1)

@@ -101,7 +101,12 @@ class Settings:
     vllm_enforce_eager: bool = False
     """vLLM engine: skip CUDA graphs / torch.compile (faster start, slower steps)."""
     vllm_max_lora_rank: int = 64
-    """vLLM engine: largest LoRA rank served when the checkpoint is an adapter folder."""
+    """vLLM engine: largest LoRA rank of the adapters it serves."""
+    vllm_lora: bool = True
+    """vLLM engine: start with LoRA support, so a worker holding a base model also serves its runs of LoRA
+    adapters on that base per request, without a reload (0: full models only, slightly faster)."""
+    vllm_max_loras: int = 4
+    """vLLM engine: adapters held on the GPU at once (others are swapped in from CPU memory)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -120,7 +125,8 @@ class Settings:
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
                      "model_load_timeout", "reclaim_interval", "stall_seconds", "heartbeat_timeout", "rate_window",
-                     "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank"):
+                     "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank",
+                     "vllm_max_loras"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
         for name in ("heartbeat_interval", "orphan_grace", "sqlite_busy_timeout"):  # 0 has a meaning here

@@ -9,7 +9,9 @@ from typing import NoReturn
 from celery import Celery
 from kombu import Queue
 
+from stage_a.checkpoint import Checkpoint
 from stage_a.errors import UserError
+from stage_a.queue import model_queue
 from stage_a.settings import Settings
 
 
@@ -22,6 +24,11 @@ def refuse_to_start(exc: UserError) -> NoReturn:
 
 try:
     settings = Settings.from_env()  # `celery -A workers worker` imports this module first
+    # A pinned worker consumes its model's queue; an unpinned one is routed by workers/routing.py. Both
+    # consume the plain queue too, where messages queued before per-model queues existed wait.
+    queues = [Queue(settings.queue)]
+    if settings.checkpoint:
+        queues.append(Queue(model_queue(settings.queue, Checkpoint.open(settings.checkpoint).base_identity)))
 except UserError as exc:
     refuse_to_start(exc)
 
@@ -39,7 +46,7 @@ app.conf.update(
     result_serializer="json",
     task_ignore_result=True,
     task_default_queue=settings.queue,
-    task_queues=[Queue(settings.queue)],
+    task_queues=queues,
     # Ack after the batch function returned, i.e. after results are committed to the store.
     task_acks_late=True,
     task_reject_on_worker_lost=False,  # the store's leases recover lost work, not redelivery loops

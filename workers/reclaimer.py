@@ -76,10 +76,16 @@ class Reclaimer:
         return ReclaimReport(expired, orphaned)
 
     def _publish(self, items: list[WorkItem]) -> None:
+        """Re-send ``items``, each to the queue of its run's model."""
         if not items:
             return
+        by_queue: dict[str, list[WorkItem]] = {}
+        for it in items:
+            run = self.store.find_run(it.key.run_id)
+            by_queue.setdefault(self.queue.queue_for(run.route if run else None), []).append(it)
         try:
-            self.queue.send(payloads_for(items, "per_image"))
+            for queue, some in by_queue.items():
+                self.queue.send(payloads_for(some, "per_image"), queue)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
@@ -88,7 +94,9 @@ class Reclaimer:
         image have lost its message (a batch prefetched by a worker loading its model is not lost; a dead
         worker's are restored after the visibility timeout; a Redis restart wipes both)."""
         try:
-            return self.queue.length() == 0 and not self.queue.has_unacked()
+            queues = [self.queue.queue_for(None)] + [self.queue.queue_for(w.route)
+                                                     for w in self.store.queries.routes_with_work()]
+            return sum(self.queue.lengths(queues)) == 0 and not self.queue.has_unacked(queues)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
 

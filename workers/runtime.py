@@ -78,18 +78,20 @@ class Heartbeats:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def beat(self, state: str, *, started: bool = False, model: str | None = None, engine: str | None = None) -> None:
+    def beat(self, state: str, *, started: bool = False, model: str | None = None, engine: str | None = None,
+             problem: str | None = None) -> None:
+        """``model``: the base model it holds (its route); ``problem``: why it cannot serve a run ("" clears)."""
         self.state = state
         self._write(lambda: self.store.heartbeat(
-            self.name, state, model=model or self.host.serving, engine=engine or self.engine_kind,
-            device=self.host.device, pinned=self.host.pinned is not None, started=started))
+            self.name, state, model=model or self.host.serving or self.host.route, engine=engine or self.engine_kind,
+            device=self.host.device, pinned=self.host.pinned is not None, started=started, problem=problem))
 
     def batch(self, batch: BatchDone, engine: Engine | None) -> None:
         """A model batch was recorded: the row says busy and counts it."""
         self.state = "busy"
         self._write(lambda: self.store.record_batch(
             self.name, run_id=batch.run_id, images=batch.images, seconds=batch.seconds,
-            completion_tokens=batch.completion_tokens, model=engine.fingerprint if engine else None,
+            completion_tokens=batch.completion_tokens, model=self.host.serving,
             engine=engine.name if engine else None))
 
     def every(self, interval: float) -> None:
@@ -187,6 +189,7 @@ class WorkerRuntime:
                 loop = self._loop_for(run)
             except WrongModel as exc:
                 log.error("%s; handing its %d images back to the queue", exc, len(items))
+                self.heartbeats.beat("ready", problem=str(exc))
                 admitted.handed_back += [it.to_message() for it in items]
                 not_run.update({it.key: "handed_back" for it in items})
                 continue
@@ -271,13 +274,20 @@ class WorkerRuntime:
         return renew
 
     def hand_back(self, payloads: list[Any]) -> None:
-        """Re-publish messages for another model's workers (no lease was taken: no attempt counted)."""
+        """Re-publish messages to the queue of their run's model (no lease was taken: no attempt counted).
+        Routing keeps this rare: a message reaches a worker of another model only from the plain queue."""
         from stage_a.queue import TaskQueue
 
         if self._queue is None:
             self._queue = TaskQueue(self.settings)
+        by_queue: dict[str, list[Any]] = {}
+        for payload in payloads:
+            run_id = payload.get("run_id") if isinstance(payload, dict) else None
+            run = self.admission.run(run_id) if type(run_id) is int else None
+            by_queue.setdefault(self._queue.queue_for(run.route if run else None), []).append(payload)
         try:
-            self._queue.send(payloads)
+            for queue, some in by_queue.items():
+                self._queue.send(some, queue)
         except Exception as exc:  # the images stay pending: the orphan reclaimer re-sends them
             log.error("could not hand %d messages back (%s); the reclaimer will re-send their images",
                       len(payloads), first_line(exc))

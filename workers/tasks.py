@@ -25,6 +25,7 @@ from celery_batches import Batches, SimpleRequest
 from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
 from workers.celery import app, refuse_to_start, settings
+from workers.routing import ModelRouter
 from workers.runtime import Outcome, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class WaitForModels(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(WaitForModels)
+app.steps["consumer"].add(ModelRouter)
 
 
 @signals.worker_init.connect

@@ -48,10 +48,12 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     from stage_a.errors import first_line
     from stage_a.queue import TaskQueue
 
+    queue = TaskQueue(settings)
+    where = queue.queue_for(info.route)
     try:
-        dropped = TaskQueue(settings).drop_run(run_id)
+        dropped = queue.drop_run(run_id, where) + queue.drop_run(run_id)  # its model's queue, then the plain one
     except Exception as exc:  # the cancellation itself is recorded; workers drop the messages anyway
         click.echo(f"stage-a: warning: could not remove queued messages ({first_line(exc)}); "
                    "workers will acknowledge them without work", err=True)
         return
-    click.echo(f"run {run_id}: {dropped} queued messages removed from {settings.queue!r}")
+    click.echo(f"run {run_id}: {dropped} queued messages removed from {where!r}")

@@ -58,7 +58,7 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     store = settings.open_store(settings.results_database(db))
     if run_id is not None:
         info = store.get_run(run_id)
-        sharding = info.spec.sharding_mode
+        sharding, route = info.spec.sharding_mode, info.route
         items = [it for it in store.unfinished_items(run_id)]
         what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
     else:
@@ -70,14 +70,14 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
                         "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
                         fg="yellow", err=True)
         # discovery warnings were already logged (once) by producer.discovery
-        run_id, sharding = reg.run_id, spec.sharding_mode
+        run_id, sharding, route = reg.run_id, spec.sharding_mode, reg.route
         items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
-    sent = publisher.publish_items(items, sharding)
+    sent = publisher.publish_items(items, sharding, route)
     dt = time.perf_counter() - t0
     click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
-               f"on {settings.queue!r}")
+               f"on {publisher.queue_for(route)!r}")
     click.echo(f"run_id={run_id}")
 
 

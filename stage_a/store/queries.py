@@ -16,7 +16,18 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, case, false, func, or_, select
 
-from stage_a.store.models import DONE, FAILED, LEASED, PENDING, DeadLetter, GroupRow, ImageRow, Run, WorkerRow
+from stage_a.store.models import (
+    DONE,
+    FAILED,
+    LEASED,
+    PENDING,
+    UNFINISHED,
+    DeadLetter,
+    GroupRow,
+    ImageRow,
+    Run,
+    WorkerRow,
+)
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""
@@ -113,6 +124,19 @@ class WorkerBeat:
     heartbeat_age_s: float
     online: bool
     """A fresh heartbeat and not stopped."""
+    problem: str | None = None
+    """Why it cannot serve something it was asked to (e.g. the model at a run's path differs here)."""
+
+
+@dataclass(frozen=True)
+class RouteWork:
+    """A model with unfinished farm work: its route, and its newest such run (whose checkpoint path a
+    worker opens to check it holds that model)."""
+
+    route: str
+    run_id: int
+    checkpoint: str
+    model: str | None
 
 
 @dataclass(frozen=True)
@@ -327,6 +351,22 @@ class Queries:
                 row["state"] = "offline"
             out.append(WorkerBeat(**row, heartbeat_age_s=age, online=online))
         return out
+
+    def routes_with_work(self) -> list[RouteWork]:
+        """One entry per model route with an unfinished, uncancelled farm run, its newest run first."""
+        route = func.coalesce(Run.base_model, Run.model)
+        unfinished = (select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_(UNFINISHED))
+                      .exists())
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(route, Run.id, Run.checkpoint, Run.model)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), route.is_not(None), unfinished)
+                .order_by(Run.id.desc())
+            ).all()
+        out: dict[str, RouteWork] = {}
+        for r, run_id, checkpoint, model in rows:
+            out.setdefault(r, RouteWork(r, run_id, checkpoint, model))
+        return list(out.values())
 
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:

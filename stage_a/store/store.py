@@ -367,7 +367,8 @@ class ResultStore:
     # ---- worker heartbeats (read by queries.worker_beats) -----------------------------------
 
     def heartbeat(self, name: str, state: str, *, model: str | None = None, engine: str | None = None,
-                  device: str | None = None, pinned: bool | None = None, started: bool = False) -> None:
+                  device: str | None = None, pinned: bool | None = None, started: bool = False,
+                  problem: str | None = None) -> None:
         """Upsert the worker's row with its state; fields left None keep their stored value.
 
         ``started`` (the first beat of a process) resets started_at and the per-process totals, so a
@@ -378,8 +379,10 @@ class ResultStore:
         values: dict[str, Any] = {"state": state, "heartbeat_at": now}
         values.update((k, v) for k, v in (("model", model), ("engine", engine), ("device", device),
                                           ("pinned", pinned)) if v is not None)
+        if problem is not None:
+            values["problem"] = problem or None  # "" clears it
         if started:
-            values.update(started_at=now, images_total=0, run_id=None, last_batch_at=None, last_batch_images=None,
+            values.update(started_at=now, images_total=0, problem=None, run_id=None, last_batch_at=None, last_batch_images=None,
                           last_batch_seconds=None, images_per_s=None, tokens_per_s=None)
         self._upsert_worker(name, values, now)
 
@@ -396,6 +399,15 @@ class ResultStore:
         }
         values.update((k, v) for k, v in (("model", model), ("engine", engine)) if v is not None)
         self._upsert_worker(name, values, now)
+
+    def worker_problem(self, node: str, problem: str | None) -> None:
+        """Set (or clear, None) the problem of every process row of worker node ``node`` (names ``node:pid``)."""
+        def op() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(update(WorkerRow).where(WorkerRow.name.startswith(f"{node}:", autoescape=True))
+                             .values(problem=problem))
+
+        retrying(op, "worker problem", attempts=3)
 
     def _upsert_worker(self, name: str, values: dict[str, Any], now: datetime) -> None:
         def op() -> None:

@@ -136,7 +136,10 @@ class RedisServer:
         return int(self.client().hlen("unacked"))
 
     def queued(self, queue: str) -> int:
-        return int(self.client().llen(queue))
+        """Messages waiting on ``queue`` and on its per-model queues (``queue.<model>``)."""
+        client = self.client()
+        names = [queue, *(k for k in client.scan_iter(match=f"{queue}.*", _type="list"))]
+        return sum(int(client.llen(n)) for n in names)
 
 
 class Worker:
