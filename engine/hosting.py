@@ -137,7 +137,7 @@ class ModelHost:
         if self.engine is not None and want == self.serving:
             self.engine.use_adapter(adapter)
             return self.engine
-        if self.pinned is not None:
+        if self.pinned is not None and want != self.pinned.base_identity:
             raise WrongModel(f"run {run.id} needs base model {want}; this worker is pinned to {self.pinned.base_identity}")
         if self.engine is not None:
             log.info("switching model %s -> %s for run %d", self.serving, want, run.id)

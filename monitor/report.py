@@ -11,6 +11,7 @@ import difflib
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError, first_line
@@ -127,7 +128,8 @@ class QueueProbe:
         self.settings = settings
         self._queue: TaskQueue | None = None
 
-    def length(self) -> tuple[int | None, str | None]:
+    def length(self, route: str | None = None) -> tuple[int | None, str | None]:
+        """Messages waiting on the queue of model ``route`` (None: the plain queue)."""
         if not self.settings.broker_url:
             return None, "no broker configured"
         try:
@@ -135,7 +137,7 @@ class QueueProbe:
                 from stage_a.queue import TaskQueue
 
                 self._queue = TaskQueue(self.settings, fail_fast=True)
-            return self._queue.length(), None
+            return self._queue.length(self._queue.queue_for(route)), None
         except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
             from stage_a.secrets import hide_secrets
 
@@ -170,11 +172,28 @@ def require_run(store: ResultStore, run_id: int) -> RunRow:
 
 
 def _serves(worker: WorkerBeat, run: RunRow) -> bool:
-    """A worker serves the run when its model is the run's, it is not tied to one (an unpinned worker
-    loads each run's model, whatever it served last), or its last batch was this run's (a demo run
-    names no fingerprint)."""
-    return (worker.model is None or worker.pinned is False or run.model is None or worker.model == run.model
-            or worker.run_id == run.id)
+    """A worker serves the run when it holds the run's base model, or it is not tied to one (an unpinned
+    worker loads each run's model) and has not found that model's checkpoint to differ on its host."""
+    if worker.pinned is False:
+        return not (worker.problem and run.route and run.route in worker.problem)
+    return worker.model is None or run.route is None or worker.model == run.route or worker.run_id == run.id
+
+
+def _no_worker(run: RunRow, workers: Sequence[WorkerBeat]) -> str:
+    """Why no online worker serves the run: which model it needs and what the online workers hold."""
+    online = [w for w in workers if w.online]
+    held = sorted({w.model or "?" for w in online if w.pinned is not False})
+    unpinned = [w for w in online if w.pinned is False]
+    text = f"no worker holds model {run.route}"
+    if held or unpinned:
+        parts = [", ".join(held)] if held else []
+        if unpinned:
+            parts.append(f"{len(unpinned)} unpinned")
+        text += f"; online workers hold {', '.join(parts)}"
+    problems = sorted({w.problem for w in unpinned if w.problem and run.route and run.route in w.problem})
+    if problems:
+        text += f" ({problems[0]})"
+    return text
 
 
 def build_report(store: ResultStore, run_id: int, settings: Settings,
@@ -192,7 +211,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
     online = sum(1 for w in relevant if w.online and _serves(w, run))
     if queue is not None and run.farm:
-        queue_length, queue_note = queue.length()
+        queue_length, queue_note = queue.length(run.route)
     else:
         queue_length, queue_note = None, (None if run.farm else "not a farm run")
 
@@ -216,7 +235,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
                     if agg.generate_ms_with_tokens > 0 else None)
 
     state, reason = _state(run, agg.pending, agg.leased, agg.last_update, agg.first_activity, online,
-                           queue_length, now, settings)
+                           queue_length, now, settings, workers)
     end = run.cancelled_at or (agg.last_update if state == "finished" and agg.last_update else now)
     return RunReport(
         run_id=run.id, mission=run.mission, dataset=run.dataset, checkpoint=run.checkpoint, model=run.model,
@@ -235,7 +254,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
 
 def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None, first_activity: datetime | None,
            workers_online: int, queue_length: int | None, now: datetime,
-           settings: Settings) -> tuple[str, str | None]:
+           settings: Settings, workers: Sequence[WorkerBeat] = ()) -> tuple[str, str | None]:
     if run.cancelled_at is not None:
         return "cancelled", None
     unfinished = pending + leased
@@ -243,10 +262,13 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
         return "finished", None
     since_result = (now - last_result).total_seconds() if last_result else None
     if run.farm and workers_online == 0 and (since_result is None or since_result > settings.heartbeat_timeout):
-        model = f" serving model {run.model}" if run.model else ""
-        return "stalled", (f"no worker online{model} (none that serves it sent a heartbeat in the last {settings.heartbeat_timeout:.0f} s) "
-                           f"and {unfinished} images unfinished: start workers (systemctl start "
-                           f"stage-a-worker@0, or celery -A workers worker) and check their logs")
+        if any(w.online for w in workers) and run.route:
+            return "stalled", (f"{_no_worker(run, workers)}, and {unfinished} images unfinished: start a worker "
+                               f"with STAGE_A_CHECKPOINT set to that model, or an unpinned one on a host where "
+                               f"{run.checkpoint or 'the demo model'} holds it")
+        return "stalled", (f"no worker online for model {run.route or '?'} (none sent a heartbeat in the last "
+                           f"{settings.heartbeat_timeout:.0f} s) and {unfinished} images unfinished: start workers "
+                           f"(systemctl start stage-a-worker@0, or celery -A workers worker) and check their logs")
     quiet = since_result if since_result is not None else (now - (first_activity or run.created_at)).total_seconds()
     if quiet > settings.stall_seconds:
         what = f"no result for {human_duration(quiet)}" if last_result else f"no result since {human_duration(quiet)}"

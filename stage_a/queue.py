@@ -28,6 +28,15 @@ def model_queue(base: str, route: str | None) -> str:
     return f"{base}.{route}" if route else base
 
 
+def direct_queue(name: str) -> Any:
+    """The kombu Queue ``name``, bound to its own direct exchange by its own name, as Celery declares a queue
+    it sends to by name. Declared otherwise, Celery would bind every queue to the default exchange and
+    routing key, and a message for one queue would be copied to all of them."""
+    from kombu import Exchange, Queue
+
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 class TaskQueue:
     """One broker connection pool (a bare Celery app: no worker code) for the settings' queue."""
 

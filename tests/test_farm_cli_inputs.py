@@ -25,13 +25,16 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_test_{uuid.uuid4().hex[:8]}"
     yield name
-    redis.Redis.from_url(REDIS_URL).delete(name)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name, *client.scan_iter(match=f"{name}.*"))
 
 
 def _queued(name: str) -> int:
+    """Messages on the queue and its per-model queues."""
     import redis
 
-    return int(redis.Redis.from_url(REDIS_URL).llen(name))
+    client = redis.Redis.from_url(REDIS_URL)
+    return sum(int(client.llen(n)) for n in [name, *client.scan_iter(match=f"{name}.*", _type="list")])
 
 
 def _runs(pg_url: str) -> int:

@@ -56,10 +56,12 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_adm_{uuid.uuid4().hex[:10]}"
     yield name
-    redis.Redis.from_url(REDIS_URL).delete(name)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name, *client.scan_iter(match=f"{name}.*"))
 
 
 def queued(queue: str) -> list[dict[str, Any]]:
+    """The payloads waiting on ``queue`` (a per-model queue's full name, or the plain one), oldest first."""
     import base64
 
     import redis
@@ -103,8 +105,9 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     for rid in (run_id, demo_run):
         assert all(r["status"] == "pending" and r["attempts"] == 0 and r["model"] is None
                    for r in image_rows(pinned.store, rid))
-    # Handed back to the queue (every round) and backing off longer each time, capped.
-    assert sorted(map(json.dumps, queued(queue)[:5])) == sorted(map(json.dumps, payloads))
+    # Handed back to the queues of their models (every round) and backing off longer each time, capped.
+    route = Checkpoint.open(other_checkpoint).base_identity
+    assert queued(f"{queue}.{route}")[:4] == payloads[:4] and queued(f"{queue}.demo")[:1] == payloads[4:]
     assert slept == [0.25, 0.5, 1.0, 2.0]
 
     unpinned = runtime(pg_url, queue)  # no STAGE_A_CHECKPOINT: loads the run's checkpoint
@@ -141,7 +144,8 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     admitted = rt.process([image_payload(it) for it in items]).admitted
     assert admitted.work and rt.host.engine is None  # admitted, but the model check refused it
     assert all(r["status"] == "pending" and r["attempts"] == 0 for r in image_rows(rt.store, run_id))
-    assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
+    route = rt.store.get_run(run_id).route
+    assert sorted((p["group_position"], p["image_index"]) for p in queued(f"{queue}.{route}")) == [(0, 1), (0, 2)]
     # Alone with that run, it backs off like a pinned worker instead of popping, hashing the
     # checkpoint folder and handing back as fast as Redis answers.
     for _ in range(2):
@@ -175,7 +179,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
     assert all(r["status"] == "pending" and r["model"] is None for r in rows), \
         [(r["status"], r["model"], want) for r in rows]
     assert rt.host.engine is None
-    assert sorted((p["group_position"], p["image_index"]) for p in queued(queue)) == [(0, 1), (0, 2)]
+    assert sorted((p["group_position"], p["image_index"]) for p in queued(f"{queue}.{want}")) == [(0, 1), (0, 2)]
     rt.store.close()
 
     # A pinned worker whose folder changes while it loads at start refuses to serve at all.

@@ -7,11 +7,10 @@ import sys
 from typing import NoReturn
 
 from celery import Celery
-from kombu import Queue
 
 from stage_a.checkpoint import Checkpoint
 from stage_a.errors import UserError
-from stage_a.queue import model_queue
+from stage_a.queue import direct_queue, model_queue
 from stage_a.settings import Settings
 
 
@@ -26,9 +25,9 @@ try:
     settings = Settings.from_env()  # `celery -A workers worker` imports this module first
     # A pinned worker consumes its model's queue; an unpinned one is routed by workers/routing.py. Both
     # consume the plain queue too, where messages queued before per-model queues existed wait.
-    queues = [Queue(settings.queue)]
+    queues = [direct_queue(settings.queue)]
     if settings.checkpoint:
-        queues.append(Queue(model_queue(settings.queue, Checkpoint.open(settings.checkpoint).base_identity)))
+        queues.append(direct_queue(model_queue(settings.queue, Checkpoint.open(settings.checkpoint).base_identity)))
 except UserError as exc:
     refuse_to_start(exc)
 

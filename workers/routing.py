@@ -111,7 +111,8 @@ class ModelRouter(bootsteps.StartStopStep):
         if self.current is not None:
             c.cancel_task_queue(model_queue(settings.queue, self.current))
         if want is not None:
-            c.add_task_queue(model_queue(settings.queue, want))
+            name = model_queue(settings.queue, want)
+            c.add_task_queue(name, exchange=name, exchange_type="direct", routing_key=name)
         log.info("consuming model %s (was %s)", want or "none", self.current or "none")
         self.current = want
 

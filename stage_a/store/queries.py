@@ -98,6 +98,12 @@ class RunRow:
     created_at: datetime
     cancelled_at: datetime | None
     params: dict[str, Any]
+    base_model: str | None = None
+
+    @property
+    def route(self) -> str | None:
+        """The base model identity whose workers serve the run."""
+        return self.base_model or self.model
 
 
 @dataclass(frozen=True)

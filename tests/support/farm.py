@@ -227,12 +227,17 @@ class Farm:
         self.workers: list[Worker] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        return base_env(STAGE_A_BROKER_URL=self.redis.url, STAGE_A_DATABASE_URL=self.db_url,
-                        STAGE_A_CHECKPOINT=str(self.checkpoint), STAGE_A_QUEUE=self.queue,
-                        OMP_NUM_THREADS="1", **self.settings, **extra)
+        return base_env(**{"STAGE_A_BROKER_URL": self.redis.url, "STAGE_A_DATABASE_URL": self.db_url,
+                           "STAGE_A_CHECKPOINT": str(self.checkpoint), "STAGE_A_QUEUE": self.queue,
+                           "OMP_NUM_THREADS": "1", **self.settings, **extra})
 
-    def worker(self, name: str, app: str = "workers", **extra: str) -> Worker:
-        w = Worker(name, self.env(**extra), self.workdir, app).start()
+    def worker(self, name: str, app: str = "workers", unpinned: bool = False, **extra: str) -> Worker:
+        """A started worker, pinned to the farm's checkpoint (or STAGE_A_CHECKPOINT in ``extra``), or
+        ``unpinned`` (no STAGE_A_CHECKPOINT: it serves each run's model)."""
+        env = self.env(**extra)
+        if unpinned:
+            del env["STAGE_A_CHECKPOINT"]
+        w = Worker(name, env, self.workdir, app).start()
         self.workers.append(w)
         return w
 
