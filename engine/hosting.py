@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.interface import Engine
 from stage_a.checkpoint import DEMO_MODEL, Checkpoint
@@ -83,8 +84,13 @@ class ModelHost:
     serving: str | None = None
     """Identity (or DEMO_MODEL) of the loaded engine."""
 
+    @property
+    def identity_cache(self) -> Path:
+        return self.settings.cache_path / "identity"
+
     def __post_init__(self) -> None:
-        self.pinned: Checkpoint | None = Checkpoint.open(self.settings.checkpoint) if self.settings.checkpoint else None
+        self.pinned: Checkpoint | None = (Checkpoint.open(self.settings.checkpoint, self.identity_cache)
+                                          if self.settings.checkpoint else None)
 
     def serves(self, run: RunInfo) -> bool:
         """Whether this process may serve the run at all (a pinned worker: only its own model)."""
@@ -124,7 +130,7 @@ class ModelHost:
         if self.pinned is not None:
             checkpoint = self.pinned
         else:
-            checkpoint = Checkpoint.open(run.spec.checkpoint or demo_checkpoint(self.settings))
+            checkpoint = Checkpoint.open(run.spec.checkpoint or demo_checkpoint(self.settings), self.identity_cache)
         demo = not run.spec.checkpoint and self.pinned is None
         have = DEMO_MODEL if demo else checkpoint.identity
         if self.engine is not None and want is None and have == self.serving:

@@ -68,16 +68,20 @@ def plan_run(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool
 
 
 def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
-                 root_allowed: Callable[[Path], bool] | None = None) -> Registered:
+                 root_allowed: Callable[[Path], bool] | None = None, identity_cache: Path | None = None) -> Registered:
     """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
 
     ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
-    before anything is recorded."""
+    before anything is recorded. ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path / "identity")."""
     plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
-    model = Checkpoint.open(spec.checkpoint).identity if spec.checkpoint else DEMO_MODEL
+    checkpoint = Checkpoint.open(spec.checkpoint, identity_cache) if spec.checkpoint else None
+    if checkpoint:  # recorded absolute: workers resolve nothing from their own cwd
+        spec = replace(spec, checkpoint=str(checkpoint.path))
+    model = checkpoint.identity if checkpoint else DEMO_MODEL
+    base_model = checkpoint.base_identity if checkpoint and checkpoint.adapter else None
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
-                              model=model)
+                              model=model, base_model=base_model)
     n_images = sum(len(g.images) for g in kept)
     log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), plan.discovered_groups, n_images)
     return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings)
