@@ -207,3 +207,16 @@ def test_a_relative_checkpoint_is_recorded_absolute(pg_url: str, queue: str, tmp
     finally:
         store.close()
     assert list((tmp_path / "cache" / "identity").glob("*.json"))  # enqueue used the settings' cache
+
+
+def test_the_identity_is_shown_beside_the_checkpoint_folder_name() -> None:
+    """The identity names no folder any more: status, the runs table and the pages add the folder's name."""
+    from monitor.text import model_label
+
+    ident = "m-0123456789abcdef01234567"
+    assert model_label(ident, "/models/ck-a/", short=True) == "ck-a m-0123456789"
+    assert model_label(ident, "/models/ck-a") == f"ck-a {ident}"
+    assert model_label(ident, "") == ident
+    assert model_label(None, "/models/ck-a") == "ck-a"
+    assert model_label("demo", "") == "demo"
+    assert model_label("ck-a:1111222233334444", "/m/ck-a") == "ck-a:1111222233334444"  # recorded before
