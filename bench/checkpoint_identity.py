@@ -2,8 +2,9 @@
 
 `Checkpoint.open` runs where a run is registered, when a worker starts or switches model, and after
 each load (the folder must not have changed while it loaded). The identity hashes every byte of every
-weight and config file (BLAKE3, memory-mapped, all cores), so its first cost grows with the size of
-the checkpoint; the per-file digests are then cached by stat, so a restarted process reads nothing.
+weight and config file (BLAKE3 on all cores, the next chunk read while one is hashed), so its first
+cost grows with the size of the checkpoint; the per-file digests are then cached by stat, so a
+restarted process reads nothing.
 
 Three figures, each over the whole folder:
 

@@ -13,7 +13,7 @@ templates, and anything else there, with each file's name. Left out: subfolders,
 (``.gitattributes``, ``.cache``) and documentation only (``README*``, ``LICENSE*``, ``*.md``). A
 LoRA adapter's identity covers the adapter folder's files and its base model's identity.
 
-Files are hashed with BLAKE3 (multithreaded, memory-mapped: disk speed on multi-GB shards), and
+Files are hashed with BLAKE3 (multithreaded, reading while hashing: disk speed on multi-GB shards), and
 each file's digest is cached by its (device, inode, size, mtime, ctime), one small JSON per folder
 under ``cache_dir``, so a restarted worker does not read the weights again. Any write changes a
 file's ctime (even with its mtime put back), so a changed file is hashed again.
@@ -22,11 +22,13 @@ file's ctime (even with its mtime put back), so a changed file is hashed again.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,8 @@ DEMO_MODEL = "demo"
 IDENTITY_PREFIX = "m-"
 _IDENTITY_HEX = 24
 _FORMAT = b"stage-a checkpoint identity v2\0"
-_MMAP_FROM = 1 << 20
-"""Files this large are memory-mapped and hashed on all cores; smaller ones are read in one go."""
+_CHUNK = 16 << 20
+"""Read size: large enough for BLAKE3 to spread each chunk over all cores."""
 _RACY_NS = 100_000_000
 """A file changed this recently may change again within the same timestamp tick (its stat would
 not show it): its digest is used but not cached."""
@@ -155,13 +157,27 @@ def folder_identity(folder: Path, cache_dir: Path | None = None, base_identity: 
 
 
 def _hash_file(f: Path, size: int) -> bytes:
-    if size >= _MMAP_FROM:
-        h = blake3(max_threads=blake3.AUTO)
-        h.update_mmap(f)
-    else:
-        h = blake3(f.read_bytes())
+    """BLAKE3 of the file, the next chunk read while the last one is hashed (BLAKE3 drops the GIL).
+    Plain reads, not mmap: a file truncated under a mapping kills the process with SIGBUS."""
     hashed.files += 1
-    hashed.bytes += size
+    h = blake3(max_threads=blake3.AUTO)
+    if size <= _CHUNK:  # configs, tokenizers: one read
+        data = f.read_bytes()
+        hashed.bytes += len(data)
+        h.update(data)
+        return h.digest()
+    buffers = (bytearray(_CHUNK), bytearray(_CHUNK))
+    pending: Future[None] | None = None
+    with f.open("rb", buffering=0) as fh, ThreadPoolExecutor(1) as hasher:
+        for i in itertools.count():
+            buf = buffers[i % 2]
+            n = fh.readinto(buf)
+            if pending is not None:
+                pending.result()  # the other buffer is free again
+            if not n:
+                break
+            pending = hasher.submit(h.update, memoryview(buf)[:n])
+            hashed.bytes += n
     return h.digest()
 
 
@@ -205,9 +221,10 @@ class _DigestCache:
                 pass
         started = time.time_ns()
         value = _hash_file(f, st.st_size)
-        after = f.stat()
-        # Cached only when the file did not change while it was read and is not racily recent.
-        if _stat_key(after) == key and max(st.st_mtime_ns, st.st_ctime_ns) < started - _RACY_NS:
+        if _stat_key(f.stat()) != key:
+            raise UserError(f"checkpoint file {f} changed while it was read: use the checkpoint once it is "
+                            "no longer being written")
+        if max(st.st_mtime_ns, st.st_ctime_ns) < started - _RACY_NS:  # a racily recent file is not cached
             self.new[f.name] = {"stat": key, "blake3": value.hex()}
         return value, st.st_size
 

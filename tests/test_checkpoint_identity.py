@@ -220,3 +220,25 @@ def test_the_identity_is_shown_beside_the_checkpoint_folder_name() -> None:
     assert model_label(None, "/models/ck-a") == "ck-a"
     assert model_label("demo", "") == "demo"
     assert model_label("ck-a:1111222233334444", "/m/ck-a") == "ck-a:1111222233334444"  # recorded before
+
+
+def test_a_file_written_while_it_is_hashed_is_a_clear_error(tmp_path: Path, weight: bytes,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint being copied over is no model yet: one line naming the file, never a mixed identity."""
+    import stage_a.checkpoint as checkpoint
+    from stage_a.errors import UserError
+
+    folder = _model(tmp_path / "m", weight)
+    real = checkpoint._hash_file
+
+    def copied_over_meanwhile(f: Path, size: int) -> bytes:
+        digest = real(f, size)
+        if f.name == "model.safetensors":
+            with f.open("ab") as fh:
+                fh.write(b"more of the new epoch")
+        return digest
+
+    monkeypatch.setattr(checkpoint, "_hash_file", copied_over_meanwhile)
+    with pytest.raises(UserError, match="model.safetensors changed while it was read") as err:
+        Checkpoint.open(folder, tmp_path / "cache")
+    assert "\n" not in str(err.value)
