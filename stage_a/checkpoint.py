@@ -167,7 +167,7 @@ def _hash_file(f: Path, size: int) -> bytes:
         h.update(data)
         return h.digest()
     buffers = (bytearray(_CHUNK), bytearray(_CHUNK))
-    pending: Future[None] | None = None
+    pending: Future[blake3] | None = None
     with f.open("rb", buffering=0) as fh, ThreadPoolExecutor(1) as hasher:
         for i in itertools.count():
             buf = buffers[i % 2]
