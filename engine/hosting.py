@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.interface import Engine
 from stage_a.checkpoint import DEMO_MODEL, Checkpoint
@@ -44,7 +45,7 @@ def build_engine(checkpoint: Checkpoint, device: str, settings: Settings, kind: 
     kind = kind or settings.engine
     check_engine(kind)
     t0 = time.perf_counter()
-    base = Checkpoint.open(checkpoint.base) if checkpoint.adapter else checkpoint
+    base = Checkpoint.open(checkpoint.base, settings.cache_path / "identity") if checkpoint.adapter else checkpoint
     engine: Engine
     if kind == "vllm":
         from engine.vllm_engine import load_vllm_engine
@@ -92,8 +93,13 @@ class ModelHost:
     loads: int = 0
     """Models loaded by this process so far (a switch costs a reload: routing keeps this low)."""
 
+    @property
+    def identity_cache(self) -> Path:
+        return self.settings.cache_path / "identity"
+
     def __post_init__(self) -> None:
-        self.pinned: Checkpoint | None = Checkpoint.open(self.settings.checkpoint) if self.settings.checkpoint else None
+        self.pinned: Checkpoint | None = (Checkpoint.open(self.settings.checkpoint, self.identity_cache)
+                                          if self.settings.checkpoint else None)
 
     @property
     def route(self) -> str | None:
@@ -143,7 +149,7 @@ class ModelHost:
             log.info("switching model %s -> %s for run %d", self.serving, want, run.id)
             self.engine, self.serving = None, None
         if checkpoint is None:  # the demo model
-            self._load(Checkpoint.open(demo_checkpoint(self.settings)), DEMO_MODEL)
+            self._load(Checkpoint.open(demo_checkpoint(self.settings), self.identity_cache), DEMO_MODEL)
         else:
             self._load(checkpoint, checkpoint.base_identity)
         assert self.engine is not None
@@ -161,7 +167,7 @@ class ModelHost:
         if pinned is not None and run.model in (pinned.identity, None) and run.route in (pinned.base_identity, None):
             return pinned
         try:
-            here = Checkpoint.open(run.spec.checkpoint)
+            here = Checkpoint.open(run.spec.checkpoint, self.identity_cache)
         except UserError as exc:
             raise WrongModel(f"run {run.id} needs model {run.model}: {exc}") from None
         if run.model is not None and here.identity != run.model:
@@ -169,7 +175,7 @@ class ModelHost:
         return here
 
     def _load(self, checkpoint: Checkpoint, route: str) -> None:
-        base = Checkpoint.open(checkpoint.base) if checkpoint.adapter else checkpoint
+        base = Checkpoint.open(checkpoint.base, self.identity_cache) if checkpoint.adapter else checkpoint
         try:
             self.engine = build_engine(base, self.device, self.settings)
         except WrongModel as exc:

@@ -46,7 +46,7 @@ def run_in_process(job: LocalJob, on_batch: Callable[[BatchDone], None] | None =
             return 0
         if on_loading:
             on_loading()
-        engine = build_engine(Checkpoint.open(job.checkpoint), job.device, job.settings, job.engine)
+        engine = build_engine(Checkpoint.open(job.checkpoint, job.settings.cache_path / "identity"), job.device, job.settings, job.engine)
         loop = StepLoop(engine, store, worker_name(f"/rank{rank}" if world > 1 else ""),
                         verify_inputs=job.verify_inputs)
         # Same deterministic plan in every rank, each takes every world-th batch (torchrun-style).

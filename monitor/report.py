@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError, first_line

@@ -40,7 +40,7 @@ def worker_line(w: WorkerBeat, now: datetime) -> str:
 def describe(r: RunReport) -> str:
     """The full `stage-a status` text."""
     t = r.throughput
-    served = ", ".join(f"{m.model or 'unrecorded model'} ({m.engine or '-'}): {m.images}" for m in r.models_served)
+    served = ", ".join(f"{_served_label(m.model, r)} ({m.engine or '-'}): {m.images}" for m in r.models_served)
     lines = [
         f"run {r.run_id}: {r.mission} ({r.dataset}), {'farm' if r.farm else 'local'} run, {r.sharding_mode}",
         f"checkpoint: {r.checkpoint or '- (none: the random-weight demo model)'}" + (f"  model: {r.model}" if r.model else ""),
@@ -65,6 +65,13 @@ def describe(r: RunReport) -> str:
     return "\n".join(lines)
 
 
+def _served_label(model: str | None, r: RunReport) -> str:
+    """The model that produced results: named by the run's checkpoint folder when it is the run's model."""
+    if not model:
+        return "unrecorded model"
+    return model_label(model, r.checkpoint) if model == r.model else model
+
+
 def watch_line(r: RunReport, width: int = 30) -> str:
     """One line for `status --watch`: bar, counts, rate, ETA, state."""
     filled = int(round(r.fraction * width))
@@ -83,7 +90,7 @@ def runs_table(runs: list[RunSummary]) -> str:
         return "no runs"
     head = ("run", "created", "mission", "model", "state", "finished", "failed", "pending", "in flight", "dead")
     rows: list[tuple[str, ...]] = [head, *[
-        (str(r.run_id), fmt_time(r.created_at), r.mission, _short_model(r.model, r.checkpoint), r.state,
+        (str(r.run_id), fmt_time(r.created_at), r.mission, model_label(r.model, r.checkpoint, short=True), r.state,
          f"{r.done + r.failed}/{r.images_total}", str(r.failed), str(r.pending), str(r.in_flight),
          str(r.dead_letters))
         for r in runs
@@ -108,11 +115,16 @@ def _one_line(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _short_model(model: str | None, checkpoint: str) -> str:
-    if model:
-        return model if len(model) <= 32 else model[:31] + "…"
-    tail = checkpoint.rstrip("/").rsplit("/", 1)[-1] if checkpoint else "-"
-    return tail or "-"
+def model_label(model: str | None, checkpoint: str, short: bool = False) -> str:
+    """A model for people: the checkpoint folder's name beside its identity, a content hash that names
+    no folder (``short``: the hash cut to 10 hex digits, for tables)."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1] if checkpoint else ""
+    if not model:
+        return name or "-"
+    if ":" in model:  # an identity of before issue 18 (``<folder>:<hex>``) names its folder itself
+        return model if not short or len(model) <= 32 else model[:31] + "…"
+    shown = model[:12] if short else model
+    return f"{name} {shown}" if name else shown
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

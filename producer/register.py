@@ -70,17 +70,18 @@ def plan_run(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool
 
 
 def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
-                 root_allowed: Callable[[Path], bool] | None = None) -> Registered:
+                 root_allowed: Callable[[Path], bool] | None = None, identity_cache: Path | None = None) -> Registered:
     """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
 
     ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
-    before anything is recorded."""
+    before anything is recorded. ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path / "identity")."""
     plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
-    model = base = DEMO_MODEL
-    if spec.checkpoint:
-        checkpoint = Checkpoint.open(spec.checkpoint)
-        model, base = checkpoint.identity, checkpoint.base_identity
+    checkpoint = Checkpoint.open(spec.checkpoint, identity_cache) if spec.checkpoint else None
+    if checkpoint:  # recorded absolute: workers resolve nothing from their own cwd
+        spec = replace(spec, checkpoint=str(checkpoint.path))
+    model = checkpoint.identity if checkpoint else DEMO_MODEL
+    base = checkpoint.base_identity if checkpoint else DEMO_MODEL
     run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
                               model=model, base_model=base)
     n_images = sum(len(g.images) for g in kept)

@@ -50,7 +50,7 @@ def status(farm: Farm, run_id: int) -> str:
     return proc.stdout
 
 
-def test_two_models_pinned_and_unpinned_workers_no_hand_backs(pg_url: str, farm_factory, tiny_checkpoint: Path,
+def test_two_models_pinned_and_unpinned_workers_no_hand_backs(pg_url: str, farm_factory, tiny_checkpoint: Path,  # noqa: F811
                                                               other_checkpoint: Path, tmp_path: Path) -> None:
     from stage_a.checkpoint import Checkpoint
 
@@ -85,7 +85,7 @@ def test_two_models_pinned_and_unpinned_workers_no_hand_backs(pg_url: str, farm_
 
 
 def test_a_lora_run_is_served_by_its_base_models_worker_without_a_reload(
-        pg_url: str, farm_factory, tiny_checkpoint: Path, tmp_path: Path) -> None:
+        pg_url: str, farm_factory, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
     from stage_a.checkpoint import Checkpoint
 
     adapter = make_adapter(tiny_checkpoint, tmp_path / "lora")
@@ -109,7 +109,7 @@ def test_a_lora_run_is_served_by_its_base_models_worker_without_a_reload(
     assert exported(farm, run_lora, tmp_path / "out") == ref
 
 
-def test_a_drifted_copy_at_the_same_path_is_refused(pg_url: str, farm_factory, tiny_checkpoint: Path,
+def test_a_drifted_copy_at_the_same_path_is_refused(pg_url: str, farm_factory, tiny_checkpoint: Path,  # noqa: F811
                                                      tmp_path: Path) -> None:
     from stage_a.checkpoint import Checkpoint
 
@@ -145,7 +145,7 @@ def test_a_drifted_copy_at_the_same_path_is_refused(pg_url: str, farm_factory, t
     assert loads(free.log()) == [] and "handed" not in pinned.log() + free.log()
 
 
-def test_the_same_bytes_at_two_paths_are_one_model(pg_url: str, farm_factory, tiny_checkpoint: Path,
+def test_the_same_bytes_at_two_paths_are_one_model(pg_url: str, farm_factory, tiny_checkpoint: Path,  # noqa: F811
                                                    tmp_path: Path) -> None:
     here, there = tmp_path / "host-a" / "models" / "qwen", tmp_path / "host-b" / "mnt" / "stage-a-model"
     shutil.copytree(tiny_checkpoint, here)

@@ -27,7 +27,7 @@ try:
     # consume the plain queue too, where messages queued before per-model queues existed wait.
     queues = [direct_queue(settings.queue)]
     if settings.checkpoint:
-        queues.append(direct_queue(model_queue(settings.queue, Checkpoint.open(settings.checkpoint).base_identity)))
+        queues.append(direct_queue(model_queue(settings.queue, Checkpoint.open(settings.checkpoint, settings.cache_path / "identity").base_identity)))
 except UserError as exc:
     refuse_to_start(exc)
 

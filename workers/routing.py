@@ -47,7 +47,7 @@ class RouteChooser:
         if work.route == DEMO_MODEL:
             return None
         try:
-            here = Checkpoint.open(work.checkpoint)
+            here = Checkpoint.open(work.checkpoint, self.settings.cache_path / "identity")
         except UserError as exc:
             return f"run {work.run_id} needs model {work.model}: {exc}"
         if here.base_identity != work.route:

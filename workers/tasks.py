@@ -214,7 +214,7 @@ def _check_services(sender: Any = None, **_: Any) -> None:
         TaskQueue(settings).check()
         settings.open_store().close()  # connects and migrates to head
         if settings.checkpoint:
-            Checkpoint.open(settings.checkpoint)
+            Checkpoint.open(settings.checkpoint, settings.cache_path / "identity")
     except UserError as exc:
         refuse_to_start(exc)
 

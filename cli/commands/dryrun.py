@@ -25,21 +25,21 @@ def input_root_note(root: str, settings: Settings) -> str:
     return f"{here}; workers will REFUSE it: outside STAGE_A_INPUT_ROOTS ({os.pathsep.join(settings.input_roots)})"
 
 
-def checkpoint_note(checkpoint: str) -> str:
-    """Load the checkpoint's config only (no weights): the model type, or why it would not load."""
+def checkpoint_note(checkpoint: str, settings: Settings) -> str:
+    """Load the checkpoint's config (weights only hashed): the model type and identity, or why it would not load."""
     if not checkpoint:
         return "none: the tiny random-weight demo model (meaningless summaries)"
     from stage_a.checkpoint import Checkpoint
     from stage_a.errors import UserError
 
     try:
-        ckpt = Checkpoint.open(checkpoint)
+        ckpt = Checkpoint.open(checkpoint, settings.cache_path / "identity")
     except UserError as exc:
         return f"{checkpoint}: WILL NOT LOAD: {exc}"
     kind = _config_note(ckpt.base)
     if ckpt.adapter:
         kind = f"LoRA adapter on {ckpt.base}; base {kind}"
-    return f"{checkpoint}: {kind}"
+    return f"{checkpoint}: model {ckpt.identity}, {kind}"
 
 
 def _config_note(path: Path) -> str:
@@ -66,7 +66,7 @@ def print_plan(plan: Plan, checkpoint: str, settings: Settings, target: str) -> 
     click.echo(f"  total:       {len(plan.groups)} groups ({plan.discovered_groups} found), {plan.images} images")
     for w in plan.warnings:
         click.echo(f"  warning:     {printable(w)}")
-    click.echo(f"  checkpoint:  {checkpoint_note(checkpoint)}")
+    click.echo(f"  checkpoint:  {checkpoint_note(checkpoint, settings)}")
     gen = spec.generation
     click.echo(f"  generation:  batch_size {spec.batch_size}, max_pixels {spec.max_pixels}, max_new_tokens "
                f"{gen.max_new_tokens}, temperature {gen.temperature}, top_p {gen.top_p}, repetition_penalty "

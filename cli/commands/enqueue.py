@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
+from cli.commands.options import absolute_path, build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError, first_line
 from stage_a.settings import Settings
 
@@ -45,14 +45,14 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         check_run_id(run_id)
     else:
         # Everything the workers would refuse is refused here, before anything is recorded or queued.
-        checkpoint = kw["checkpoint"] or settings.checkpoint
+        checkpoint = absolute_path(kw["checkpoint"] or settings.checkpoint)
         spec = build_spec(kw, checkpoint, settings.data_dir)
         input_dir = require_input_dir(kw["input_dir"])
         if not settings.allows_input_root(input_dir):
             raise UserError(f"input dir {input_dir} is outside STAGE_A_INPUT_ROOTS "
                             f"({os.pathsep.join(settings.input_roots)}): the workers would refuse every image")
         if checkpoint:
-            Checkpoint.open(checkpoint)
+            Checkpoint.open(checkpoint, settings.cache_path / "identity")
     publisher = Publisher(settings)
     publisher.check()
     store = settings.open_store(settings.results_database(db))
@@ -64,7 +64,8 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     else:
         from producer.register import register_run
 
-        reg = register_run(store, spec, input_dir, farm=True, root_allowed=settings.allows_input_root)
+        reg = register_run(store, spec, input_dir, farm=True, root_allowed=settings.allows_input_root,
+                           identity_cache=settings.cache_path / "identity")
         if not checkpoint:  # said once the run exists (a refused enqueue prints its one error line only)
             click.secho("stage-a: warning: no --checkpoint (nor STAGE_A_CHECKPOINT): the farm will summarize "
                         "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",

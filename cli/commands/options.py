@@ -81,9 +81,15 @@ def setup_logging(level: str, debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
+def absolute_path(path: str | None) -> str:
+    """``path`` absolute and resolved from this process's cwd, where the operator typed it: workers
+    elsewhere would resolve a relative path from their own cwd. Empty stays empty."""
+    return str(Path(path).expanduser().resolve()) if path else ""
+
+
 def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str) -> RunSpec:
     """Validate options (mission, dataset, numbers) into a RunSpec; input_root is set at registration.
-    ``data_dir``: the mission data folder (Settings.data_dir; empty: packaged)."""
+    ``checkpoint`` is recorded absolute. ``data_dir``: the mission data folder (Settings.data_dir; empty: packaged)."""
     from stage_a.missions import get_mission, get_profile, resolve_dataset
 
     if not kw.get("mission"):
@@ -96,7 +102,7 @@ def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str) -> RunSpec:
         repetition_penalty=kw["repetition_penalty"],
     )
     return RunSpec(
-        mission=mission.name, dataset=dataset, input_root="", checkpoint=checkpoint,
+        mission=mission.name, dataset=dataset, input_root="", checkpoint=absolute_path(checkpoint),
         prompt_profile=kw["prompt_profile"], sharding_mode=kw["sharding_mode"], batch_size=kw["batch_size"],
         max_pixels=kw["max_pixels"] or 0, generation=gen, pass_group_number=kw["pass_group_number"],
         fail_group_number=kw["fail_group_number"], sample_seed=kw["sample_seed"],

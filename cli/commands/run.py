@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from cli.commands.options import build_spec, make_output_dir, require_input_dir, run_options, setup_logging
+from cli.commands.options import (
+    absolute_path,
+    build_spec,
+    make_output_dir,
+    require_input_dir,
+    run_options,
+    setup_logging,
+)
 from stage_a.config import ENGINES
 from stage_a.errors import UserError
 from stage_a.settings import Settings
@@ -93,6 +100,7 @@ def run(**kw: Any) -> None:
         raise UserError("--dry-run describes a new run; it cannot be combined with --resume")
     checkpoint = kw["checkpoint"]
     demo = checkpoint is None and not kw["resume"]
+    settings = Settings.from_env()
     if demo:
         click.secho("stage-a: no --checkpoint: using a tiny RANDOM-WEIGHT Qwen3-VL demo model; its summaries are "
                     "meaningless (pass --checkpoint for real summaries)", fg="yellow", err=True)
@@ -101,8 +109,8 @@ def run(**kw: Any) -> None:
     elif checkpoint is not None:  # --resume without --checkpoint uses the run's recorded one
         from stage_a.checkpoint import Checkpoint
 
-        Checkpoint.open(checkpoint)
-    settings = Settings.from_env()
+        checkpoint = absolute_path(checkpoint)
+        Checkpoint.open(checkpoint, settings.cache_path / "identity")
     if not kw["resume"]:
         spec = build_spec(kw, checkpoint or "", settings.data_dir)
         input_dir = kw["input_dir"]
@@ -146,7 +154,8 @@ def run(**kw: Any) -> None:
         else:
             from producer.register import register_run
 
-            reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir)
+            reg = register_run(store, replace(spec, checkpoint=checkpoint or ""), input_dir,
+                               identity_cache=settings.cache_path / "identity")
             run_id = reg.run_id
             # discovery warnings were already logged (once) by producer.discovery
             click.echo(f"stage-a: run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), "
@@ -171,7 +180,7 @@ def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], s
     plan = plan_run(spec, input_dir)
     jsonl, failures = output_paths(output_dir, spec.mission)
     db = settings.results_database(kw["db"], output_dir)
-    print_plan(plan, kw["checkpoint"] or "", settings,
+    print_plan(plan, spec.checkpoint, settings,
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
 
 
@@ -195,7 +204,7 @@ def _resume_checkpoint(run: Any, given: str | None, settings: Settings) -> str:
                         f"--checkpoint, its other images were summarized by the demo model")
     path = given if given is not None else run.spec.checkpoint
     try:
-        have = Checkpoint.open(path).identity
+        have = Checkpoint.open(path, settings.cache_path / "identity").identity
     except UserError as exc:
         if given is not None:
             raise

@@ -26,7 +26,7 @@ from starlette.templating import Jinja2Templates
 from monitor.diff import RunDiff, diff_runs, highlight
 from monitor.report import QueueProbe, build_report, human_duration, list_runs, require_run
 from monitor.summary import parse_summary
-from monitor.text import fmt_ms, fmt_rate, fmt_time
+from monitor.text import fmt_ms, fmt_rate, fmt_time, model_label
 from monitor.web.metrics import metrics_registry, render
 from monitor.web.thumbs import DB_INT_MAX, NotFound, Thumbnails
 from stage_a.errors import UserError
@@ -90,7 +90,7 @@ def create_app(store: ResultStore, settings: Settings) -> Starlette:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters.update(time=fmt_time, rate=fmt_rate, ms=fmt_ms, duration=human_duration)
-    env.globals.update(parse_summary=parse_summary, highlight=highlight)
+    env.globals.update(parse_summary=parse_summary, highlight=highlight, model_label=model_label)
     diff_cache: dict[tuple[int, int], tuple[float, RunDiff]] = {}
     diff_lock = threading.Lock()
 
