@@ -38,8 +38,9 @@ class Publisher(TaskQueue):
                 return self.send(payloads)
             return fast.publish(payloads)
 
-    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str) -> int:
-        return self.publish(payloads_for(items, sharding_mode))
+    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str, store_id: str) -> int:
+        """The items' messages, naming their store (ResultStore.store_id)."""
+        return self.publish(payloads_for(items, sharding_mode, store_id))
 
 
 class _FastRedisPublish:

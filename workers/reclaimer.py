@@ -79,7 +79,7 @@ class Reclaimer:
         if not items:
             return
         try:
-            self.queue.send(payloads_for(items, "per_image"))
+            self.queue.send(payloads_for(items, "per_image", self.store.store_id))
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
