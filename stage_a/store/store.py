@@ -46,6 +46,11 @@ _INPUTS_LOCK_SPACE = 0x57A6E1
 """First key of PostgreSQL advisory locks on an inputs_key (the migration lock uses the one-key space)."""
 
 
+def inputs_lock(inputs_key: str) -> tuple[int, int]:
+    """The PostgreSQL advisory lock (two int4 keys) that registrations of ``inputs_key`` take in turn."""
+    return _INPUTS_LOCK_SPACE, int(inputs_key[:8], 16) - 2**31
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     status: str
@@ -111,8 +116,8 @@ class ResultStore:
         turns, so of two racing ones the second sees the first's run and records nothing."""
         with Session(self.engine) as s, s.begin():
             if self.engine.dialect.name == "postgresql":
-                s.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"),
-                          {"space": _INPUTS_LOCK_SPACE, "key": int(inputs_key[:8], 16) - 2**31})
+                space, key = inputs_lock(inputs_key)
+                s.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": key})
             twin = s.scalars(self._unfinished_twin(inputs_key)).first()
             if twin is not None:
                 return int(twin), False
