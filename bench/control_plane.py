@@ -31,6 +31,8 @@ from _common import MISSION, REDIS_URL, machine_line, peak_rss_mib, pg_database 
 SUMMARY = json.dumps({"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}, "挡风板": {"有": 1}}],
                       "备注": ["挡风板安装到位，螺丝紧固，无遮挡"]}, ensure_ascii=False)
 GIB = 1024.0
+STORE_ID = "0" * 32
+"""A store id as long as a real one (uuid4 hex): messages carry it."""
 
 
 def _gid(g: int) -> str:
@@ -193,7 +195,7 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
     pub = Publisher(settings)
     try:
         t0 = time.perf_counter()
-        sent = pub.publish_items(items, "per_image")
+        sent = pub.publish_items(items, "per_image", STORE_ID)
         dt = time.perf_counter() - t0
         length = client.llen(queue)
         print(f"fast path (producer/publish.py): {sent:,} messages in {dt:.2f} s = {sent / dt:,.0f} msgs/s; "
@@ -202,14 +204,14 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
         limit = max(10.0, 60.0 * n_images / 1_000_000)
         ok = dt < limit and length == n_images
         if reference:
-            payloads = list(payloads_for(items[:reference], "per_image"))
+            payloads = list(payloads_for(items[:reference], "per_image", STORE_ID))
             t0 = time.perf_counter()
             pub.send(payloads)
             rdt = time.perf_counter() - t0
             print(f"reference (Celery create/send_task_message per message, kombu-pipelined): {reference:,} in "
                   f"{rdt:.2f} s = {reference / rdt:,.0f} msgs/s (=> {n_images / (reference / rdt):.0f} s for "
                   f"{n_images:,}); fast path is {(sent / dt) / (reference / rdt):.1f}x")
-        gp = list(payloads_for(items, "per_group"))
+        gp = list(payloads_for(items, "per_group", STORE_ID))
         t0 = time.perf_counter()
         pub.publish(gp)
         gdt = time.perf_counter() - t0

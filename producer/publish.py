@@ -39,9 +39,11 @@ class Publisher(TaskQueue):
                 return self.send(payloads, queue)
             return fast.publish(payloads)
 
-    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str, route: str | None = None) -> int:
-        """The run's items to the queue of its model ``route`` (RunInfo.route)."""
-        return self.publish(payloads_for(items, sharding_mode), self.queue_for(route))
+    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str, store_id: str,
+                      route: str | None = None) -> int:
+        """The run's items to the queue of its model ``route`` (RunInfo.route), naming their store
+        (ResultStore.store_id)."""
+        return self.publish(payloads_for(items, sharding_mode, store_id), self.queue_for(route))
 
 
 class _FastRedisPublish:

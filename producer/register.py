@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,6 +29,24 @@ class Registered:
     warnings: tuple[str, ...]
     route: str
     """The base model identity whose workers serve the run (its queue)."""
+    existing: bool = False
+    """An unfinished farm run with the same inputs existed: ``run_id`` is that run and nothing was recorded
+    (``groups`` and ``images`` are what this registration would have recorded)."""
+
+
+COSMETIC_PARAMS = ("verify_inputs",)
+"""Run parameters that change neither the output nor the messages (left out of inputs_key)."""
+
+
+def inputs_key(spec: RunSpec, model: str) -> str:
+    """sha256 hex of what defines a run's work: where it reads, what it asks, which model answers, the
+    options that change output or messages, and the sampling. ``model`` is the model identity (it
+    stands for the checkpoint path, which is left out)."""
+    params = {k: v for k, v in spec.params_dict().items() if k not in COSMETIC_PARAMS}
+    doc = {"input_root": str(Path(spec.input_root).resolve()), "mission": spec.mission, "dataset": spec.dataset,
+           "prompt_profile": spec.prompt_profile, "model": model, "sharding_mode": spec.sharding_mode,
+           "params": params, "sampling": spec.sampling_dict()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -70,11 +90,14 @@ def plan_run(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool
 
 
 def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
-                 root_allowed: Callable[[Path], bool] | None = None, identity_cache: Path | None = None) -> Registered:
+                 root_allowed: Callable[[Path], bool] | None = None, identity_cache: Path | None = None,
+                 once: bool = False) -> Registered:
     """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
 
     ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
-    before anything is recorded. ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path / "identity")."""
+    before anything is recorded. ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path /
+    "identity"). ``once`` (a farm run): when an unfinished farm run has the same inputs, record nothing
+    and return that run (``existing``)."""
     plan = plan_run(spec, input_dir, root_allowed)
     spec, kept = plan.spec, plan.groups
     checkpoint = Checkpoint.open(spec.checkpoint, identity_cache) if spec.checkpoint else None
@@ -82,8 +105,14 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
         spec = replace(spec, checkpoint=str(checkpoint.path))
     model = checkpoint.identity if checkpoint else DEMO_MODEL
     base = checkpoint.base_identity if checkpoint else DEMO_MODEL
-    run_id = store.create_run(spec, [GroupInput(g.group_id, g.label, g.images) for g in kept], farm=farm,
-                              model=model, base_model=base)
+    key = inputs_key(spec, model)
+    groups = [GroupInput(g.group_id, g.label, g.images) for g in kept]
     n_images = sum(len(g.images) for g in kept)
+    if once:
+        run_id, created = store.create_farm_run_once(spec, groups, key, model=model, base_model=base)
+        if not created:
+            return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings, base, True)
+    else:
+        run_id = store.create_run(spec, groups, farm=farm, model=model, base_model=base, inputs_key=key)
     log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), plan.discovered_groups, n_images)
     return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings, base)

@@ -114,10 +114,10 @@ class TaskQueue:
                     return True
         return False
 
-    def drop_run(self, run_id: int, queue: str | None = None, chunk: int = 5000) -> int:
+    def drop_run(self, run_id: int, store_id: str, queue: str | None = None, chunk: int = 5000) -> int:
         """Remove the run's messages still waiting on ``queue`` (default: the plain queue), each by its exact
-        value (LREM): one a worker pops meanwhile is not found and the worker drops it. Returns how many
-        were removed here."""
+        value (LREM): one a worker pops meanwhile is not found and the worker drops it. Another store's run
+        of the same id keeps its messages. Returns how many were removed here."""
         removed = 0
         with self.app.connection_for_write() as conn:
             client = conn.default_channel.client
@@ -127,7 +127,7 @@ class TaskQueue:
                 raws = client.lrange(key, start, start + chunk - 1)
                 if not raws:
                     break
-                ours = [raw for raw in raws if message_run(raw) == run_id]
+                ours = [raw for raw in raws if message_run(raw, store_id) == run_id]
                 if ours:
                     pipe = client.pipeline(transaction=False)
                     for raw in ours:
@@ -137,8 +137,9 @@ class TaskQueue:
         return removed
 
 
-def message_run(raw: bytes) -> int | None:
-    """The run id of one queued kombu envelope of a stage_a.summarize message (None: not readable)."""
+def message_run(raw: bytes, store_id: str) -> int | None:
+    """The run id of one queued kombu envelope of a stage_a.summarize message of store ``store_id``
+    (or naming no store: queued before messages did); None: another store's, or not readable."""
     try:
         envelope = json.loads(raw)
         if envelope.get("headers", {}).get("task") != TASK_NAME:
@@ -147,7 +148,10 @@ def message_run(raw: bytes) -> int | None:
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        run_id = args[0].get("run_id") if args and isinstance(args[0], dict) else None
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        run_id = payload.get("run_id")
+        if payload.get("store", store_id) != store_id:
+            return None
         return run_id if type(run_id) is int else None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None

@@ -27,7 +27,7 @@ import pytest
 from support.cli import base_env, cli
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
-from support.store import image_rows
+from support.store import image_rows, store_id_of
 
 from producer.sample_data import make_sample_tree
 
@@ -291,7 +291,8 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
     run_id = run_id_of(stage_a(enqueue_args(tree, tiny_checkpoint, "per_image"), env, tmp_path))
     first = queued_payloads(queue)
     assert len(first) == 12
-    assert all(set(p) == {"v", "run_id", "group_position", "image_index", "path"} for p in first)
+    assert all(set(p) == {"v", "store", "run_id", "group_position", "image_index", "path"} for p in first)
+    assert {p["store"] for p in first} == {store_id_of(pg_url)}
     assert {p["run_id"] for p in first} == {run_id}
     redis_client().delete(queue)  # the farm consumed them...
 

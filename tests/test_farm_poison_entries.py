@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
-from support.store import dead_letters
+from support.store import dead_letters, store_id_of
 
 from stage_a.config import GenerationParams, RunSpec
 
@@ -79,7 +79,8 @@ def test_every_queue_entry_is_dead_lettered_and_the_worker_goes_on(pg_url: str, 
     wait_for(worker.ready, 90, "worker ready", on_timeout=farm.logs)
     pool_before = worker.pids()
     q = farm.queue
-    good = image_payload(items[0])
+    store_id = store_id_of(pg_url)
+    good = image_payload(items[0], store_id)
     marker = tmp_path / "UNPICKLED"
 
     def body(args: Any) -> bytes:
@@ -118,7 +119,7 @@ def test_every_queue_entry_is_dead_lettered_and_the_worker_goes_on(pg_url: str, 
     publisher = Publisher(Settings(broker_url=farm.redis.url, database_url=pg_url, queue=q))
     stream: list[Any] = []
     for i, it in enumerate(items):
-        stream.append(image_payload(it))
+        stream.append(image_payload(it, store_id))
         if i < len(bad_payloads):
             stream.append(bad_payloads[i][0])
     publisher.publish(stream)

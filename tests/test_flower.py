@@ -164,11 +164,12 @@ def test_flower_api_lists_the_worker_and_its_task(pg_url: str, tmp_path: Path, t
                            batch_size=4, sharding_mode="per_image", generation=GenerationParams(max_new_tokens=4))
             run_id = register_run(store, spec, root, farm=True).run_id
             items = store.unfinished_items(run_id)
+            store_id = store.store_id
         finally:
             store.close()
         publisher = Publisher(replace(Settings(), broker_url=redis_url(), queue=queue))
         publisher.publish([{"v": 1, "run_id": 987654, "group_position": 0, "image_index": 1, "path": "a/b.jpg"}])
-        publisher.publish_items(items, "per_image")
+        publisher.publish_items(items, "per_image", store_id)
         deadline = time.monotonic() + DEADLINE_S
         while True:
             tasks = get_json(f"{base}/api/tasks")

@@ -3,7 +3,9 @@ batch's messages stay unacknowledged on the broker until the results are stored.
 
 The outage is an SQLite file locked by another writer (`BEGIN EXCLUSIVE` held for seconds) while
 a real worker finishes generating; STAGE_A_SQLITE_BUSY_TIMEOUT makes each attempt give up fast so
-the store's retry loop, not SQLite's busy wait, is what bridges the outage.
+the store's retry loop, not SQLite's busy wait, is what bridges the outage. `stage-a enqueue`
+refuses an SQLite store (workers on other hosts cannot share the file), so this one-host farm's
+run is registered and published in-process.
 """
 
 from __future__ import annotations
@@ -13,10 +15,28 @@ import time
 from pathlib import Path
 
 import pytest
-from support.farm import Farm, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
+from support.farm import MISSION, Farm, check_rows, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 RETRY_LINE = "storing results failed (database is locked); retry"
+
+
+def _enqueue_in_process(farm: Farm, input_dir: Path) -> int:
+    from producer.publish import Publisher
+    from producer.register import register_run
+    from stage_a.config import GenerationParams, RunSpec
+    from stage_a.settings import Settings
+
+    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=str(farm.checkpoint), batch_size=4,
+                   sharding_mode="per_image", generation=GenerationParams(max_new_tokens=12))
+    store = farm.store()
+    try:
+        run_id = register_run(store, spec, input_dir, farm=True).run_id
+        publisher = Publisher(Settings(broker_url=farm.redis.url, database_url=farm.db_url, queue=farm.queue))
+        publisher.publish_items(store.unfinished_items(run_id), "per_image", store.store_id)
+    finally:
+        store.close()
+    return run_id
 
 
 def test_locked_sqlite_results_are_retried_and_acked_only_after_stored(farm_factory, tmp_path: Path) -> None:  # noqa: F811
@@ -24,7 +44,7 @@ def test_locked_sqlite_results_are_retried_and_acked_only_after_stored(farm_fact
     db = tmp_path / "results.db"
     farm: Farm = farm_factory(f"sqlite:///{db}", STAGE_A_LEASE_SECONDS="60", STAGE_A_SQLITE_BUSY_TIMEOUT="0.3",
                              STAGE_A_FLUSH_INTERVAL="3")  # the 4 queued messages flush as one batch
-    run_id = farm.enqueue(tmp_path / "in", "--max-new-tokens", "12")
+    run_id = _enqueue_in_process(farm, tmp_path / "in")
     worker = farm.worker("db")
 
     reader = sqlite3.connect(db, timeout=10, isolation_level=None)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
-from support.store import dead_letters, image_rows
+from support.store import dead_letters, image_rows, store_id_of
 
 from stage_a.config import GenerationParams, RunSpec
 
@@ -91,7 +91,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(pg_url: str, f
     marker = tmp_path / "UNPICKLED"
     _publish_raw(farm.redis.url, farm.queue, [_OpensAFileWhenUnpickled(str(marker))], serializer="pickle")
     _publish_raw(farm.redis.url, farm.queue, [p for p, _ in poison])
-    publisher.publish_items(items, "per_image")  # the good run, after the poison
+    publisher.publish_items(items, "per_image", store_id_of(pg_url))  # the good run, after the poison
 
     counts = farm.wait_finished(run_id, 150)
     assert counts.done == 4 and counts.failed == 0
@@ -136,7 +136,7 @@ def test_redelivery_is_bounded_then_failed_and_dead_lettered(pg_url: str, tmp_pa
     rt = WorkerRuntime(Settings(database_url=pg_url, max_delivery_attempts=3))
     for _ in range(3):  # three deliveries whose worker died before writing a result
         rt.store.lease([items[0].key], "dead-worker", 0.01)
-    rt.process([image_payload(items[0])])  # the fourth delivery: no model is even loaded
+    rt.process([image_payload(items[0], rt.store.store_id)])  # the fourth delivery: no model is even loaded
     rows = image_rows(rt.store, run_id)
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "gave up after 3 deliveries without a result"
     assert rows[1]["status"] == "pending"

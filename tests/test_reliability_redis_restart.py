@@ -92,7 +92,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
     reclaimers = [Reclaimer(settings, clock=later), Reclaimer(settings, clock=later)]
     conn, other = Connection(redis.url), Connection(redis.url)
     try:
-        Publisher(settings).publish_items(store.unfinished_items(reg.run_id), "per_image")
+        Publisher(settings).publish_items(store.unfinished_items(reg.run_id), "per_image", store.store_id)
         assert reclaimers[0].once().orphaned == 0  # the messages wait in the queue
 
         ours = conn.SimpleQueue("orphans")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.db import PG_ADMIN_URL
 from support.farm import MISSION, REPO, base_env, free_port, make_tree
 
 SECRET = "SECRETPW"
@@ -38,7 +39,8 @@ def _cases(input_dir: Path, good_db: str, good_redis: str) -> dict[str, tuple[li
     worker = ["-m", "celery", "-A", "workers", "worker", "--concurrency", "1", "--without-gossip",
               "--without-mingle", "-n", "unreachable@%h"]
     return {
-        "enqueue-redis": (enqueue, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": good_db}, BROKER_LINE),
+        # enqueue refuses SQLite before the broker is tried; the broker is tried before the database
+        "enqueue-redis": (enqueue, {"STAGE_A_BROKER_URL": BAD_REDIS, "STAGE_A_DATABASE_URL": PG_ADMIN_URL}, BROKER_LINE),
         "enqueue-db": (enqueue, {"STAGE_A_BROKER_URL": good_redis, "STAGE_A_DATABASE_URL": BAD_DB}, DB_LINE),
         "status-db": (["-m", "cli.main", "status", "1", "--db", BAD_DB], {}, DB_LINE),
         "export-db": (["-m", "cli.main", "export", "1", "--db", BAD_DB], {"STAGE_A_BROKER_URL": BAD_REDIS}, DB_LINE),

@@ -106,8 +106,8 @@ def test_commands_never_print_a_password(pg_url: str, redis_pw: RedisServer, tmp
     env0 = base_env(STAGE_A_QUEUE="stage_a_secrets", STAGE_A_CACHE_DIR=str(tmp_path / "cache"))
     for db, broker in zip(forms, brokers, strict=True):
         env = dict(env0, STAGE_A_BROKER_URL=broker, STAGE_A_DATABASE_URL=db)
-        out = _check(cli(["enqueue", "--mission", MISSION, "--input-dir", str(tree), "--log-level", "DEBUG"],
-                         env, tmp_path))
+        out = _check(cli(["enqueue", "--mission", MISSION, "--input-dir", str(tree), "--log-level", "DEBUG",
+                          "--new-run"], env, tmp_path))  # the same inputs each time: a new run each time
         run_id = out.rsplit("run_id=", 1)[1].split()[0]
         _check(cli(["status", run_id], env, tmp_path))
         _check(cli(["status", run_id, "--db", db], env0, tmp_path))

@@ -24,6 +24,7 @@ import pytest
 from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
 from support.store import dead_letters, image_rows
+from support.store import store_id_of as sid
 
 from stage_a.checkpoint import Checkpoint
 from stage_a.config import GenerationParams, RunSpec
@@ -92,7 +93,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     make_tree(tmp_path / "in", groups=2, per_group=2)
     run_id, items = register(pg_url, tmp_path / "in", other_checkpoint)
     demo_run, demo_items = register(pg_url, tmp_path / "in", None)
-    payloads = [image_payload(it) for it in items] + [image_payload(demo_items[0])]
+    payloads = [image_payload(it, sid(pg_url)) for it in items] + [image_payload(demo_items[0], sid(pg_url))]
 
     pinned = runtime(pg_url, queue, checkpoint=str(tiny_checkpoint))
     slept: list[float] = []
@@ -111,7 +112,7 @@ def test_pinned_worker_hands_other_models_runs_back_then_their_worker_serves_the
     assert slept == [0.25, 0.5, 1.0, 2.0]
 
     unpinned = runtime(pg_url, queue)  # no STAGE_A_CHECKPOINT: loads the run's checkpoint
-    admitted = unpinned.process([image_payload(it) for it in items]).admitted
+    admitted = unpinned.process([image_payload(it, sid(pg_url)) for it in items]).admitted
     assert sum(len(v) for v in admitted.work.values()) == 4 and not admitted.handed_back
     want = Checkpoint.open(other_checkpoint).identity
     assert unpinned.host.serving == want
@@ -141,7 +142,7 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     rt = runtime(pg_url, queue)
     slept: list[float] = []
     rt.sleep = slept.append
-    admitted = rt.process([image_payload(it) for it in items]).admitted
+    admitted = rt.process([image_payload(it, sid(pg_url)) for it in items]).admitted
     assert admitted.work and rt.host.engine is None  # admitted, but the model check refused it
     assert all(r["status"] == "pending" and r["attempts"] == 0 for r in image_rows(rt.store, run_id))
     route = rt.store.get_run(run_id).route
@@ -149,7 +150,7 @@ def test_unpinned_worker_refuses_another_model_at_the_runs_checkpoint_path(
     # Alone with that run, it backs off like a pinned worker instead of popping, hashing the
     # checkpoint folder and handing back as fast as Redis answers.
     for _ in range(2):
-        rt.process([image_payload(it) for it in items])
+        rt.process([image_payload(it, sid(pg_url)) for it in items])
     assert slept == [0.25, 0.5, 1.0]
     rt.store.close()
 
@@ -174,7 +175,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
 
     monkeypatch.setattr(engine.hosting, "build_engine", build_while_replaced)
     rt = runtime(pg_url, queue)
-    rt.process([image_payload(it) for it in items])
+    rt.process([image_payload(it, sid(pg_url)) for it in items])
     rows = image_rows(rt.store, run_id)
     assert all(r["status"] == "pending" and r["model"] is None for r in rows), \
         [(r["status"], r["model"], want) for r in rows]
@@ -200,11 +201,11 @@ def test_a_key_with_another_images_path_never_stores_that_images_summary(pg_url:
     make_tree(tmp_path / "in", groups=2, per_group=2)
     run_id, items = register(pg_url, tmp_path / "in", tiny_checkpoint)
     k01, k02, k11 = items[0], items[1], items[2]
-    forged = {**image_payload(k01), "path": k11.rel_path}  # valid key, another group's image
-    forged_group = group_payload([k01, WorkItem(k02.key, k11.rel_path)])
+    forged = {**image_payload(k01, sid(pg_url)), "path": k11.rel_path}  # valid key, another group's image
+    forged_group = group_payload([k01, WorkItem(k02.key, k11.rel_path)], sid(pg_url))
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
-    admitted = rt.process([forged, forged_group, image_payload(k11)]).admitted
+    admitted = rt.process([forged, forged_group, image_payload(k11, sid(pg_url))]).admitted
     assert admitted.dead == 2
     rows = rows_by_key(rt.store, run_id)
     assert rows[(0, 1)]["status"] == "pending" and rows[(0, 1)]["summary"] is None
@@ -214,7 +215,7 @@ def test_a_key_with_another_images_path_never_stores_that_images_summary(pg_url:
     assert len(letters) == 2 and all("does not match the stored path" in r for r, _ in letters), letters
 
     # The honest messages then summarize each key from its own file.
-    rt.process([image_payload(k01), image_payload(k02)])
+    rt.process([image_payload(k01, sid(pg_url)), image_payload(k02, sid(pg_url))])
     rows = rows_by_key(rt.store, run_id)
     assert rows[(0, 1)]["status"] == rows[(0, 2)]["status"] == "done"
     assert rows[(0, 1)]["rel_path"] == k01.rel_path
@@ -249,7 +250,7 @@ def test_symlink_escaping_the_root_fails_the_image_and_the_run_finishes(pg_url: 
     assert len(items) == 5
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
-    admitted = rt.process([image_payload(it) for it in items]).admitted
+    admitted = rt.process([image_payload(it, sid(pg_url)) for it in items]).admitted
     assert len(admitted.failed) == 1
     counts = rt.store.queries.counts(run_id)
     assert counts.finished and (counts.done, counts.failed) == (4, 1)
@@ -274,7 +275,7 @@ def test_input_root_outside_the_allowed_roots_fails_every_image(pg_url: str, tin
     allowed.mkdir()
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint), input_roots=(str(allowed),))
-    admitted = rt.process([group_payload(items[:2]), group_payload(items[2:])]).admitted
+    admitted = rt.process([group_payload(items[:2], sid(pg_url)), group_payload(items[2:], sid(pg_url))]).admitted
     assert len(admitted.failed) == 4 and admitted.work == {}
     assert rt.host.engine is None  # nothing to serve: no model was even loaded
     counts = rt.store.queries.counts(run_id)
@@ -293,7 +294,7 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
                                                                       tmp_path: Path) -> None:
     make_tree(tmp_path / "in", groups=2, per_group=2)
     run_id, items = register(pg_url, tmp_path / "in", tiny_checkpoint)
-    good = image_payload(items[0])
+    good = image_payload(items[0], sid(pg_url))
     too_many = {"v": 1, "run_id": run_id, "group_position": 1,
                 "images": [{"image_index": i, "path": f"QC-x-{i}.jpg"} for i in range(1, 5001)]}
     bad: list[tuple[Any, str]] = [
@@ -309,8 +310,8 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
         (None, "payload must be a JSON object"),
         ({**good, "run_id": 999_999}, "unknown run 999999"),
     ]
-    buffer = [p for p, _ in bad[:3]] + [image_payload(items[0]), image_payload(items[1])] + \
-        [p for p, _ in bad[3:]] + [image_payload(it) for it in items[2:]]
+    buffer = [p for p, _ in bad[:3]] + [image_payload(items[0], sid(pg_url)), image_payload(items[1], sid(pg_url))] + \
+        [p for p, _ in bad[3:]] + [image_payload(it, sid(pg_url)) for it in items[2:]]
 
     rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
     admitted = rt.process(buffer).admitted

@@ -6,6 +6,7 @@ Every message gets exactly one outcome, and none can take the buffer down with i
 - the run was cancelled: dropped;
 - the run needs another model than this worker serves: handed back to the queue (no attempt counted);
 - it can never succeed (unknown run, malformed, a key the run does not have): a dead letter;
+- it names another store (enqueued with another database): a dead letter of no run of this store;
 - its images can never succeed (input root not allowed, a path escaping the root, delivered
   STAGE_A_MAX_ATTEMPTS times without a result): those images are marked failed with the reason,
   so the run still finishes and the failure report names them, and a dead letter says why.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.images import ImageError, resolve_under_root
-from stage_a.messages import PoisonMessage, parse_payload
+from stage_a.messages import ForeignMessage, PoisonMessage, check_store, parse_payload
 from stage_a.settings import Settings
 from stage_a.store import LedgerEntry, ResultStore, RunInfo
 from stage_a.store.models import DONE, FAILED
@@ -78,6 +79,7 @@ class Admission:
         self.settings = settings
         self.worker = worker
         self.serves = serves
+        self.store_id = store.store_id  # read once here, not per message
         self._runs: dict[int, RunInfo | None] = {}
 
     def admit(self, payloads: Sequence[Any]) -> Admitted:
@@ -88,9 +90,11 @@ class Admission:
             try:
                 msg = self._validate(payload)
             except PoisonMessage as exc:
-                self.dead_letter(str(exc), payload)
+                # Another store's run id means nothing here: its dead letter names no run of this store.
+                run_id = None if isinstance(exc, ForeignMessage) else _run_id_of(payload)
+                self._dead_letter(str(exc), payload, run_id)
                 out.dead += 1
-                out.messages.append(Fate("rejected", _run_id_of(payload), reason=str(exc)))
+                out.messages.append(Fate("rejected", run_id, reason=str(exc)))
                 continue
             except Exception as exc:  # anything else about one message is that message's poison
                 reason = f"unreadable message ({type(exc).__name__}: {exc})"
@@ -115,7 +119,9 @@ class Admission:
     # ---- one message, without the ledger ----------------------------------------------------
 
     def _validate(self, payload: Any) -> _Message | None:
-        items = parse_payload(payload)
+        message = parse_payload(payload)
+        check_store(message, self.store_id)
+        items = message.items
         run = self.run(items[0].key.run_id)
         if run is None:
             raise PoisonMessage(f"unknown run {items[0].key.run_id}")
@@ -203,9 +209,11 @@ class Admission:
         return None
 
     def dead_letter(self, reason: str, payload: Any, run_id: int | None = None) -> None:
+        """Record a rejected message under ``run_id``, by default the run it names."""
+        self._dead_letter(reason, payload, _run_id_of(payload) if run_id is None else run_id)
+
+    def _dead_letter(self, reason: str, payload: Any, run_id: int | None) -> None:
         log.error("rejected message: %s", reason)
-        if run_id is None:
-            run_id = _run_id_of(payload)
         try:
             text = json.dumps(payload, ensure_ascii=False, default=repr)
         except Exception:

@@ -85,7 +85,7 @@ class Reclaimer:
             by_queue.setdefault(self.queue.queue_for(run.route if run else None), []).append(it)
         try:
             for queue, some in by_queue.items():
-                self.queue.send(payloads_for(some, "per_image"), queue)
+                self.queue.send(payloads_for(some, "per_image", self.store.store_id), queue)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 

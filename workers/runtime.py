@@ -16,6 +16,7 @@ from engine.hosting import ModelHost, WrongModel
 from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.errors import first_line
+from stage_a.messages import image_payload
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageKey, WorkItem
@@ -190,7 +191,7 @@ class WorkerRuntime:
             except WrongModel as exc:
                 log.error("%s; handing its %d images back to the queue", exc, len(items))
                 self.heartbeats.beat("ready", problem=str(exc))
-                admitted.handed_back += [it.to_message() for it in items]
+                admitted.handed_back += [image_payload(it, self.store.store_id) for it in items]
                 not_run.update({it.key: "handed_back" for it in items})
                 continue
             served = True

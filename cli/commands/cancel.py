@@ -38,6 +38,7 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
         newly = store.cancel_run(run_id)
         info = store.get_run(run_id)
         counts = store.queries.counts(run_id)
+        store_id = store.store_id
     finally:
         store.close()
     when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC") if info.cancelled_at else "?"
@@ -51,7 +52,8 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
     queue = TaskQueue(settings)
     where = queue.queue_for(info.route)
     try:
-        dropped = queue.drop_run(run_id, where) + queue.drop_run(run_id)  # its model's queue, then the plain one
+        # its model's queue, then the plain one
+        dropped = queue.drop_run(run_id, store_id, where) + queue.drop_run(run_id, store_id)
     except Exception as exc:  # the cancellation itself is recorded; workers drop the messages anyway
         click.echo(f"stage-a: warning: could not remove queued messages ({first_line(exc)}); "
                    "workers will acknowledge them without work", err=True)

@@ -19,11 +19,15 @@ from stage_a.settings import Settings
 @click.option("--run", "run_id", type=int, help="Re-enqueue what is not done yet of an existing run (input options are then ignored).")
 @click.option("--broker", help="Redis URL (env STAGE_A_BROKER_URL).")
 @click.option("--verify-inputs", is_flag=True, help="Workers log hashes, sizes, image_grid_thw and token counts of their first batch of this run.")
-def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
+@click.option("--new-run", is_flag=True, help="Start a new run even when an unfinished run has the same inputs (by default that run's id is printed and nothing is queued).")
+def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) -> None:
     """Scan the input tree, sample, record the run (groups and pending images) and queue its tasks.
 
     per_image queues one message per image, per_group one per group. Prints the run id and counts.
-    Broker and database come from --broker/--db or STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL.
+    Broker and database (PostgreSQL: workers on other hosts share it) come from --broker/--db or
+    STAGE_A_BROKER_URL/STAGE_A_DATABASE_URL. When an unfinished, not cancelled farm run has the same
+    inputs (root, mission, model, options, sampling), its id is printed and nothing is queued
+    (--new-run starts another). A cancelled run is never queued again.
     """
     from producer.publish import Publisher
     from stage_a.checkpoint import Checkpoint
@@ -39,11 +43,16 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
             raise UserError("--dry-run describes a new run; it cannot be combined with --run")
         _dry_run(kw, settings, db)
         return
-    if not db:
-        raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
     if run_id is not None:
         check_run_id(run_id)
-    else:
+        if new_run:
+            raise UserError("--new-run starts a new run; it cannot be combined with --run")
+    if not db:
+        raise UserError("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
+    refused = sqlite_refusal(kw["db"], settings)
+    if refused:
+        raise UserError(refused)
+    if run_id is None:
         # Everything the workers would refuse is refused here, before anything is recorded or queued.
         checkpoint = absolute_path(kw["checkpoint"] or settings.checkpoint)
         spec = build_spec(kw, checkpoint, settings.data_dir)
@@ -58,6 +67,8 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
     store = settings.open_store(settings.results_database(db))
     if run_id is not None:
         info = store.get_run(run_id)
+        if info.cancelled:
+            raise UserError(cancelled_refusal(info, "re-enqueued"))
         sharding, route = info.spec.sharding_mode, info.route
         items = [it for it in store.unfinished_items(run_id)]
         what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
@@ -65,7 +76,10 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         from producer.register import register_run
 
         reg = register_run(store, spec, input_dir, farm=True, root_allowed=settings.allows_input_root,
-                           identity_cache=settings.cache_path / "identity")
+                           identity_cache=settings.cache_path / "identity", once=not new_run)
+        if reg.existing:
+            _say_existing(store, reg.run_id)
+            return
         if not checkpoint:  # said once the run exists (a refused enqueue prints its one error line only)
             click.secho("stage-a: warning: no --checkpoint (nor STAGE_A_CHECKPOINT): the farm will summarize "
                         "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
@@ -75,10 +89,38 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
-    sent = publisher.publish_items(items, sharding, route)
+    sent = publisher.publish_items(items, sharding, store.store_id, route)
     dt = time.perf_counter() - t0
     click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
                f"on {publisher.queue_for(route)!r}")
+    click.echo(f"run_id={run_id}")
+
+
+def sqlite_refusal(given: str | None, settings: Settings) -> str | None:
+    """Why the results database cannot serve a farm (an SQLite file), or None. ``given``: --db."""
+    from stage_a.secrets import redact_url
+    from stage_a.store.engine import parse_url
+
+    url = settings.results_database(given)
+    if parse_url(url).get_backend_name() != "sqlite":
+        return None
+    where = "--db" if given else "STAGE_A_DATABASE_URL"
+    return (f"{where} {redact_url(url)} is an SQLite file: workers on other hosts cannot share an SQLite file; "
+            f"use PostgreSQL (postgresql+psycopg://USER@HOST/DB) for a farm run, or `stage-a run` on one machine")
+
+
+def cancelled_refusal(info: Any, what: str) -> str:
+    """The one line refusing to queue or run a cancelled run again."""
+    when = info.cancelled_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"run {info.id} was cancelled at {when}: it cannot be {what} (start a new run instead)"
+
+
+def _say_existing(store: Any, run_id: int) -> None:
+    """An unfinished run with the same inputs: its id and progress, like a normal enqueue's run_id= line."""
+    counts = store.queries.counts(run_id, workers=False)
+    total = counts.pending + counts.leased + counts.done + counts.failed
+    click.echo(f"run {run_id} has the same inputs and is unfinished ({counts.done + counts.failed} of {total} "
+               f"done); nothing queued (pass --new-run to start another)")
     click.echo(f"run_id={run_id}")
 
 
@@ -103,3 +145,6 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     print_plan(plan, spec.checkpoint, settings,
                f"queue:       {n} {unit} tasks would go to {settings.queue!r} on {redact_url(settings.broker_url)} "
                f"({broker}); results to {redact_url(db) if db else 'NO DATABASE (pass --db or set STAGE_A_DATABASE_URL)'}")
+    refused = sqlite_refusal(kw["db"], settings) if db else None
+    if refused:
+        click.echo(f"  problem:     {refused}")

@@ -145,6 +145,10 @@ def run(**kw: Any) -> None:
             if info is None:
                 raise UserError(f"nothing to resume: no run{' for ' + kw['mission'] if kw['mission'] else ''} in {store.display_url}")
             run_id = info.id
+            if info.cancelled:
+                from cli.commands.enqueue import cancelled_refusal
+
+                raise UserError(cancelled_refusal(info, "resumed"))
             _warn_ignored_on_resume(run_id)
             checkpoint = _resume_checkpoint(info, checkpoint, settings)  # the run names its model: exactly that one
             reset = store.reset_failed(run_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from stage_a.config import RunSpec
@@ -42,6 +42,13 @@ from stage_a.store.runs import GroupInput, RunInfo, check_run_id, run_info
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
 WORKER_STATES = ("starting", "loading", "ready", "busy", "stopped")
+_INPUTS_LOCK_SPACE = 0x57A6E1
+"""First key of PostgreSQL advisory locks on an inputs_key (the migration lock uses the one-key space)."""
+
+
+def inputs_lock(inputs_key: str) -> tuple[int, int]:
+    """The PostgreSQL advisory lock (two int4 keys) that registrations of ``inputs_key`` take in turn."""
+    return _INPUTS_LOCK_SPACE, int(inputs_key[:8], 16) - 2**31
 
 
 @dataclass(frozen=True)
@@ -98,27 +105,56 @@ class ResultStore:
         ``model`` is the identity of the checkpoint the run must be served with, ``base_model`` that of
         its base (a LoRA adapter's; None: the model itself), ``inputs_key`` what defines its work."""
         with Session(self.engine) as s, s.begin():
-            run = Run(
-                mission=spec.mission, dataset=spec.dataset, prompt_profile=spec.prompt_profile,
-                checkpoint=spec.checkpoint, input_root=spec.input_root, sharding_mode=spec.sharding_mode,
-                params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=len(groups),
-                n_images=sum(len(g.images) for g in groups), created_at=utcnow(), farm=farm, model=model,
-                base_model=base_model, inputs_key=inputs_key,
-            )
-            s.add(run)
-            s.flush()
-            run_id = run.id
-            conn = s.connection()
-            bulk_insert(conn, GroupRow.__table__, (
-                {"run_id": run_id, "position": pos, "group_id": g.group_id, "label": g.label, "n_images": len(g.images)}
-                for pos, g in enumerate(groups)
-            ))
-            bulk_insert(conn, ImageRow.__table__, (
-                {"run_id": run_id, "group_position": pos, "image_index": i, "rel_path": path,
-                 "status": PENDING, "attempts": 0}
-                for pos, g in enumerate(groups)
-                for i, path in enumerate(g.images, start=1)
-            ))
+            return self._insert_run(s, spec, groups, farm, model, base_model, inputs_key)
+
+    def create_farm_run_once(self, spec: RunSpec, groups: Sequence[GroupInput], inputs_key: str,
+                             model: str | None = None, base_model: str | None = None) -> tuple[int, bool]:
+        """Record a farm run as create_run does, unless an unfinished, not cancelled farm run has the
+        same ``inputs_key``: then (that run's id, False) and nothing is written; else (new id, True).
+
+        On PostgreSQL a transaction-scoped advisory lock on the key makes registrations of one key take
+        turns, so of two racing ones the second sees the first's run and records nothing."""
+        with Session(self.engine) as s, s.begin():
+            if self.engine.dialect.name == "postgresql":
+                space, key = inputs_lock(inputs_key)
+                s.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": key})
+            twin = s.scalars(self._unfinished_twin(inputs_key)).first()
+            if twin is not None:
+                return int(twin), False
+            return self._insert_run(s, spec, groups, True, model, base_model, inputs_key), True
+
+    @staticmethod
+    def _unfinished_twin(inputs_key: str) -> Any:
+        """The newest unfinished (pending or leased images left), not cancelled farm run with this key."""
+        left = select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_(UNFINISHED))
+        return (select(Run.id).where(Run.inputs_key == inputs_key, Run.farm.is_(True), Run.cancelled_at.is_(None),
+                                     left.exists())
+                .order_by(Run.id.desc()).limit(1))
+
+    @staticmethod
+    def _insert_run(s: Session, spec: RunSpec, groups: Sequence[GroupInput], farm: bool, model: str | None,
+                    base_model: str | None, inputs_key: str | None) -> int:
+        run = Run(
+            mission=spec.mission, dataset=spec.dataset, prompt_profile=spec.prompt_profile,
+            checkpoint=spec.checkpoint, input_root=spec.input_root, sharding_mode=spec.sharding_mode,
+            params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=len(groups),
+            n_images=sum(len(g.images) for g in groups), created_at=utcnow(), farm=farm, model=model,
+            base_model=base_model, inputs_key=inputs_key,
+        )
+        s.add(run)
+        s.flush()
+        run_id = run.id
+        conn = s.connection()
+        bulk_insert(conn, GroupRow.__table__, (
+            {"run_id": run_id, "position": pos, "group_id": g.group_id, "label": g.label, "n_images": len(g.images)}
+            for pos, g in enumerate(groups)
+        ))
+        bulk_insert(conn, ImageRow.__table__, (
+            {"run_id": run_id, "group_position": pos, "image_index": i, "rel_path": path,
+             "status": PENDING, "attempts": 0}
+            for pos, g in enumerate(groups)
+            for i, path in enumerate(g.images, start=1)
+        ))
         return run_id
 
     def get_run(self, run_id: int) -> RunInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -11,6 +12,16 @@ from sqlalchemy import select
 from stage_a.store import ResultStore
 from stage_a.store.models import DeadLetter, ImageRow
 from stage_a.work import WorkItem
+
+
+@functools.cache
+def store_id_of(db_url: str) -> str:
+    """The store id of the database at ``db_url`` (what every message names), read once per URL."""
+    store = ResultStore(db_url)
+    try:
+        return store.store_id
+    finally:
+        store.close()
 
 
 def image_rows(store: ResultStore, run_id: int) -> list[dict[str, Any]]:
