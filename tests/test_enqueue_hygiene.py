@@ -35,15 +35,20 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_hyg_{uuid.uuid4().hex[:8]}"
     yield name
-    redis.Redis.from_url(REDIS_URL).delete(name)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name, *client.scan_iter(match=f"{name}.*"))
 
 
 def _payloads(queue: str) -> list[dict[str, Any]]:
-    """The task payloads waiting on ``queue`` (kombu envelopes of Celery protocol-2 messages)."""
+    """The task payloads waiting on ``queue`` and its per-model queues (kombu envelopes of Celery protocol-2
+    messages)."""
     import redis
 
+    client = redis.Redis.from_url(REDIS_URL)
     out = []
-    for raw in redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1):
+    raws = [raw for name in [queue, *client.scan_iter(match=f"{queue}.*", _type="list")]
+            for raw in client.lrange(name, 0, -1)]
+    for raw in raws:
         envelope = json.loads(raw)
         out.append(json.loads(base64.b64decode(envelope["body"]))[0][0])
     return out
@@ -230,7 +235,8 @@ def test_every_sender_names_the_store(pg_url: str, queue: str, tiny_checkpoint: 
         assert len(sent) == 4 + 2 and {p["store"] for p in sent} == {store.store_id}
         import redis
 
-        redis.Redis.from_url(REDIS_URL).delete(queue)  # the messages are lost: the reclaimer re-sends
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(queue, *client.scan_iter(match=f"{queue}.*"))  # the messages are lost: the reclaimer re-sends
         settings = Settings(broker_url=REDIS_URL, database_url=pg_url, queue=queue, orphan_grace=1)
         report = Reclaimer(settings, store, clock=lambda: utcnow() + timedelta(seconds=60)).once()
         assert report.orphaned == 8
@@ -324,7 +330,8 @@ def test_of_two_racing_identical_enqueues_one_registers_the_run(pg_url: str, que
     with store.engine.connect() as c:
         key = c.exec_driver_sql("SELECT inputs_key FROM runs WHERE id = 1").scalar()
     store.close()
-    redis.Redis.from_url(REDIS_URL).delete(queue)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(queue, *client.scan_iter(match=f"{queue}.*"))
 
     engine = create_engine(pg_url)
     holder = engine.connect()
