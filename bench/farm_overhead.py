@@ -224,7 +224,7 @@ class Worker:
     def __enter__(self) -> Worker:
         w0 = time.perf_counter()
         warm = register(self.store, self.spec, self.warm_dir, farm=True)
-        self.publisher.publish_items(self.store.unfinished_items(warm.id), "per_image", self.store.store_id)
+        self.publisher.publish_items(self.store.unfinished_items(warm.id), "per_image", self.store.store_id, warm.route)
         wait_done(self.store, warm.id, warm.n_images, self.args.timeout, self.proc, self.log)
         print(f"  (worker start + model load + warm-up batch: {time.perf_counter() - w0:.1f} s, not counted)",
               flush=True)
@@ -235,7 +235,7 @@ class Worker:
         run = register(self.store, self.spec, input_dir, farm=True)
         items = self.store.unfinished_items(run.id)
         c0, t0 = tree_cpu_seconds(self.proc.pid), time.perf_counter()
-        self.publisher.publish_items(items, "per_image", self.store.store_id)
+        self.publisher.publish_items(items, "per_image", self.store.store_id, run.route)
         t1 = wait_done(self.store, run.id, len(items), self.args.timeout, self.proc, self.log)
         cpu = (tree_cpu_seconds(self.proc.pid) - c0) / len(items)
         c = self.store.queries.counts(run.id)

@@ -1,10 +1,6 @@
-"""A farm serves exactly the model a run names, and a run with images that can never succeed finishes.
+"""A run with images that can never succeed finishes (which model serves a run: test_farm_routing.py).
 
-Real Redis (the test's own), real PostgreSQL, real `celery -A workers worker` processes (issue 11,
-items 1 and 4):
-- a run enqueued with checkpoint A is never summarized by a worker pinned to model B (it hands the
-  messages back, backing off); a worker with no STAGE_A_CHECKPOINT then loads A and the export is
-  byte-identical to `stage-a run --checkpoint A`, every row recording A;
+Real Redis (the test's own), real PostgreSQL, real `celery -A workers worker` processes (issue 11, item 4):
 - an image symlinked outside the input root, and a run whose input root is outside
   STAGE_A_INPUT_ROOTS, end as failed images: the run is finished, the failure report names them,
   and the reclaimer does not re-send them.
@@ -14,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import pytest
-from support.cli import base_env, cli, read_jsonl
+from support.cli import cli, read_jsonl
 from support.farm import FAILURES, JSONL, MISSION, Farm, Worker, farm_factory, make_tree, wait_for  # noqa: F401
-from support.store import dead_letters, image_rows
+from support.store import dead_letters
 
 pytestmark = pytest.mark.slow
 
@@ -32,56 +27,6 @@ def enqueue(farm: Farm, input_dir: Path, checkpoint: Path) -> int:
                farm.env(), farm.workdir, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(proc.stdout.rsplit("run_id=", 1)[1].split()[0])
-
-
-def test_a_run_is_served_by_its_model_only(pg_url: str, farm_factory, tiny_checkpoint: Path,  # noqa: F811
-                                           other_checkpoint: Path, tmp_path: Path) -> None:
-    from stage_a.checkpoint import Checkpoint
-
-    model_a, model_b = Checkpoint.open(other_checkpoint).identity, Checkpoint.open(tiny_checkpoint).identity
-    assert model_a != model_b
-    make_tree(tmp_path / "in", groups=3, per_group=2)
-    ref = cli(["run", "--mission", MISSION, "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "ref"),
-               "--checkpoint", str(other_checkpoint), "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "4"],
-              base_env(STAGE_A_CACHE_DIR=str(tmp_path / "cache")), tmp_path)
-    assert ref.returncode == 0, ref.stderr
-
-    farm: Farm = farm_factory(pg_url)  # its workers are pinned to tiny_checkpoint (model B)
-    pinned = farm.worker("pinned-b")
-    wait_for(pinned.ready, 90, "pinned worker ready", on_timeout=farm.logs)
-    run_id = enqueue(farm, tmp_path / "in", other_checkpoint)
-    wait_for(lambda: pinned.log().count("handed ") >= 3, 60, "the pinned worker to hand the run back",
-             on_timeout=farm.logs)
-    store = farm.store()
-    rows = image_rows(store, run_id)
-    assert all(r["status"] == "pending" and r["attempts"] == 0 and r["model"] is None for r in rows), rows
-    assert "nothing this worker serves" in pinned.log()  # it backs off instead of spinning
-
-    env = {k: v for k, v in farm.env().items() if k != "STAGE_A_CHECKPOINT"}
-    free = Worker("unpinned", env, farm.workdir).start()
-    farm.workers.append(free)
-    wait_for(free.ready, 90, "unpinned worker ready", on_timeout=farm.logs)
-    pinned.assert_alive()
-    # The pinned worker leaves (warm shutdown: what it holds goes back to the queue). Left running, it
-    # kept winning the run's last re-published message from the idle unpinned worker for 3 minutes in
-    # one CI run (an open finding, see the stop note); this test is about who serves, not that race.
-    assert pinned.proc is not None
-    os.kill(pinned.proc.pid, signal.SIGTERM)
-    assert pinned.proc.wait(60) == 0
-    farm.workers.remove(pinned)  # gone on purpose: the farm's liveness checks skip it
-    counts = farm.wait_finished(run_id, 180)
-    assert (counts.done, counts.failed) == (6, 0)
-    rows = image_rows(store, run_id)
-    assert {r["model"] for r in rows} == {model_a}, {r["model"] for r in rows}
-    assert {r["engine"] for r in rows} == {"transformers"}
-    assert all(r["attempts"] == 1 for r in rows)  # handing back never counted a delivery
-    store.close()
-
-    exp = cli(["export", str(run_id), "--output-dir", str(tmp_path / "out"), "--require-finished"], farm.env(),
-              farm.workdir)
-    assert exp.returncode == 0, exp.stdout + exp.stderr
-    assert (tmp_path / "out" / JSONL).read_bytes() == (tmp_path / "ref" / JSONL).read_bytes()
-    assert f"models:   {model_a} (6 images)" in exp.stdout, exp.stdout
 
 
 def test_images_that_can_never_succeed_fail_and_the_runs_finish(pg_url: str, farm_factory,  # noqa: F811

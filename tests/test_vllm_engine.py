@@ -263,3 +263,38 @@ def test_celery_worker_with_vllm_exports_the_same_jsonl(tree: Path, hd32_checkpo
         finally:
             stop_workers([worker])
             clean_redis(token)
+
+
+def test_one_vllm_engine_serves_its_base_and_adapters_per_request(tree: Path, hd32_checkpoint: Path,
+                                                                   adapter_dir: Path) -> None:
+    """What a worker holding a base model does for a LoRA run: the same vLLM engine (no reload) serves the
+    base and the adapter in turn, per request, each exactly as the transformers engine serves it."""
+    from engine.hosting import build_engine
+    from stage_a.checkpoint import Checkpoint
+    from stage_a.config import GenerationParams, RunSpec
+    from stage_a.settings import Settings
+    from stage_a.work import ImageKey, WorkItem
+
+    paths = sorted(str(p.relative_to(tree)) for p in (tree / BBU).rglob("img_*.jpg"))[:4]
+    spec = RunSpec(mission=BBU, dataset="bbu", input_root=str(tree), batch_size=4,
+                   generation=GenerationParams(max_new_tokens=12))
+    items = [WorkItem(ImageKey(1, 0, i + 1), p) for i, p in enumerate(paths)]
+
+    def summaries(engine: object) -> list[str]:
+        ctx = engine.context(1, spec)  # type: ignore[attr-defined]
+        results = engine.generate(engine.prepare(ctx, items))  # type: ignore[attr-defined]
+        return [r.raw_text or "" for r in sorted(results, key=lambda r: r.key)]
+
+    settings = Settings(device="cpu", engine="vllm", vllm_enforce_eager=True, vllm_max_num_seqs=16)
+    base, adapter = Checkpoint.open(hd32_checkpoint), Checkpoint.open(adapter_dir)
+    engine = build_engine(base, "cpu", settings)
+    llm = engine.llm  # type: ignore[attr-defined]
+    got: dict[str, list[list[str]]] = {}
+    for ckpt in (adapter, base, adapter):
+        engine.use_adapter(ckpt if ckpt.adapter else None)
+        assert engine.fingerprint == ckpt.identity
+        got.setdefault(ckpt.identity, []).append(summaries(engine))
+    assert engine.llm is llm  # type: ignore[attr-defined]
+    assert got[adapter.identity][0] == got[adapter.identity][1] != got[base.identity][0]
+    for ckpt in (base, adapter):
+        assert got[ckpt.identity][0] == summaries(build_engine(ckpt, "cpu", settings, kind="transformers"))
