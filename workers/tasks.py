@@ -116,7 +116,8 @@ def summarize(requests: list[SimpleRequest]) -> int:
 
 def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) -> None:
     """celery-batches sends no per-task events; these let Flower show each task: FAILURE with the
-    reason for a failed image or rejected message, REVOKED for a cancelled run, the task's own share of
+    reason for a failed image or rejected message, REVOKED for a cancelled run, RETRY for a message
+    re-queued after a database or broker outage, the task's own share of
     its batches as runtime, and the run id in args, result or exception."""
     if not settings.task_events or not requests:
         return
@@ -129,6 +130,8 @@ def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) ->
                 dispatcher.send("task-started", uuid=r.id)
                 if out.kind == "cancelled":
                     dispatcher.send("task-revoked", uuid=r.id, terminated=False, signum=None, expired=False)
+                elif out.kind == "redelivered":  # re-queued after an outage: Flower's RETRY, not a failure
+                    dispatcher.send("task-retried", uuid=r.id, exception=f"{run}: {out.reason}", traceback="")
                 elif out.ok:
                     dispatcher.send("task-succeeded", uuid=r.id, runtime=out.seconds,
                                     result=f"{run}: {out.kind}, {out.images} image(s)")

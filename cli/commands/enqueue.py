@@ -11,6 +11,7 @@ import click
 
 from cli.commands.options import build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError, first_line
+from stage_a.queue import PublishError
 from stage_a.settings import Settings
 
 
@@ -74,11 +75,28 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
         items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
-    sent = publisher.publish_items(items, sharding)
+    unit = "group" if sharding == "per_group" else "image"
+    try:
+        sent = publisher.publish_items(items, sharding)
+    except PublishError as exc:
+        raise UserError(_stopped(exc, settings, run_id, unit)) from None
     dt = time.perf_counter() - t0
-    click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
-               f"on {settings.queue!r}")
+    click.echo(f"{what}; {sent} {unit} tasks queued in {dt:.1f}s on {settings.queue!r}")
     click.echo(f"run_id={run_id}")
+
+
+def _stopped(exc: PublishError, settings: Settings, run_id: int, unit: str) -> str:
+    """One line: how far publishing got, why it stopped, and how to resume (the run is recorded)."""
+    from redis.exceptions import OutOfMemoryError
+
+    from stage_a.secrets import broker_error
+
+    full = isinstance(exc.cause, OutOfMemoryError) or "OOM" in str(exc.cause)
+    doing = "broker is full" if full else "publishing stopped on broker"
+    count = "an unknown number of" if exc.sent is None else str(exc.sent)
+    fix = "free memory on it or raise its maxmemory" if full else "when it is back"
+    return (f"{broker_error(settings.broker_url, exc.cause, doing)}; run {run_id}: {count} {unit} tasks queued; "
+            f"{fix}, then `stage-a enqueue --run {run_id}` queues what is not done")
 
 
 def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
@@ -93,8 +111,9 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
         from producer.publish import Publisher
 
         publisher = Publisher(settings)
-        publisher.check()
-        broker = f"reachable, {publisher.length()} messages waiting"
+        publisher.check(refuse_eviction=False)
+        warning = publisher.eviction_warning()
+        broker = f"reachable, {publisher.length()} messages waiting" + (f"; {warning}" if warning else "")
     except Exception as exc:
         broker = f"NOT reachable ({first_line(exc)})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"

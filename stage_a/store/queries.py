@@ -16,7 +16,18 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, case, false, func, or_, select
 
-from stage_a.store.models import DONE, FAILED, LEASED, PENDING, DeadLetter, GroupRow, ImageRow, Run, WorkerRow
+from stage_a.store.models import (
+    DONE,
+    FAILED,
+    LEASED,
+    PENDING,
+    DeadLetter,
+    GroupRow,
+    ImageRow,
+    ReclaimerRow,
+    Run,
+    WorkerRow,
+)
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""
@@ -113,6 +124,27 @@ class WorkerBeat:
     heartbeat_age_s: float
     online: bool
     """A fresh heartbeat and not stopped."""
+
+
+@dataclass(frozen=True)
+class DeadHolder:
+    """Images of a run leased by a worker that stopped beating (or says stopped): the reclaimers re-send them."""
+
+    worker: str
+    images: int
+    heartbeat_at: datetime
+    """Its last heartbeat: the images have sat with a dead holder since then."""
+    state: str
+
+
+@dataclass(frozen=True)
+class ReclaimerBeat:
+    """One host's reclaimer (the `reclaimers` table): its last pass, and since when and why it fails."""
+
+    host: str
+    checked_at: datetime
+    failing_since: datetime | None
+    problem: str | None
 
 
 @dataclass(frozen=True)
@@ -327,6 +359,26 @@ class Queries:
                 row["state"] = "offline"
             out.append(WorkerBeat(**row, heartbeat_age_s=age, online=online))
         return out
+
+    def dead_holders(self, run_id: int, cutoff: datetime) -> list[DeadHolder]:
+        """The run's leased images by holder, for holders whose last heartbeat is before ``cutoff`` or that
+        say stopped (oldest heartbeat first)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.worker, func.count(), WorkerRow.heartbeat_at, WorkerRow.state)
+                .join(WorkerRow, WorkerRow.name == ImageRow.worker)
+                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
+                       or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))
+                .group_by(ImageRow.worker, WorkerRow.heartbeat_at, WorkerRow.state)
+                .order_by(WorkerRow.heartbeat_at)
+            ).all()
+        return [DeadHolder(str(w), int(n), at, st) for w, n, at, st in rows]
+
+    def reclaimer_beats(self) -> list[ReclaimerBeat]:
+        """Every host's reclaimer row, by host."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(ReclaimerRow).order_by(ReclaimerRow.host)).scalars().all()
+            return [ReclaimerBeat(r.host, r.checked_at, r.failing_since, r.problem) for r in rows]
 
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:
