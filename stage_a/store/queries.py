@@ -377,8 +377,9 @@ class Queries:
     def reclaimer_beats(self) -> list[ReclaimerBeat]:
         """Every host's reclaimer row, by host."""
         with self.engine.connect() as c:
-            rows = c.execute(select(ReclaimerRow).order_by(ReclaimerRow.host)).scalars().all()
-            return [ReclaimerBeat(r.host, r.checked_at, r.failing_since, r.problem) for r in rows]
+            rows = c.execute(select(ReclaimerRow.host, ReclaimerRow.checked_at, ReclaimerRow.failing_since,
+                                    ReclaimerRow.problem).order_by(ReclaimerRow.host)).all()
+            return [ReclaimerBeat(h, at, since, problem) for h, at, since, problem in rows]
 
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:
