@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from stage_a.errors import UserError
+from stage_a.errors import UserError, first_line
 from stage_a.messages import TASK_NAME
 from stage_a.secrets import broker_error, redact_url
 from stage_a.settings import Settings
@@ -23,12 +23,23 @@ SAFE_POLICY = "noeviction"
 
 class PublishError(Exception):
     """Sending stopped part-way (the broker is full, or went away): ``sent`` messages are on the queue
-    (None: unknown), the rest are not; ``cause`` is the broker's error."""
+    (None: unknown), the rest are not; ``cause`` is the broker's own error (kombu's wrapping removed)."""
 
     def __init__(self, sent: int | None, cause: BaseException) -> None:
-        super().__init__(str(cause))
+        while cause.__cause__ is not None:  # kombu's BatchPublishError wraps Redis's answer
+            cause = cause.__cause__
         self.sent = sent
         self.cause = cause
+        self.full = _is_full(cause)
+        """Redis refused the write at maxmemory (OOM)."""
+        super().__init__("OOM: Redis is at its maxmemory and refuses writes" if self.full
+                         else first_line(cause, typed=True))
+
+
+def _is_full(exc: BaseException) -> bool:
+    from redis.exceptions import OutOfMemoryError
+
+    return isinstance(exc, OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc)
 
 
 class TaskQueue:

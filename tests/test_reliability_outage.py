@@ -154,7 +154,7 @@ def test_worker_out_of_database_connections_at_intake_leaves_no_dead_letter(
     role_db.block()
     enqueue = cli(["enqueue", "--mission", MISSION, "--input-dir", str(tmp_path / "in"), "--max-new-tokens", "4",
                    "--batch-size", "4", "--checkpoint", str(farm.checkpoint)],
-                  farm.env(STAGE_A_DATABASE_URL=role_db.admin_url), tmp_path, timeout=120)
+                  {**farm.env(), "STAGE_A_DATABASE_URL": role_db.admin_url}, tmp_path, timeout=120)
     assert enqueue.returncode == 0, enqueue.stdout + enqueue.stderr
     run_id = int(enqueue.stdout.rsplit("run_id=", 1)[1].split()[0])
     wait_for(lambda: "re-queued" in w.log(), 60, "the worker to re-queue the buffer", 0.1, on_timeout=farm.logs)

@@ -3,7 +3,8 @@
 Three cases: a worker died holding leased images (its heartbeat stopped: a dead holder, found
 within STAGE_A_HOLDER_TIMEOUT; or, without heartbeats, its lease expired), and messages vanished
 from the broker (a Redis restart without persistence) leaving images pending with no activity. All
-are re-enqueued, at most RESEND_CHUNK images per pass; result writes are idempotent, so a rare
+are re-enqueued, RESEND_CHUNK images per send (a pass stops at the first send that fails, and
+failing passes back off); result writes are idempotent, so a rare
 double delivery costs time, never a row. Each pass records its outcome in the host's `reclaimers`
 row, so a reclaimer that keeps failing is named by `stage-a status`.
 """
@@ -14,6 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,7 +31,7 @@ from stage_a.work import WorkItem
 log = logging.getLogger(__name__)
 
 RESEND_CHUNK = 1000
-"""Most images one pass re-sends: a full or slow broker gets bounded work, the rest waits a pass."""
+"""Images claimed and sent at a time: a full or failing broker gets one such chunk per pass, not all."""
 BACK_OFF_MAX_FACTOR = 8
 """A failing reclaimer waits twice as long after each failed pass, up to this x STAGE_A_RECLAIM_INTERVAL."""
 
@@ -82,43 +84,45 @@ class Reclaimer:
 
     def _pass(self) -> ReclaimReport:
         now = self.clock()
-        budget = self.chunk
-        dead = self._release_dead_holders(now, budget)
-        budget -= dead
+        dead = self._release_dead_holders(now)
         expired = 0
-        stale = self.store.stale_leases(now, limit=budget) if budget > 0 else []
+        stale = self.store.stale_leases(now)
         if stale:
-            with self.store.releasing(stale, self.settings.lease_seconds, now) as won:
-                self._publish(won)  # raises -> the leases stay expired for the next pass
-            expired = len(won)
-            budget -= expired
-            if won:
+            # raises -> the leases not yet re-sent stay expired for the next pass
+            expired = self._in_chunks(stale, lambda chunk: self.store.releasing(chunk, self.settings.lease_seconds, now))
+            if expired:
                 log.warning("re-enqueued %d images whose lease expired (worker died?)", expired)
         orphaned = 0
-        if budget > 0 and self._broker_idle():
+        if self._broker_idle():
             # claiming_orphans: only one of the reclaimers (one per worker host) re-sends each image.
-            with self.store.claiming_orphans(self.store.orphaned_pending(self.orphan_grace, limit=budget, now=now),
-                                             self.orphan_grace, now) as lost:
-                self._publish(lost)
-            orphaned = len(lost)
-            if lost:
+            lost = self.store.orphaned_pending(self.orphan_grace, now=now)
+            orphaned = self._in_chunks(lost, lambda chunk: self.store.claiming_orphans(chunk, self.orphan_grace, now))
+            if orphaned:
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
         return ReclaimReport(expired, orphaned, dead)
 
-    def _release_dead_holders(self, now: datetime, budget: int) -> int:
+    def _release_dead_holders(self, now: datetime) -> int:
         """Re-send the images leased by workers whose heartbeat is older than the holder timeout."""
         timeout = self.settings.holder_timeout_seconds
-        if timeout is None or budget <= 0:
+        if timeout is None:
             return 0
-        held = self.store.dead_holder_leases(timeout, now, limit=budget)
-        if not held:
-            return 0
-        with self.store.releasing_dead_holders(held, timeout, now) as won:
-            self._publish(won)  # raises -> still leased by the dead worker, for the next pass
-        if won:
-            log.warning("re-enqueued %d images leased by offline workers (no heartbeat for %.0f s)",
-                        len(won), timeout)
-        return len(won)
+        held = self.store.dead_holder_leases(timeout, now)
+        # raises -> what is not re-sent stays leased by the dead worker, for the next pass
+        sent = self._in_chunks(held, lambda chunk: self.store.releasing_dead_holders(chunk, timeout, now))
+        if sent:
+            log.warning("re-enqueued %d images leased by offline workers (no heartbeat for %.0f s)", sent, timeout)
+        return sent
+
+    def _in_chunks(self, items: list[WorkItem],
+                   claiming: Callable[[list[WorkItem]], AbstractContextManager[list[WorkItem]]]) -> int:
+        """Claim and send ``items`` RESEND_CHUNK at a time, each chunk committed once sent; the first chunk
+        the broker refuses (full, down) ends the pass, so a failing broker sees one chunk per pass."""
+        sent = 0
+        for start in range(0, len(items), self.chunk):
+            with claiming(items[start:start + self.chunk]) as won:
+                self._publish(won)
+            sent += len(won)
+        return sent
 
     def _publish(self, items: list[WorkItem]) -> None:
         if not items:

@@ -87,15 +87,12 @@ def enqueue(run_id: int | None, broker: str | None, **kw: Any) -> None:
 
 def _stopped(exc: PublishError, settings: Settings, run_id: int, unit: str) -> str:
     """One line: how far publishing got, why it stopped, and how to resume (the run is recorded)."""
-    from redis.exceptions import OutOfMemoryError
-
     from stage_a.secrets import broker_error
 
-    full = isinstance(exc.cause, OutOfMemoryError) or "OOM" in str(exc.cause)
-    doing = "broker is full" if full else "publishing stopped on broker"
+    doing = "broker is full" if exc.full else "publishing stopped on broker"
     count = "an unknown number of" if exc.sent is None else str(exc.sent)
-    fix = "free memory on it or raise its maxmemory" if full else "when it is back"
-    return (f"{broker_error(settings.broker_url, exc.cause, doing)}; run {run_id}: {count} {unit} tasks queued; "
+    fix = "free memory on it or raise its maxmemory" if exc.full else "when it is back"
+    return (f"{broker_error(settings.broker_url, exc, doing)}; run {run_id}: {count} {unit} tasks queued; "
             f"{fix}, then `stage-a enqueue --run {run_id}` queues what is not done")
 
 

@@ -9,7 +9,7 @@ import click
 @click.option("--loop", is_flag=True, help="Keep running every STAGE_A_RECLAIM_INTERVAL seconds.")
 def reclaim(loop: bool) -> None:
     """Re-enqueue images whose lease expired or whose worker stopped beating (STAGE_A_HOLDER_TIMEOUT),
-    and pending images whose messages were lost; at most 1,000 images per pass."""
+    and pending images whose messages were lost (sent 1,000 at a time)."""
     from stage_a.settings import Settings
     from workers.reclaimer import Reclaimer
 
