@@ -27,7 +27,7 @@ from stage_a.settings import Settings
 from stage_a.store import GroupInput, ResultStore
 from stage_a.store.models import WorkerRow
 from stage_a.work import WorkItem
-from workers.reclaimer import ReclaimReport, Reclaimer
+from workers.reclaimer import Reclaimer, ReclaimReport
 
 QUEUE = "stage_a_dead_holder"
 HOLDER = "gpu-host-7@farm:4242"

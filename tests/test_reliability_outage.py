@@ -146,9 +146,10 @@ def test_database_lost_while_storing_results_requeues_what_is_not_committed(
 @pytest.mark.slow
 def test_worker_out_of_database_connections_at_intake_leaves_no_dead_letter(
         role_db: RoleDatabase, farm_factory, tmp_path: Path) -> None:  # noqa: F811
-    """A real worker: its role is out of connections when the run's messages arrive."""
+    """A real worker: its role is out of connections when the run's messages arrive. The orphan
+    reclaimer is kept out of it (an hour's grace): only the worker's re-queue can finish the run."""
     make_tree(tmp_path / "in", groups=2, per_group=2)
-    farm: Farm = farm_factory(role_db.url)
+    farm: Farm = farm_factory(role_db.url, STAGE_A_ORPHAN_GRACE="3600")
     w = farm.worker("o")
     wait_for(w.ready, 90, "the worker ready", on_timeout=farm.logs)
     role_db.block()
@@ -157,11 +158,16 @@ def test_worker_out_of_database_connections_at_intake_leaves_no_dead_letter(
                   {**farm.env(), "STAGE_A_DATABASE_URL": role_db.admin_url}, tmp_path, timeout=120)
     assert enqueue.returncode == 0, enqueue.stdout + enqueue.stderr
     run_id = int(enqueue.stdout.rsplit("run_id=", 1)[1].split()[0])
-    wait_for(lambda: "re-queued" in w.log(), 60, "the worker to re-queue the buffer", 0.1, on_timeout=farm.logs)
+
+    def met_the_outage() -> bool:  # re-queued now; before this change, dead-lettered
+        log = w.log()
+        return "re-queuing" in log or "rejected message" in log
+
+    wait_for(met_the_outage, 60, "the worker to take the buffer during the outage", 0.1, on_timeout=farm.logs)
     role_db.unblock()
     admin = ResultStore(role_db.admin_url)
     try:
-        counts = farm.wait_finished(run_id, 120)
+        counts = farm.wait_finished(run_id, 90)
         assert counts.done == 4 and counts.failed == 0
         assert dead_letters(admin) == []
         assert "unreadable message" not in w.log() and "too many connections" in w.log()
