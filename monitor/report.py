@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from stage_a.errors import UserError, first_line
 from stage_a.settings import Settings
 from stage_a.store import check_run_id, utcnow
-from stage_a.store.queries import ModelShare, RunRow, WorkerBeat
+from stage_a.store.queries import DeadHolder, ModelShare, ReclaimerBeat, RunRow, WorkerBeat
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -39,7 +39,8 @@ class Throughput:
     overall_images_per_s: float | None
     """Images finished per second from the run's first activity to its last result."""
     eta_s: float | None
-    """Unfinished images / the recent rate (the overall rate when nothing finished recently)."""
+    """Unfinished images / the recent rate (the overall rate when nothing finished recently); None while
+    images sit with a dead holder (no rate says when they will be re-sent)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class RunReport:
     queue_length: int | None
     """Messages waiting on the broker queue (all runs share it); None: no broker or unreachable."""
     queue_note: str | None
+    """Why the queue length is unknown, or a warning about the broker (an evicting Redis)."""
     workers_online: int
     """Workers with a fresh heartbeat that can serve this run's model."""
     workers: tuple[WorkerBeat, ...]
@@ -91,7 +93,11 @@ class RunReport:
     timings: StageTimings
     state: str
     reason: str | None
-    """Why the run is stalled, and what to do."""
+    """Why the run is stalled, and what to do (or what it waits for while running)."""
+    dead_holders: tuple[DeadHolder, ...] = ()
+    """Workers holding leases of this run that stopped beating (the reclaimers re-send those images)."""
+    reclaimers_failing: tuple[ReclaimerBeat, ...] = ()
+    """Hosts whose reclaimer's last pass failed (with since when and why)."""
 
     @property
     def finished_images(self) -> int:
@@ -106,6 +112,8 @@ class RunReport:
         d = asdict(self)
         d["finished"] = self.finished_images
         d["models_served"] = [asdict(m) for m in self.models_served]
+        d["dead_holders"] = [asdict(h) for h in self.dead_holders]
+        d["reclaimers_failing"] = [asdict(b) for b in self.reclaimers_failing]
         return _jsonable(d)
 
 
@@ -137,7 +145,8 @@ class QueueProbe:
                 from stage_a.queue import TaskQueue
 
                 self._queue = TaskQueue(self.settings, fail_fast=True)
-            return self._queue.length(self._queue.queue_for(route)), None
+            length = self._queue.length(self._queue.queue_for(route))
+            return length, self._queue.eviction_warning()  # views warn, never refuse
         except Exception as exc:  # Redis down or misconfigured: say unknown, keep the view working
             from stage_a.secrets import hide_secrets
 
@@ -215,6 +224,10 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     else:
         queue_length, queue_note = None, (None if run.farm else "not a farm run")
 
+    holder_timeout = settings.holder_timeout_seconds
+    dead_holders = (store.queries.dead_holders(run_id, now - timedelta(seconds=holder_timeout))
+                    if holder_timeout is not None and run.farm and agg.leased and not run.cancelled_at else [])
+    failing = [b for b in store.queries.reclaimer_beats() if b.failing_since is not None]
     unfinished = agg.pending + agg.leased
     finished = agg.done + agg.failed
     # Rates: never from one timestamp (see the module docstring).
@@ -230,12 +243,13 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         span = min(window, (now - run.created_at).total_seconds())
         recent = agg.finished_since / span if span >= MIN_SPAN_S else None
     rate_for_eta = recent or overall
-    eta = unfinished / rate_for_eta if unfinished and rate_for_eta and not run.cancelled_at else None
+    eta = (unfinished / rate_for_eta if unfinished and rate_for_eta and not run.cancelled_at and not dead_holders
+           else None)
     tokens_per_s = (agg.completion_tokens / (agg.generate_ms_with_tokens / 1000.0)
                     if agg.generate_ms_with_tokens > 0 else None)
 
     state, reason = _state(run, agg.pending, agg.leased, agg.last_update, agg.first_activity, online,
-                           queue_length, now, settings, workers)
+                           queue_length, now, settings, workers, dead_holders)
     end = run.cancelled_at or (agg.last_update if state == "finished" and agg.last_update else now)
     return RunReport(
         run_id=run.id, mission=run.mission, dataset=run.dataset, checkpoint=run.checkpoint, model=run.model,
@@ -248,18 +262,29 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         first_activity_at=agg.first_activity, last_result_at=agg.last_update,
         throughput=Throughput(recent, window, overall, eta),
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
-        state=state, reason=reason,
+        state=state, reason=reason, dead_holders=tuple(dead_holders), reclaimers_failing=tuple(failing),
     )
 
 
 def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None, first_activity: datetime | None,
            workers_online: int, queue_length: int | None, now: datetime,
-           settings: Settings, workers: Sequence[WorkerBeat] = ()) -> tuple[str, str | None]:
+           settings: Settings, workers: Sequence[WorkerBeat] = (),
+           dead_holders: Sequence[DeadHolder] = ()) -> tuple[str, str | None]:
     if run.cancelled_at is not None:
         return "cancelled", None
     unfinished = pending + leased
     if unfinished == 0:
         return "finished", None
+    if dead_holders:
+        note = dead_holder_note(dead_holders, now)
+        if run.farm and workers_online == 0:
+            return "stalled", (f"{note}; no worker online to take them: start workers (systemctl start "
+                               f"stage-a-worker@0, or celery -A workers worker)")
+        held = sum(d.images for d in dead_holders)
+        # Only the dead holders' images left: nothing moves until a reclaimer re-sends them.
+        return ("stalled" if held == unfinished else "running"), (
+            f"{note}; a reclaimer re-sends them within STAGE_A_RECLAIM_INTERVAL={settings.reclaim_interval:.0f} s "
+            f"(stage-a reclaim does it now)")
     since_result = (now - last_result).total_seconds() if last_result else None
     if run.farm and workers_online == 0 and (since_result is None or since_result > settings.heartbeat_timeout):
         if any(w.online for w in workers) and run.route:
@@ -283,6 +308,23 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
         return "stalled", (f"{what} (STAGE_A_STALL_SECONDS={settings.stall_seconds:.0f}) with {unfinished} images "
                            f"unfinished; {todo}")
     return "running", None
+
+
+def dead_holder_note(dead_holders: Sequence[DeadHolder], now: datetime) -> str:
+    """"N images leased by offline worker W since T" for each dead holder."""
+    parts = []
+    for d in dead_holders:
+        what = "stopped" if d.state == "stopped" else "offline"
+        parts.append(f"{d.images} images leased by {what} worker {d.worker} since "
+                     f"{d.heartbeat_at.strftime('%Y-%m-%d %H:%M:%S')}Z "
+                     f"(last heartbeat {human_duration((now - d.heartbeat_at).total_seconds())} ago)")
+    return "; ".join(parts)
+
+
+def reclaimer_line(b: ReclaimerBeat) -> str:
+    """"reclaimer on HOST failing since T: problem"."""
+    since = b.failing_since.strftime("%Y-%m-%d %H:%M:%S") + "Z" if b.failing_since else "-"
+    return f"reclaimer on {b.host} failing since {since}: {b.problem or 'unknown problem'}"
 
 
 def human_duration(seconds: float | None) -> str:

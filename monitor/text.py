@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from monitor.report import RunReport, RunSummary, human_duration
+from monitor.report import RunReport, RunSummary, human_duration, reclaimer_line
 from stage_a.store.queries import DeadLetterRow, WorkerBeat
 
 
@@ -51,7 +51,8 @@ def describe(r: RunReport) -> str:
         f"pending {r.pending}, in flight {r.in_flight})",
         f"groups: {r.groups_complete}/{r.groups_total} complete, {r.groups_with_failures} with failures",
         f"dead letters: {r.dead_letters}" + (f" (stage-a dead-letters {r.run_id})" if r.dead_letters else ""),
-        "queue: " + (f"{r.queue_length} messages waiting (all runs)" if r.queue_length is not None
+        "queue: " + (f"{r.queue_length} messages waiting (all runs)" + (f"; {r.queue_note}" if r.queue_note else "")
+                     if r.queue_length is not None
                      else f"unknown ({r.queue_note})" if r.queue_note else "unknown"),
         f"throughput: {fmt_rate(t.recent_images_per_s)} over the last {t.window_s:.0f}s, "
         f"{fmt_rate(t.overall_images_per_s)} overall; ETA {human_duration(t.eta_s)}",
@@ -61,6 +62,7 @@ def describe(r: RunReport) -> str:
     ]
     lines += [worker_line(w, r.now) for w in r.workers]
     lines.append("workers: " + (", ".join(r.result_writers) if r.result_writers else "-"))
+    lines += [reclaimer_line(b) for b in r.reclaimers_failing]
     lines.append(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""))
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from stage_a.messages import TASK_NAME, payloads_for
-from stage_a.queue import TaskQueue
+from stage_a.queue import PublishError, TaskQueue
 from stage_a.work import WorkItem
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,20 @@ class Publisher(TaskQueue):
     """The run's messages onto the queue: on Redis through the fast path, else Celery's send."""
 
     def publish(self, payloads: Iterable[dict[str, Any]], queue: str | None = None) -> int:
-        """Publish every payload to ``queue`` (default: the plain queue), in order; returns the count."""
-        queue = queue or self.settings.queue
+        """Publish every payload to ``queue`` (default: the plain queue), in order; returns the count.
+        PublishError says how many were sent when the broker refuses part-way (full) or goes away."""
+        try:
+            return self._publish(payloads, queue or self.settings.queue)
+        except PublishError:
+            raise
+        except Exception as exc:
+            from stage_a.outage import is_broker_error
+
+            if is_broker_error(exc):  # before the first message (the template, the connection)
+                raise PublishError(0, exc) from exc
+            raise
+
+    def _publish(self, payloads: Iterable[dict[str, Any]], queue: str) -> int:
         with self.app.connection_for_write() as conn:
             if getattr(conn.transport, "driver_type", "") != "redis":
                 return self.send(payloads, queue)
@@ -153,19 +165,35 @@ class _FastRedisPublish:
         sent = 0
         ids = _uuid4_strings()
         pipe = self.client.pipeline(transaction=False)
+        sizes: list[int] = []  # values per LPUSH of the pipeline not yet executed
         values: list[str] = []
         for payload in payloads:
             values.append(self.encode(payload, next(ids), next(ids)))
             if len(values) == self.LPUSH_VALUES:
                 pipe.lpush(self.key, *values)  # LPUSH a b c == LPUSH a; LPUSH b; LPUSH c (FIFO kept)
-                sent, values = sent + len(values), []
-                if len(pipe) >= self.PIPELINE_COMMANDS:
-                    pipe.execute()
+                sizes.append(len(values))
+                values = []
+                if len(sizes) >= self.PIPELINE_COMMANDS:
+                    sent = self._execute(pipe, sizes, sent)
+                    sizes = []
         if values:
             pipe.lpush(self.key, *values)
-            sent += len(values)
-        pipe.execute()
-        return sent
+            sizes.append(len(values))
+        return self._execute(pipe, sizes, sent)
+
+    @staticmethod
+    def _execute(pipe: Any, sizes: list[int], sent: int) -> int:
+        """Run the pipeline; returns ``sent`` plus its values pushed. An LPUSH refused (a full Redis
+        answers OOM) or a lost connection is a PublishError with the count that is on the queue."""
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the connection went: what this pipeline pushed is unknown
+            raise PublishError(sent, exc) from exc
+        pushed = sum(n for n, r in zip(sizes, results, strict=True) if not isinstance(r, Exception))
+        error = next((r for r in results if isinstance(r, Exception)), None)
+        if error is not None:
+            raise PublishError(sent + pushed, error)
+        return sent + pushed
 
 
 def _uuid4_strings(block: int = 4096) -> Iterator[str]:

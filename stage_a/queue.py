@@ -15,12 +15,35 @@ import json
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from stage_a.errors import UserError
+from stage_a.errors import UserError, first_line
 from stage_a.messages import TASK_NAME
-from stage_a.secrets import broker_error
+from stage_a.secrets import broker_error, redact_url
 from stage_a.settings import Settings
 
 PIPELINE_SIZE = 2000
+SAFE_POLICY = "noeviction"
+"""The only Redis maxmemory-policy that never drops a queued task (or kombu's binding keys)."""
+
+
+class PublishError(Exception):
+    """Sending stopped part-way (the broker is full, or went away): ``sent`` messages are on the queue
+    (None: unknown), the rest are not; ``cause`` is the broker's own error (kombu's wrapping removed)."""
+
+    def __init__(self, sent: int | None, cause: BaseException) -> None:
+        while cause.__cause__ is not None:  # kombu's BatchPublishError wraps Redis's answer
+            cause = cause.__cause__
+        self.sent = sent
+        self.cause = cause
+        self.full = _is_full(cause)
+        """Redis refused the write at maxmemory (OOM)."""
+        super().__init__("OOM: Redis is at its maxmemory and refuses writes" if self.full
+                         else first_line(cause, typed=True))
+
+
+def _is_full(exc: BaseException) -> bool:
+    from redis.exceptions import OutOfMemoryError
+
+    return isinstance(exc, OutOfMemoryError) or "used memory > 'maxmemory'" in str(exc)
 
 
 def model_queue(base: str, route: str | None) -> str:
@@ -54,13 +77,41 @@ class TaskQueue:
             broker_connection_timeout=5, broker_connection_retry=not fail_fast, broker_transport_options=options,
         )
 
-    def check(self) -> None:
-        """Fail fast with one line (password hidden) when the broker is unreachable."""
+    def check(self, refuse_eviction: bool = True) -> None:
+        """Fail fast with one line (password hidden) when the broker is unreachable, or (``refuse_eviction``)
+        when it is a Redis that may evict keys: an evicted queue loses tasks silently."""
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
+            policy = self.eviction_policy() if refuse_eviction else None
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
+        if policy is not None and policy != SAFE_POLICY:
+            raise UserError(f"broker {redact_url(self.settings.broker_url)} has maxmemory-policy {policy}: Redis may "
+                            f"evict queued tasks; set maxmemory-policy {SAFE_POLICY} (redis.conf, or CONFIG SET "
+                            f"maxmemory-policy {SAFE_POLICY})")
+
+    def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, read from INFO memory (which answers even where CONFIG is renamed
+        away); None for another broker or a Redis that does not report it."""
+        from redis.exceptions import ResponseError
+
+        with self.app.connection_for_read() as conn:
+            if getattr(conn.transport, "driver_type", "") != "redis":
+                return None
+            try:
+                info = conn.default_channel.client.info("memory")
+            except ResponseError:  # INFO disabled: nothing to judge by
+                return None
+        policy = info.get("maxmemory_policy")
+        return str(policy) if policy else None
+
+    def eviction_warning(self) -> str | None:
+        """A note for views (which warn, never refuse) when the broker may evict queued tasks."""
+        policy = self.eviction_policy()
+        if policy is None or policy == SAFE_POLICY:
+            return None
+        return f"WARNING: the broker's maxmemory-policy is {policy}: it may evict queued tasks; set {SAFE_POLICY}"
 
     def queue_for(self, route: str | None) -> str:
         return model_queue(self.settings.queue, route)
@@ -72,13 +123,16 @@ class TaskQueue:
 
         amqp = self.app.amqp
         sent = 0
-        with self.app.producer_or_acquire() as producer:
-            with producer.batch(PIPELINE_SIZE):
-                for payload in payloads:
-                    message = amqp.create_task_message(uuid(), TASK_NAME, (payload,), {})
-                    amqp.send_task_message(producer, TASK_NAME, message, queue=queue or self.settings.queue,
-                                           serializer="json")
-                    sent += 1
+        try:
+            with self.app.producer_or_acquire() as producer:
+                with producer.batch(PIPELINE_SIZE):
+                    for payload in payloads:
+                        message = amqp.create_task_message(uuid(), TASK_NAME, (payload,), {})
+                        amqp.send_task_message(producer, TASK_NAME, message, queue=queue or self.settings.queue,
+                                               serializer="json")
+                        sent += 1
+        except Exception as exc:
+            raise PublishError(None if sent else 0, exc) from exc  # a pipeline fails as a whole or in part
         return sent
 
     def length(self, queue: str | None = None) -> int:

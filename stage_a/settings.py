@@ -54,8 +54,14 @@ class Settings:
     """Seconds before a partial buffer is flushed."""
     lease_seconds: float = 1800.0
     """An in-flight image not finished within this is re-enqueued (keep well above one flush's time)."""
-    reclaim_interval: float = 30.0
-    """How often each worker host looks for expired leases and lost messages."""
+    reclaim_interval: float = 15.0
+    """How often each worker host looks for expired leases, dead holders and lost messages (a pass that
+    fails waits twice as long each time, up to 8 x this)."""
+    holder_timeout: float = 0.0
+    """Seconds without a heartbeat after which a worker holding leases counts as dead: the reclaimer
+    re-sends its images without waiting out STAGE_A_LEASE_SECONDS (a busy worker beats every
+    STAGE_A_HEARTBEAT_INTERVAL, so a slow batch is not a dead one). 0: max(60, 4 x heartbeat interval);
+    with STAGE_A_HEARTBEAT_INTERVAL=0 only the lease counts."""
     orphan_grace: float = 0.0
     """Seconds without activity before a pending image of a farm run counts as lost (0: max(120, 4 x
     flush interval))."""
@@ -66,8 +72,8 @@ class Settings:
     max_delivery_attempts: int = field(default=5, metadata=_env("STAGE_A_MAX_ATTEMPTS"))
     """An image delivered this many times without a result is failed."""
     heartbeat_interval: float = 15.0
-    """Seconds between a worker process's heartbeats while it is idle (it also writes one at start,
-    while loading, after every batch and at shutdown); 0 turns the idle heartbeat off."""
+    """Seconds between a worker process's heartbeats, idle or busy (it also writes one at start, while
+    loading, after every batch and at shutdown); 0 turns them off, and with them the dead-holder rule."""
     model_load_timeout: float = 900.0
     """Seconds a worker pool process may take to load its model at start before Celery kills it
     (Celery's worker_proc_alive_timeout, 4 s by default, far too short for a real checkpoint)."""
@@ -129,7 +135,7 @@ class Settings:
                      "vllm_max_loras"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("heartbeat_interval", "orphan_grace", "sqlite_busy_timeout"):  # 0 has a meaning here
+        for name in ("heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
             if getattr(self, name) < 0:
                 raise UserError(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
@@ -149,6 +155,13 @@ class Settings:
     @property
     def orphan_grace_seconds(self) -> float:
         return self.orphan_grace or max(120.0, 4 * self.flush_interval)
+
+    @property
+    def holder_timeout_seconds(self) -> float | None:
+        """Heartbeat age at which a lease holder is dead; None: the rule is off (no periodic heartbeats)."""
+        if self.heartbeat_interval <= 0:
+            return None
+        return self.holder_timeout or max(60.0, 4 * self.heartbeat_interval)
 
     @property
     def cache_path(self) -> Path:

@@ -19,6 +19,7 @@ from conftest import REDIS_URL
 from support.cli import base_env, cli, cli_popen
 from support.db import pg_database
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
+from support.queues import clear, queued_raw
 from support.store import dead_letters, image_rows
 from test_cli_errors import assert_one_line_error
 
@@ -35,8 +36,7 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_hyg_{uuid.uuid4().hex[:8]}"
     yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    client.delete(name, *client.scan_iter(match=f"{name}.*"))
+    clear(redis.Redis.from_url(REDIS_URL), name)
 
 
 def _payloads(queue: str) -> list[dict[str, Any]]:
@@ -44,11 +44,8 @@ def _payloads(queue: str) -> list[dict[str, Any]]:
     messages)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
     out = []
-    raws = [raw for name in [queue, *client.scan_iter(match=f"{queue}.*", _type="list")]
-            for raw in client.lrange(name, 0, -1)]
-    for raw in raws:
+    for raw in queued_raw(redis.Redis.from_url(REDIS_URL), queue):
         envelope = json.loads(raw)
         out.append(json.loads(base64.b64decode(envelope["body"]))[0][0])
     return out
@@ -235,8 +232,7 @@ def test_every_sender_names_the_store(pg_url: str, queue: str, tiny_checkpoint: 
         assert len(sent) == 4 + 2 and {p["store"] for p in sent} == {store.store_id}
         import redis
 
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete(queue, *client.scan_iter(match=f"{queue}.*"))  # the messages are lost: the reclaimer re-sends
+        clear(redis.Redis.from_url(REDIS_URL), queue)  # the messages are lost: the reclaimer re-sends
         settings = Settings(broker_url=REDIS_URL, database_url=pg_url, queue=queue, orphan_grace=1)
         report = Reclaimer(settings, store, clock=lambda: utcnow() + timedelta(seconds=60)).once()
         assert report.orphaned == 8
@@ -330,8 +326,7 @@ def test_of_two_racing_identical_enqueues_one_registers_the_run(pg_url: str, que
     with store.engine.connect() as c:
         key = c.exec_driver_sql("SELECT inputs_key FROM runs WHERE id = 1").scalar()
     store.close()
-    client = redis.Redis.from_url(REDIS_URL)
-    client.delete(queue, *client.scan_iter(match=f"{queue}.*"))
+    clear(redis.Redis.from_url(REDIS_URL), queue)
 
     engine = create_engine(pg_url)
     holder = engine.connect()

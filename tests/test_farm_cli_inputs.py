@@ -15,6 +15,7 @@ import pytest
 from conftest import REDIS_URL
 from support.cli import base_env, cli, read_jsonl
 from support.farm import FAILURES, JSONL, MISSION, PASS, image_bytes, make_tree
+from support.queues import clear, queued_raw
 from test_cli_errors import assert_one_line_error
 
 
@@ -25,16 +26,14 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_test_{uuid.uuid4().hex[:8]}"
     yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    client.delete(name, *client.scan_iter(match=f"{name}.*"))
+    clear(redis.Redis.from_url(REDIS_URL), name)
 
 
 def _queued(name: str) -> int:
     """Messages on the queue and its per-model queues."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
-    return sum(int(client.llen(n)) for n in [name, *client.scan_iter(match=f"{name}.*", _type="list")])
+    return len(queued_raw(redis.Redis.from_url(REDIS_URL), name))
 
 
 def _runs(pg_url: str) -> int:

@@ -27,6 +27,7 @@ import pytest
 from support.cli import base_env, cli
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
+from support.queues import clear, queued_raw
 from support.store import image_rows, store_id_of
 
 from producer.sample_data import make_sample_tree
@@ -80,7 +81,7 @@ def redis_client():  # type: ignore[no-untyped-def]
 def queued_payloads(queue: str) -> list[dict[str, Any]]:
     """The task payloads waiting on ``queue`` in delivery order, decoded from kombu's JSON envelope."""
     out = []
-    for raw in reversed(redis_client().lrange(queue, 0, -1)):  # kombu LPUSHes, consumers BRPOP
+    for raw in queued_raw(redis_client(), queue):  # the queue and its per-model queues
         envelope = json.loads(raw)
         assert envelope["content-type"] == "application/json"  # JSON only, never pickle
         assert envelope["headers"]["task"] == "stage_a.summarize"
@@ -294,7 +295,7 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
     assert all(set(p) == {"v", "store", "run_id", "group_position", "image_index", "path"} for p in first)
     assert {p["store"] for p in first} == {store_id_of(pg_url)}
     assert {p["run_id"] for p in first} == {run_id}
-    redis_client().delete(queue)  # the farm consumed them...
+    clear(redis_client(), queue)  # the farm consumed them...
 
     store = ResultStore(pg_url)
     try:
@@ -311,7 +312,7 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
         assert f"re-enqueue {len(unfinished)} unfinished images" in again.stdout, again.stdout
         requeued = queued_payloads(queue)
         assert sorted((p["group_position"], p["image_index"]) for p in requeued) == sorted(unfinished)
-        redis_client().delete(queue)
+        clear(redis_client(), queue)
 
         # Everything finished: nothing is queued.
         store.record_results([ImageResult(key=ImageKey(run_id, p, i), summary="无关图片") for p, i in unfinished],

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
+from support.queues import clear
 from support.store import dead_letters, image_rows
 from support.store import store_id_of as sid
 
@@ -57,8 +58,7 @@ def queue() -> Iterator[str]:
 
     name = f"stage_a_adm_{uuid.uuid4().hex[:10]}"
     yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    client.delete(name, *client.scan_iter(match=f"{name}.*"))
+    clear(redis.Redis.from_url(REDIS_URL), name)
 
 
 def queued(queue: str) -> list[dict[str, Any]]:

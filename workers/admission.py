@@ -7,6 +7,8 @@ Every message gets exactly one outcome, and none can take the buffer down with i
 - the run needs another model than this worker serves: handed back to the queue (no attempt counted);
 - it can never succeed (unknown run, malformed, a key the run does not have): a dead letter;
 - it names another store (enqueued with another database): a dead letter of no run of this store;
+- the database (or broker) fails meanwhile: not the message's fault; admission stops with IntakeOutage
+  and the caller delivers the buffer's unsettled messages again;
 - its images can never succeed (input root not allowed, a path escaping the root, delivered
   STAGE_A_MAX_ATTEMPTS times without a result): those images are marked failed with the reason,
   so the run still finishes and the failure report names them, and a dead letter says why.
@@ -24,6 +26,7 @@ from typing import Any
 
 from engine.images import ImageError, resolve_under_root
 from stage_a.messages import ForeignMessage, PoisonMessage, check_store, parse_payload
+from stage_a.outage import is_outage
 from stage_a.settings import Settings
 from stage_a.store import LedgerEntry, ResultStore, RunInfo
 from stage_a.store.models import DONE, FAILED
@@ -64,6 +67,22 @@ class Admitted:
     """One fate per payload, in payload order."""
 
 
+class IntakeOutage(Exception):
+    """The database or the broker failed while a buffer was admitted: no message is to blame.
+
+    ``fates`` is parallel to the payloads: a message already settled (dead-lettered, or its run
+    cancelled) has its Fate, every other one None and is to be delivered again."""
+
+    def __init__(self, cause: BaseException, fates: list[Fate | None]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.fates = fates
+
+
+SETTLED = ("rejected", "cancelled")
+"""Fates whose outcome is already final (a dead letter written, or nothing to do)."""
+
+
 @dataclass
 class _Message:
     payload: Any
@@ -83,8 +102,19 @@ class Admission:
         self._runs: dict[int, RunInfo | None] = {}
 
     def admit(self, payloads: Sequence[Any]) -> Admitted:
+        """One fate per payload; IntakeOutage when the database or broker fails meanwhile."""
         self._runs = {}  # runs are read once per buffer: a cancellation is seen by the next flush
         out = Admitted()
+        try:
+            self._admit(payloads, out)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            fates: list[Fate | None] = [f if f.kind in SETTLED else None for f in out.messages]
+            raise IntakeOutage(exc, fates + [None] * (len(payloads) - len(fates))) from exc
+        return out
+
+    def _admit(self, payloads: Sequence[Any], out: Admitted) -> None:
         messages: list[_Message] = []
         for payload in payloads:
             try:
@@ -97,6 +127,8 @@ class Admission:
                 out.messages.append(Fate("rejected", run_id, reason=str(exc)))
                 continue
             except Exception as exc:  # anything else about one message is that message's poison
+                if is_outage(exc):  # ... but a database or broker failure is nobody's message's fault
+                    raise
                 reason = f"unreadable message ({type(exc).__name__}: {exc})"
                 self.dead_letter(reason, payload)
                 out.dead += 1
@@ -114,7 +146,6 @@ class Admission:
                 messages.append(msg)
         if messages:
             self._against_ledger(messages, out)
-        return out
 
     # ---- one message, without the ledger ----------------------------------------------------
 
@@ -128,6 +159,10 @@ class Admission:
         if run.cancelled:
             return None
         return _Message(payload, items, run)
+
+    def known_run(self, run_id: int) -> RunInfo | None:
+        """The run as this buffer's admission read it (None: not read); never reads the database."""
+        return self._runs.get(run_id)
 
     def run(self, run_id: int) -> RunInfo | None:
         if run_id not in self._runs:

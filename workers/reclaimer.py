@@ -1,44 +1,62 @@
 """Recovery of lost work, driven by the store (which knows what is in flight) rather than the broker.
 
-Two cases: a worker died holding leased images (lease expired), and messages vanished from the
-broker (a Redis restart without persistence) leaving images pending with no activity. Both are
-re-enqueued; result writes are idempotent, so a rare double delivery costs time, never a row.
+Three cases: a worker died holding leased images (its heartbeat stopped: a dead holder, found
+within STAGE_A_HOLDER_TIMEOUT; or, without heartbeats, its lease expired), and messages vanished
+from the broker (a Redis restart without persistence) leaving images pending with no activity. All
+are re-enqueued, RESEND_CHUNK images per send (a pass stops at the first send that fails, and
+failing passes back off); result writes are idempotent, so a rare
+double delivery costs time, never a row. Each pass records its outcome in the host's `reclaimers`
+row, so a reclaimer that keeps failing is named by `stage-a status`.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
 from stage_a.errors import UserError, first_line
 from stage_a.messages import payloads_for
+from stage_a.outage import is_database_error
 from stage_a.queue import TaskQueue
-from stage_a.secrets import broker_error
+from stage_a.secrets import broker_error, hide_secrets, redact_url
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, utcnow
 from stage_a.work import WorkItem
 
 log = logging.getLogger(__name__)
 
+RESEND_CHUNK = 1000
+"""Images claimed and sent at a time: a full or failing broker gets one such chunk per pass, not all."""
+BACK_OFF_MAX_FACTOR = 8
+"""A failing reclaimer waits twice as long after each failed pass, up to this x STAGE_A_RECLAIM_INTERVAL."""
+
 
 @dataclass(frozen=True)
 class ReclaimReport:
     expired: int
     orphaned: int
+    dead_holders: int = 0
+    """Images re-sent because their holder stopped beating."""
 
 
 class Reclaimer:
     def __init__(self, settings: Settings, store: ResultStore | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, host: str | None = None) -> None:
         self.settings = settings
         self._store = store
         self.clock = clock
-        """The time a pass judges lease expiry and orphan grace by (tests move it instead of sleeping)."""
+        """The time a pass judges leases, heartbeats and orphan grace by (tests move it instead of sleeping)."""
         self._queue: TaskQueue | None = None
         self.orphan_grace = settings.orphan_grace_seconds
+        self.host = host or socket.gethostname()
+        """The `reclaimers` row this reclaimer writes (one reclaimer per worker host)."""
+        self.chunk = RESEND_CHUNK
+        self.sleep: Callable[[float], None] = time.sleep
 
     @property
     def store(self) -> ResultStore:
@@ -53,41 +71,79 @@ class Reclaimer:
         return self._queue
 
     def once(self) -> ReclaimReport:
-        """One pass. Each claim commits only once its messages are published; with the broker down
-        nothing is recorded and a UserError (one line, password hidden) says so."""
+        """One pass, its outcome written to the host's `reclaimers` row (when the database answers).
+        Each claim commits only once its messages are published; with the broker down nothing is
+        recorded as re-sent and a UserError (one line, password hidden) says so."""
+        try:
+            report = self._pass()
+        except Exception as exc:
+            self._record(self.problem(exc))
+            raise
+        self._record(None)
+        return report
+
+    def _pass(self) -> ReclaimReport:
         now = self.clock()
-        stale = self.store.stale_leases(now)
+        dead = self._release_dead_holders(now)
         expired = 0
+        stale = self.store.stale_leases(now)
         if stale:
-            with self.store.releasing(stale, self.settings.lease_seconds, now) as won:
-                self._publish(won)  # raises -> the leases stay expired for the next pass
-            expired = len(won)
-            if won:
+            # raises -> the leases not yet re-sent stay expired for the next pass
+            expired = self._in_chunks(stale, lambda chunk: self.store.releasing(chunk, self.settings.lease_seconds, now))
+            if expired:
                 log.warning("re-enqueued %d images whose lease expired (worker died?)", expired)
         orphaned = 0
         if self._broker_idle():
             # claiming_orphans: only one of the reclaimers (one per worker host) re-sends each image.
-            with self.store.claiming_orphans(self.store.orphaned_pending(self.orphan_grace, now=now),
-                                             self.orphan_grace, now) as lost:
-                self._publish(lost)
-            orphaned = len(lost)
-            if lost:
+            lost = self.store.orphaned_pending(self.orphan_grace, now=now)
+            orphaned = self._in_chunks(lost, lambda chunk: self.store.claiming_orphans(chunk, self.orphan_grace, now))
+            if orphaned:
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
-        return ReclaimReport(expired, orphaned)
+        return ReclaimReport(expired, orphaned, dead)
+
+    def _release_dead_holders(self, now: datetime) -> int:
+        """Re-send the images leased by workers whose heartbeat is older than the holder timeout."""
+        timeout = self.settings.holder_timeout_seconds
+        if timeout is None:
+            return 0
+        held = self.store.dead_holder_leases(timeout, now)
+        # raises -> what is not re-sent stays leased by the dead worker, for the next pass
+        sent = self._in_chunks(held, lambda chunk: self.store.releasing_dead_holders(chunk, timeout, now))
+        if sent:
+            log.warning("re-enqueued %d images leased by offline workers (no heartbeat for %.0f s)", sent, timeout)
+        return sent
+
+    def _in_chunks(self, items: list[WorkItem],
+                   claiming: Callable[[list[WorkItem]], AbstractContextManager[list[WorkItem]]]) -> int:
+        """Claim and send ``items`` RESEND_CHUNK at a time, each chunk committed once sent; the first chunk
+        the broker refuses (full, down) ends the pass, so a failing broker sees one chunk per pass."""
+        sent = 0
+        for start in range(0, len(items), self.chunk):
+            with claiming(items[start:start + self.chunk]) as won:
+                self._publish(won)
+            sent += len(won)
+        return sent
 
     def _publish(self, items: list[WorkItem]) -> None:
-        """Re-send ``items``, each to the queue of its run's model."""
         if not items:
             return
-        by_queue: dict[str, list[WorkItem]] = {}
-        for it in items:
-            run = self.store.find_run(it.key.run_id)
-            by_queue.setdefault(self.queue.queue_for(run.route if run else None), []).append(it)
         try:
-            for queue, some in by_queue.items():
-                self.queue.send(payloads_for(some, "per_image", self.store.store_id), queue)
+            self._send(items)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
+
+    def _send(self, items: list[WorkItem]) -> None:
+        """The one place re-sent images go to the broker: each to the queue of its run's model, naming this store."""
+        queues: dict[int, str] = {}
+        by_queue: dict[str, list[WorkItem]] = {}
+        for it in items:
+            run_id = it.key.run_id
+            if run_id not in queues:
+                run = self.store.find_run(run_id)
+                queues[run_id] = self.queue.queue_for(run.route if run else None)
+            by_queue.setdefault(queues[run_id], []).append(it)
+        for queue, some in by_queue.items():
+            self.queue.send(payloads_for(some, "per_image", self.store.store_id), queue)
 
     def _broker_idle(self) -> bool:
         """No message waits in the queue and none is delivered but unacknowledged: only then can a pending
@@ -100,10 +156,32 @@ class Reclaimer:
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
 
+    def problem(self, exc: BaseException) -> str:
+        """One line for the `reclaimers` row and the log, passwords hidden."""
+        if isinstance(exc, UserError):
+            return hide_secrets(first_line(exc), self.settings.broker_url, self.settings.database_url)
+        if is_database_error(exc):
+            return (f"database {redact_url(self.settings.database_url)}: "
+                    f"{hide_secrets(first_line(getattr(exc, 'orig', None) or exc), self.settings.database_url)}")
+        return hide_secrets(first_line(exc, typed=True), self.settings.broker_url, self.settings.database_url)
+
+    def _record(self, problem: str | None) -> None:
+        """Best effort: with the database down the failure is only logged (the next good pass clears it)."""
+        try:
+            self.store.reclaimer_checked(self.host, problem[:2000] if problem else None, utcnow())
+        except Exception as exc:
+            log.debug("could not record the reclaimer pass: %s", self.problem(exc))
+
     def loop(self) -> None:
+        """A pass every STAGE_A_RECLAIM_INTERVAL; after a failed pass the wait doubles (capped) so a full or
+        down broker is not hammered, and the first good pass restores the interval."""
+        interval = self.settings.reclaim_interval
+        delay = interval
         while True:
-            time.sleep(self.settings.reclaim_interval)
+            self.sleep(delay)
             try:
                 self.once()
-            except Exception as exc:  # the broker or DB may be restarting; try again next round
-                log.warning("reclaim check failed: %s", first_line(exc))
+                delay = interval
+            except Exception as exc:  # the broker or DB may be restarting; try again later
+                delay = min(delay * 2, interval * BACK_OFF_MAX_FACTOR)
+                log.warning("reclaim pass failed: %s; next pass in %.0f s", self.problem(exc), delay)

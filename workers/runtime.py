@@ -17,16 +17,20 @@ from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.errors import first_line
 from stage_a.messages import image_payload
+from stage_a.outage import is_outage
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageKey, WorkItem
-from workers.admission import Admission, Admitted
+from workers.admission import Admission, Admitted, Fate, IntakeOutage
 
 log = logging.getLogger(__name__)
 
 HAND_BACK_BASE_S = 0.25
 HAND_BACK_MAX_S = 5.0
 """Back-off after buffers that were all handed back (see WorkerRuntime._back_off)."""
+OUTAGE_BASE_S = 1.0
+OUTAGE_MAX_S = 30.0
+"""Back-off before re-queuing a buffer that met a database or broker outage (doubling while it lasts)."""
 
 
 SUCCESS_KINDS = ("done", "skipped", "handed_back")
@@ -38,7 +42,8 @@ class Outcome:
 
     kind: str
     """done, failed (an image of it failed), rejected (dead letter), cancelled, skipped (already
-    finished), handed_back (another model's workers take it)."""
+    finished), handed_back (another model's workers take it), redelivered (re-queued after a
+    database or broker outage: not the message's fault)."""
     run_id: int | None
     images: int = 0
     """Its images that ran through the model in this buffer."""
@@ -133,6 +138,7 @@ class WorkerRuntime:
         self._loop: StepLoop | None = None
         self._queue: Any = None
         self._handed_back_in_a_row = 0
+        self._outages_in_a_row = 0
         self.sleep: Callable[[float], None] = time.sleep
         self.heartbeats = Heartbeats(self.store, self.name, self.host, settings.engine)
 
@@ -166,13 +172,18 @@ class WorkerRuntime:
 
     # ---- one buffer ---------------------------------------------------------------------------
 
-    def process(self, payloads: Sequence[Any]) -> Processed:
+    def process(self, payloads: Sequence[Any], queues: Sequence[str | None] | None = None) -> Processed:
         """Admit one buffer and process its work; every image's outcome is committed on return.
 
         Between model batches the loop asks the store whether the run was cancelled; a cancelled
-        run's images not yet run are put back to pending (never run, never re-enqueued)."""
+        run's images not yet run are put back to pending (never run, never re-enqueued). ``queues``: the
+        queue each payload came from (a buffer re-queued after an outage goes back where it was)."""
         self.heartbeats.state = "busy"
-        admitted = self.admission.admit(payloads)
+        try:
+            admitted = self.admission.admit(payloads)
+        except IntakeOutage as exc:
+            self.heartbeats.state = "ready"
+            return self._after_outage(payloads, exc.fates, exc.cause, queues=queues)
         results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
         not_run: dict[ImageKey, str] = {}
         served = False  # some run of the buffer went to a model (not all handed back)
@@ -183,6 +194,7 @@ class WorkerRuntime:
                 results[r.key] = (None if r.ok else (r.error or "empty summary"), share)
             self.heartbeats.batch(batch, self._loop.engine if self._loop is not None else None)
 
+        fault: BaseException | None = None
         for run_id, items in admitted.work.items():
             run = self.admission.run(run_id)
             assert run is not None
@@ -195,20 +207,63 @@ class WorkerRuntime:
                 not_run.update({it.key: "handed_back" for it in items})
                 continue
             served = True
-            # Lease after the model is loaded: the lease times the batch, not a cold start.
-            self.store.lease([it.key for it in items], self.name, self.settings.lease_seconds)
-            hooks = LoopHooks(before_execute=self._renewer(), after_batch=collect, stop=self._cancelled(run_id))
-            loop.run(run, items, hooks=hooks)
-            left = [it.key for it in items if it.key not in results]
-            if left:  # the loop stopped: the run was cancelled mid-buffer
-                self.store.unlease(left)
-                not_run.update({k: "cancelled" for k in left})
-                log.warning("run %d cancelled: %d images of this buffer not run", run_id, len(left))
+            try:
+                self._run_one(run, items, loop, collect, results, not_run)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                fault = exc  # what is not committed is delivered again, not left to the lease
+                break
+        if fault is not None:
+            self.heartbeats.state = "ready"
+            unsettled: list[Fate | None] = [
+                None if f.kind == "work" and any(k not in results and k not in not_run for k in f.keys) else f
+                for f in admitted.messages]
+            processed = self._after_outage(payloads, unsettled, fault, results, not_run, queues)
+            if admitted.handed_back:
+                self.hand_back(admitted.handed_back)
+            return processed
+        self._outages_in_a_row = 0
         if admitted.handed_back:
             self.hand_back(admitted.handed_back)
         self._back_off(admitted, served)
         self.heartbeats.state = "ready"
         return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
+
+    def _run_one(self, run: RunInfo, items: list[WorkItem], loop: StepLoop, collect: Callable[[BatchDone], None],
+                 results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str]) -> None:
+        """Lease one run's images of the buffer and drive them through the loop (results via ``collect``)."""
+        # Lease after the model is loaded: the lease times the batch, not a cold start.
+        self.store.lease([it.key for it in items], self.name, self.settings.lease_seconds)
+        hooks = LoopHooks(before_execute=self._renewer(), after_batch=collect, stop=self._cancelled(run.id))
+        loop.run(run, items, hooks=hooks)
+        left = [it.key for it in items if it.key not in results]
+        if left:  # the loop stopped: the run was cancelled mid-buffer
+            self.store.unlease(left)
+            not_run.update({k: "cancelled" for k in left})
+            log.warning("run %d cancelled: %d images of this buffer not run", run.id, len(left))
+
+    def _after_outage(self, payloads: Sequence[Any], fates: list[Fate | None], cause: BaseException,
+                      results: dict[ImageKey, tuple[str | None, float]] | None = None,
+                      not_run: dict[ImageKey, str] | None = None,
+                      queues: Sequence[str | None] | None = None) -> Processed:
+        """The database or broker failed: after a back-off (doubling while outages follow each other), the
+        messages not settled (fate None) are delivered again, never dead-lettered. celery-batches
+        acknowledges the buffer when the task returns, so they are re-published, not left unacknowledged;
+        if that fails too their images stay pending and the orphan reclaimer re-sends them."""
+        self._outages_in_a_row += 1
+        delay = min(OUTAGE_MAX_S, OUTAGE_BASE_S * 2 ** (self._outages_in_a_row - 1))
+        again = [i for i, f in enumerate(fates) if f is None]
+        log.error("database or broker unavailable (%s): not the messages' fault; re-queuing %d of %d messages "
+                  "in %.1fs", first_line(cause, typed=True), len(again), len(payloads), delay)
+        self.sleep(delay)
+        if again and self._send([payloads[i] for i in again], "re-queue",
+                                [queues[i] for i in again] if queues is not None else None):
+            log.warning("re-queued %d messages after the outage", len(again))
+        reason = f"re-queued after an outage ({first_line(cause, typed=True)[:200]})"
+        outcomes = [Outcome("redelivered", _run_of(p), reason=reason) if f is None
+                    else self._outcome(f, results or {}, not_run or {}) for p, f in zip(payloads, fates, strict=True)]
+        return Processed(Admitted(), outcomes)
 
     @staticmethod
     def _outcome(fate: Any, results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str]) -> Outcome:
@@ -277,24 +332,41 @@ class WorkerRuntime:
     def hand_back(self, payloads: list[Any]) -> None:
         """Re-publish messages to the queue of their run's model (no lease was taken: no attempt counted).
         Routing keeps this rare: a message reaches a worker of another model only from the plain queue."""
+        if self._send(payloads, "hand back"):
+            log.warning("handed %d messages back to the queue: their runs need another model than this worker's",
+                        len(payloads))
+
+    def _send(self, payloads: list[Any], doing: str, queues: Sequence[str | None] | None = None) -> bool:
+        """The one place this process puts messages back on the broker, each to ``queues[i]`` (the queue it
+        came from) or else to the queue of its run's model as admission last read it (never a database read:
+        this runs during outages). False (logged) when it cannot: the images stay pending and the orphan
+        reclaimer re-sends them."""
         from stage_a.queue import TaskQueue
 
         if self._queue is None:
             self._queue = TaskQueue(self.settings)
         by_queue: dict[str, list[Any]] = {}
-        for payload in payloads:
-            run_id = payload.get("run_id") if isinstance(payload, dict) else None
-            run = self.admission.run(run_id) if type(run_id) is int else None
-            by_queue.setdefault(self._queue.queue_for(run.route if run else None), []).append(payload)
+        for i, payload in enumerate(payloads):
+            queue = queues[i] if queues is not None else None
+            if queue is None:
+                run_id = _run_of(payload)
+                run = self.admission.known_run(run_id) if run_id is not None else None
+                queue = self._queue.queue_for(run.route if run else None)
+            by_queue.setdefault(queue, []).append(payload)
         try:
             for queue, some in by_queue.items():
                 self._queue.send(some, queue)
-        except Exception as exc:  # the images stay pending: the orphan reclaimer re-sends them
-            log.error("could not hand %d messages back (%s); the reclaimer will re-send their images",
-                      len(payloads), first_line(exc))
-            return
-        log.warning("handed %d messages back to the queue: their runs need another model than this worker's",
-                    len(payloads))
+        except Exception as exc:
+            log.error("could not %s %d messages (%s); the reclaimer will re-send their images",
+                      doing, len(payloads), first_line(exc))
+            return False
+        return True
+
+
+def _run_of(payload: Any) -> int | None:
+    if isinstance(payload, dict) and type(payload.get("run_id")) is int:
+        return int(payload["run_id"])
+    return None
 
 
 __all__ = ["BatchDone", "Outcome", "Processed", "WorkerRuntime"]

@@ -106,7 +106,7 @@ def summarize(requests: list[SimpleRequest]) -> int:
     if requests and requests[0].hostname:
         rt.rename(f"{requests[0].hostname}:{os.getpid()}")  # the node name Flower shows (set at start too)
     try:
-        processed = rt.process(payloads)
+        processed = rt.process(payloads, [_queue_of(r) for r in requests])
     except EngineDeadError as exc:
         # Exit without returning: nothing is acknowledged, leases expire, the reclaimer re-enqueues.
         log.critical("engine dead, exiting process: %s", exc)
@@ -115,9 +115,17 @@ def summarize(requests: list[SimpleRequest]) -> int:
     return processed.images
 
 
+def _queue_of(request: SimpleRequest) -> str | None:
+    """The queue a message was delivered from (its routing key on Redis), None if unknown."""
+    info = request.delivery_info if isinstance(request.delivery_info, dict) else {}
+    key = info.get("routing_key")
+    return key if isinstance(key, str) and key else None
+
+
 def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) -> None:
     """celery-batches sends no per-task events; these let Flower show each task: FAILURE with the
-    reason for a failed image or rejected message, REVOKED for a cancelled run, the task's own share of
+    reason for a failed image or rejected message, REVOKED for a cancelled run, RETRY for a message
+    re-queued after a database or broker outage, the task's own share of
     its batches as runtime, and the run id in args, result or exception."""
     if not settings.task_events or not requests:
         return
@@ -130,6 +138,8 @@ def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) ->
                 dispatcher.send("task-started", uuid=r.id)
                 if out.kind == "cancelled":
                     dispatcher.send("task-revoked", uuid=r.id, terminated=False, signum=None, expired=False)
+                elif out.kind == "redelivered":  # re-queued after an outage: Flower's RETRY, not a failure
+                    dispatcher.send("task-retried", uuid=r.id, exception=f"{run}: {out.reason}", traceback="")
                 elif out.ok:
                     dispatcher.send("task-succeeded", uuid=r.id, runtime=out.seconds,
                                     result=f"{run}: {out.kind}, {out.images} image(s)")

@@ -11,6 +11,7 @@ import click
 
 from cli.commands.options import absolute_path, build_spec, require_input_dir, run_options, setup_logging
 from stage_a.errors import UserError, first_line
+from stage_a.queue import PublishError
 from stage_a.settings import Settings
 
 
@@ -89,10 +90,13 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
         items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
-    sent = publisher.publish_items(items, sharding, store.store_id, route)
+    unit = "group" if sharding == "per_group" else "image"
+    try:
+        sent = publisher.publish_items(items, sharding, store.store_id, route)
+    except PublishError as exc:
+        raise UserError(_stopped(exc, settings, run_id, unit)) from None
     dt = time.perf_counter() - t0
-    click.echo(f"{what}; {sent} {'group' if sharding == 'per_group' else 'image'} tasks queued in {dt:.1f}s "
-               f"on {publisher.queue_for(route)!r}")
+    click.echo(f"{what}; {sent} {unit} tasks queued in {dt:.1f}s on {publisher.queue_for(route)!r}")
     click.echo(f"run_id={run_id}")
 
 
@@ -124,6 +128,17 @@ def _say_existing(store: Any, run_id: int) -> None:
     click.echo(f"run_id={run_id}")
 
 
+def _stopped(exc: PublishError, settings: Settings, run_id: int, unit: str) -> str:
+    """One line: how far publishing got, why it stopped, and how to resume (the run is recorded)."""
+    from stage_a.secrets import broker_error
+
+    doing = "broker is full" if exc.full else "publishing stopped on broker"
+    count = "an unknown number of" if exc.sent is None else str(exc.sent)
+    fix = "free memory on it or raise its maxmemory" if exc.full else "when it is back"
+    return (f"{broker_error(settings.broker_url, exc, doing)}; run {run_id}: {count} {unit} tasks queued; "
+            f"{fix}, then `stage-a enqueue --run {run_id}` queues what is not done")
+
+
 def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     """Discover, sample and check; the broker and database are only looked at, never written."""
     from cli.commands.dryrun import print_plan
@@ -136,8 +151,9 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
         from producer.publish import Publisher
 
         publisher = Publisher(settings)
-        publisher.check()
-        broker = f"reachable, {publisher.length()} messages waiting"
+        publisher.check(refuse_eviction=False)
+        warning = publisher.eviction_warning()
+        broker = f"reachable, {publisher.length()} messages waiting" + (f"; {warning}" if warning else "")
     except Exception as exc:
         broker = f"NOT reachable ({first_line(exc)})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"

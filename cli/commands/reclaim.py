@@ -8,7 +8,8 @@ import click
 @click.command()
 @click.option("--loop", is_flag=True, help="Keep running every STAGE_A_RECLAIM_INTERVAL seconds.")
 def reclaim(loop: bool) -> None:
-    """Re-enqueue images whose lease expired and pending images whose messages were lost."""
+    """Re-enqueue images whose lease expired or whose worker stopped beating (STAGE_A_HOLDER_TIMEOUT),
+    and pending images whose messages were lost (sent 1,000 at a time)."""
     from stage_a.settings import Settings
     from workers.reclaimer import Reclaimer
 
@@ -16,4 +17,5 @@ def reclaim(loop: bool) -> None:
     if loop:
         r.loop()
     report = r.once()
-    click.echo(f"re-enqueued {report.expired} expired and {report.orphaned} orphaned images")
+    click.echo(f"re-enqueued {report.expired} expired, {report.dead_holders} from offline workers and "
+               f"{report.orphaned} orphaned images")

@@ -25,6 +25,7 @@ from stage_a.store.models import (
     DeadLetter,
     GroupRow,
     ImageRow,
+    ReclaimerRow,
     Run,
     WorkerRow,
 )
@@ -143,6 +144,27 @@ class RouteWork:
     run_id: int
     checkpoint: str
     model: str | None
+
+
+@dataclass(frozen=True)
+class DeadHolder:
+    """Images of a run leased by a worker that stopped beating (or says stopped): the reclaimers re-send them."""
+
+    worker: str
+    images: int
+    heartbeat_at: datetime
+    """Its last heartbeat: the images have sat with a dead holder since then."""
+    state: str
+
+
+@dataclass(frozen=True)
+class ReclaimerBeat:
+    """One host's reclaimer (the `reclaimers` table): its last pass, and since when and why it fails."""
+
+    host: str
+    checked_at: datetime
+    failing_since: datetime | None
+    problem: str | None
 
 
 @dataclass(frozen=True)
@@ -373,6 +395,27 @@ class Queries:
         for r, run_id, checkpoint, model in rows:
             out.setdefault(r, RouteWork(r, run_id, checkpoint, model))
         return list(out.values())
+
+    def dead_holders(self, run_id: int, cutoff: datetime) -> list[DeadHolder]:
+        """The run's leased images by holder, for holders whose last heartbeat is before ``cutoff`` or that
+        say stopped (oldest heartbeat first)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.worker, func.count(), WorkerRow.heartbeat_at, WorkerRow.state)
+                .join(WorkerRow, WorkerRow.name == ImageRow.worker)
+                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
+                       or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))
+                .group_by(ImageRow.worker, WorkerRow.heartbeat_at, WorkerRow.state)
+                .order_by(WorkerRow.heartbeat_at)
+            ).all()
+        return [DeadHolder(str(w), int(n), at, st) for w, n, at, st in rows]
+
+    def reclaimer_beats(self) -> list[ReclaimerBeat]:
+        """Every host's reclaimer row, by host."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(ReclaimerRow.host, ReclaimerRow.checked_at, ReclaimerRow.failing_since,
+                                    ReclaimerRow.problem).order_by(ReclaimerRow.host)).all()
+            return [ReclaimerBeat(h, at, since, problem) for h, at, since, problem in rows]
 
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:

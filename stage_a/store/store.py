@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from stage_a.config import RunSpec
@@ -32,6 +33,7 @@ from stage_a.store.models import (
     DeadLetter,
     GroupRow,
     ImageRow,
+    ReclaimerRow,
     Run,
     StoreMeta,
     WorkerRow,
@@ -383,6 +385,42 @@ class ResultStore:
         )) as won:
             yield won
 
+    @staticmethod
+    def _dead_workers(cutoff: datetime) -> Any:
+        """Names of workers whose last heartbeat is older than ``cutoff`` or that say they stopped."""
+        return select(WorkerRow.name).where(or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))
+
+    def dead_holder_leases(self, holder_timeout: float, now: datetime | None = None,
+                           limit: int = 10_000) -> list[WorkItem]:
+        """Leased images of farm runs whose holder is dead: its heartbeat is older than ``holder_timeout``
+        seconds, or its row says stopped (cancelled runs excluded; a holder with no row is left to its lease)."""
+        cutoff = (now or utcnow()) - timedelta(seconds=holder_timeout)
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                .join(Run, Run.id == ImageRow.run_id)
+                .where(ImageRow.status == LEASED, Run.farm.is_(True), Run.cancelled_at.is_(None),
+                       ImageRow.worker.in_(self._dead_workers(cutoff)))
+                .order_by(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index)
+                .limit(limit)
+            ).all()
+        return [WorkItem(ImageKey(r, p, i), path) for r, p, i, path in rows]
+
+    @contextmanager
+    def releasing_dead_holders(self, items: Sequence[WorkItem], holder_timeout: float,
+                               now: datetime | None = None) -> Iterator[list[WorkItem]]:
+        """Put a dead holder's leased images back to pending (they are re-sent); yields only the rows this
+        caller won: a row is won only while still leased by a worker that is still dead."""
+        now = now or utcnow()
+        dead = self._dead_workers(now - timedelta(seconds=holder_timeout))
+        with self._claiming(items, lambda run_id, chunk: (
+            update(ImageRow)
+            .where(ImageRow.run_id == run_id, ImageRow.status == LEASED, ImageRow.worker.in_(dead),
+                   tuple_(ImageRow.group_position, ImageRow.image_index).in_(chunk))
+            .values(status=PENDING, lease_until=None, updated_at=now)
+        )) as won:
+            yield won
+
     @contextmanager
     def _claiming(self, items: Sequence[WorkItem],
                   statement: Callable[[int, list[tuple[int, int]]], Any]) -> Iterator[list[WorkItem]]:
@@ -399,6 +437,25 @@ class ResultStore:
                 ).all()
                 won.extend(by_key[ImageKey(run_id, p, i)] for p, i in rows)
             yield sorted(won, key=lambda it: it.key)
+
+    # ---- reclaimer health (read by queries.reclaimer_beats) ----------------------------------
+
+    def reclaimer_checked(self, host: str, problem: str | None, now: datetime | None = None) -> None:
+        """Record a reclaimer pass of ``host``: ``problem`` None clears its failure, else it is kept with
+        the time the failing began (the first failing pass since the last good one)."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(ReclaimerRow.failing_since).where(ReclaimerRow.host == host)).first()
+            since = None if problem is None else (row[0] if row is not None and row[0] is not None else now)
+            values = {"checked_at": now, "failing_since": since, "problem": _no_nul(problem)}
+            if row is None:
+                try:
+                    with conn.begin_nested():  # another process of the same host may insert it first
+                        conn.execute(insert(ReclaimerRow).values(host=host, **values))
+                    return
+                except IntegrityError:
+                    pass
+            conn.execute(update(ReclaimerRow).where(ReclaimerRow.host == host).values(**values))
 
     # ---- worker heartbeats (read by queries.worker_beats) -----------------------------------
 

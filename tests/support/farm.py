@@ -137,9 +137,10 @@ class RedisServer:
 
     def queued(self, queue: str) -> int:
         """Messages waiting on ``queue`` and on its per-model queues (``queue.<model>``)."""
+        from support.queues import queue_names
+
         client = self.client()
-        names = [queue, *(k for k in client.scan_iter(match=f"{queue}.*", _type="list"))]
-        return sum(int(client.llen(n)) for n in names)
+        return sum(int(client.llen(n)) for n in queue_names(client, queue))
 
 
 class Worker:

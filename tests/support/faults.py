@@ -27,6 +27,28 @@ def install() -> None:
     TransformersEngine.generate = generate  # type: ignore[method-assign]
 
 
+SLOW_ENV = "STAGE_A_TEST_SLOW_BATCH_S"
+"""Seconds every generation of a worker started with support.slow_app takes at least."""
+
+
+def install_slow() -> None:
+    """Every batch's generation sleeps STAGE_A_TEST_SLOW_BATCH_S seconds first: a slow worker (or a
+    kill that lands mid-batch) without a slow model."""
+    import os
+    import time
+
+    from engine.transformers_engine import TransformersEngine
+
+    original = TransformersEngine.generate
+    delay = float(os.environ.get(SLOW_ENV, "0"))
+
+    def generate(self: TransformersEngine, batch: Any) -> Any:
+        time.sleep(delay)
+        return original(self, batch)
+
+    TransformersEngine.generate = generate  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":  # python -m support.faults ARGS...: `stage-a ARGS` with the fault installed
     install()
     from cli.main import main
