@@ -45,16 +45,17 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-def _register(db_url: str, input_dir: Path, checkpoint: Path) -> tuple[int, list[WorkItem]]:
+def _register(db_url: str, input_dir: Path, checkpoint: Path) -> tuple[int, list[dict[str, Any]], str]:
+    """The run id, its messages' payloads and its model's queue suffix (the route)."""
     from producer.register import register_run
 
     store = ResultStore(db_url)
     spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", batch_size=4, checkpoint=str(checkpoint),
                    generation=GenerationParams(max_new_tokens=4))
-    run_id = register_run(store, spec, input_dir, farm=True).run_id
-    items = store.unfinished_items(run_id)
+    reg = register_run(store, spec, input_dir, farm=True)
+    payloads = [image_payload(it, store.store_id) for it in store.unfinished_items(reg.run_id)]
     store.close()
-    return run_id, items
+    return reg.run_id, payloads, reg.route
 
 
 def _runtime(db: RoleDatabase, redis: RedisServer, queue: str, checkpoint: Path) -> WorkerRuntime:
@@ -66,17 +67,17 @@ def _runtime(db: RoleDatabase, redis: RedisServer, queue: str, checkpoint: Path)
 def _queued_payloads(redis: RedisServer, queue: str) -> list[dict[str, Any]]:
     import base64
 
-    raws = redis.client().lrange(queue, 0, -1)
+    raws = redis.client().lrange(queue, 0, -1)  # exactly this queue
     return [json.loads(base64.b64decode(json.loads(r)["body"]))[0][0] for r in reversed(raws)]
 
 
 def test_dropped_database_at_intake_requeues_the_buffer_and_writes_no_dead_letter(
         role_db: RoleDatabase, redis: RedisServer, tiny_checkpoint: Path, tmp_path: Path) -> None:
     make_tree(tmp_path / "in", groups=1, per_group=2)
-    run_id, items = _register(role_db.admin_url, tmp_path / "in", tiny_checkpoint)
+    run_id, payloads, route = _register(role_db.admin_url, tmp_path / "in", tiny_checkpoint)
     queue = f"outage_{uuid.uuid4().hex[:8]}"
+    model_queue = f"{queue}.{route}"
     rt = _runtime(role_db, redis, queue, tiny_checkpoint)
-    payloads = [image_payload(it) for it in items]
     waits: list[float] = []
 
     def back_off(seconds: float) -> None:  # the outage ends while the worker backs off
@@ -85,17 +86,18 @@ def test_dropped_database_at_intake_requeues_the_buffer_and_writes_no_dead_lette
 
     rt.sleep = back_off
     role_db.block()  # out of connections: the worker's next query cannot connect
-    processed = rt.process(payloads)
+    processed = rt.process(payloads, [model_queue] * len(payloads))  # as delivered from the model's queue
     assert [o.kind for o in processed.outcomes] == ["redelivered", "redelivered"]
     assert "too many connections" in (processed.outcomes[0].reason or "")
     assert waits == [1.0]
     admin = ResultStore(role_db.admin_url)
     try:
         assert dead_letters(admin) == []
-        assert _queued_payloads(redis, queue) == payloads  # the same messages, to be delivered again
+        # The same messages, back on the queue they came from, to be delivered again.
+        assert _queued_payloads(redis, model_queue) == payloads
         assert {(r["status"], r["attempts"]) for r in image_rows(admin, run_id)} == {("pending", 0)}
 
-        again = rt.process(_queued_payloads(redis, queue))  # the next delivery, the database back
+        again = rt.process(_queued_payloads(redis, model_queue))  # the next delivery, the database back
         assert [o.kind for o in again.outcomes] == ["done", "done"]
         assert {r["status"] for r in image_rows(admin, run_id)} == {"done"}
         assert dead_letters(admin) == []
@@ -113,8 +115,9 @@ def test_database_lost_while_storing_results_requeues_what_is_not_committed(
     from stage_a.store.engine import retrying
 
     make_tree(tmp_path / "in", groups=1, per_group=2)
-    run_id, items = _register(role_db.admin_url, tmp_path / "in", tiny_checkpoint)
+    run_id, payloads, route = _register(role_db.admin_url, tmp_path / "in", tiny_checkpoint)
     queue = f"outage_{uuid.uuid4().hex[:8]}"
+    model_queue = f"{queue}.{route}"
     rt = _runtime(role_db, redis, queue, tiny_checkpoint)
     rt.sleep = lambda s: role_db.unblock()
     # The store's retry gives up after 2 quick attempts (its 8 with back-off would take ~30 s).
@@ -126,16 +129,15 @@ def test_database_lost_while_storing_results_requeues_what_is_not_committed(
         original(*args, **kwargs)
 
     rt.store.record_results = record_during_outage  # type: ignore[method-assign]
-    payloads = [image_payload(it) for it in items]
-    processed = rt.process(payloads)
+    processed = rt.process(payloads)  # no source queue known: the queue of the run's model
     assert [o.kind for o in processed.outcomes] == ["redelivered", "redelivered"]
     rt.store.record_results = original  # type: ignore[method-assign]
     admin = ResultStore(role_db.admin_url)
     try:
         assert dead_letters(admin) == []
-        assert _queued_payloads(redis, queue) == payloads
+        assert _queued_payloads(redis, model_queue) == payloads
         assert {r["status"] for r in image_rows(admin, run_id)} == {"leased"}  # nothing was stored
-        again = rt.process(_queued_payloads(redis, queue))
+        again = rt.process(_queued_payloads(redis, model_queue))
         assert [o.kind for o in again.outcomes] == ["done", "done"]
         assert {(r["status"], r["attempts"]) for r in image_rows(admin, run_id)} == {("done", 2)}
     finally:
