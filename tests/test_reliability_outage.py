@@ -26,7 +26,6 @@ from stage_a.config import GenerationParams, RunSpec
 from stage_a.messages import image_payload
 from stage_a.settings import Settings
 from stage_a.store import ResultStore
-from stage_a.work import WorkItem
 from workers.runtime import WorkerRuntime
 
 

@@ -145,21 +145,27 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     from producer.register import plan_run
     from stage_a.secrets import redact_url
 
+    from stage_a.checkpoint import DEMO_MODEL, Checkpoint
+    from stage_a.queue import model_queue
+
     spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint, settings.data_dir)
     plan = plan_run(spec, require_input_dir(kw["input_dir"]))
+    route = (Checkpoint.open(spec.checkpoint, settings.cache_path / "identity").base_identity if spec.checkpoint
+             else DEMO_MODEL)
+    queue = model_queue(settings.queue, route)
     try:
         from producer.publish import Publisher
 
         publisher = Publisher(settings)
         publisher.check(refuse_eviction=False)
         warning = publisher.eviction_warning()
-        broker = f"reachable, {publisher.length()} messages waiting" + (f"; {warning}" if warning else "")
+        broker = f"reachable, {publisher.length(queue)} messages waiting" + (f"; {warning}" if warning else "")
     except Exception as exc:
         broker = f"NOT reachable ({first_line(exc)})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"
     n = len(plan.groups) if unit == "group" else plan.images
     print_plan(plan, spec.checkpoint, settings,
-               f"queue:       {n} {unit} tasks would go to {settings.queue!r} on {redact_url(settings.broker_url)} "
+               f"queue:       {n} {unit} tasks would go to {queue!r} on {redact_url(settings.broker_url)} "
                f"({broker}); results to {redact_url(db) if db else 'NO DATABASE (pass --db or set STAGE_A_DATABASE_URL)'}")
     refused = sqlite_refusal(kw["db"], settings) if db else None
     if refused:
