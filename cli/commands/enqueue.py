@@ -143,10 +143,9 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     """Discover, sample and check; the broker and database are only looked at, never written."""
     from cli.commands.dryrun import print_plan
     from producer.register import plan_run
-    from stage_a.secrets import redact_url
-
     from stage_a.checkpoint import DEMO_MODEL, Checkpoint
     from stage_a.queue import model_queue
+    from stage_a.secrets import redact_url
 
     spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint, settings.data_dir)
     plan = plan_run(spec, require_input_dir(kw["input_dir"]))
