@@ -92,6 +92,8 @@ class ModelHost:
     """Identity of the loaded base model (DEMO_MODEL for the demo model): the route it serves."""
     loads: int = 0
     """Models loaded by this process so far (a switch costs a reload: routing keeps this low)."""
+    load_seconds: float = 0.0
+    """How long the last model load took (metrics read it when ``loads`` grows)."""
 
     @property
     def identity_cache(self) -> Path:
@@ -176,11 +178,13 @@ class ModelHost:
 
     def _load(self, checkpoint: Checkpoint, route: str) -> None:
         base = Checkpoint.open(checkpoint.base, self.identity_cache) if checkpoint.adapter else checkpoint
+        t0 = time.perf_counter()
         try:
             self.engine = build_engine(base, self.device, self.settings)
         except WrongModel as exc:
             raise WrongModel(f"{exc}") from None
         self.serving = route
+        self.load_seconds = time.perf_counter() - t0
         self.loads += 1
 
 

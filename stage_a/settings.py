@@ -83,6 +83,9 @@ class Settings:
     """A worker whose last heartbeat is older than this many seconds counts as offline in `status`."""
     rate_window: float = 120.0
     """Seconds of recent results behind `status`'s recent images/s and its ETA."""
+    metrics_port: int = 0
+    """Port on which a worker serves Prometheus metrics for all its pool processes (one per worker: several
+    workers on a host each need their own); 0 or empty: off. deploy/prometheus/prometheus.yml scrapes it."""
     serve_basic_auth: str = ""
     """user:password that `stage-a serve` asks for (HTTP basic auth, like FLOWER_BASIC_AUTH); empty: none."""
     db_pool_size: int = 5
@@ -138,6 +141,8 @@ class Settings:
         for name in ("heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
             if getattr(self, name) < 0:
                 raise UserError(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise UserError(f"STAGE_A_METRICS_PORT must be a TCP port (1-65535) or 0 for off, got {self.metrics_port}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise UserError(f"STAGE_A_VLLM_GPU_MEMORY_UTILIZATION must be a fraction in (0, 1], "
                             f"got {self.vllm_gpu_memory_utilization}")

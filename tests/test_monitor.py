@@ -327,7 +327,8 @@ def test_metrics_parse_with_prometheus_parser(client, seeded) -> None:  # type: 
     assert images[(str(a), "done")] == 2 and images[(str(a), "failed")] == 1 and images[(str(a), "pending")] == 1
     states = {s.labels["state"] for s in fams["stage_a_run_state"].samples if s.labels["run"] == str(a) and s.value}
     assert states == {"running"}
-    assert all(set(s.labels) <= {"run", "state"} for f in fams.values() for s in f.samples)
+    # Bounded labels only: never an image, group or worker name.
+    assert all(set(s.labels) <= {"run", "state", "mission", "model", "outcome"} for f in fams.values() for s in f.samples)
 
 
 def test_basic_auth(seeded) -> None:  # type: ignore[no-untyped-def]

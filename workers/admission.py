@@ -31,6 +31,7 @@ from stage_a.settings import Settings
 from stage_a.store import LedgerEntry, ResultStore, RunInfo
 from stage_a.store.models import DONE, FAILED
 from stage_a.work import ImageKey, ImageResult, WorkItem
+from workers.metrics import record_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ class Admission:
         except Exception:
             text = repr(payload)
         self.store.dead_letter(reason, text, self.worker, run_id)
+        record_dead_letter()
 
 
 def _run_id_of(payload: Any) -> int | None:

@@ -32,6 +32,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from stage_a.errors import first_line
+from workers.metrics import record_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class PoisonSink:
         try:
             with self._lock:
                 self._get_store().dead_letter(reason, text, worker or _worker_name(), run_id)
+            record_dead_letter()
         except Exception as exc:  # a poison entry must never take the consumer down
             log.error("could not store the dead letter (%s); the entry was: %s",
                       first_line(exc), text)

@@ -21,6 +21,7 @@ from stage_a.outage import is_outage
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
 from stage_a.work import ImageKey, WorkItem
+from workers import metrics
 from workers.admission import Admission, Admitted, Fate, IntakeOutage
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ class WorkerRuntime:
         self._outages_in_a_row = 0
         self.sleep: Callable[[float], None] = time.sleep
         self.heartbeats = Heartbeats(self.store, self.name, self.host, settings.engine)
+        self._loads_seen = 0
+        self._sampler: metrics.DeviceSampler | None = None
 
     def rename(self, name: str) -> None:
         if name == self.name:
@@ -165,10 +168,25 @@ class WorkerRuntime:
             log.info("no STAGE_A_CHECKPOINT: each run's model is loaded on its first batch")
             beat("ready")
         self.heartbeats.every(self.settings.heartbeat_interval if heartbeat_interval is None else heartbeat_interval)
+        self._note_load()
+        metrics.set_ready(True)
+        if self.settings.metrics_port:
+            self._sampler = metrics.DeviceSampler(lambda: self.host.engine)
+            self._sampler.start()
 
     def stop(self) -> None:
         """At shutdown: the heartbeat thread ends and the row says stopped."""
+        if self._sampler is not None:
+            self._sampler.stop()
+        metrics.set_ready(False)
         self.heartbeats.stop()
+
+    def _note_load(self) -> None:
+        """A model was loaded since the last look: its load time and the device memory it took."""
+        if self.host.loads != self._loads_seen:
+            self._loads_seen = self.host.loads
+            metrics.record_load(self.host.load_seconds, self.host.engine.name if self.host.engine else "")
+            metrics.sample_device(self.host.engine)
 
     # ---- one buffer ---------------------------------------------------------------------------
 
@@ -178,6 +196,11 @@ class WorkerRuntime:
         Between model batches the loop asks the store whether the run was cancelled; a cancelled
         run's images not yet run are put back to pending (never run, never re-enqueued). ``queues``: the
         queue each payload came from (a buffer re-queued after an outage goes back where it was)."""
+        processed = self._process(payloads, queues)
+        metrics.record_messages([o.kind for o in processed.outcomes])
+        return processed
+
+    def _process(self, payloads: Sequence[Any], queues: Sequence[str | None] | None) -> Processed:
         self.heartbeats.state = "busy"
         try:
             admitted = self.admission.admit(payloads)
@@ -192,7 +215,11 @@ class WorkerRuntime:
             share = batch.seconds / batch.images if batch.images else 0.0
             for r in batch.results:
                 results[r.key] = (None if r.ok else (r.error or "empty summary"), share)
-            self.heartbeats.batch(batch, self._loop.engine if self._loop is not None else None)
+            engine = self._loop.engine if self._loop is not None else None
+            self.heartbeats.batch(batch, engine)
+            run = self.admission.known_run(batch.run_id)
+            metrics.record_batch(batch, run.spec.mission if run else "", self.host.serving,
+                                 engine.name if engine else None)
 
         fault: BaseException | None = None
         for run_id, items in admitted.work.items():
@@ -308,6 +335,7 @@ class WorkerRuntime:
 
     def _loop_for(self, run: RunInfo) -> StepLoop:
         engine = self.host.engine_for(run)
+        self._note_load()
         if self._loop is None or self._loop.engine is not engine:
             self._loop = StepLoop(engine, self.store, self.name)
         return self._loop

@@ -24,6 +24,7 @@ from celery_batches import Batches, SimpleRequest
 
 from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
+from workers import metrics
 from workers.celery import app, refuse_to_start, settings
 from workers.routing import ModelRouter
 from workers.runtime import Outcome, WorkerRuntime
@@ -184,9 +185,10 @@ def _pin_gpu() -> None:
 
 
 @signals.worker_process_shutdown.connect
-def _stop_process(**_: Any) -> None:
+def _stop_process(pid: int | None = None, **_: Any) -> None:
     if _runtime is not None:
         _runtime.stop()
+    metrics.process_dead(pid or os.getpid())  # its live gauges (ready, device memory) stop counting
 
 
 class WaitForModels(bootsteps.StartStopStep):
@@ -225,8 +227,18 @@ def _check_services(sender: Any = None, **_: Any) -> None:
         settings.open_store().close()  # connects and migrates to head
         if settings.checkpoint:
             Checkpoint.open(settings.checkpoint, settings.cache_path / "identity")
+        _serve_metrics()
     except UserError as exc:
         refuse_to_start(exc)
+
+
+def _serve_metrics() -> None:
+    """STAGE_A_METRICS_PORT: the exporter of this worker's pool processes, started before the pool forks."""
+    try:
+        metrics.setup(settings, _node)
+    except OSError as exc:
+        raise UserError(f"STAGE_A_METRICS_PORT {settings.metrics_port}: cannot serve metrics there "
+                        f"({exc.strerror or exc}); each worker on a host needs its own port") from None
 
 
 @signals.worker_shutdown.connect

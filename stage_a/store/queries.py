@@ -417,6 +417,18 @@ class Queries:
                                     ReclaimerRow.problem).order_by(ReclaimerRow.host)).all()
             return [ReclaimerBeat(h, at, since, problem) for h, at, since, problem in rows]
 
+    def finished_by_mission_model(self) -> dict[tuple[str, str, str], int]:
+        """{(mission, base model or "", done|failed): images} over every run: the farm-wide totals that
+        /metrics exports as counters (one grouped aggregate over the status index)."""
+        route = func.coalesce(Run.base_model, Run.model, "")
+        per_run = (select(ImageRow.run_id, ImageRow.status, func.count().label("n"))
+                   .where(ImageRow.status.in_((DONE, FAILED))).group_by(ImageRow.run_id, ImageRow.status).subquery())
+        with self.engine.connect() as c:
+            rows = c.execute(select(Run.mission, route, per_run.c.status, func.sum(per_run.c.n))
+                             .join(per_run, per_run.c.run_id == Run.id)
+                             .group_by(Run.mission, route, per_run.c.status))
+            return {(str(m), str(r), str(s)): int(n) for m, r, s, n in rows}
+
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:
             rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
