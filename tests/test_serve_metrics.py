@@ -103,3 +103,19 @@ def test_metrics_port_setting_is_checked(value: str) -> None:
     with pytest.raises(UserError, match="STAGE_A_METRICS_PORT"):
         Settings.from_env({"STAGE_A_METRICS_PORT": value})
     assert Settings.from_env({"STAGE_A_METRICS_PORT": ""}).metrics_port == 0
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
+    """deploy/prometheus: the config and rules load, and the rules' unit tests (stalled run, no worker, ...)
+    pass; .ci/run runs the same commands."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    here = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                 ["test", "rules", "alerts_test.yml"]):
+        proc = subprocess.run([promtool, *args], cwd=here, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
