@@ -92,6 +92,18 @@ class VllmEngine:
 
     # ---- CPU side ---------------------------------------------------------------------------
 
+    def scheduler_stats(self) -> dict[str, float] | None:
+        """KV-cache usage (0-1) and sequences running / waiting, read from vLLM's scheduler in this process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0, as loaded here); None when vLLM keeps its engine elsewhere or
+        its internals moved (vLLM 0.32-0.33: LLMEngine.engine_core -> InprocClient.engine_core -> scheduler)."""
+        try:
+            scheduler = self.llm.llm_engine.engine_core.engine_core.scheduler
+            running, waiting = scheduler.get_request_counts()
+            return {"kv_cache_usage": float(scheduler.get_kv_cache_usage()), "running": float(running),
+                    "waiting": float(waiting)}
+        except Exception:
+            return None
+
     def prepare(self, ctx: RunContext, items: list[WorkItem]) -> PreparedBatch[list[Any]]:
         """Decode and check every image; vLLM's own processor resizes it inside `generate`."""
         t0 = time.perf_counter()
