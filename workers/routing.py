@@ -22,7 +22,7 @@ from stage_a.checkpoint import DEMO_MODEL, Checkpoint
 from stage_a.errors import UserError, first_line
 from stage_a.queue import TaskQueue, model_queue
 from stage_a.settings import Settings
-from stage_a.store import ResultStore
+from stage_a.store import ResultStore, utcnow
 from stage_a.store.queries import RouteWork
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,12 @@ class RouteChooser:
     """The routing decision, without Celery: tests drive it against a real store and broker."""
 
     def __init__(self, settings: Settings, store: ResultStore, queue: TaskQueue,
-                 report: Callable[[str | None], None] = lambda problem: None) -> None:
+                 report: Callable[[str | None], None] = lambda problem: None, node: str = "") -> None:
         self.settings = settings
         self.store = store
         self.queue = queue
+        self.node = node
+        """This worker's node name: its own heartbeat rows are not counted as other holders."""
         self.report = report
         """Called with this host's problem after each look (None: it can serve every model with work)."""
 
@@ -71,7 +73,18 @@ class RouteChooser:
         waiting = [r for r in servable if lengths[r] > 0]
         if not waiting:
             return current if current in lengths else None
-        return max(waiting, key=lambda r: lengths[r])
+        # Messages per worker already holding the model: a second unpinned worker takes the model nobody
+        # serves yet rather than join the first on the longest queue.
+        holders = self._holders()
+        return max(waiting, key=lambda r: lengths[r] / (1 + holders.get(r, 0)))
+
+    def _holders(self) -> dict[str, int]:
+        """Online workers (of other nodes) by the model they hold."""
+        out: dict[str, int] = {}
+        for w in self.store.queries.worker_beats(utcnow(), self.settings.heartbeat_timeout):
+            if w.online and w.model and not (self.node and w.name.startswith(f"{self.node}:")):
+                out[w.model] = out.get(w.model, 0) + 1
+        return out
 
 
 class ModelRouter(bootsteps.StartStopStep):
@@ -128,7 +141,7 @@ class ModelRouter(bootsteps.StartStopStep):
                     store.worker_problem(node, problem)
                 last_problem[0] = problem
 
-        chooser = RouteChooser(settings, store, TaskQueue(settings), report)
+        chooser = RouteChooser(settings, store, TaskQueue(settings), report, node)
         while not self._stop.is_set():
             try:
                 self.wanted = chooser.choose(self.current)
