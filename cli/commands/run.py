@@ -277,7 +277,7 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     click.echo(
         f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "
         f"{report.groups_incomplete} incomplete; {processed} images in {seconds:.1f}s ({rate:.2f} images/s)\n"
-        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  database: {_db_shown(store, kw)}"
+        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  report:   {report.report_path}\n  database: {_db_shown(store, kw)}"
     )
     if report.groups_not_written:
         sys.exit(3)
