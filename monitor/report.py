@@ -221,7 +221,8 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     agg = store.queries.counts(run_id, now - timedelta(seconds=window), workers=writers)
     dead = store.queries.dead_letter_counts().get(run_id, 0)
     workers = store.queries.worker_beats(now, settings.heartbeat_timeout) if beats is None else beats
-    relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
+    relevant = [w for w in workers if (w.run_id == run_id or (w.online and _serves(w, run)))
+                and (w.online or w.heartbeat_age_s <= settings.worker_shown_for)]  # stopped ones age out
     online = sum(1 for w in relevant if w.online and _serves(w, run))
     if queue is not None and run.farm:
         queue_length, queue_note = queue.length(run.route)
@@ -307,7 +308,9 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
            settings: Settings, workers: Sequence[WorkerBeat] = (),
            dead_holders: Sequence[DeadHolder] = ()) -> tuple[str, str | None]:
     if run.cancelled_at is not None:
-        return "cancelled", None
+        left = pending + leased
+        return "cancelled", (f"cancelled at {run.cancelled_at.strftime('%Y-%m-%d %H:%M:%S')}Z" +
+                             (f"; {left} images not processed: run cancelled" if left else ""))
     unfinished = pending + leased
     if unfinished == 0:
         return "finished", None
@@ -439,7 +442,7 @@ def list_runs(store: ResultStore, limit: int, settings: Settings,
         pending, leased = c.get("pending", 0), c.get("leased", 0)
         rate, reason = None, None
         if r.cancelled_at is not None:
-            state = "cancelled"
+            state, reason = _state(r, pending, leased, None, None, 0, None, now, settings)
         elif pending + leased == 0:
             state = "finished"
         else:

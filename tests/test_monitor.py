@@ -520,3 +520,28 @@ def test_status_exit_code_per_state(seeded, pg_url: str) -> None:  # type: ignor
     with store.engine.begin() as c:
         c.execute(text("UPDATE runs SET cancelled_at = now() WHERE id = :r"), {"r": a})
     assert _cli(["status", str(a), "--exit-code"], pg_url).returncode == 6
+
+
+def test_run_page_report_classes_cancelled_and_short_labels(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    """A finished run's page shows the end-of-run report and failures by class; a cancelled run's
+    unprocessed images say so and when; the runs list keeps the reason in a title (hover); a worker
+    stopped over an hour ago has left the workers table."""
+    from stage_a.failures import failure_class
+    from stage_a.store import utcnow
+
+    store, a, b, _, _ = seeded
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE images SET status = 'done', summary = '无关图片' WHERE run_id = :r AND status = 'pending'"),
+                  {"r": a})
+    _heartbeat(store, "old@gone:1", a, age_s=3601, state="stopped")
+    _heartbeat(store, "recent@here:2", a, age_s=30, state="stopped")
+    page = client.get(f"/runs/{a}").text
+    assert 'id="report"' in page and "p95" in page and "device-hours" in page and "gpu0@host-a" in page
+    assert f"<b>{failure_class('cannot identify image file')}</b> 1" in page
+    assert "recent@here:2" in page and "old@gone:1" not in page
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET cancelled_at = :t WHERE id = :r"), {"t": utcnow(), "r": b})
+    cancelled = client.get(f"/runs/{b}").text
+    assert "not processed: run cancelled at " in cancelled
+    index = client.get("/").text
+    assert 'title="cancelled at ' in index and 'class="reason small"' not in index
