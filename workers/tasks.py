@@ -25,7 +25,7 @@ from celery_batches import Batches, SimpleRequest
 from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
 from workers.celery import app, refuse_to_start, settings
-from workers.naming import set_node
+from workers.naming import process_name, set_node
 from workers.routing import ModelRouter
 from workers.runtime import Outcome, WorkerRuntime
 
@@ -216,6 +216,15 @@ class WaitForModels(bootsteps.StartStopStep):
 
 app.steps["consumer"].add(WaitForModels)
 app.steps["consumer"].add(ModelRouter)
+
+
+@signals.after_setup_logger.connect
+def _json_logs(logger: Any = None, **_: Any) -> None:
+    """STAGE_A_LOG_FORMAT=json: the worker's log lines as JSON objects too (Celery set up its handlers)."""
+    from stage_a.logs import use_json
+
+    if settings.log_format == "json" and logger is not None:
+        use_json(*logger.handlers, context=lambda: {"worker": process_name()})
 
 
 @signals.worker_init.connect
