@@ -176,7 +176,7 @@ def run(**kw: Any) -> None:
 
 
 def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], settings: Settings) -> None:
-    from cli.commands.dryrun import print_plan
+    from cli.commands.dryrun import database_problem, fail_dry_run, print_plan
     from merger.export import output_paths
     from producer.register import plan_run
     from stage_a.secrets import redact_url
@@ -186,6 +186,7 @@ def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], s
     db = settings.results_database(kw["db"], output_dir)
     print_plan(plan, spec.checkpoint, settings,
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
+    fail_dry_run(database_problem(db) if "://" in db and not db.startswith("sqlite") else [])
 
 
 def _resume_checkpoint(run: Any, given: str | None, settings: Settings) -> str:
