@@ -150,7 +150,7 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
         wall_s=wall, active_s=active, images_total=int(total), done=int(done), failed=int(failed),
         unfinished=int(total) - n_finished,
         images_per_s=n_finished / active if active and active > 0 else None,
-        prompt_tokens=int(prompt), completion_tokens=int(completion), vision_tokens=int(vision),
+        prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), vision_tokens=int(vision or 0),
         per_image=per_image, per_batch=per_batch, batches=n_batches,
         workers=workers, stragglers=tuple(w.worker for w in workers if w.straggler),
         failures_by_class=_by_class(errors),
