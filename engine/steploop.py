@@ -74,6 +74,8 @@ class StepLoop:
         self.verify_inputs = verify_inputs
         self.prefetch_depth = prefetch_depth
         self._contexts: dict[int, RunContext] = {}
+        self._batches = 0
+        """Batches this loop recorded (the ``batch`` field of its log lines)."""
 
     def context(self, run: RunInfo) -> RunContext:
         ctx = self._contexts.get(run.id)
@@ -110,7 +112,8 @@ class StepLoop:
                 self.store.record_results(results, self.name, model=self.engine.fingerprint,
                                           engine=self.engine.name)
                 batch = BatchDone(run.id, results, time.perf_counter() - t0)
-                _log_batch(batch)
+                self._batches += 1
+                _log_batch(batch, self.name, self._batches)
                 done += len(results)
                 if hooks.after_batch:
                     hooks.after_batch(batch)
@@ -138,11 +141,14 @@ class StepLoop:
         return list(already or []) + [ImageResult(key=it.key, error=reason) for it in rows if it.key not in done]
 
 
-def _log_batch(batch: BatchDone) -> None:
+def _log_batch(batch: BatchDone, worker: str, number: int) -> None:
     rate = batch.images / batch.seconds if batch.seconds > 0 else 0.0
     tokens = batch.completion_tokens / batch.seconds if batch.seconds > 0 else 0.0
+    # The fields again as ``extra``: STAGE_A_LOG_FORMAT=json puts them in each line's object.
     log.info("run %d: batch of %d images (%d failed) in %.2fs, %.2f images/s, %.1f tokens/s",
-             batch.run_id, batch.images, batch.failed, batch.seconds, rate, tokens)
+             batch.run_id, batch.images, batch.failed, batch.seconds, rate, tokens,
+             extra={"run": batch.run_id, "worker": worker, "batch": number, "images": batch.images,
+                    "failed": batch.failed, "seconds": round(batch.seconds, 3), "tokens": batch.completion_tokens})
 
 
 def _check_every_row_once(batch: PreparedBatch, results: list[ImageResult]) -> None:

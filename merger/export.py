@@ -8,6 +8,7 @@ from pathlib import Path
 
 from merger.jsonl_io import atomic_files
 from stage_a.records import GroupRecord, image_keys
+from stage_a.runstats import run_stats
 from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
 
@@ -21,6 +22,8 @@ class ExportReport:
     groups_incomplete: int  # images still pending/leased (run not finished)
     models: tuple[tuple[str, int], ...] = ()
     """(model fingerprint, images summarized) of the models that served the run."""
+    report_path: Path | None = None
+    """The end-of-run report (stage_a.runstats) written beside the JSONL."""
 
     @property
     def groups_not_written(self) -> int:
@@ -31,7 +34,13 @@ def output_paths(output_dir: Path, mission: str) -> tuple[Path, Path]:
     return output_dir / f"{mission}_stage_a.jsonl", output_dir / f"{mission}_stage_a_failures.jsonl"
 
 
-def _failure(group: ExportGroup, cancelled: bool) -> dict[str, object] | None:
+def report_path(output_dir: Path, mission: str) -> Path:
+    return output_dir / f"{mission}_stage_a_report.json"
+
+
+def _failure(group: ExportGroup, cancelled: str | None) -> dict[str, object] | None:
+    """The group's failure record, or None when every image has a summary; ``cancelled``: the text
+    for images a cancelled run left unprocessed (None: the run is not cancelled)."""
     problems: list[dict[str, str | None]] = []
     incomplete = False
     for i, img in enumerate(group.images, start=1):
@@ -42,7 +51,7 @@ def _failure(group: ExportGroup, cancelled: bool) -> dict[str, object] | None:
         elif img.status == DONE:
             reason = "empty summary"
         else:
-            reason = "not processed: run cancelled" if cancelled else f"not processed yet ({img.status})"
+            reason = cancelled or f"not processed yet ({img.status})"
             incomplete = True
         problems.append({"image": f"image_{i}", "file": img.file_name, "reason": reason})
     if not problems and group.images:
@@ -63,11 +72,18 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
     run = store.get_run(run_id)
     output_dir = Path(output_dir)
     jsonl_path, failures_path = output_paths(output_dir, run.spec.mission)
+    stats_path = report_path(output_dir, run.spec.mission)
+    cancelled = None
+    if run.cancelled:
+        when = run.cancelled_at.strftime("%Y-%m-%d %H:%M:%S") + "Z" if run.cancelled_at else "?"
+        cancelled = f"not processed: run cancelled at {when}"
     counts = {"written": 0, "failed": 0, "incomplete": 0}
-    # Both files are replaced together or not at all (a new JSONL never sits beside an old report).
-    with atomic_files(jsonl_path, failures_path) as (out, failures):
+    stats = run_stats(store, run_id).to_json()
+    # The files are replaced together or not at all (a new JSONL never sits beside an old report).
+    with atomic_files(jsonl_path, failures_path, stats_path) as (out, failures, stats_file):
+        stats_file.write(json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
         for group in store.queries.iter_export_groups(run_id):
-            failure = _failure(group, run.cancelled)
+            failure = _failure(group, cancelled)
             if failure is not None:
                 counts[str(failure["status"])] += 1
                 failures.write(json.dumps(failure, ensure_ascii=False) + "\n")
@@ -81,4 +97,4 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
             counts["written"] += 1
             out.write(record.to_json_line())  # validates before anything is written
     return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
-                        tuple(store.queries.served_by(run_id)))
+                        tuple(store.queries.served_by(run_id)), stats_path)

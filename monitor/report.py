@@ -10,14 +10,14 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError, first_line
 from stage_a.settings import Settings
 from stage_a.store import check_run_id, utcnow
-from stage_a.store.queries import DeadHolder, ModelShare, ReclaimerBeat, RunRow, WorkerBeat
+from stage_a.store.queries import DeadHolder, ModelShare, ReclaimerBeat, RunCounts, RunRow, WorkerBeat
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -34,13 +34,15 @@ MIN_SPAN_S = 1.0
 @dataclass(frozen=True)
 class Throughput:
     recent_images_per_s: float | None
-    """Images finished in the last ``window_s`` seconds (or since creation, if younger) per second."""
+    """Images finished in the last ``window_s`` seconds per second."""
     window_s: float
+    """The span the recent rate divides by: STAGE_A_RATE_WINDOW, or less for a run whose first activity
+    (its first lease or result, after any model load) is younger than that."""
     overall_images_per_s: float | None
     """Images finished per second from the run's first activity to its last result."""
     eta_s: float | None
-    """Unfinished images / the recent rate (the overall rate when nothing finished recently); None while
-    images sit with a dead holder (no rate says when they will be re-sent)."""
+    """Unfinished images / the recent rate (the overall rate while the run is too young for one); None
+    unless the run is running and images finish (a stalled, cancelled or idle run has no ETA)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class RunReport:
     """Workers holding leases of this run that stopped beating (the reclaimers re-send those images)."""
     reclaimers_failing: tuple[ReclaimerBeat, ...] = ()
     """Hosts whose reclaimer's last pass failed (with since when and why)."""
+    failures_by_class: dict[str, int] = field(default_factory=dict)
+    """Failed images by reason class (stage_a.failures), most first."""
 
     @property
     def finished_images(self) -> int:
@@ -217,7 +221,8 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     agg = store.queries.counts(run_id, now - timedelta(seconds=window), workers=writers)
     dead = store.queries.dead_letter_counts().get(run_id, 0)
     workers = store.queries.worker_beats(now, settings.heartbeat_timeout) if beats is None else beats
-    relevant = [w for w in workers if w.run_id == run_id or (w.online and _serves(w, run))]
+    relevant = [w for w in workers if (w.run_id == run_id or (w.online and _serves(w, run)))
+                and (w.online or w.heartbeat_age_s <= settings.worker_shown_for)]  # stopped ones age out
     online = sum(1 for w in relevant if w.online and _serves(w, run))
     if queue is not None and run.farm:
         queue_length, queue_note = queue.length(run.route)
@@ -228,29 +233,15 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     dead_holders = (store.queries.dead_holders(run_id, now - timedelta(seconds=holder_timeout))
                     if holder_timeout is not None and run.farm and agg.leased and not run.cancelled_at else [])
     failing = [b for b in store.queries.reclaimer_beats() if b.failing_since is not None]
-    unfinished = agg.pending + agg.leased
-    finished = agg.done + agg.failed
-    # Rates: never from one timestamp (see the module docstring).
-    overall = None
-    if finished and agg.last_update is not None:
-        start = agg.first_activity or run.created_at
-        span = (agg.last_update - start).total_seconds()
-        if span < MIN_SPAN_S:
-            span = (agg.last_update - run.created_at).total_seconds()
-        overall = finished / span if span >= MIN_SPAN_S else None
-    recent = None
-    if unfinished and not run.cancelled_at:
-        span = min(window, (now - run.created_at).total_seconds())
-        recent = agg.finished_since / span if span >= MIN_SPAN_S else None
-    rate_for_eta = recent or overall
-    eta = (unfinished / rate_for_eta if unfinished and rate_for_eta and not run.cancelled_at and not dead_holders
-           else None)
     tokens_per_s = (agg.completion_tokens / (agg.generate_ms_with_tokens / 1000.0)
                     if agg.generate_ms_with_tokens > 0 else None)
-
     state, reason = _state(run, agg.pending, agg.leased, agg.last_update, agg.first_activity, online,
                            queue_length, now, settings, workers, dead_holders)
+    if state == "stalled":
+        reason = _with_causes(reason, run, dead, failing)
+    throughput = _throughput(run, agg, now, window, state)
     end = run.cancelled_at or (agg.last_update if state == "finished" and agg.last_update else now)
+    by_class = _by_class(store.queries.failure_texts(run_id)) if agg.failed else {}
     return RunReport(
         run_id=run.id, mission=run.mission, dataset=run.dataset, checkpoint=run.checkpoint, model=run.model,
         models_served=agg.models, farm=run.farm, sharding_mode=run.sharding_mode, created_at=run.created_at,
@@ -260,10 +251,56 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         dead_letters=dead, queue_length=queue_length, queue_note=queue_note, workers_online=online,
         workers=tuple(relevant), result_writers=agg.workers,
         first_activity_at=agg.first_activity, last_result_at=agg.last_update,
-        throughput=Throughput(recent, window, overall, eta),
+        throughput=throughput,
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason, dead_holders=tuple(dead_holders), reclaimers_failing=tuple(failing),
+        failures_by_class=by_class,
     )
+
+
+def _throughput(run: RunRow, agg: RunCounts, now: datetime, window: float, state: str) -> Throughput:
+    """Rates over the spans they really cover, from the run's first activity (a lease or a result, so a
+    model load before it is not counted) and never from one timestamp; an ETA only while running."""
+    finished = agg.done + agg.failed
+    start = agg.first_activity or run.created_at
+    overall = None
+    if finished and agg.last_update is not None:
+        span = (agg.last_update - start).total_seconds()
+        if span < MIN_SPAN_S:
+            span = (agg.last_update - run.created_at).total_seconds()
+        overall = finished / span if span >= MIN_SPAN_S else None
+    unfinished = agg.pending + agg.leased
+    span_s = max(0.0, min(window, (now - start).total_seconds()))
+    recent = None
+    if unfinished and not run.cancelled_at and span_s >= MIN_SPAN_S:
+        recent = agg.finished_since / span_s
+    # A young run has no recent window yet: the overall rate stands in. A zero recent rate means
+    # nothing finishes now: no ETA (the overall rate would promise one that nothing supports).
+    rate = recent if recent is not None else overall
+    eta = unfinished / rate if state == "running" and unfinished and rate else None
+    return Throughput(recent, round(span_s, 3), overall, eta)
+
+
+def _by_class(texts: Sequence[tuple[str | None, int]]) -> dict[str, int]:
+    """{failure class: images}, most first (then in FAILURE_CLASSES order)."""
+    from stage_a.failures import FAILURE_CLASSES, failure_class
+
+    out: dict[str, int] = {}
+    for error, n in texts:
+        c = failure_class(error)
+        out[c] = out.get(c, 0) + n
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], FAILURE_CLASSES.index(kv[0]))))
+
+
+def _with_causes(reason: str | None, run: RunRow, dead_letters: int, failing: Sequence[ReclaimerBeat]) -> str | None:
+    """A stalled run's reason, with the dead letters and failing reclaimers that may explain it."""
+    extra = []
+    if dead_letters:
+        extra.append(f"{dead_letters} dead letters (stage-a dead-letters {run.id})")
+    extra += [reclaimer_line(b) for b in failing]
+    if not extra:
+        return reason
+    return "; ".join([reason, *extra] if reason else extra)
 
 
 def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None, first_activity: datetime | None,
@@ -271,7 +308,9 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
            settings: Settings, workers: Sequence[WorkerBeat] = (),
            dead_holders: Sequence[DeadHolder] = ()) -> tuple[str, str | None]:
     if run.cancelled_at is not None:
-        return "cancelled", None
+        left = pending + leased
+        return "cancelled", (f"cancelled at {run.cancelled_at.strftime('%Y-%m-%d %H:%M:%S')}Z" +
+                             (f"; {left} images not processed: run cancelled" if left else ""))
     unfinished = pending + leased
     if unfinished == 0:
         return "finished", None
@@ -286,6 +325,13 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
             f"{note}; a reclaimer re-sends them within STAGE_A_RECLAIM_INTERVAL={settings.reclaim_interval:.0f} s "
             f"(stage-a reclaim does it now)")
     since_result = (now - last_result).total_seconds() if last_result else None
+    stopped = _stopped_since(run, workers, last_result) if run.farm and workers_online == 0 else None
+    if stopped is not None:
+        # Every worker that served the run said it stops: no need to wait out the heartbeat timeout.
+        return "stalled", (f"every worker for model {run.route or '?'} stopped (last {stopped.name} at "
+                           f"{stopped.heartbeat_at.strftime('%Y-%m-%d %H:%M:%S')}Z) and {unfinished} images "
+                           f"unfinished: start workers (systemctl start stage-a-worker@0, or celery -A workers "
+                           f"worker)")
     if run.farm and workers_online == 0 and (since_result is None or since_result > settings.heartbeat_timeout):
         if any(w.online for w in workers) and run.route:
             return "stalled", (f"{_no_worker(run, workers)}, and {unfinished} images unfinished: start a worker "
@@ -308,6 +354,18 @@ def _state(run: RunRow, pending: int, leased: int, last_result: datetime | None,
         return "stalled", (f"{what} (STAGE_A_STALL_SECONDS={settings.stall_seconds:.0f}) with {unfinished} images "
                            f"unfinished; {todo}")
     return "running", None
+
+
+def _stopped_since(run: RunRow, workers: Sequence[WorkerBeat], last_result: datetime | None) -> WorkerBeat | None:
+    """The last worker to stop, when workers that served the run (or could) all said they stop after
+    its last result and none is online; else None."""
+    if any(w.online for w in workers if _serves(w, run)):
+        return None
+    stopped = [w for w in workers if w.state == "stopped" and (w.run_id == run.id or _serves(w, run))]
+    if not stopped:
+        return None
+    last = max(stopped, key=lambda w: w.heartbeat_at)
+    return last if last_result is None or last.heartbeat_at >= last_result else None
 
 
 def dead_holder_note(dead_holders: Sequence[DeadHolder], now: datetime) -> str:
@@ -384,7 +442,7 @@ def list_runs(store: ResultStore, limit: int, settings: Settings,
         pending, leased = c.get("pending", 0), c.get("leased", 0)
         rate, reason = None, None
         if r.cancelled_at is not None:
-            state = "cancelled"
+            state, reason = _state(r, pending, leased, None, None, 0, None, now, settings)
         elif pending + leased == 0:
             state = "finished"
         else:

@@ -49,12 +49,13 @@ def describe(r: RunReport) -> str:
         f"last result {ago(r.last_result_at, r.now)}",
         f"images {r.finished_images}/{r.images_total} finished (done {r.done}, failed {r.failed}, "
         f"pending {r.pending}, in flight {r.in_flight})",
+        *([f"failures by class: {classes_text(r.failures_by_class)}"] if r.failures_by_class else []),
         f"groups: {r.groups_complete}/{r.groups_total} complete, {r.groups_with_failures} with failures",
         f"dead letters: {r.dead_letters}" + (f" (stage-a dead-letters {r.run_id})" if r.dead_letters else ""),
         "queue: " + (f"{r.queue_length} messages waiting (all runs)" + (f"; {r.queue_note}" if r.queue_note else "")
                      if r.queue_length is not None
                      else f"unknown ({r.queue_note})" if r.queue_note else "unknown"),
-        f"throughput: {fmt_rate(t.recent_images_per_s)} over the last {t.window_s:.0f}s, "
+        f"throughput: {fmt_rate(t.recent_images_per_s)} over the last {human_duration(t.window_s)}, "
         f"{fmt_rate(t.overall_images_per_s)} overall; ETA {human_duration(t.eta_s)}",
         f"stages: preprocess {fmt_ms(r.timings.preprocess_ms)}/image, generate {fmt_ms(r.timings.generate_ms)}/image, "
         f"{fmt_rate(r.timings.tokens_per_s, 'tokens/s')}",
@@ -65,6 +66,11 @@ def describe(r: RunReport) -> str:
     lines += [reclaimer_line(b) for b in r.reclaimers_failing]
     lines.append(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""))
     return "\n".join(lines)
+
+
+def classes_text(by_class: dict[str, int]) -> str:
+    """"unreadable_image 2, other 1"."""
+    return ", ".join(f"{c} {n}" for c, n in by_class.items())
 
 
 def _served_label(model: str | None, r: RunReport) -> str:

@@ -22,6 +22,9 @@ from stage_a.errors import UserError
 if TYPE_CHECKING:
     from stage_a.store import ResultStore
 
+LOG_FORMATS = ("text", "json")
+"""STAGE_A_LOG_FORMAT values."""
+
 
 def _env(name: str, *legacy: str) -> dict[str, Any]:
     return {"env": name, "legacy": legacy}
@@ -86,6 +89,11 @@ class Settings:
     metrics_port: int = 0
     """Port on which a worker serves Prometheus metrics for all its pool processes (one per worker: several
     workers on a host each need their own); 0 or empty: off. deploy/prometheus/prometheus.yml scrapes it."""
+    worker_shown_for: float = 3600.0
+    """Seconds a stopped or offline worker stays in the workers tables of `status` and the run page."""
+    log_format: str = "text"
+    """text, or json: one JSON object per log line (time, level, logger, message, and run, worker, batch,
+    images, seconds, tokens where the line has them), for `stage-a` commands and workers."""
     serve_basic_auth: str = ""
     """user:password that `stage-a serve` asks for (HTTP basic auth, like FLOWER_BASIC_AUTH); empty: none."""
     db_pool_size: int = 5
@@ -134,6 +142,7 @@ class Settings:
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
                      "model_load_timeout", "reclaim_interval", "stall_seconds", "heartbeat_timeout", "rate_window",
+                     "worker_shown_for",
                      "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank",
                      "vllm_max_loras"):
             if getattr(self, name) <= 0:
@@ -149,6 +158,8 @@ class Settings:
         user, _, password = self.serve_basic_auth.partition(":")
         if self.serve_basic_auth and not (user and password):
             raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password, both non-empty")
+        if self.log_format not in LOG_FORMATS:
+            raise UserError(f"STAGE_A_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.engine not in ENGINES:
             raise UserError(f"STAGE_A_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not all(g.isascii() and g.isdigit() for g in self.gpus):

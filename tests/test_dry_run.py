@@ -101,3 +101,42 @@ def test_debug_shows_the_traceback(tree: Path, tmp_path: Path) -> None:
                 "--debug"], base_env(), tmp_path)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "stage-a: error: unknown mission" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["broker down", "database down", "sqlite", "no database"])
+def test_enqueue_dry_run_exits_2_when_the_real_command_would_fail(case: str, tree: Path, tiny_checkpoint: Path,
+                                                                  pg_url: str, tmp_path: Path) -> None:
+    """The plan is still printed; then one line names what the real enqueue would fail on, exit 2."""
+    from conftest import REDIS_URL
+    from support.farm import free_port
+
+    env = {"STAGE_A_DATABASE_URL": pg_url, "STAGE_A_BROKER_URL": REDIS_URL,
+           "STAGE_A_QUEUE": f"stage_a_dry_{uuid.uuid4().hex[:10]}"}
+    expected = {"broker down": "broker", "database down": "NOT reachable", "sqlite": "SQLite",
+                "no database": "no results database"}[case]
+    if case == "broker down":
+        env["STAGE_A_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    elif case == "database down":
+        env["STAGE_A_DATABASE_URL"] = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none"
+    elif case == "sqlite":
+        env["STAGE_A_DATABASE_URL"] = str(tmp_path / "farm.db")
+    else:
+        del env["STAGE_A_DATABASE_URL"]
+    proc = cli(["enqueue", "--mission", MISSION, "--input-dir", str(tree), "--checkpoint", str(tiny_checkpoint),
+                "--dry-run"], base_env(**env), tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "dry run: nothing written, nothing queued" in proc.stdout and "groups" in proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "the real command would fail" in errors[0] and expected in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "nobody:" not in proc.stderr
+
+
+def test_run_dry_run_exits_2_when_its_database_is_down(tree: Path, tmp_path: Path) -> None:
+    from support.farm import free_port
+
+    db = f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/x"
+    proc = cli(["run", "--mission", MISSION, "--input-dir", str(tree), "--output-dir", str(tmp_path / "o"),
+                "--db", db, "--dry-run"], base_env(), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "dry run: nothing written" in proc.stdout and "NOT reachable" in proc.stderr
+    assert "secret" not in proc.stdout + proc.stderr

@@ -18,6 +18,8 @@ from stage_a.config import RunSpec
 N_GROUPS = 12
 SUMMARY = '{"统计": [{"类别": "BBU设备", "品牌": {"华为": 1}}], "备注": ["' + "很长的备注" * 60 + '"]}'
 
+REPORT = f"{MISSION}_stage_a_report.json"
+
 
 def _mount(target: Path, *opts: str) -> None:
     proc = subprocess.run(["mount", *opts, str(target)], capture_output=True, text=True)
@@ -78,7 +80,7 @@ def test_export_on_a_full_disk_keeps_the_old_pair(half_done: tuple[Path, Path], 
     first = _export(db, small_disk, work)
     assert first.returncode == 3, first.stdout + first.stderr  # half the groups still pending
     old = _snapshot(small_disk)
-    assert set(old) == {JSONL, FAILURES} and old[JSONL] and old[FAILURES]
+    assert set(old) == {JSONL, FAILURES, REPORT} and old[JSONL] and old[FAILURES] and old[REPORT]
     _finish_run(db)  # the next export would write every group and an empty report
     st = os.statvfs(small_disk)
     free = st.f_bavail * st.f_frsize
@@ -115,7 +117,7 @@ def test_failed_second_rename_puts_the_first_file_back(half_done: tuple[Path, Pa
     _finish_run(db)
     assert_one_line_error(_export(db, out, work), "cannot write", FAILURES)
     assert (out / JSONL).read_bytes() == old_jsonl
-    assert sorted(p.name for p in out.iterdir()) == sorted([JSONL, FAILURES])  # no temp or backup left
+    assert sorted(p.name for p in out.iterdir()) == sorted([JSONL, FAILURES, REPORT])  # no temp or backup left
 
 
 def test_export_into_an_unwritable_place_is_one_line(half_done: tuple[Path, Path]) -> None:

@@ -28,6 +28,7 @@ from support.cli import base_env, cli
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
 from support.queues import clear, queued_raw
+from support.runreport import check_report
 from support.store import image_rows, store_id_of
 
 from producer.sample_data import make_sample_tree
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 MISSION = "挡风板安装检查"
 JSONL = f"{MISSION}_stage_a.jsonl"
 FAILURES = f"{MISSION}_stage_a_failures.jsonl"
+REPORT = f"{MISSION}_stage_a_report.json"
 # Redis DB used only by this module (queue names are unique per test as well, so concurrent sessions
 # on the same server never read each other's messages); cleaned key by key, never flushed.
 REDIS_DB = int(os.environ.get("STAGE_A_TEST_FARM_REDIS_DB", "13"))
@@ -278,6 +280,12 @@ def test_farm_matches_stage_a_run(mode: str, farm: Farm, tree: Path, tiny_checkp
     assert exp.returncode == 0, exp.stderr
     assert (out / JSONL).read_bytes() == reference
     assert (out / FAILURES).read_bytes() == b""
+    # The end-of-run report beside them, its figures checked against the store; workers by node:pid.
+    report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+    check_report(report, farm.db_url, run_id)
+    assert {w["worker"] for w in report["workers"]} == workers
+    assert all(re.fullmatch(r"w[12]-[^@]+@[^:]+:\d+", w) for w in workers), workers
+    assert stage_a(["status", str(run_id), "--exit-code"], farm.env, tmp_path).returncode == 0
 
 
 # ---- enqueue / status / export on an unfinished run (no workers on this queue) ----------------

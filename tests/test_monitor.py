@@ -138,8 +138,63 @@ def test_rate_needs_a_span(seeded) -> None:  # type: ignore[no-untyped-def]
                   {"t": now - timedelta(seconds=10), "r": a})
     r = build_report(store, a, Settings.from_env({}), now=now)
     assert r.throughput.overall_images_per_s == pytest.approx(3 / 10, rel=0.05)
-    assert r.throughput.recent_images_per_s == pytest.approx(3 / 20, rel=0.05)
-    assert r.throughput.eta_s == pytest.approx(1 / (3 / 20), rel=0.05)
+    # The window starts at the first activity (10 s ago), not at creation (20 s ago: a model load),
+    # and says so: not "the last 120s" on a run this young.
+    assert r.throughput.window_s == pytest.approx(10, abs=0.5)
+    assert r.throughput.recent_images_per_s == pytest.approx(3 / 10, rel=0.05)
+    assert r.throughput.eta_s == pytest.approx(1 / (3 / 10), rel=0.05)
+    assert r.to_json()["throughput"]["window_s"] == pytest.approx(10, abs=0.5)
+    from monitor.text import describe
+    assert "over the last 10s" in describe(r)
+
+
+def test_no_eta_without_a_recent_rate_or_when_stalled(seeded) -> None:  # type: ignore[no-untyped-def]
+    """Nothing finished within the window: no ETA from the overall rate (it said `ETA 51s` on a stalled
+    run); a stalled run names its dead letters beside its cause; failures are counted by class."""
+    from monitor.report import build_report
+    from monitor.text import describe
+    from stage_a.failures import failure_class
+    from stage_a.settings import Settings
+    from stage_a.store import utcnow
+    from stage_a.store.models import DeadLetter
+
+    store, a, _, _, _ = seeded
+    now = utcnow()
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET created_at = :t WHERE id = :r"), {"t": now - timedelta(seconds=900), "r": a})
+        c.execute(text("UPDATE images SET updated_at = :t WHERE run_id = :r AND status <> 'pending'"),
+                  {"t": now - timedelta(seconds=400), "r": a})
+        c.execute(text("UPDATE images SET updated_at = :t WHERE run_id = :r AND group_position = 0 "
+                       "AND image_index = 1"), {"t": now - timedelta(seconds=500), "r": a})
+        c.execute(DeadLetter.__table__.insert(), [{"received_at": now, "reason": "bad", "payload": "{}",
+                                                   "worker": "gpu0@host-a:1", "run_id": a}])
+    _heartbeat(store, "gpu0@host-a:1", a, age_s=0)
+    quiet = build_report(store, a, Settings.from_env({"STAGE_A_STALL_SECONDS": "600"}), now=now)
+    assert quiet.state == "running" and quiet.throughput.recent_images_per_s == 0
+    assert quiet.throughput.overall_images_per_s and quiet.throughput.eta_s is None
+    stalled = build_report(store, a, Settings.from_env({}), now=now)
+    assert stalled.state == "stalled" and stalled.throughput.eta_s is None
+    assert "1 dead letters (stage-a dead-letters" in (stalled.reason or ""), stalled.reason
+    cls = failure_class("cannot identify image file")
+    assert stalled.failures_by_class == {cls: 1}
+    assert stalled.to_json()["failures_by_class"] == {cls: 1}
+    assert f"failures by class: {cls} 1" in describe(stalled)
+    assert "ETA -" in describe(stalled)
+
+
+def test_all_workers_stopped_is_stalled_at_once(seeded) -> None:  # type: ignore[no-untyped-def]
+    """Every worker announced a warm stop after the last result: stalled now, not `running` until the
+    heartbeat timeout (2m20s) runs out."""
+    from monitor.report import build_report
+    from stage_a.settings import Settings
+    from stage_a.store import utcnow
+
+    store, a, _, _, _ = seeded
+    _heartbeat(store, "gpu0@host-a:1", a, age_s=0, state="stopped")
+    _heartbeat(store, "gpu1@host-a:2", a, age_s=0, state="stopped")
+    r = build_report(store, a, Settings.from_env({}), now=utcnow() + timedelta(seconds=1))
+    assert r.state == "stalled" and r.throughput.eta_s is None
+    assert (r.reason or "").startswith("every worker for model"), r.reason
 
 
 def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded) -> None:  # type: ignore[no-untyped-def]
@@ -440,3 +495,54 @@ def test_basic_auth_needs_a_user_and_a_password(creds: str) -> None:
     with pytest.raises(UserError, match="STAGE_A_SERVE_BASIC_AUTH must be user:password") as exc:
         Settings.from_env({"STAGE_A_SERVE_BASIC_AUTH": creds})
     assert "s3cret" not in str(exc.value)
+
+
+def test_status_exit_code_per_state(seeded, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    """`status --exit-code`: 4 running, 5 stalled, 3 finished with failures, 0 finished clean, 6 cancelled;
+    without the flag, 0 whatever the state."""
+    from cli.commands.status import state_exit_code
+
+    store, a, b, _, _ = seeded
+    assert (state_exit_code("finished", 0), state_exit_code("finished", 2), state_exit_code("running", 1),
+            state_exit_code("stalled", 0), state_exit_code("cancelled", 0)) == (0, 3, 4, 5, 6)
+    assert _cli(["status", str(a), "--exit-code"], pg_url).returncode == 4  # a result just now
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET created_at = created_at - interval '1 hour' WHERE id = :r"), {"r": a})
+        c.execute(text("UPDATE images SET updated_at = now() - interval '1 hour' WHERE run_id = :r"), {"r": a})
+    stalled = _cli(["status", str(a), "--exit-code"], pg_url)
+    assert stalled.returncode == 5 and "state: stalled" in stalled.stdout, stalled.stdout
+    assert _cli(["status", str(a)], pg_url).returncode == 0
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE images SET status = 'done' WHERE run_id = :r AND status = 'pending'"), {"r": a})
+    assert _cli(["status", str(a), "--exit-code"], pg_url).returncode == 3
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE images SET status = 'done' WHERE run_id = :r"), {"r": b})
+    assert _cli(["status", str(b), "--exit-code", "--json"], pg_url).returncode == 0
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET cancelled_at = now() WHERE id = :r"), {"r": a})
+    assert _cli(["status", str(a), "--exit-code"], pg_url).returncode == 6
+
+
+def test_run_page_report_classes_cancelled_and_short_labels(client, seeded) -> None:  # type: ignore[no-untyped-def]
+    """A finished run's page shows the end-of-run report and failures by class; a cancelled run's
+    unprocessed images say so and when; the runs list keeps the reason in a title (hover); a worker
+    stopped over an hour ago has left the workers table."""
+    from stage_a.failures import failure_class
+    from stage_a.store import utcnow
+
+    store, a, b, _, _ = seeded
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE images SET status = 'done', summary = '无关图片' WHERE run_id = :r AND status = 'pending'"),
+                  {"r": a})
+    _heartbeat(store, "old@gone:1", a, age_s=3601, state="stopped")
+    _heartbeat(store, "recent@here:2", a, age_s=30, state="stopped")
+    page = client.get(f"/runs/{a}").text
+    assert 'id="report"' in page and "p95" in page and "device-hours" in page and "gpu0@host-a" in page
+    assert f"<b>{failure_class('cannot identify image file')}</b> 1" in page
+    assert "recent@here:2" in page and "old@gone:1" not in page
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET cancelled_at = :t WHERE id = :r"), {"t": utcnow(), "r": b})
+    cancelled = client.get(f"/runs/{b}").text
+    assert "not processed: run cancelled at " in cancelled
+    index = client.get("/").text
+    assert 'title="cancelled at ' in index and 'class="reason small"' not in index

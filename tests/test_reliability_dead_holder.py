@@ -215,3 +215,38 @@ def test_slow_worker_that_beats_is_never_called_dead(pg_url: str, farm_factory, 
     assert {r["attempts"] for r in image_rows(store, run_id)} == {1}
     assert "offline workers" not in w.log() and farm.redis.queued(farm.queue) == 0
     store.close()
+
+
+@pytest.mark.slow
+def test_status_of_a_run_whose_only_worker_was_sigkilled(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
+    """The only worker is SIGKILLed holding a batch: status names it (its node:pid, the name on the rows
+    and in Flower's node), claims no ETA, and --exit-code says stalled (5) once its images are all that
+    is left, running (4) before."""
+    make_tree(tmp_path / "in", groups=2, per_group=2)
+    farm: Farm = farm_factory(pg_url, STAGE_A_LEASE_SECONDS="1800", STAGE_A_HEARTBEAT_INTERVAL="1",
+                              STAGE_A_HOLDER_TIMEOUT="4", STAGE_A_TEST_SLOW_BATCH_S="30",
+                              STAGE_A_FLUSH_SIZE="4")
+    w = farm.worker("solo", app="support.slow_app")
+    wait_for(lambda: w.ready(), 90, "the worker ready", on_timeout=farm.logs)
+    run_id = farm.enqueue(tmp_path / "in")
+    store = farm.store()
+    try:
+        leased = wait_for(lambda: [r for r in image_rows(store, run_id) if r["status"] == "leased"] or None, 120,
+                          "the worker to lease its batch", 0.05, on_timeout=farm.logs)
+        w.kill(signal.SIGKILL)
+        holder = str(leased[0]["worker"])
+        assert holder.startswith("solo@") and holder.rsplit(":", 1)[1].isdigit(), holder
+        env = farm.env()
+
+        def report() -> dict | None:  # type: ignore[type-arg]
+            proc = cli(["status", str(run_id), "--json", "--exit-code"], env, tmp_path, timeout=120)
+            js = json.loads(proc.stdout)
+            return js if js["dead_holders"] and js["state"] == "stalled" and proc.returncode == 5 else None
+
+        js = wait_for(report, 60, "status to call the run stalled with a dead holder", 1.0)
+        assert js["throughput"]["eta_s"] is None
+        assert f"leased by offline worker {holder} since" in js["reason"], js["reason"]
+        text = cli(["status", str(run_id)], env, tmp_path, timeout=120)
+        assert f"leased by offline worker {holder}" in text.stdout and "ETA -" in text.stdout, text.stdout
+    finally:
+        store.close()

@@ -77,4 +77,5 @@ def test_killed_export_never_leaves_a_partial_file(big_run: Path, tmp_path: Path
     assert (out / JSONL).read_bytes() == old
     assert (out / FAILURES).read_bytes() == b""
     # The partial data only ever lived in a hidden temp file beside it.
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([JSONL, FAILURES])
+    report = f"{MISSION}_stage_a_report.json"  # written with the pair, in the same atomic step
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([JSONL, FAILURES, report])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from support.cli import base_env, cli, read_jsonl
+from support.runreport import check_report
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +20,7 @@ MISSION = "挡风板安装检查"
 PASS, FAIL = "审核通过", "审核不通过"
 JSONL = f"{MISSION}_stage_a.jsonl"
 FAILURES = f"{MISSION}_stage_a_failures.jsonl"
+REPORT = f"{MISSION}_stage_a_report.json"
 
 
 def _image_bytes(seed: int, size: tuple[int, int], fmt: str) -> bytes:
@@ -151,7 +154,18 @@ def test_unreadable_images_go_to_the_failure_report(main_run) -> None:  # type: 
     assert not written & set(BROKEN)
     # Nothing half-written is left next to the results.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("stage_a_results.db")) == sorted(
-        [JSONL, FAILURES])
+        [JSONL, FAILURES, REPORT])
+
+
+def test_end_of_run_report_beside_the_jsonl(main_run) -> None:  # type: ignore[no-untyped-def]
+    """`stage-a run` writes <mission>_stage_a_report.json; every figure agrees with the store's rows."""
+    out, proc = main_run
+    report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+    assert f"report:   {out / REPORT}" in proc.stdout
+    assert report["state"] == "finished" and report["mission"] == MISSION
+    assert report["done"] + report["failed"] == 13 and report["failed"] >= 2
+    assert len(report["workers"]) == 1 and report["workers"][0]["share"] == 1.0 and report["stragglers"] == []
+    check_report(report, str(out / "stage_a_results.db"), report["run_id"])
 
 
 @pytest.mark.parametrize("extra", [

@@ -103,9 +103,9 @@ class PoisonSink:
 
 
 def _worker_name() -> str:
-    import socket
+    from workers.naming import process_name
 
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return process_name()
 
 
 sink = PoisonSink()

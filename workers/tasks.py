@@ -26,6 +26,7 @@ from stage_a.errors import EngineDeadError, UserError, first_line
 from stage_a.messages import TASK_NAME
 from workers import metrics
 from workers.celery import app, refuse_to_start, settings
+from workers.naming import process_name, set_node
 from workers.routing import ModelRouter
 from workers.runtime import Outcome, WorkerRuntime
 
@@ -123,10 +124,15 @@ def _queue_of(request: SimpleRequest) -> str | None:
     return key if isinstance(key, str) and key else None
 
 
+RETRY_KINDS = ("handed_back", "redelivered")
+"""Outcomes whose message goes on to another worker or a later delivery (Flower's RETRY)."""
+
+
 def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) -> None:
     """celery-batches sends no per-task events; these let Flower show each task: FAILURE with the
     reason for a failed image or rejected message, REVOKED for a cancelled run, RETRY for a message
-    re-queued after a database or broker outage, the task's own share of
+    handed back to another model's workers or re-queued after a database or broker outage (never
+    SUCCESS: its images did not run here), the task's own share of
     its batches as runtime, and the run id in args, result or exception."""
     if not settings.task_events or not requests:
         return
@@ -139,8 +145,10 @@ def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) ->
                 dispatcher.send("task-started", uuid=r.id)
                 if out.kind == "cancelled":
                     dispatcher.send("task-revoked", uuid=r.id, terminated=False, signum=None, expired=False)
-                elif out.kind == "redelivered":  # re-queued after an outage: Flower's RETRY, not a failure
-                    dispatcher.send("task-retried", uuid=r.id, exception=f"{run}: {out.reason}", traceback="")
+                elif out.kind in RETRY_KINDS:  # sent on to run elsewhere or later: RETRY, neither success nor failure
+                    what = "handed back" if out.kind == "handed_back" else "re-queued"
+                    dispatcher.send("task-retried", uuid=r.id, exception=f"{run}: {what}: {out.reason or '-'}",
+                                    traceback="")
                 elif out.ok:
                     dispatcher.send("task-succeeded", uuid=r.id, runtime=out.seconds,
                                     result=f"{run}: {out.kind}, {out.images} image(s)")
@@ -212,6 +220,15 @@ app.steps["consumer"].add(WaitForModels)
 app.steps["consumer"].add(ModelRouter)
 
 
+@signals.after_setup_logger.connect
+def _json_logs(logger: Any = None, **_: Any) -> None:
+    """STAGE_A_LOG_FORMAT=json: the worker's log lines as JSON objects too (Celery set up its handlers)."""
+    from stage_a.logs import use_json
+
+    if settings.log_format == "json" and logger is not None:
+        use_json(*logger.handlers, context=lambda: {"worker": process_name()})
+
+
 @signals.worker_init.connect
 def _check_services(sender: Any = None, **_: Any) -> None:
     """Fail within seconds, one line and exit status 2, when the broker, the database or the pinned
@@ -222,6 +239,7 @@ def _check_services(sender: Any = None, **_: Any) -> None:
 
     global _node
     _node = getattr(sender, "hostname", None)
+    set_node(_node)  # dead letters written in this process carry the same name as the rows
     try:
         TaskQueue(settings).check()
         settings.open_store().close()  # connects and migrates to head

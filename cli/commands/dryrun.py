@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
 
 from producer.register import Plan
+from stage_a.errors import first_line
 from stage_a.settings import Settings
 from stage_a.terminal import printable
 
@@ -72,3 +74,30 @@ def print_plan(plan: Plan, checkpoint: str, settings: Settings, target: str) -> 
                f"{gen.max_new_tokens}, temperature {gen.temperature}, top_p {gen.top_p}, repetition_penalty "
                f"{gen.repetition_penalty}, sharding {spec.sharding_mode}")
     click.echo(f"  {target}")
+
+
+def database_problem(url: str) -> list[str]:
+    """[why] when the database at ``url`` does not answer (connects once, writes nothing), else []."""
+    from stage_a.secrets import redact_url
+    from stage_a.store.engine import make_engine
+
+    try:
+        engine = make_engine(url, pool_size=1)
+    except Exception as exc:
+        return [f"database {redact_url(url)}: {first_line(exc)}"]
+    try:
+        with engine.connect():
+            return []
+    except Exception as exc:
+        return [f"database {redact_url(url)} NOT reachable ({first_line(exc)[:200]})"]
+    finally:
+        engine.dispose()
+
+
+def fail_dry_run(problems: list[str]) -> None:
+    """After the plan: exit 2 with one line naming the first reason the real command would fail."""
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+    click.echo(f"stage-a: error: the real command would fail: {printable(problems[0])}{more}", err=True)
+    sys.exit(2)

@@ -141,7 +141,7 @@ def _stopped(exc: PublishError, settings: Settings, run_id: int, unit: str) -> s
 
 def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     """Discover, sample and check; the broker and database are only looked at, never written."""
-    from cli.commands.dryrun import print_plan
+    from cli.commands.dryrun import database_problem, fail_dry_run, print_plan
     from producer.register import plan_run
     from stage_a.checkpoint import DEMO_MODEL, Checkpoint
     from stage_a.queue import model_queue
@@ -152,6 +152,8 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     route = (Checkpoint.open(spec.checkpoint, settings.cache_path / "identity").base_identity if spec.checkpoint
              else DEMO_MODEL)
     queue = model_queue(settings.queue, route)
+    problems: list[str] = []
+    broker = ""
     try:
         from producer.publish import Publisher
 
@@ -159,7 +161,13 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
         publisher.check(refuse_eviction=False)
         warning = publisher.eviction_warning()
         broker = f"reachable, {publisher.length(queue)} messages waiting" + (f"; {warning}" if warning else "")
+        if warning:
+            publisher.check()  # the real command refuses an evicting Redis: say so as it would
+    except UserError as exc:
+        problems.append(str(exc))
+        broker = broker or f"NOT reachable ({first_line(exc)})"
     except Exception as exc:
+        problems.append(f"broker NOT reachable ({first_line(exc)})")
         broker = f"NOT reachable ({first_line(exc)})"
     unit = "group" if spec.sharding_mode == "per_group" else "image"
     n = len(plan.groups) if unit == "group" else plan.images
@@ -167,5 +175,12 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
                f"queue:       {n} {unit} tasks would go to {queue!r} on {redact_url(settings.broker_url)} "
                f"({broker}); results to {redact_url(db) if db else 'NO DATABASE (pass --db or set STAGE_A_DATABASE_URL)'}")
     refused = sqlite_refusal(kw["db"], settings) if db else None
+    if not db:
+        problems.append("no results database: pass --db or set STAGE_A_DATABASE_URL (workers must reach it too)")
+    elif refused:
+        problems.append(refused)
+    else:
+        problems += database_problem(db)
     if refused:
         click.echo(f"  problem:     {refused}")
+    fail_dry_run(problems)

@@ -65,7 +65,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
                                  settings.data_dir):
         click.echo(f"stage-a: {printable(note)}", err=True)
     click.echo(f"stage-a: run {info.id}{' (cancelled)' if info.cancelled else ''}: {report.groups_written} groups written, {report.groups_failed} failed, "
-               f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}")
+               f"{report.groups_incomplete} incomplete\n  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  report:   {report.report_path}")
     click.echo("  models:   " + (", ".join(f"{m} ({n} images)" for m, n in report.models) or "none (no image summarized)"))
     if report.groups_not_written:
         sys.exit(3)

@@ -74,8 +74,10 @@ def setup_logging(level: str, debug: bool = False) -> None:
         import cli
 
         cli.DEBUG = True
+    from stage_a.logs import JsonFormatter, wants_json
+
     handler = logging.StreamHandler()
-    handler.setFormatter(_CliFormatter())
+    handler.setFormatter(JsonFormatter() if wants_json() else _CliFormatter())
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))

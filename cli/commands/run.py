@@ -176,7 +176,7 @@ def run(**kw: Any) -> None:
 
 
 def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], settings: Settings) -> None:
-    from cli.commands.dryrun import print_plan
+    from cli.commands.dryrun import database_problem, fail_dry_run, print_plan
     from merger.export import output_paths
     from producer.register import plan_run
     from stage_a.secrets import redact_url
@@ -186,6 +186,7 @@ def _dry_run(spec: Any, input_dir: Path, output_dir: Path, kw: dict[str, Any], s
     db = settings.results_database(kw["db"], output_dir)
     print_plan(plan, spec.checkpoint, settings,
                f"output:      {jsonl} (+ {failures.name}); database {redact_url(db)}")
+    fail_dry_run(database_problem(db) if "://" in db and not db.startswith("sqlite") else [])
 
 
 def _resume_checkpoint(run: Any, given: str | None, settings: Settings) -> str:
@@ -277,7 +278,7 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     click.echo(
         f"stage-a: run {run_id} done: {report.groups_written} groups written, {report.groups_failed} groups failed, "
         f"{report.groups_incomplete} incomplete; {processed} images in {seconds:.1f}s ({rate:.2f} images/s)\n"
-        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  database: {_db_shown(store, kw)}"
+        f"  jsonl:    {report.jsonl_path}\n  failures: {report.failures_path}\n  report:   {report.report_path}\n  database: {_db_shown(store, kw)}"
     )
     if report.groups_not_written:
         sys.exit(3)

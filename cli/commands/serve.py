@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import click
 
 from cli.commands.status import DB_HELP, open_store
+from stage_a.errors import UserError
 
 
 @click.command()
@@ -25,7 +29,29 @@ def serve(db: str | None, host: str, port: int, log_level: str) -> None:
 
     settings = Settings.from_env()
     store = open_store(db, settings)
+    sock = listen(host, port)  # before uvicorn: a busy port is one line and exit 2, not a startup then exit 3
     click.echo(f"stage-a serve: {store.display_url} on http://{host}:{port}/"
                + (" (basic auth)" if settings.serve_basic_auth else ""), err=True)
-    uvicorn.run(create_app(store, settings), host=host, port=port, log_level=log_level.lower(),
-                proxy_headers=True, server_header=False)
+    config = uvicorn.Config(create_app(store, settings), host=host, port=port, log_level=log_level.lower(),
+                            proxy_headers=True, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a UserError saying why not (port in use, bad address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = " (another process listens there: pick another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    sock.set_inheritable(True)
+    return sock

@@ -33,11 +33,17 @@ def open_store(db: str | None, settings: Settings):  # type: ignore[no-untyped-d
 @click.option("--watch", is_flag=True,
               help="Refresh until the run is finished or cancelled; a stalled run says why.")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
-def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: float) -> None:
-    """State of RUN (running, stalled, finished, cancelled) and why; images and groups done, failed,
-    pending and in flight; dead letters; broker queue; workers online; throughput, ETA; stage timings.
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help="Exit with the run's state: 0 finished clean, 3 finished with failed images, 4 running, "
+                   "5 stalled, 6 cancelled (2: a usage error, as always).")
+def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: float, exit_code: bool) -> None:
+    """State of RUN (running, stalled, finished, cancelled) and why; images and groups done, failed
+    (by reason class), pending and in flight; dead letters; broker queue; workers online; throughput,
+    ETA; stage timings.
 
-    Exit status 0 (also for a stalled or cancelled run: the state is in the output).
+    Exit status 0 whatever the state, unless --exit-code: then 0 finished with no failed image,
+    3 finished with failed images, 4 running, 5 stalled, 6 cancelled, for cron jobs and health checks
+    (healthy: below 5). With --watch, the state it ends on.
     """
     from monitor.report import QueueProbe, build_report
     from monitor.text import describe, watch_line
@@ -67,3 +73,16 @@ def status(run_id: int, db: str | None, as_json: bool, watch: bool, interval: fl
         click.echo(json.dumps(report.to_json(), ensure_ascii=False))
     else:
         click.echo(printable(describe(report)))
+    if exit_code:
+        sys.exit(state_exit_code(report.state, report.failed))
+
+
+EXIT_CODES = {"finished": 0, "running": 4, "stalled": 5, "cancelled": 6}
+FINISHED_WITH_FAILURES = 3
+
+
+def state_exit_code(state: str, failed: int) -> int:
+    """`status --exit-code`'s exit status for a run in ``state`` with ``failed`` failed images."""
+    if state == "finished" and failed:
+        return FINISHED_WITH_FAILURES
+    return EXIT_CODES[state]

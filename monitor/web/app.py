@@ -30,6 +30,7 @@ from monitor.text import fmt_ms, fmt_rate, fmt_time, model_label
 from monitor.web.metrics import metrics_registry, render
 from monitor.web.thumbs import DB_INT_MAX, NotFound, Thumbnails
 from stage_a.errors import UserError
+from stage_a.runstats import run_stats
 from stage_a.settings import Settings
 from stage_a.store.queries import ImageFilter
 
@@ -135,7 +136,9 @@ def create_app(store: ResultStore, settings: Settings) -> Starlette:
         params = {k: v for k, v in (("label", flt.label), ("failed", "1" if flt.failed else None),
                                     ("irrelevant", "1" if flt.irrelevant else None), ("q", flt.text),
                                     ("per", str(per) if per != PAGE_GROUPS else None)) if v}
-        return page(request, "run.html", title=f"run {run_id}", r=report, groups=groups, flt=flt,
+        # The end-of-run report once nothing moves (its percentiles read every finished row).
+        stats = run_stats(store, run_id) if report.state in ("finished", "cancelled") else None
+        return page(request, "run.html", title=f"run {run_id}", r=report, groups=groups, flt=flt, stats=stats,
                     failures=failures, has_prev=has_prev and bool(groups), has_next=has_next and bool(groups),
                     params=params, per=per, other_runs=[x for x in store.queries.run_ids() if x != run_id][-20:])
 

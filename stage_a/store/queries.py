@@ -354,6 +354,16 @@ class Queries:
             models=tuple(ModelShare(m, e, n) for (m, e), n in sorted(models.items(), key=lambda kv: -kv[1])),
         )
 
+    def failure_texts(self, run_id: int, limit: int = 10_000) -> list[tuple[str | None, int]]:
+        """(error text, images) of the run's failed rows, most common first (at most ``limit`` texts)."""
+        n = func.count()
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.error, n).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                .group_by(ImageRow.error).order_by(n.desc()).limit(limit)
+            ).all()
+        return [(e, int(k)) for e, k in rows]
+
     def served_by(self, run_id: int) -> list[tuple[str, int]]:
         """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
         with self.engine.connect() as c:

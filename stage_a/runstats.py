@@ -1,0 +1,214 @@
+"""The end-of-run report (like Ray Data's ``stats()``): one RunStats read from the store, written beside
+the JSONL as ``<mission>_stage_a_report.json`` by `stage-a run` and `stage-a export`, shown on the run page.
+
+Every figure is an SQL aggregate over the run's finished rows (a fixed number of queries, no row read
+into Python): percentiles with ``percentile_cont`` on PostgreSQL and, on SQLite, the same linear
+interpolation from the two ordered values around each rank (ORDER BY .. LIMIT 2 OFFSET k). A batch is
+one results commit: the rows one worker wrote with one ``updated_at``; its latency is the sum of its
+images' shares (which is what each image stores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.sql import ColumnElement, Select
+
+from stage_a.failures import FAILURE_CLASSES, failure_class
+from stage_a.store import ResultStore
+from stage_a.store.models import DONE, FAILED, ImageRow, Run
+
+QUANTILES = (0.5, 0.95)
+STRAGGLER_FACTOR = 1.5
+"""A worker is a straggler when its mean generate time per image exceeds the workers' median by this factor."""
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """p50, p95 and max of one latency over ``n`` values (milliseconds)."""
+
+    n: int
+    p50: float | None
+    p95: float | None
+    max: float | None
+    mean: float | None
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    worker: str
+    images: int
+    share: float
+    """Its fraction of the run's finished images."""
+    generate_ms_mean: float | None
+    """Mean generate time per image it recorded."""
+    images_per_s: float | None
+    """Images / the seconds of its batches (preprocess + generate): its rate while busy."""
+    straggler: bool
+
+
+@dataclass(frozen=True)
+class RunStats:
+    run_id: int
+    mission: str
+    model: str | None
+    state: str
+    """finished, cancelled or unfinished (pending or leased images remain)."""
+    created_at: datetime
+    first_activity_at: datetime | None
+    last_result_at: datetime | None
+    cancelled_at: datetime | None
+    wall_s: float | None
+    """From the run's creation to its last result (model loads included)."""
+    active_s: float | None
+    """From its first activity (the first lease or result) to its last result."""
+    images_total: int
+    done: int
+    failed: int
+    unfinished: int
+    images_per_s: float | None
+    """Finished images / active_s."""
+    prompt_tokens: int
+    completion_tokens: int
+    vision_tokens: int
+    per_image: dict[str, Distribution]
+    """preprocess_ms and generate_ms of each image as stored (its share of its batch)."""
+    per_batch: dict[str, Distribution]
+    """The same summed over each batch (one results commit of one worker), and its size in images."""
+    batches: int
+    workers: tuple[WorkerShare, ...]
+    stragglers: tuple[str, ...]
+    failures_by_class: dict[str, int]
+    model_load_s: dict[str, float] | None
+    """Seconds per worker to load the model; None: not recorded in the store."""
+    model_load_note: str
+    device_hours: float | None
+    """Workers that wrote results x active_s, in hours (one device per worker process)."""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["version"] = REPORT_VERSION
+        return _jsonable(d)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.replace(microsecond=0).isoformat() + "Z"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+def run_stats(store: ResultStore, run_id: int) -> RunStats:
+    """The run's report, read from the store at this moment."""
+    finished = ImageRow.status.in_((DONE, FAILED))
+    of_run = ImageRow.run_id == run_id
+    batch = (
+        select(ImageRow.worker.label("worker"), func.count().label("images"),
+               func.sum(ImageRow.preprocess_ms).label("preprocess_ms"),
+               func.sum(ImageRow.generate_ms).label("generate_ms"))
+        .where(of_run, finished).group_by(ImageRow.worker, ImageRow.updated_at).subquery()
+    )
+    with store.engine.connect() as c:
+        run = c.execute(select(Run.mission, Run.model, Run.created_at, Run.cancelled_at).where(Run.id == run_id)).one()
+        totals = c.execute(select(
+            func.count(), func.count().filter(ImageRow.status == DONE), func.count().filter(ImageRow.status == FAILED),
+            func.min(ImageRow.updated_at), func.max(ImageRow.updated_at).filter(finished),
+            func.coalesce(func.sum(ImageRow.prompt_tokens), 0), func.coalesce(func.sum(ImageRow.completion_tokens), 0),
+            func.coalesce(func.sum(ImageRow.vision_tokens), 0),
+        ).where(of_run)).one()
+        per_image = {name: _distribution(c, col, [of_run, finished])
+                     for name, col in (("preprocess_ms", ImageRow.preprocess_ms), ("generate_ms", ImageRow.generate_ms))}
+        per_batch = {name: _distribution(c, batch.c[name], [])
+                     for name in ("preprocess_ms", "generate_ms", "images")}
+        n_batches = int(c.execute(select(func.count()).select_from(batch)).scalar() or 0)
+        by_worker = c.execute(
+            select(ImageRow.worker, func.count(), func.avg(ImageRow.generate_ms),
+                   func.sum(func.coalesce(ImageRow.preprocess_ms, 0) + func.coalesce(ImageRow.generate_ms, 0)))
+            .where(of_run, finished).group_by(ImageRow.worker).order_by(func.count().desc(), ImageRow.worker)
+        ).all()
+        errors = c.execute(select(ImageRow.error, func.count()).where(of_run, ImageRow.status == FAILED)
+                           .group_by(ImageRow.error)).all()
+    total, done, failed, first, last, prompt, completion, vision = totals
+    n_finished = int(done) + int(failed)
+    wall = (last - run.created_at).total_seconds() if last else None
+    active = (last - first).total_seconds() if last and first else None
+    workers = _workers(by_worker, n_finished)
+    return RunStats(
+        run_id=run_id, mission=run.mission, model=run.model,
+        state="cancelled" if run.cancelled_at else ("finished" if n_finished == total else "unfinished"),
+        created_at=run.created_at, first_activity_at=first, last_result_at=last, cancelled_at=run.cancelled_at,
+        wall_s=wall, active_s=active, images_total=int(total), done=int(done), failed=int(failed),
+        unfinished=int(total) - n_finished,
+        images_per_s=n_finished / active if active and active > 0 else None,
+        prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), vision_tokens=int(vision or 0),
+        per_image=per_image, per_batch=per_batch, batches=n_batches,
+        workers=workers, stragglers=tuple(w.worker for w in workers if w.straggler),
+        failures_by_class=_by_class(errors),
+        model_load_s=None, model_load_note="not recorded: the store keeps no model load times "
+                                           "(workers export stage_a_model_load_seconds on their metrics port)",
+        device_hours=len(workers) * active / 3600 if active is not None and workers else None,
+    )
+
+
+def _workers(rows: Any, n_finished: int) -> tuple[WorkerShare, ...]:
+    means = sorted(float(m) for _, _, m, _ in rows if m is not None)
+    median = _median(means)
+    out = []
+    for name, n, mean, busy_ms in rows:
+        slow = (len(means) >= 2 and median is not None and mean is not None
+                and float(mean) > STRAGGLER_FACTOR * median)
+        out.append(WorkerShare(
+            worker=str(name or "-"), images=int(n), share=int(n) / n_finished if n_finished else 0.0,
+            generate_ms_mean=float(mean) if mean is not None else None,
+            images_per_s=int(n) / (float(busy_ms) / 1000) if busy_ms else None, straggler=slow))
+    return tuple(out)
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _by_class(errors: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for error, n in errors:
+        c = failure_class(error)
+        out[c] = out.get(c, 0) + int(n)
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], FAILURE_CLASSES.index(kv[0]))))
+
+
+def _distribution(c: Connection, col: Any, where: list[ColumnElement[bool]]) -> Distribution:
+    """n, p50, p95, max and mean of ``col`` (NULLs skipped) over the rows matching ``where``."""
+    present = [*where, col.is_not(None)]
+    n, top, mean = c.execute(select(func.count(col), func.max(col), func.avg(col)).where(*present)).one()
+    n = int(n or 0)
+    if n == 0:
+        return Distribution(0, None, None, None, None)
+    if c.dialect.name == "postgresql":
+        row = c.execute(select(*[func.percentile_cont(q).within_group(col) for q in QUANTILES]).where(*present)).one()
+        qs = [float(v) for v in row]
+    else:
+        qs = [_quantile_by_offset(c, select(col).where(*present).order_by(col), n, q) for q in QUANTILES]
+    return Distribution(n, qs[0], qs[1], float(top), float(mean))
+
+
+def _quantile_by_offset(c: Connection, ordered: Select[Any], n: int, q: float) -> float:
+    """percentile_cont(q): the value at rank q*(n-1), interpolated between its two neighbours."""
+    rank = q * (n - 1)
+    k = math.floor(rank)
+    pair = [float(v) for (v,) in c.execute(ordered.limit(2).offset(k))]
+    if len(pair) == 1 or rank == k:
+        return pair[0]
+    return pair[0] + (pair[1] - pair[0]) * (rank - k)
