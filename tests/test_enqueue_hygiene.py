@@ -122,7 +122,7 @@ def test_a_farm_run_on_sqlite_is_refused_before_anything_is_recorded(queue: str,
     assert not db.exists() and _payloads(queue) == []
 
     dry = cli(_enqueue(tree, *args, "--dry-run"), env, tmp_path)
-    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert dry.returncode == 2, dry.stdout + dry.stderr  # the real command would fail
     problems = [ln for ln in dry.stdout.splitlines() if ln.strip().startswith("problem:")]
     assert len(problems) == 1 and "workers on other hosts cannot share an SQLite file" in problems[0], dry.stdout
     assert not db.exists() and _payloads(queue) == []

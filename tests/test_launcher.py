@@ -23,6 +23,7 @@ SCRIPT = REPO / "scripts" / "stage_a.sh"
 MISSION = "挡风板安装检查"
 JSONL = f"{MISSION}_stage_a.jsonl"
 FAILURES = f"{MISSION}_stage_a_failures.jsonl"
+REPORT = f"{MISSION}_stage_a_report.json"
 LAUNCHER_VARS = (
     "mission", "gpus", "checkpoint", "input_dir", "output_dir", "dataset", "prompt_profile", "verify_inputs",
     "pass_group_number", "fail_group_number", "sample_seed", "batch_size_per_rank", "max_pixels",
@@ -149,7 +150,7 @@ def test_resolved_configuration_is_printed_first(launched, tree: Path) -> None: 
 
 def test_temporary_database_is_removed(launched) -> None:  # type: ignore[no-untyped-def]
     out, tmp, proc = launched
-    assert sorted(p.name for p in out.iterdir()) == sorted([JSONL, FAILURES])
+    assert sorted(p.name for p in out.iterdir()) == sorted([JSONL, FAILURES, REPORT])
     assert launcher_temps(tmp) == []  # (torch may leave its own caches in TMPDIR)
     # Neither the launcher nor stage-a named the temporary database that is gone now.
     assert "stage_a_results.db" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

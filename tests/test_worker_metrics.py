@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.farm import Farm, farm_factory, free_port, make_tree, wait_for  # noqa: F401
+from support.cli import cli_popen
+from support.farm import Farm, farm_factory, free_port, kill_group, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +118,70 @@ def test_worker_metrics_after_a_run_and_every_dashboard_series_exported(pg_url: 
     assert len(exprs) >= 8
     missing = {(e, m) for e in exprs for m in metric_names(e) if m not in exported}
     assert not missing, missing
+
+    # The dashboard's queries against a real Prometheus scraping the live worker and `stage-a serve`.
+    if shutil.which("prometheus") is None:
+        pytest.skip("no prometheus server here (Debian package prometheus; .ci/run installs it)")
+    serve_port = free_port()
+    serve_proc = cli_popen(["serve", "--port", str(serve_port)], farm.env(), tmp_path, tmp_path / "serve.log")
+    try:
+        wait_for(lambda: _up(serve_port), 60, "stage-a serve", on_timeout=lambda: (tmp_path / "serve.log").read_text())
+        with real_prometheus(tmp_path, {"stage-a-workers": port, "stage-a-serve": serve_port}) as query:
+            wait_for(lambda: query("sum(up)") == [2.0] and query("count(stage_a_worker_images_total)") != [], 60,
+                     "two scrapes of both targets")
+            wait_for(lambda: query("count(rate(stage_a_worker_images_total[5m]))") != [], 30, "a second scrape")
+            results = {e: query(e) for e in exprs}  # raises on any query Prometheus refuses
+            assert results["sum by (model) (stage_a_queue_length)"] != []
+            assert results["sum(up{job=\"stage-a-workers\"})"] == [1.0]
+            filled = [e for e, r in results.items() if r]
+            assert len(filled) >= len(exprs) - len(GPU_ONLY) - 3, set(results) - set(filled)
+    finally:
+        kill_group(serve_proc)
+
+
+def _up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as res:
+            return bool(res.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def real_prometheus(tmp_path: Path, targets: dict[str, int]) -> Iterator[Callable[[str], list[float]]]:
+    """A Prometheus server scraping ``targets`` (job -> port on 127.0.0.1) every second; yields a query
+    function returning the values of an instant query (raising when Prometheus refuses the expression)."""
+    import urllib.parse
+
+    port = free_port()
+    jobs = "".join(f"  - job_name: {job}\n    static_configs: [{{targets: ['127.0.0.1:{p}']}}]\n"
+                   for job, p in targets.items())
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n{jobs}")
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+
+    def query(expr: str) -> list[float]:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as res:
+            body = json.loads(res.read())
+        assert body["status"] == "success", (expr, body)
+        return [float(r["value"][1]) for r in body["data"]["result"]]
+
+    try:
+        wait_for(lambda: _ready(port), 60, "prometheus ready", on_timeout=lambda: (tmp_path / "prometheus.log").read_text())
+        yield query
+    finally:
+        kill_group(proc)
+        proc.wait(10)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as res:
+            return bool(res.status == 200)
+    except OSError:
+        return False
