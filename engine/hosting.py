@@ -171,9 +171,10 @@ class ModelHost:
         try:
             here = Checkpoint.open(run.spec.checkpoint, self.identity_cache)
         except UserError as exc:
-            raise WrongModel(f"run {run.id} needs model {run.model}: {exc}") from None
-        if run.model is not None and here.identity != run.model:
-            raise WrongModel(f"run {run.id} needs model {run.model}, but {here.path} here is {here.identity}")
+            raise ModelMismatch(f"run {run.id} needs model {run.model}: {exc}") from None
+        # A run recorded before identities were by content (route None) is served by the model at its path.
+        if run.route is not None and here.identity != run.model:
+            raise ModelMismatch(f"run {run.id} needs model {run.model}, but {here.path} here is {here.identity}")
         return here
 
     def _load(self, checkpoint: Checkpoint, route: str) -> None:
@@ -189,4 +190,10 @@ class ModelHost:
 
 
 class WrongModel(Exception):
-    """This host cannot serve the run's model; its work goes back to the queue for others."""
+    """This process does not hold the run's model; its work goes back to the queue of that model."""
+
+
+class ModelMismatch(WrongModel):
+    """The checkpoint at the run's path on this host is missing or is another model than the run's (a drifted
+    copy, an adapter rewritten after enqueue). Its messages are not handed back to the queue they came from
+    (that would loop): the worker records the problem, and the orphan reclaimer re-sends the images later."""

@@ -239,6 +239,11 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
                            queue_length, now, settings, workers, dead_holders)
     if state == "stalled":
         reason = _with_causes(reason, run, dead, failing)
+    refusing = sorted({f"worker {w.name}: {w.problem}" for w in workers
+                       if w.online and w.problem and f"run {run.id} " in f"{w.problem} "})
+    if refusing and state in ("running", "stalled"):  # e.g. the adapter at the run's path differs on its host
+        note = "; ".join(refusing[:3])
+        reason = f"{reason}; {note}" if reason else note
     throughput = _throughput(run, agg, now, window, state)
     end = run.cancelled_at or (agg.last_update if state == "finished" and agg.last_update else now)
     by_class = _by_class(store.queries.failure_texts(run_id)) if agg.failed else {}

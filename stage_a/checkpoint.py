@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
 """The identity recorded for runs with no checkpoint: the tiny random-weight demo model."""
+
+
+def route_of(identity: str | None) -> str | None:
+    """The queue route of a recorded model identity: itself when it is a content identity (or the demo
+    model), None for one recorded before identities were by content (such runs wait on the plain queue,
+    and a worker serves them with the model at their path)."""
+    if identity and (identity == DEMO_MODEL or re.fullmatch(r"m-[0-9a-f]{24}", identity)):
+        return identity
+    return None
+
 
 IDENTITY_PREFIX = "m-"
 _IDENTITY_HEX = 24
@@ -121,7 +132,7 @@ def _adapter_base(path: Path, adapter_cfg: Path) -> tuple[Path, int]:
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise UserError(f"unreadable LoRA adapter config {adapter_cfg}: {str(exc).splitlines()[0]}") from None
     folder = Path(name).expanduser()
-    if not folder.is_absolute() and not folder.is_dir():
+    if not folder.is_absolute():  # relative to the adapter folder, never to this process's cwd
         folder = path / folder
     if not name or not folder.is_dir():
         raise UserError(f"LoRA base model folder not found: {name} (from {adapter_cfg})")

@@ -151,22 +151,29 @@ class TaskQueue:
 
     def has_unacked(self, queue: str | Collection[str] | None = None) -> bool:
         """Whether some message of ``queue`` (a name or several; default: the plain queue) is delivered but not
-        yet acknowledged.
+        yet acknowledged."""
+        names = {queue or self.settings.queue} if queue is None or isinstance(queue, str) else set(queue)
+        return bool(self.unacked_queues(names))
+
+    def unacked_queues(self, queues: Collection[str]) -> set[str]:
+        """Which of ``queues`` have a message delivered but not yet acknowledged.
 
         kombu's Redis transport keeps all unacknowledged messages of a database in one hash of [message,
-        exchange, routing_key]; the scan stops at the first of this queue. An unreadable entry counts as
-        ours: never conclude early that messages were lost."""
-        names = {queue or self.settings.queue} if queue is None or isinstance(queue, str) else set(queue)
+        exchange, routing_key]; one scan answers for every queue, stopping once all are found. An unreadable
+        entry counts for all of them: never conclude early that messages were lost."""
+        names = set(queues)
+        found: set[str] = set()
         with self.app.connection_for_read() as conn:
             channel = conn.default_channel
             for _tag, raw in channel.client.hscan_iter(getattr(channel, "unacked_key", "unacked"), count=200):
                 try:
                     _message, exchange, routing_key = json.loads(raw)
                 except (ValueError, TypeError):
-                    return True
-                if routing_key in names or exchange in names:
-                    return True
-        return False
+                    return names
+                found |= names & {routing_key, exchange}
+                if found == names:
+                    break
+        return found
 
     def drop_run(self, run_id: int, store_id: str, queue: str | None = None, chunk: int = 5000) -> int:
         """Remove the run's messages still waiting on ``queue`` (default: the plain queue), each by its exact

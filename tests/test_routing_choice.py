@@ -92,3 +92,24 @@ def test_a_model_whose_checkpoint_differs_on_this_host_is_never_taken(
     now = Checkpoint.open(ckpt).base_identity
     assert problems[-1] is not None and f"needs model {route}, but {ckpt} on this host is {now}" in problems[-1]
     store.close()
+
+
+def test_a_model_is_taken_when_some_of_its_runs_can_be_served_here(
+        pg_url: str, queue: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A base run and a LoRA run share the base's queue; the adapter is missing on this host: the base's runs are
+    still served, and the problem names the adapter's run only."""
+    from support.lora import make_adapter
+
+    make_tree(tmp_path / "in", groups=1, per_group=1)
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "lora")
+    store = ResultStore(pg_url)
+    settings = Settings(database_url=pg_url, broker_url=REDIS_URL, queue=queue, cache_dir=str(tmp_path / "cache"))
+    base_route = _register(store, tmp_path / "in", tiny_checkpoint)
+    assert _register(store, tmp_path / "in", adapter) == base_route  # adapters ride on their base's queue
+    shutil.rmtree(adapter)
+    q = TaskQueue(settings)
+    problems: list[str | None] = []
+    _fill(q, base_route, 3)
+    assert RouteChooser(settings, store, q, problems.append).choose(None) == base_route
+    assert problems[-1] is not None and "run 2 needs model" in problems[-1] and "run 1 " not in problems[-1]
+    store.close()

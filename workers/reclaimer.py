@@ -93,9 +93,10 @@ class Reclaimer:
             if expired:
                 log.warning("re-enqueued %d images whose lease expired (worker died?)", expired)
         orphaned = 0
-        if self._broker_idle():
+        idle = self._idle_runs()
+        if idle:
             # claiming_orphans: only one of the reclaimers (one per worker host) re-sends each image.
-            lost = self.store.orphaned_pending(self.orphan_grace, now=now)
+            lost = self.store.orphaned_pending(self.orphan_grace, now=now, runs=idle)
             orphaned = self._in_chunks(lost, lambda chunk: self.store.claiming_orphans(chunk, self.orphan_grace, now))
             if orphaned:
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
@@ -145,16 +146,24 @@ class Reclaimer:
         for queue, some in by_queue.items():
             self.queue.send(payloads_for(some, "per_image", self.store.store_id), queue)
 
-    def _broker_idle(self) -> bool:
-        """No message waits in the queue and none is delivered but unacknowledged: only then can a pending
-        image have lost its message (a batch prefetched by a worker loading its model is not lost; a dead
-        worker's are restored after the visibility timeout; a Redis restart wipes both)."""
+    def _idle_runs(self) -> set[int]:
+        """Unfinished runs whose queue has no message waiting and none delivered but unacknowledged: only their
+        pending images can have lost their messages (a batch prefetched by a worker loading its model is not
+        lost; a dead worker's are restored after the visibility timeout; a Redis restart wipes both). Judged
+        per queue: a model no worker holds keeps its queue full, and must not stop recovery of the others.
+        Runs without a route wait on the plain queue."""
         try:
-            queues = [self.queue.queue_for(None)] + [self.queue.queue_for(w.route)
-                                                     for w in self.store.queries.routes_with_work()]
-            return sum(self.queue.lengths(queues)) == 0 and not self.queue.has_unacked(queues)
+            queue_of: dict[int, str] = {}
+            for run_id in self.store.queries.unfinished_run_ids():
+                run = self.store.find_run(run_id)
+                if run is not None and run.farm:
+                    queue_of[run_id] = self.queue.queue_for(run.route)
+            queues = sorted(set(queue_of.values()))
+            waiting = {q for q, n in zip(queues, self.queue.lengths(queues), strict=True) if n}
+            busy = waiting | self.queue.unacked_queues(set(queues) - waiting)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
+        return {run_id for run_id, q in queue_of.items() if q not in busy}
 
     def problem(self, exc: BaseException) -> str:
         """One line for the `reclaimers` row and the log, passwords hidden."""

@@ -45,25 +45,28 @@ class RouteChooser:
         """Called with this host's problem after each look (None: it can serve every model with work)."""
 
     def refusal(self, work: RouteWork) -> str | None:
-        """Why this host cannot serve ``work``'s model (None: it can)."""
+        """Why this host cannot serve ``work``'s run (None: it can): the checkpoint at the run's path here must
+        be the run's model itself (an adapter too, not only its base)."""
         if work.route == DEMO_MODEL:
             return None
         try:
             here = Checkpoint.open(work.checkpoint, self.settings.cache_path / "identity")
         except UserError as exc:
             return f"run {work.run_id} needs model {work.model}: {exc}"
-        if here.base_identity != work.route:
-            return (f"run {work.run_id} needs model {work.route}, but {here.path} on this host is "
-                    f"{here.base_identity}")
+        if here.identity != work.model:
+            return f"run {work.run_id} needs model {work.model}, but {here.path} on this host is {here.identity}"
         return None
 
     def choose(self, current: str | None) -> str | None:
-        """The route to consume next, given the one consumed now (None: none)."""
-        servable, problems = [], []
+        """The route to consume next, given the one consumed now (None: none). A route is servable when some
+        of its runs is (their checkpoints differ: an adapter may be missing here while the base is not)."""
+        servable: list[str] = []
+        problems = []
         for work in self.store.queries.routes_with_work():
             reason = self.refusal(work)
             if reason is None:
-                servable.append(work.route)
+                if work.route not in servable:
+                    servable.append(work.route)
             else:
                 problems.append(reason)
         self.report("; ".join(problems) or None)

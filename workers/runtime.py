@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.hosting import ModelHost, WrongModel
+from engine.hosting import ModelHost, ModelMismatch, WrongModel
 from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.errors import first_line
@@ -44,7 +44,8 @@ class Outcome:
     kind: str
     """done, failed (an image of it failed), rejected (dead letter), cancelled, skipped (already
     finished), handed_back (another model's workers take it), redelivered (re-queued after a
-    database or broker outage: not the message's fault)."""
+    database or broker outage: not the message's fault), refused (the checkpoint at the run's path on
+    this host is not the run's model: left pending for the reclaimer, the worker's problem says why)."""
     run_id: int | None
     images: int = 0
     """Its images that ran through the model in this buffer."""
@@ -209,6 +210,7 @@ class WorkerRuntime:
             return self._after_outage(payloads, exc.fates, exc.cause, queues=queues)
         results: dict[ImageKey, tuple[str | None, float]] = {}  # key -> (error or None, its seconds)
         not_run: dict[ImageKey, str] = {}
+        refusals: dict[int, str] = {}  # run -> why the model at its path here is not the run's
         served = False  # some run of the buffer went to a model (not all handed back)
 
         def collect(batch: BatchDone) -> None:
@@ -227,6 +229,13 @@ class WorkerRuntime:
             assert run is not None
             try:
                 loop = self._loop_for(run)
+            except ModelMismatch as exc:
+                # Not handed back: its queue is this worker's own, and the model at the path stays wrong here.
+                log.error("%s; not serving its %d images here (the reclaimer re-sends them later)", exc, len(items))
+                self.heartbeats.beat("ready", problem=str(exc))
+                not_run.update({it.key: "refused" for it in items})
+                refusals[run_id] = str(exc)
+                continue
             except WrongModel as exc:
                 log.error("%s; handing its %d images back to the queue", exc, len(items))
                 self.heartbeats.beat("ready", problem=str(exc))
@@ -255,7 +264,7 @@ class WorkerRuntime:
             self.hand_back(admitted.handed_back)
         self._back_off(admitted, served)
         self.heartbeats.state = "ready"
-        return Processed(admitted, [self._outcome(f, results, not_run) for f in admitted.messages])
+        return Processed(admitted, [self._outcome(f, results, not_run, refusals) for f in admitted.messages])
 
     def _run_one(self, run: RunInfo, items: list[WorkItem], loop: StepLoop, collect: Callable[[BatchDone], None],
                  results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str]) -> None:
@@ -293,7 +302,8 @@ class WorkerRuntime:
         return Processed(Admitted(), outcomes)
 
     @staticmethod
-    def _outcome(fate: Any, results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str]) -> Outcome:
+    def _outcome(fate: Any, results: dict[ImageKey, tuple[str | None, float]], not_run: dict[ImageKey, str],
+                 refusals: dict[int, str] | None = None) -> Outcome:
         if fate.kind != "work":
             return Outcome(fate.kind, fate.run_id, reason=fate.reason)
         ran = [results[k] for k in fate.keys if k in results]
@@ -309,6 +319,9 @@ class WorkerRuntime:
             return Outcome("cancelled", fate.run_id, len(ran), seconds, "run cancelled")
         if skipped == {"handed_back"}:
             return Outcome("handed_back", fate.run_id, reason="needs another model")
+        if "refused" in skipped:
+            return Outcome("refused", fate.run_id, len(ran), seconds,
+                           (refusals or {}).get(fate.run_id, "the model at the run's path differs here"))
         return Outcome("done", fate.run_id, len(ran), seconds)
 
     def _cancelled(self, run_id: int) -> Any:

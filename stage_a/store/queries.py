@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, case, false, func, or_, select
 
+from stage_a.checkpoint import route_of
 from stage_a.store.models import (
     DONE,
     FAILED,
@@ -103,8 +104,8 @@ class RunRow:
 
     @property
     def route(self) -> str | None:
-        """The base model identity whose workers serve the run."""
-        return self.base_model or self.model
+        """The base model identity whose workers serve the run (None: recorded before content identities)."""
+        return route_of(self.base_model or self.model)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ class WorkerBeat:
 
 @dataclass(frozen=True)
 class RouteWork:
-    """A model with unfinished farm work: its route, and its newest such run (whose checkpoint path a
-    worker opens to check it holds that model)."""
+    """An unfinished farm run by its route: the base model, and the run's checkpoint path and identity (a
+    worker opens the path to check it holds that model)."""
 
     route: str
     run_id: int
@@ -391,7 +392,8 @@ class Queries:
         return out
 
     def routes_with_work(self) -> list[RouteWork]:
-        """One entry per model route with an unfinished, uncancelled farm run, its newest run first."""
+        """Every unfinished, uncancelled farm run with a route (its base model), newest first: a worker may
+        hold the checkpoints of some runs of a model and not of others."""
         route = func.coalesce(Run.base_model, Run.model)
         unfinished = (select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_(UNFINISHED))
                       .exists())
@@ -401,10 +403,7 @@ class Queries:
                 .where(Run.farm.is_(True), Run.cancelled_at.is_(None), route.is_not(None), unfinished)
                 .order_by(Run.id.desc())
             ).all()
-        out: dict[str, RouteWork] = {}
-        for r, run_id, checkpoint, model in rows:
-            out.setdefault(r, RouteWork(r, run_id, checkpoint, model))
-        return list(out.values())
+        return [RouteWork(r, run_id, checkpoint, model) for r, run_id, checkpoint, model in rows if route_of(r)]
 
     def dead_holders(self, run_id: int, cutoff: datetime) -> list[DeadHolder]:
         """The run's leased images by holder, for holders whose last heartbeat is before ``cutoff`` or that

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from stage_a.checkpoint import route_of
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.errors import UserError
 from stage_a.store.models import Run
@@ -35,8 +36,9 @@ class RunInfo:
 
     @property
     def route(self) -> str | None:
-        """The model identity that decides which workers receive the run's messages."""
-        return self.base_model or self.model
+        """The model identity that decides which workers receive the run's messages (None: a run recorded
+        before identities were by content: the plain queue)."""
+        return route_of(self.base_model or self.model)
 
     @property
     def cancelled(self) -> bool:

@@ -9,7 +9,7 @@ driver-level fast paths.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -315,17 +315,21 @@ class ResultStore:
     # ---- recovery: expired leases and lost messages, each row won by one caller -------------
 
     def orphaned_pending(self, grace_seconds: float, limit: int = 100_000,
-                         now: datetime | None = None) -> list[WorkItem]:
-        """Pending images of farm runs with no activity for ``grace_seconds`` (their messages were lost).
+                         now: datetime | None = None, runs: Collection[int] | None = None) -> list[WorkItem]:
+        """Pending images of farm runs (of ``runs`` only, when given) with no activity for ``grace_seconds``
+        (their messages were lost).
 
         Cancelled runs are left alone: their pending images are never re-enqueued."""
+        if runs is not None and not runs:
+            return []
         cutoff = (now or utcnow()) - timedelta(seconds=grace_seconds)
         out: list[WorkItem] = []
         with self.engine.connect() as c:
             active = c.execute(
                 select(ImageRow.run_id, func.min(Run.created_at))
                 .join(Run, Run.id == ImageRow.run_id)
-                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), ImageRow.status == PENDING)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), ImageRow.status == PENDING,
+                       *([ImageRow.run_id.in_(list(runs))] if runs is not None else []))
                 .group_by(ImageRow.run_id)
             ).all()
             for run_id, created in active:
