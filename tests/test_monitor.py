@@ -207,14 +207,14 @@ def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded)
     store, a, b, _, _ = seeded
     settings = Settings.from_env({})
     with store.engine.begin() as c:
-        c.execute(text("UPDATE runs SET model = 'ck-a:1111' WHERE id = :r"), {"r": a})
+        c.execute(text("UPDATE runs SET model = 'm-aaaaaaaaaaaaaaaaaaaaaaaa' WHERE id = :r"), {"r": a})
         c.execute(text("UPDATE runs SET created_at = created_at - interval '1 hour' WHERE id = :r"), {"r": a})
         c.execute(text("UPDATE images SET updated_at = updated_at - interval '1 hour' WHERE run_id = :r"), {"r": a})
-    _heartbeat(store, "gpu0@host-b", b, age_s=0, model="ck-b:2222", state="busy", pinned=True)
+    _heartbeat(store, "gpu0@host-b", b, age_s=0, model="m-bbbbbbbbbbbbbbbbbbbbbbbb", state="busy", pinned=True)
     r = build_report(store, a, settings, now=utcnow())
     assert r.workers_online == 0 and r.state == "stalled"
-    assert r.reason.startswith("no worker holds model ck-a:1111; online workers hold ck-b:2222,"), r.reason
-    _heartbeat(store, "gpu1@host-b", b, age_s=0, model="ck-b:2222", state="busy", pinned=False)
+    assert r.reason.startswith("no worker holds model m-aaaaaaaaaaaaaaaaaaaaaaaa; online workers hold m-bbbbbbbbbbbbbbbbbbbbbbbb,"), r.reason
+    _heartbeat(store, "gpu1@host-b", b, age_s=0, model="m-bbbbbbbbbbbbbbbbbbbbbbbb", state="busy", pinned=False)
     r = build_report(store, a, settings, now=utcnow())
     assert r.workers_online == 1 and [w.name for w in r.workers] == ["gpu1@host-b"]
     assert "no worker" not in (r.reason or ""), r.reason

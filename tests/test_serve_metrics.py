@@ -72,26 +72,26 @@ def test_farm_store_reports_queue_per_model_and_runs_no_worker_can_serve(pg_url:
     store = ResultStore(pg_url)
     tq = TaskQueue(Settings.from_env(env))
     try:
-        run = seed(store, farm=True, model="model-a")
-        tq.send([{"run_id": run, "group_position": 0, "image_index": 3}], tq.queue_for("model-a"))
+        run = seed(store, farm=True, model="m-aaaaaaaaaaaaaaaaaaaaaaaa")
+        tq.send([{"run_id": run, "group_position": 0, "image_index": 3}], tq.queue_for("m-aaaaaaaaaaaaaaaaaaaaaaaa"))
         fams, elapsed = scrape(store, **env)
         assert samples(fams, "stage_a_broker_up") == {(): 1.0}
-        assert samples(fams, "stage_a_queue_length") == {(("model", ""),): 0.0, (("model", "model-a"),): 1.0}
-        key = (("mission", MISSION), ("model", "model-a"), ("run", str(run)))
+        assert samples(fams, "stage_a_queue_length") == {(("model", ""),): 0.0, (("model", "m-aaaaaaaaaaaaaaaaaaaaaaaa"),): 1.0}
+        key = (("mission", MISSION), ("model", "m-aaaaaaaaaaaaaaaaaaaaaaaa"), ("run", str(run)))
         assert samples(fams, "stage_a_run_unserved") == {key: 1.0}
         assert samples(fams, "stage_a_run_created_timestamp_seconds")[key] > 1.7e9
         # A worker pinned to another model does not serve it; one holding its model does.
-        store.heartbeat("gpu0@b", "ready", model="model-b", pinned=True, started=True)
+        store.heartbeat("gpu0@b", "ready", model="m-bbbbbbbbbbbbbbbbbbbbbbbb", pinned=True, started=True)
         fams, _ = scrape(store, **env)
         assert samples(fams, "stage_a_run_unserved") == {key: 1.0}
-        assert samples(fams, "stage_a_workers_online") == {(("model", "model-b"),): 1.0}
-        store.heartbeat("gpu0@a", "ready", model="model-a", pinned=True, started=True)
+        assert samples(fams, "stage_a_workers_online") == {(("model", "m-bbbbbbbbbbbbbbbbbbbbbbbb"),): 1.0}
+        store.heartbeat("gpu0@a", "ready", model="m-aaaaaaaaaaaaaaaaaaaaaaaa", pinned=True, started=True)
         fams, _ = scrape(store, **env)
         assert samples(fams, "stage_a_run_unserved") == {key: 0.0}
     finally:
         with tq.app.connection_for_write() as conn:
             client = conn.default_channel.client
-            client.delete(tq.queue_for(None), tq.queue_for("model-a"))
+            client.delete(tq.queue_for(None), tq.queue_for("m-aaaaaaaaaaaaaaaaaaaaaaaa"))
         store.close()
     print(f"serve /metrics scrape: {elapsed * 1000:.1f} ms")
 
