@@ -151,18 +151,23 @@ class Reclaimer:
         pending images can have lost their messages (a batch prefetched by a worker loading its model is not
         lost; a dead worker's are restored after the visibility timeout; a Redis restart wipes both). Judged
         per queue: a model no worker holds keeps its queue full, and must not stop recovery of the others.
-        Runs without a route wait on the plain queue."""
+        Runs without a route wait on the plain queue; any run's message may wait there too (queued before
+        per-model queues, or re-queued by a worker that could not tell its run), so a busy plain queue
+        leaves every run alone (every worker consumes it: it drains)."""
+        plain = self.queue.queue_for(None)
         try:
             queue_of: dict[int, str] = {}
             for run_id in self.store.queries.unfinished_run_ids():
                 run = self.store.find_run(run_id)
                 if run is not None and run.farm:
                     queue_of[run_id] = self.queue.queue_for(run.route)
-            queues = sorted(set(queue_of.values()))
+            queues = sorted(set(queue_of.values()) | {plain})
             waiting = {q for q, n in zip(queues, self.queue.lengths(queues), strict=True) if n}
             busy = waiting | self.queue.unacked_queues(set(queues) - waiting)
         except Exception as exc:
             raise UserError(broker_error(self.settings.broker_url, exc)) from None
+        if plain in busy:
+            return set()
         return {run_id for run_id, q in queue_of.items() if q not in busy}
 
     def problem(self, exc: BaseException) -> str:
