@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stage_a.errors import UserError, first_line
+from stage_a.runstats import jsonable
 from stage_a.settings import Settings
 from stage_a.store import check_run_id, utcnow
 from stage_a.store.queries import DeadHolder, ModelShare, ReclaimerBeat, RunCounts, RunRow, WorkerBeat
@@ -118,19 +119,7 @@ class RunReport:
         d["models_served"] = [asdict(m) for m in self.models_served]
         d["dead_holders"] = [asdict(h) for h in self.dead_holders]
         d["reclaimers_failing"] = [asdict(b) for b in self.reclaimers_failing]
-        return _jsonable(d)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.replace(microsecond=0).isoformat() + "Z"
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 3)
-    return value
+        return jsonable(d)
 
 
 class QueueProbe:
@@ -429,7 +418,7 @@ class RunSummary:
         return (self.done + self.failed) / self.images_total if self.images_total else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return dict(_jsonable(asdict(self)), finished=self.done + self.failed)
+        return dict(jsonable(asdict(self)), finished=self.done + self.failed)
 
 
 def list_runs(store: ResultStore, limit: int, settings: Settings,

@@ -93,16 +93,17 @@ class RunStats:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["version"] = REPORT_VERSION
-        return _jsonable(d)
+        return jsonable(d)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON types: datetimes as ISO UTC seconds, floats to 3 decimals (reports and status)."""
     if isinstance(value, datetime):
         return value.replace(microsecond=0).isoformat() + "Z"
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float):
         return round(value, 3)
     return value

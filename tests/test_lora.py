@@ -26,29 +26,13 @@ MISSION = "RRU安装检查"
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An adapter on q_proj/v_proj of the language model, with random non-zero B (it changes outputs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
+    from safetensors import safe_open
+    from support.lora import make_adapter
 
-    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", lora_dropout=0.0)
-    peft_model = get_peft_model(base, cfg)
-    torch.manual_seed(123)
-    n_b = 0
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-                n_b += 1
-            elif "lora_A" in name:
-                p.normal_(0.0, 0.5)
+    out = make_adapter(tiny_checkpoint, tmp_path_factory.mktemp("adapters") / "lora")
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        n_b = sum(1 for k in f.keys() if "lora_B" in k)
     assert n_b == 2 * 2  # 2 decoder layers x (q_proj, v_proj); the vision tower has none
-    out = tmp_path_factory.mktemp("adapters") / "lora"
-    peft_model.save_pretrained(out)
-    cfg_path = out / "adapter_config.json"
-    data = json.loads(cfg_path.read_text())
-    data["base_model_name_or_path"] = str(tiny_checkpoint)
-    cfg_path.write_text(json.dumps(data))
     assert not (out / "config.json").exists()  # a pure adapter folder
     assert not (out / "tokenizer_config.json").exists()  # processor comes from the base folder
     return out

@@ -187,25 +187,9 @@ def test_max_model_len_fails_only_the_rows_that_do_not_fit(tree: Path, hd32_chec
 @pytest.fixture(scope="module")
 def adapter_dir(hd32_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A peft LoRA adapter (q_proj/v_proj of the language model, non-zero B) on the head_dim-32 model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
+    from support.lora import make_adapter
 
-    base = AutoModelForImageTextToText.from_pretrained(hd32_checkpoint, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)", lora_dropout=0.0)
-    model = get_peft_model(base, cfg)
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.normal_(0.0, 0.5)
-    out = tmp_path_factory.mktemp("adapters") / "lora"
-    model.save_pretrained(out)
-    cfg_path = out / "adapter_config.json"
-    data = json.loads(cfg_path.read_text())
-    data["base_model_name_or_path"] = str(hd32_checkpoint)
-    cfg_path.write_text(json.dumps(data))
-    return out
+    return make_adapter(hd32_checkpoint, tmp_path_factory.mktemp("adapters") / "lora", rank=8)
 
 
 def test_lora_adapter(tree: Path, adapter_dir: Path, reference: dict[str, Path], tmp_path: Path) -> None:

@@ -364,12 +364,15 @@ class ResultStore:
 
     def stale_leases(self, now: datetime | None = None, limit: int = 10_000) -> list[WorkItem]:
         """Leased images whose lease ran out: their worker died or lost them (cancelled runs excluded)."""
-        now = now or utcnow()
+        return self._leased_items(ImageRow.lease_until < (now or utcnow()), limit=limit)
+
+    def _leased_items(self, *conditions: Any, limit: int) -> list[WorkItem]:
+        """Leased images of runs not cancelled that meet ``conditions``, in key order."""
         with self.engine.connect() as c:
             rows = c.execute(
                 select(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
                 .join(Run, Run.id == ImageRow.run_id)
-                .where(ImageRow.status == LEASED, ImageRow.lease_until < now, Run.cancelled_at.is_(None))
+                .where(ImageRow.status == LEASED, Run.cancelled_at.is_(None), *conditions)
                 .order_by(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index)
                 .limit(limit)
             ).all()
@@ -399,16 +402,7 @@ class ResultStore:
         """Leased images of farm runs whose holder is dead: its heartbeat is older than ``holder_timeout``
         seconds, or its row says stopped (cancelled runs excluded; a holder with no row is left to its lease)."""
         cutoff = (now or utcnow()) - timedelta(seconds=holder_timeout)
-        with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
-                .join(Run, Run.id == ImageRow.run_id)
-                .where(ImageRow.status == LEASED, Run.farm.is_(True), Run.cancelled_at.is_(None),
-                       ImageRow.worker.in_(self._dead_workers(cutoff)))
-                .order_by(ImageRow.run_id, ImageRow.group_position, ImageRow.image_index)
-                .limit(limit)
-            ).all()
-        return [WorkItem(ImageKey(r, p, i), path) for r, p, i, path in rows]
+        return self._leased_items(Run.farm.is_(True), ImageRow.worker.in_(self._dead_workers(cutoff)), limit=limit)
 
     @contextmanager
     def releasing_dead_holders(self, items: Sequence[WorkItem], holder_timeout: float,

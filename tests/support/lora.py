@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 
-def make_adapter(base: Path, out: Path, seed: int = 123) -> Path:
-    """An adapter on q_proj/v_proj of ``base``'s language model, saved to ``out`` naming ``base`` absolutely."""
+def make_adapter(base: Path, out: Path, seed: int = 123, rank: int = 4) -> Path:
+    """A rank-``rank`` adapter on q_proj/v_proj of ``base``'s language model (A and B random, non-zero),
+    saved to ``out`` naming ``base`` absolutely."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", lora_dropout=0.0)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=r".*language_model.*\.(q_proj|v_proj)", lora_dropout=0.0)
     peft_model = get_peft_model(model, cfg)
     torch.manual_seed(seed)
     with torch.no_grad():
