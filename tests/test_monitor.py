@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from sqlalchemy import text
+from support.store import age_run
 
 REPO = Path(__file__).resolve().parents[1]
 MISSION = "挡风板安装检查"
@@ -160,12 +161,9 @@ def test_no_eta_without_a_recent_rate_or_when_stalled(seeded) -> None:  # type: 
 
     store, a, _, _, _ = seeded
     now = utcnow()
+    age_run(store, a, 400)
     with store.engine.begin() as c:
         c.execute(text("UPDATE runs SET created_at = :t WHERE id = :r"), {"t": now - timedelta(seconds=900), "r": a})
-        c.execute(text("UPDATE images SET updated_at = :t WHERE run_id = :r AND status <> 'pending'"),
-                  {"t": now - timedelta(seconds=400), "r": a})
-        c.execute(text("UPDATE images SET updated_at = :t WHERE run_id = :r AND group_position = 0 "
-                       "AND image_index = 1"), {"t": now - timedelta(seconds=500), "r": a})
         c.execute(DeadLetter.__table__.insert(), [{"received_at": now, "reason": "bad", "payload": "{}",
                                                    "worker": "gpu0@host-a:1", "run_id": a}])
     _heartbeat(store, "gpu0@host-a:1", a, age_s=0)
@@ -208,8 +206,7 @@ def test_an_unpinned_worker_busy_with_another_model_still_serves_the_run(seeded)
     settings = Settings.from_env({})
     with store.engine.begin() as c:
         c.execute(text("UPDATE runs SET model = 'm-aaaaaaaaaaaaaaaaaaaaaaaa' WHERE id = :r"), {"r": a})
-        c.execute(text("UPDATE runs SET created_at = created_at - interval '1 hour' WHERE id = :r"), {"r": a})
-        c.execute(text("UPDATE images SET updated_at = updated_at - interval '1 hour' WHERE run_id = :r"), {"r": a})
+    age_run(store, a, 3600)
     _heartbeat(store, "gpu0@host-b", b, age_s=0, model="m-bbbbbbbbbbbbbbbbbbbbbbbb", state="busy", pinned=True)
     r = build_report(store, a, settings, now=utcnow())
     assert r.workers_online == 0 and r.state == "stalled"
@@ -506,9 +503,7 @@ def test_status_exit_code_per_state(seeded, pg_url: str) -> None:  # type: ignor
     assert (state_exit_code("finished", 0), state_exit_code("finished", 2), state_exit_code("running", 1),
             state_exit_code("stalled", 0), state_exit_code("cancelled", 0)) == (0, 3, 4, 5, 6)
     assert _cli(["status", str(a), "--exit-code"], pg_url).returncode == 4  # a result just now
-    with store.engine.begin() as c:
-        c.execute(text("UPDATE runs SET created_at = created_at - interval '1 hour' WHERE id = :r"), {"r": a})
-        c.execute(text("UPDATE images SET updated_at = now() - interval '1 hour' WHERE run_id = :r"), {"r": a})
+    age_run(store, a, 3600)
     stalled = _cli(["status", str(a), "--exit-code"], pg_url)
     assert stalled.returncode == 5 and "state: stalled" in stalled.stdout, stalled.stdout
     assert _cli(["status", str(a)], pg_url).returncode == 0

@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, ForeignKeyConstraint, Index, String, Text
+from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKeyConstraint, Index, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -75,6 +75,9 @@ class GroupRow(Base):
     group_id: Mapped[str] = mapped_column(String(255))
     label: Mapped[str] = mapped_column(String(8))
     n_images: Mapped[int]
+    n_done: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Its images done; kept by the images triggers (revision 0006), like every counter of RunCountsRow."""
+    n_failed: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class ImageRow(Base):
@@ -87,6 +90,8 @@ class ImageRow(Base):
         ),
         Index("ix_images_run_status", "run_id", "status"),
         Index("ix_images_run_updated", "run_id", "updated_at"),
+        Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
+              sqlite_where=text("reuse_key IS NOT NULL")),
         CheckConstraint(STATUS_CHECK, name="ck_images_status"),
     )
 
@@ -111,6 +116,11 @@ class ImageRow(Base):
     """Fingerprint of the model that produced this row's result."""
     engine: Mapped[str | None] = mapped_column(String(32))
     """Engine that produced it: transformers or vllm."""
+    reuse_key: Mapped[str | None] = mapped_column(String(64))
+    """Hash of what decides this image's summary (its bytes, the model, prompt and options): a later
+    image with the same key may take this row's summary."""
+    reused_from: Mapped[int | None]
+    """The run whose summary this row took instead of generating one (None: generated here)."""
 
 
 class DeadLetter(Base):
@@ -172,3 +182,64 @@ class ReclaimerRow(Base):
     checked_at: Mapped[datetime]
     failing_since: Mapped[datetime | None]
     problem: Mapped[str | None] = mapped_column(Text)
+
+
+class RunCountsRow(Base):
+    """A run's counters, kept by triggers on images and groups in the same transaction as every write
+    (revision 0006): the operator views read this row, never the run's images."""
+
+    __tablename__ = "run_counts"
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),)
+
+    run_id: Mapped[int] = mapped_column(primary_key=True)
+    pending: Mapped[int] = mapped_column(BigInteger, default=0)
+    leased: Mapped[int] = mapped_column(BigInteger, default=0)
+    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    reused: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Done images whose summary was taken from an earlier run."""
+    groups_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    groups_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    preprocess_n: Mapped[int] = mapped_column(BigInteger, default=0)
+    generate_n: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    preprocess_ms_sum: Mapped[float] = mapped_column(default=0.0)
+    generate_ms_sum: Mapped[float] = mapped_column(default=0.0)
+    generate_ms_with_tokens: Mapped[float] = mapped_column(default=0.0)
+    first_activity: Mapped[datetime | None]
+    first_result: Mapped[datetime | None]
+    last_result: Mapped[datetime | None]
+
+
+class RunModelRow(Base):
+    """Done images of a run by the (model, engine) that produced them ('' for none recorded)."""
+
+    __tablename__ = "run_models"
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),)
+
+    run_id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    engine: Mapped[str] = mapped_column(String(32), primary_key=True)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RunRecentRow(Base):
+    """Images of a run finished per 10-second bucket: the recent rate reads a window of these."""
+
+    __tablename__ = "run_recent"
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),)
+
+    run_id: Mapped[int] = mapped_column(primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)
+    finished: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RunWorkerRow(Base):
+    """Every worker name that leased or wrote an image of a run."""
+
+    __tablename__ = "run_workers"
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),)
+
+    run_id: Mapped[int] = mapped_column(primary_key=True)
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)

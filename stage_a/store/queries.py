@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, false, func, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 
 from stage_a.checkpoint import route_of
 from stage_a.store.models import (
@@ -22,12 +22,15 @@ from stage_a.store.models import (
     FAILED,
     LEASED,
     PENDING,
-    UNFINISHED,
     DeadLetter,
     GroupRow,
     ImageRow,
     ReclaimerRow,
     Run,
+    RunCountsRow,
+    RunModelRow,
+    RunRecentRow,
+    RunWorkerRow,
     WorkerRow,
 )
 
@@ -73,6 +76,8 @@ class RunCounts:
     """Sum of generate_ms over the rows that have completion_tokens (tokens/s = tokens / this)."""
     models: tuple[ModelShare, ...]
     """Who finished the done images, most images first."""
+    reused: int = 0
+    """Done images whose summary was taken from an earlier run instead of generated."""
 
     @property
     def images_total(self) -> int:
@@ -268,91 +273,57 @@ class Queries:
             return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
 
     def unfinished_run_ids(self) -> list[int]:
-        """Runs not cancelled with images pending or leased, oldest first (one index probe per run)."""
-        busy = select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_((PENDING, LEASED)))
+        """Runs not cancelled with images pending or leased, oldest first (from the run counters)."""
         with self.engine.connect() as c:
             return [int(i) for (i,) in c.execute(
-                select(Run.id).where(Run.cancelled_at.is_(None), busy.exists()).order_by(Run.id))]
+                select(Run.id).join(RunCountsRow, RunCountsRow.run_id == Run.id)
+                .where(Run.cancelled_at.is_(None), _unfinished()).order_by(Run.id))]
 
     # ---- counts -----------------------------------------------------------------------------
 
     def status_counts(self, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-        """{run: {status: images}} for many runs in one index-only aggregate."""
+        """{run: {status: images}} for many runs (one read of their counters)."""
         out: dict[int, dict[str, int]] = {r: {} for r in run_ids}
         if not run_ids:
             return out
         with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.run_id, ImageRow.status, func.count())
-                .where(ImageRow.run_id.in_(list(run_ids))).group_by(ImageRow.run_id, ImageRow.status)
-            )
-            for run_id, status, n in rows:
-                out[int(run_id)][str(status)] = int(n)
+            rows = c.execute(select(RunCountsRow.run_id, RunCountsRow.pending, RunCountsRow.leased, RunCountsRow.done,
+                                    RunCountsRow.failed).where(RunCountsRow.run_id.in_(list(run_ids))))
+            for run_id, *ns in rows:
+                out[int(run_id)] = {st: int(n) for st, n in zip((PENDING, LEASED, DONE, FAILED), ns, strict=True) if n}
         return out
 
     def counts(self, run_id: int, since: datetime | None = None, workers: bool = True) -> RunCounts:
         """The run's counts (images by status, groups, first/last times, images finished after ``since``,
-        per-stage means, who served it; ``workers``: the worker names on its rows). Groups are counted from
-        the images not done (ix_images_run_status): a mostly finished run costs a read of few rows."""
-        with_tokens = ImageRow.completion_tokens.is_not(None)
-        after = ImageRow.updated_at > since if since is not None else false()
-        agg = (
-            select(
-                ImageRow.status, ImageRow.model, ImageRow.engine, func.count(),
-                func.min(ImageRow.updated_at), func.max(ImageRow.updated_at), func.count().filter(after),
-                func.sum(ImageRow.preprocess_ms), func.count(ImageRow.preprocess_ms),
-                func.sum(ImageRow.generate_ms), func.count(ImageRow.generate_ms),
-                func.sum(ImageRow.completion_tokens), func.sum(ImageRow.generate_ms).filter(with_tokens),
-            )
-            .where(ImageRow.run_id == run_id)
-            .group_by(ImageRow.status, ImageRow.model, ImageRow.engine)
-        )
-        failed_pos = case((ImageRow.status == FAILED, ImageRow.group_position))
-        tally = (
-            select(func.count(func.distinct(ImageRow.group_position)), func.count(func.distinct(failed_pos)))
-            .where(ImageRow.run_id == run_id, ImageRow.status.in_((PENDING, LEASED, FAILED)))
-        )
-        by_status = {PENDING: 0, LEASED: 0, DONE: 0, FAILED: 0}
-        first_act: list[datetime] = []
-        firsts: list[datetime] = []
-        lasts: list[datetime] = []
-        since_n = tokens = 0
-        pre_sum = pre_n = gen_sum = gen_n = gen_tok_ms = 0.0
-        models: dict[tuple[str | None, str | None], int] = {}
+        per-stage means, who served it; ``workers``: the worker names on its rows), read from the counters
+        the images triggers keep (revision 0006): a few primary-key reads whatever the run's size.
+        ``since`` is rounded down to the 10-second bucket it falls in."""
         with self.engine.connect() as c:
             n_groups = c.execute(select(Run.n_groups).where(Run.id == run_id)).scalar() or 0
-            for status, model, engine, n, lo, hi, n_since, ps, pn, gs, gn, tok, gtm in c.execute(agg):
-                by_status[str(status)] = by_status.get(str(status), 0) + int(n)
-                if lo is not None:
-                    first_act.append(lo)
-                if status in (DONE, FAILED):
-                    if lo is not None and hi is not None:
-                        firsts.append(lo)
-                        lasts.append(hi)
-                    since_n += int(n_since or 0)
-                    if status == DONE:
-                        models[(model, engine)] = models.get((model, engine), 0) + int(n)
-                pre_sum += float(ps or 0)
-                pre_n += float(pn or 0)
-                gen_sum += float(gs or 0)
-                gen_n += float(gn or 0)
-                tokens += int(tok or 0)
-                gen_tok_ms += float(gtm or 0)
-            incomplete, with_failures = c.execute(tally).one()
-            names = c.execute(
-                select(ImageRow.worker).where(ImageRow.run_id == run_id, ImageRow.worker.is_not(None))
-                .distinct().limit(100)
-            ).scalars().all() if workers else []
+            rc: Any = c.execute(select(RunCountsRow.__table__).where(RunCountsRow.run_id == run_id)).first()
+            since_n = 0
+            if since is not None:
+                bucket = since.replace(second=since.second - since.second % 10, microsecond=0)
+                since_n = int(c.execute(select(func.coalesce(func.sum(RunRecentRow.finished), 0))
+                                        .where(RunRecentRow.run_id == run_id, RunRecentRow.bucket >= bucket)).scalar())
+            models = c.execute(select(RunModelRow.model, RunModelRow.engine, RunModelRow.images)
+                               .where(RunModelRow.run_id == run_id, RunModelRow.images > 0)).all()
+            names = c.execute(select(RunWorkerRow.worker).where(RunWorkerRow.run_id == run_id)
+                              .order_by(RunWorkerRow.worker).limit(100)).scalars().all() if workers else []
+        if rc is None:  # no such run, or one of no groups
+            rc = RunCountsRow(run_id=run_id, pending=0, leased=0, done=0, failed=0, reused=0, groups_done=0,
+                              groups_failed=0, preprocess_n=0, generate_n=0, completion_tokens=0, prompt_tokens=0,
+                              preprocess_ms_sum=0.0, generate_ms_sum=0.0, generate_ms_with_tokens=0.0)
+        shares = sorted(((m or None, e or None, int(n)) for m, e, n in models), key=lambda r: (-r[2], r[0] or "", r[1] or ""))
         return RunCounts(
-            pending=by_status[PENDING], leased=by_status[LEASED], done=by_status[DONE], failed=by_status[FAILED],
-            groups_total=int(n_groups), groups_done=int(n_groups) - int(incomplete),
-            groups_failed=int(with_failures), first_update=min(firsts) if firsts else None,
-            last_update=max(lasts) if lasts else None, workers=tuple(sorted(w for w in names if w)),
-            first_activity=min(first_act) if first_act else None, finished_since=since_n,
-            preprocess_ms_mean=pre_sum / pre_n if pre_n else None,
-            generate_ms_mean=gen_sum / gen_n if gen_n else None,
-            completion_tokens=tokens, generate_ms_with_tokens=gen_tok_ms,
-            models=tuple(ModelShare(m, e, n) for (m, e), n in sorted(models.items(), key=lambda kv: -kv[1])),
+            pending=int(rc.pending), leased=int(rc.leased), done=int(rc.done), failed=int(rc.failed),
+            groups_total=int(n_groups), groups_done=int(rc.groups_done), groups_failed=int(rc.groups_failed),
+            first_update=rc.first_result, last_update=rc.last_result, workers=tuple(names),
+            first_activity=rc.first_activity, finished_since=since_n,
+            preprocess_ms_mean=rc.preprocess_ms_sum / rc.preprocess_n if rc.preprocess_n else None,
+            generate_ms_mean=rc.generate_ms_sum / rc.generate_n if rc.generate_n else None,
+            completion_tokens=int(rc.completion_tokens), generate_ms_with_tokens=float(rc.generate_ms_with_tokens),
+            models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
         )
 
     def failure_texts(self, run_id: int, limit: int = 10_000) -> list[tuple[str | None, int]]:
@@ -369,8 +340,8 @@ class Queries:
         """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
         with self.engine.connect() as c:
             rows = c.execute(
-                select(ImageRow.model, func.count()).where(ImageRow.run_id == run_id, ImageRow.status == DONE)
-                .group_by(ImageRow.model)
+                select(RunModelRow.model, func.sum(RunModelRow.images))
+                .where(RunModelRow.run_id == run_id, RunModelRow.images > 0).group_by(RunModelRow.model)
             ).all()
         return sorted(((m or "unknown", int(n)) for m, n in rows), key=lambda r: (-r[1], r[0]))
 
@@ -395,12 +366,10 @@ class Queries:
         """Every unfinished, uncancelled farm run with a route (its base model), newest first: a worker may
         hold the checkpoints of some runs of a model and not of others."""
         route = func.coalesce(Run.base_model, Run.model)
-        unfinished = (select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_(UNFINISHED))
-                      .exists())
         with self.engine.connect() as c:
             rows = c.execute(
-                select(route, Run.id, Run.checkpoint, Run.model)
-                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), route.is_not(None), unfinished)
+                select(route, Run.id, Run.checkpoint, Run.model).join(RunCountsRow, RunCountsRow.run_id == Run.id)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), route.is_not(None), _unfinished())
                 .order_by(Run.id.desc())
             ).all()
         return [RouteWork(r, run_id, checkpoint, model) for r, run_id, checkpoint, model in rows if route_of(r)]
@@ -428,15 +397,17 @@ class Queries:
 
     def finished_by_mission_model(self) -> dict[tuple[str, str, str], int]:
         """{(mission, base model or "", done|failed): images} over every run: the farm-wide totals that
-        /metrics exports as counters (one grouped aggregate over the status index)."""
+        /metrics exports as counters (one grouped read of the run counters)."""
         route = func.coalesce(Run.base_model, Run.model, "")
-        per_run = (select(ImageRow.run_id, ImageRow.status, func.count().label("n"))
-                   .where(ImageRow.status.in_((DONE, FAILED))).group_by(ImageRow.run_id, ImageRow.status).subquery())
         with self.engine.connect() as c:
-            rows = c.execute(select(Run.mission, route, per_run.c.status, func.sum(per_run.c.n))
-                             .join(per_run, per_run.c.run_id == Run.id)
-                             .group_by(Run.mission, route, per_run.c.status))
-            return {(str(m), str(r), str(s)): int(n) for m, r, s, n in rows}
+            rows = c.execute(select(Run.mission, route, func.sum(RunCountsRow.done), func.sum(RunCountsRow.failed))
+                             .join(RunCountsRow, RunCountsRow.run_id == Run.id).group_by(Run.mission, route))
+            out: dict[tuple[str, str, str], int] = {}
+            for m, r, done, failed in rows:
+                for status, n in ((DONE, done), (FAILED, failed)):
+                    if n:
+                        out[(str(m), str(r), status)] = int(n)
+            return out
 
     def dead_letter_counts(self) -> dict[int | None, int]:
         with self.engine.connect() as c:
@@ -536,6 +507,11 @@ class Queries:
                        ImageRow.image_index == image_index)
             ).first()
         return (str(row[0]), str(row[1])) if row else None
+
+
+def _unfinished() -> Any:
+    """A run-counters row with images pending or leased (join RunCountsRow)."""
+    return (RunCountsRow.pending + RunCountsRow.leased) > 0
 
 
 def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:

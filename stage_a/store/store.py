@@ -35,6 +35,7 @@ from stage_a.store.models import (
     ImageRow,
     ReclaimerRow,
     Run,
+    RunCountsRow,
     StoreMeta,
     WorkerRow,
     utcnow,
@@ -128,9 +129,9 @@ class ResultStore:
     @staticmethod
     def _unfinished_twin(inputs_key: str) -> Any:
         """The newest unfinished (pending or leased images left), not cancelled farm run with this key."""
-        left = select(ImageRow.run_id).where(ImageRow.run_id == Run.id, ImageRow.status.in_(UNFINISHED))
-        return (select(Run.id).where(Run.inputs_key == inputs_key, Run.farm.is_(True), Run.cancelled_at.is_(None),
-                                     left.exists())
+        return (select(Run.id).join(RunCountsRow, RunCountsRow.run_id == Run.id)
+                .where(Run.inputs_key == inputs_key, Run.farm.is_(True), Run.cancelled_at.is_(None),
+                       (RunCountsRow.pending + RunCountsRow.leased) > 0)
                 .order_by(Run.id.desc()).limit(1))
 
     @staticmethod

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from support.cli import REPO, base_env, cli, cli_popen, read_jsonl  # noqa: F401  (re-exported)
+from support.counts import assert_counters_exact
 from support.store import image_rows
 
 MISSION = "挡风板安装检查"
@@ -273,7 +274,10 @@ class Farm:
                 return (f"{store.queries.counts(run_id)}\nunfinished rows: {rows}\nqueued {self.redis.queued(self.queue)} "
                         f"unacked {self.redis.unacked() if self.redis.ping() else '?'}\n{self.logs()}")
 
-            return wait_for(done, timeout, f"run {run_id} to finish", 0.5, on_timeout=report)
+            counts = wait_for(done, timeout, f"run {run_id} to finish", 0.5, on_timeout=report)
+            # Every farm test, the fault tests included, checks the run's counters against a full count.
+            assert_counters_exact(store.engine, [run_id])
+            return counts
         finally:
             store.close()
 

@@ -49,3 +49,19 @@ def release(store: ResultStore, items: Sequence[WorkItem], lease_seconds: float)
     """``releasing`` with nothing to do before the commit."""
     with store.releasing(items, lease_seconds) as won:
         return won
+
+
+def age_run(store: ResultStore, run_id: int, seconds: float) -> None:
+    """Move a run's history ``seconds`` into the past (PostgreSQL): its creation, its rows' times, and the
+    counters' times and recent buckets, which the triggers only ever move forward."""
+    from sqlalchemy import text
+
+    shift = {"r": run_id, "s": seconds}
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE runs SET created_at = created_at - make_interval(secs => :s) WHERE id = :r"), shift)
+        c.execute(text("UPDATE images SET updated_at = updated_at - make_interval(secs => :s) "
+                       "WHERE run_id = :r AND updated_at IS NOT NULL"), shift)
+        c.execute(text("UPDATE run_counts SET first_activity = first_activity - make_interval(secs => :s), "
+                       "first_result = first_result - make_interval(secs => :s), "
+                       "last_result = last_result - make_interval(secs => :s) WHERE run_id = :r"), shift)
+        c.execute(text("UPDATE run_recent SET bucket = bucket - make_interval(secs => :s) WHERE run_id = :r"), shift)
