@@ -10,6 +10,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from support.counts import assert_counters_exact
 from support.farm import FAILURES, JSONL, MISSION, base_env, cli, cli_popen, make_tree, wait_for
 
 pytestmark = pytest.mark.slow
@@ -80,6 +82,9 @@ def test_interrupted_run_resumes_only_unfinished_and_matches_uninterrupted(
     assert (out / JSONL).read_bytes() == (reference / JSONL).read_bytes()
     assert (out / FAILURES).read_bytes() == (reference / FAILURES).read_bytes()
     assert _done(db) == N_IMAGES
+    engine = create_engine(f"sqlite:///{db}")
+    assert_counters_exact(engine)  # the kill and the resume left the run counters exact
+    engine.dispose()
 
 
 def _rank_processes(parent: int) -> list[int]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.counts import assert_counters_exact
 from support.farm import FAILURES, Farm, Worker, cli, farm_factory, make_tree, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -113,6 +114,7 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
         assert farm.redis.queued(farm.queue) == 0 and farm.redis.unacked() == 0
         assert store.queries.counts(big) == after  # still nothing moves: the reclaimer leaves the run alone
         assert store.get_run(big).cancelled and not store.get_run(small).cancelled
+        assert_counters_exact(store.engine, [big, small])  # the cancel and its unleases kept them exact
     finally:
         store.close()
 

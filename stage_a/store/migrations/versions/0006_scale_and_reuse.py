@@ -103,7 +103,10 @@ def _pg_function(op_name: str) -> str:
     ensure = ("INSERT INTO run_counts (run_id) SELECT DISTINCT run_id FROM new_rows ON CONFLICT (run_id) DO NOTHING;"
               if op_name == "INSERT" else "")
     return f"""
-CREATE OR REPLACE FUNCTION stage_a_images_{op_name.lower()}_counts() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION stage_a_images_{op_name.lower()}_counts() RETURNS trigger LANGUAGE plpgsql
+  -- The results' bulk UPDATE turns hash and merge joins off for its transaction; the transition
+  -- tables are joined here and need them (restored when the function returns).
+  SET enable_hashjoin = on SET enable_mergejoin = on AS $$
 BEGIN
   {ensure}
   -- Lock the counter rows first, in run order: every other lock this statement takes on a run's
