@@ -125,10 +125,8 @@ class SampledStream:
     def _capped(self, label: str, run: Iterable[Group], cap: int) -> Iterator[Group]:
         with tempfile.TemporaryFile(prefix="stage-a-sample-") as spool:
             count = 0
-            pickler = pickle.Pickler(spool, protocol=pickle.HIGHEST_PROTOCOL)
-            for g in run:
-                pickler.dump(g)
-                pickler.clear_memo()  # no reference kept to any group
+            for g in run:  # one pickle per group: a shared (Un)Pickler's memo would keep every group
+                pickle.dump(g, spool, protocol=pickle.HIGHEST_PROTOCOL)
                 count += 1
             self.found += count
             mask = chosen_mask(count, cap, random.Random(f"{self._seed}:{label}"))
@@ -140,6 +138,5 @@ class SampledStream:
 
 
 def _replay(spool: IO[bytes], count: int) -> Iterator[Group]:
-    unpickler = pickle.Unpickler(spool)
     for _ in range(count):
-        yield unpickler.load()
+        yield pickle.load(spool)

@@ -235,6 +235,10 @@ class ResultStore:
         key = tuple_(ImageRow.group_position, ImageRow.image_index)
         while True:
             with self.engine.connect() as c:
+                if c.dialect.name == "postgresql":
+                    # The primary key's order, whatever the statistics say: on a freshly registered
+                    # (not yet analyzed) run the planner would sort the whole run for every page.
+                    c.execute(text("SET LOCAL enable_sort = off"))
                 rows = c.execute(
                     select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
                     .where(ImageRow.run_id == run_id, ImageRow.status.in_(UNFINISHED), key > tuple_(*after))
