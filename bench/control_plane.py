@@ -2,9 +2,13 @@
 
     python bench/control_plane.py                      # everything, SQLite and PostgreSQL
     python bench/control_plane.py --only enqueue       # or store / discover
+    python bench/control_plane.py --only enqueue --enqueue-sizes 100000,1000000,10000000 --reference 0
     python bench/control_plane.py --only store --db sqlite --images 1000000 --group-size 5
 
-Targets: enqueue 1,000,000 images < 60 s (issue 17; issue 6: 100,000 < 10 s); store results for 1,000,000 images and export
+Targets: enqueue 1,000,000 images < 60 s (issue 17; issue 6: 100,000 < 10 s); `stage-a enqueue`'s
+registration + publishing of 10,000,000 images on PostgreSQL < 3 min with peak RSS < 500 MiB (issue
+20: up to --tree-max from a real tree in /dev/shm, scan included; above it from a generated group
+stream, the scan measured by --only discover); store results for 1,000,000 images and export
 them as 200,000 groups < 60 s with peak memory < 1 GiB; discover 100,000 files < 10 s.
 Each store phase runs in its own process so its peak RSS (getrusage) is its own; a realistic
 worker commits one model batch per transaction (--result-batch), many workers in parallel.
