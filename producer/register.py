@@ -30,8 +30,8 @@ class Registered:
     route: str
     """The base model identity whose workers serve the run (its queue)."""
     existing: bool = False
-    """An unfinished farm run with the same inputs existed: ``run_id`` is that run and nothing was recorded
-    (``groups`` and ``images`` are what this registration would have recorded)."""
+    """An unfinished farm run with the same inputs existed: ``run_id`` is that run and nothing was scanned
+    or recorded (``groups``, ``images`` and ``discovered_groups`` are that run's recorded counts)."""
 
 
 COSMETIC_PARAMS = ("verify_inputs",)
