@@ -2,9 +2,13 @@
 
     python bench/control_plane.py                      # everything, SQLite and PostgreSQL
     python bench/control_plane.py --only enqueue       # or store / discover
+    python bench/control_plane.py --only enqueue --enqueue-sizes 100000,1000000,10000000 --reference 0
     python bench/control_plane.py --only store --db sqlite --images 1000000 --group-size 5
 
-Targets: enqueue 1,000,000 images < 60 s (issue 17; issue 6: 100,000 < 10 s); store results for 1,000,000 images and export
+Targets: enqueue 1,000,000 images < 60 s (issue 17; issue 6: 100,000 < 10 s); `stage-a enqueue`'s
+registration + publishing of 10,000,000 images on PostgreSQL < 3 min with peak RSS < 500 MiB (issue
+20: up to --tree-max from a real tree in /dev/shm, scan included; above it from a generated group
+stream, the scan measured by --only discover); store results for 1,000,000 images and export
 them as 200,000 groups < 60 s with peak memory < 1 GiB; discover 100,000 files < 10 s.
 Each store phase runs in its own process so its peak RSS (getrusage) is its own; a realistic
 worker commits one model batch per transaction (--result-batch), many workers in parallel.
@@ -123,6 +127,66 @@ def phase_export(url: str, run_id: int, out_dir: str, trace: bool) -> dict[str, 
     return out
 
 
+def _group_stream(n_images: int, group_size: int) -> Any:
+    """The groups of an n-image run, generated one at a time (the input a scan would stream)."""
+    from stage_a.store import GroupInput
+
+    for g in range(n_images // group_size):
+        label = "fail" if g % 4 == 0 else "pass"
+        folder = f"{MISSION}/{'审核不通过' if label == 'fail' else '审核通过'}/{_gid(g)}"
+        yield GroupInput(_gid(g), label, tuple(f"{folder}/{_gid(g)}-{i}.jpg" for i in range(1, group_size + 1)))
+
+
+def phase_enqueue(url: str, source: str, n_images: int, group_size: int, drain: bool) -> dict[str, Any]:
+    """What `stage-a enqueue` does after its checks: register (a real tree through register_run, or a
+    generated group stream through create_run), then publish the run's items streamed from the store.
+    ``drain``: a thread empties the queue as it fills (the broker's memory is not measured here)."""
+    import threading
+
+    import redis
+
+    from producer.publish import Publisher
+    from stage_a.config import RunSpec
+    from stage_a.settings import Settings
+    from stage_a.store import ResultStore
+
+    store = ResultStore(url)
+    queue = f"stage_a_bench_{uuid.uuid4().hex[:8]}"
+    pub = Publisher(Settings(broker_url=REDIS_URL, queue=queue))
+    client = redis.Redis.from_url(REDIS_URL)
+    stop = threading.Event()
+
+    def drainer() -> None:
+        while not stop.wait(0.2):
+            client.delete(queue)
+
+    c0, t0 = _cpu(), time.perf_counter()
+    if source == "list":
+        run_id = store.create_run(_spec(), _group_stream(n_images, group_size), farm=True)
+    else:
+        from producer.register import register_run
+
+        spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", sharding_mode="per_image")
+        run_id = register_run(store, spec, Path(source), farm=True).run_id
+    t_reg = time.perf_counter() - t0
+    rss_reg = peak_rss_mib()
+    thread = threading.Thread(target=drainer, daemon=True)
+    if drain:
+        thread.start()
+    t1 = time.perf_counter()
+    try:
+        sent = pub.publish_items(store.iter_unfinished_items(run_id), "per_image", store.store_id)
+    finally:
+        stop.set()
+        if drain:
+            thread.join()
+        length = client.llen(queue)
+        client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    t_pub = time.perf_counter() - t1
+    return {"register_seconds": t_reg, "publish_seconds": t_pub, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": _cpu() - c0, "sent": sent, "queued": length, "rss_after_register_mib": rss_reg}
+
+
 def _phase(args: list[str]) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its JSON result carries its own peak RSS."""
     proc = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True, text=True)
@@ -222,6 +286,47 @@ def bench_enqueue(n_images: int, reference: int) -> bool:
     return ok
 
 
+def bench_enqueue_stream(sizes: list[int], group_size: int, tree_max: int) -> bool:
+    """`stage-a enqueue`'s registration and publishing at each size on PostgreSQL, each in its own process
+    (peak RSS is the phase's own): from a real tree in /dev/shm up to ``tree_max`` images (scan included),
+    from a generated group stream above it. Target (issue 20): 10M < 3 min, peak < 500 MiB."""
+    ok = True
+    for n in sizes:
+        tree = n <= tree_max
+        base = Path(tempfile.mkdtemp(prefix="stage-a-bench-tree-",
+                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        try:
+            if tree:
+                _make_tree(base, n, group_size)
+            with pg_database() as url:
+                from stage_a.store import ResultStore
+
+                ResultStore(url).close()  # schema once, outside the timings
+                # Above 1M images the queue is emptied as it fills: the broker's bytes per image are
+                # another benchmark's (a 10M-image queue of today's messages would not fit this machine).
+                r = _phase(["enqueue", url, str(base) if tree else "list", str(n), str(group_size),
+                            "1" if n > 1_000_000 else "0"])
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        target = 180.0 * n / 10_000_000
+        met = r["sent"] == n and r["peak_rss_mib"] < 500 and (n < 10_000_000 or r["seconds"] < target)
+        ok = ok and met
+        print(f"enqueue {n:,} images ({'tree, scan included' if tree else 'generated group stream'}): "
+              f"{r['seconds']:.1f} s (register {r['register_seconds']:.1f} s, publish {r['publish_seconds']:.1f} s; "
+              f"CPU {r['cpu_seconds']:.1f} s), {r['sent']:,} messages, peak RSS {r['peak_rss_mib']:.0f} MiB "
+              f"(after registering {r['rss_after_register_mib']:.0f} MiB) -> {'MET' if met else 'NOT MET'}")
+    return ok
+
+
+def _make_tree(base: Path, n_files: int, group_size: int) -> None:
+    for g in range(n_files // group_size):
+        folder = base / MISSION / ("审核不通过" if g % 4 == 0 else "审核通过") / _gid(g)
+        folder.mkdir(parents=True)
+        for i in range(1, group_size + 1):
+            # names that need natural ordering: -1 .. -10 and mixed case extensions
+            open(folder / f"{_gid(g)}-{i}{'.JPG' if i % 3 == 0 else '.jpg'}", "wb").close()
+
+
 def bench_discover(n_files: int, group_size: int) -> bool:
     from producer.discovery import discover
 
@@ -229,12 +334,7 @@ def bench_discover(n_files: int, group_size: int) -> bool:
     base = Path(tempfile.mkdtemp(prefix="stage-a-bench-tree-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     try:
         t0 = time.perf_counter()
-        for g in range(n_files // group_size):
-            folder = base / MISSION / ("审核不通过" if g % 4 == 0 else "审核通过") / _gid(g)
-            folder.mkdir(parents=True)
-            for i in range(1, group_size + 1):
-                # names that need natural ordering: -1 .. -10 and mixed case extensions
-                open(folder / f"{_gid(g)}-{i}{'.JPG' if i % 3 == 0 else '.jpg'}", "wb").close()
+        _make_tree(base, n_files, group_size)
         print(f"(building the tree took {time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
         found = discover(base, MISSION)
@@ -251,6 +351,10 @@ def bench_discover(n_files: int, group_size: int) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["enqueue", "store", "discover"], action="append")
+    ap.add_argument("--enqueue-sizes", default="100000,1000000,10000000",
+                    help="images per `stage-a enqueue` run (registration + publishing, PostgreSQL); empty = skip")
+    ap.add_argument("--tree-max", type=int, default=1_000_000,
+                    help="sizes up to this enqueue a real tree in /dev/shm (scan included); above: a generated group stream")
     ap.add_argument("--db", choices=["sqlite", "pg", "both"], default="both")
     ap.add_argument("--images", type=int, default=1_000_000, help="images stored and exported")
     ap.add_argument("--group-size", type=int, default=5)
@@ -265,6 +369,10 @@ def main() -> None:
     results = {}
     if "enqueue" in which:
         results["enqueue"] = bench_enqueue(args.enqueue_images, args.reference)
+        sizes = [int(x) for x in args.enqueue_sizes.split(",") if x]
+        if sizes:
+            print(f"\n== stage-a enqueue (register + publish) on PostgreSQL, Redis {REDIS_URL} ==")
+            results["enqueue/stream"] = bench_enqueue_stream(sizes, args.group_size, args.tree_max)
     if "discover" in which:
         results["discover"] = bench_discover(args.files, args.group_size)
     if "store" in which:
@@ -281,6 +389,8 @@ def _phase_main(argv: list[str]) -> None:
     elif kind == "record":
         out = phase_record(url, int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]),
                            None if argv[6] == "all" else int(argv[6]))
+    elif kind == "enqueue":
+        out = phase_enqueue(url, argv[2], int(argv[3]), int(argv[4]), argv[5] == "1")
     else:
         out = phase_export(url, int(argv[2]), argv[3], argv[4] == "1")
     out["peak_rss_mib"] = peak_rss_mib()

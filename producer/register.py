@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from producer.discovery import Group, discover
-from producer.sampling import sample_groups
+from producer.discovery import Group, Scan, scan
+from producer.sampling import SampledStream
 from stage_a.checkpoint import DEMO_MODEL, Checkpoint
 from stage_a.config import RunSpec
 from stage_a.errors import UserError
@@ -30,8 +30,8 @@ class Registered:
     route: str
     """The base model identity whose workers serve the run (its queue)."""
     existing: bool = False
-    """An unfinished farm run with the same inputs existed: ``run_id`` is that run and nothing was recorded
-    (``groups`` and ``images`` are what this registration would have recorded)."""
+    """An unfinished farm run with the same inputs existed: ``run_id`` is that run and nothing was scanned
+    or recorded (``groups``, ``images`` and ``discovered_groups`` are that run's recorded counts)."""
 
 
 COSMETIC_PARAMS = ("verify_inputs",)
@@ -72,21 +72,45 @@ class Plan:
         return out
 
 
+class _Inputs:
+    """The kept groups of a scan as the store's GroupInput (iterated once), counting images on the way."""
+
+    def __init__(self, sampled: SampledStream) -> None:
+        self.sampled = sampled
+        self.images = 0
+
+    def __iter__(self) -> Iterator[GroupInput]:
+        for g in _kept_check(self.sampled):
+            self.images += len(g.images)
+            yield GroupInput(g.group_id, g.label, g.images)
+
+
+def _sampled(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool] | None) -> tuple[Scan, SampledStream]:
+    """The scan (root found and allowed) and its sampled groups, not listed yet."""
+    found = scan(Path(input_dir), spec.mission)
+    if root_allowed is not None and not root_allowed(found.input_root):
+        raise UserError(f"input root {found.input_root} is outside STAGE_A_INPUT_ROOTS: the workers would "
+                        f"refuse every image (add it to STAGE_A_INPUT_ROOTS or use a folder below one)")
+    return found, SampledStream(found.groups(), spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
+
+
+def _kept_check(sampled: SampledStream) -> Iterator[Group]:
+    """The sampled groups; UserError after the last one when sampling kept none."""
+    yield from sampled
+    if not sampled.kept:
+        raise UserError(
+            f"sampling kept no groups of {sampled.found} found "
+            f"(pass_group_number={sampled.caps['pass']}, fail_group_number={sampled.caps['fail']})"
+        )
+
+
 def plan_run(spec: RunSpec, input_dir: Path, root_allowed: Callable[[Path], bool] | None = None) -> Plan:
     """Scan ``input_dir`` for ``spec.mission`` and sample (what `--dry-run` shows; no store needed).
 
     ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read."""
-    found = discover(Path(input_dir), spec.mission)
-    if root_allowed is not None and not root_allowed(found.input_root):
-        raise UserError(f"input root {found.input_root} is outside STAGE_A_INPUT_ROOTS: the workers would "
-                        f"refuse every image (add it to STAGE_A_INPUT_ROOTS or use a folder below one)")
-    kept = sample_groups(found.groups, spec.pass_group_number, spec.fail_group_number, spec.sample_seed)
-    if not kept:
-        raise UserError(
-            f"sampling kept no groups of {len(found.groups)} found "
-            f"(pass_group_number={spec.pass_group_number}, fail_group_number={spec.fail_group_number})"
-        )
-    return Plan(replace(spec, input_root=str(found.input_root)), list(kept), len(found.groups), tuple(found.warnings))
+    found, sampled = _sampled(spec, input_dir, root_allowed)
+    kept = list(_kept_check(sampled))
+    return Plan(replace(spec, input_root=str(found.input_root)), kept, sampled.found, tuple(found.warnings))
 
 
 def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool = False,
@@ -94,25 +118,28 @@ def register_run(store: ResultStore, spec: RunSpec, input_dir: Path, farm: bool 
                  once: bool = False) -> Registered:
     """Scan ``input_dir`` for ``spec.mission``, sample, and record the run with every image pending.
 
-    ``root_allowed`` (a farm's STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read
-    before anything is recorded. ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path /
-    "identity"). ``once`` (a farm run): when an unfinished farm run has the same inputs, record nothing
-    and return that run (``existing``)."""
-    plan = plan_run(spec, input_dir, root_allowed)
-    spec, kept = plan.spec, plan.groups
+    Groups stream from the scan through sampling into the store's one registering transaction: no
+    list of the run's images is held, and a failed scan records nothing. ``root_allowed`` (a farm's
+    STAGE_A_INPUT_ROOTS) refuses an input root the workers may not read before anything is recorded.
+    ``identity_cache``: Checkpoint.open's digest cache (settings.cache_path / "identity"). ``once`` (a
+    farm run): when an unfinished farm run has the same inputs, scan and record nothing and return
+    that run (``existing``)."""
+    found, sampled = _sampled(spec, input_dir, root_allowed)
+    spec = replace(spec, input_root=str(found.input_root))
     checkpoint = Checkpoint.open(spec.checkpoint, identity_cache) if spec.checkpoint else None
     if checkpoint:  # recorded absolute: workers resolve nothing from their own cwd
         spec = replace(spec, checkpoint=str(checkpoint.path))
     model = checkpoint.identity if checkpoint else DEMO_MODEL
     base = checkpoint.base_identity if checkpoint else DEMO_MODEL
     key = inputs_key(spec, model)
-    groups = [GroupInput(g.group_id, g.label, g.images) for g in kept]
-    n_images = sum(len(g.images) for g in kept)
+    groups = _Inputs(sampled)
     if once:
         run_id, created = store.create_farm_run_once(spec, groups, key, model=model, base_model=base)
         if not created:
-            return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings, base, True)
+            info = store.get_run(run_id)
+            return Registered(run_id, spec, info.n_groups, info.n_images, info.n_groups, tuple(found.warnings),
+                              base, True)
     else:
         run_id = store.create_run(spec, groups, farm=farm, model=model, base_model=base, inputs_key=key)
-    log.info("run %d: %d groups (%d found), %d images", run_id, len(kept), plan.discovered_groups, n_images)
-    return Registered(run_id, spec, len(kept), n_images, plan.discovered_groups, plan.warnings, base)
+    log.info("run %d: %d groups (%d found), %d images", run_id, sampled.kept, sampled.found, groups.images)
+    return Registered(run_id, spec, sampled.kept, groups.images, sampled.found, tuple(found.warnings), base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +14,7 @@ from cli.commands.options import absolute_path, build_spec, require_input_dir, r
 from stage_a.errors import UserError, first_line
 from stage_a.queue import PublishError
 from stage_a.settings import Settings
+from stage_a.work import WorkItem
 
 
 @click.command(context_settings={"show_default": True})
@@ -71,8 +73,7 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
         if info.cancelled:
             raise UserError(cancelled_refusal(info, "re-enqueued"))
         sharding, route = info.spec.sharding_mode, info.route
-        items = [it for it in store.unfinished_items(run_id)]
-        what = f"run {run_id}: re-enqueue {len(items)} unfinished images"
+        what = ""  # said once publishing has counted them
     else:
         from producer.register import register_run
 
@@ -87,17 +88,31 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
                         fg="yellow", err=True)
         # discovery warnings were already logged (once) by producer.discovery
         run_id, sharding, route = reg.run_id, spec.sharding_mode, reg.route
-        items = store.unfinished_items(run_id)
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
     unit = "group" if sharding == "per_group" else "image"
+    items = _Counting(store.iter_unfinished_items(run_id))  # streamed in key order, never listed
     try:
         sent = publisher.publish_items(items, sharding, store.store_id, route)
     except PublishError as exc:
         raise UserError(_stopped(exc, settings, run_id, unit)) from None
     dt = time.perf_counter() - t0
+    what = what or f"run {run_id}: re-enqueue {items.count} unfinished images"
     click.echo(f"{what}; {sent} {unit} tasks queued in {dt:.1f}s on {publisher.queue_for(route)!r}")
     click.echo(f"run_id={run_id}")
+
+
+class _Counting:
+    """An iterator of work items that counts what has been taken from it."""
+
+    def __init__(self, items: Iterator[WorkItem]) -> None:
+        self._items = items
+        self.count = 0
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        for it in self._items:
+            self.count += 1
+            yield it
 
 
 def sqlite_refusal(given: str | None, settings: Settings) -> str | None:

@@ -9,7 +9,8 @@ driver-level fast paths.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,6 +46,8 @@ from stage_a.store.runs import GroupInput, RunInfo, check_run_id, run_info
 from stage_a.work import ImageKey, ImageResult, WorkItem
 
 WORKER_STATES = ("starting", "loading", "ready", "busy", "stopped")
+_REGISTER_CHUNK = 50_000
+"""Images registered per pair of COPYs (groups, then their images): bounds what registration holds."""
 _INPUTS_LOCK_SPACE = 0x57A6E1
 """First key of PostgreSQL advisory locks on an inputs_key (the migration lock uses the one-key space)."""
 
@@ -101,7 +104,7 @@ class ResultStore:
 
     # ---- runs -------------------------------------------------------------------------------
 
-    def create_run(self, spec: RunSpec, groups: Sequence[GroupInput], farm: bool = False,
+    def create_run(self, spec: RunSpec, groups: Iterable[GroupInput], farm: bool = False,
                    model: str | None = None, base_model: str | None = None, inputs_key: str | None = None) -> int:
         """Record a run, its groups in output order and every image as pending, in one transaction.
 
@@ -110,7 +113,7 @@ class ResultStore:
         with Session(self.engine) as s, s.begin():
             return self._insert_run(s, spec, groups, farm, model, base_model, inputs_key)
 
-    def create_farm_run_once(self, spec: RunSpec, groups: Sequence[GroupInput], inputs_key: str,
+    def create_farm_run_once(self, spec: RunSpec, groups: Iterable[GroupInput], inputs_key: str,
                              model: str | None = None, base_model: str | None = None) -> tuple[int, bool]:
         """Record a farm run as create_run does, unless an unfinished, not cancelled farm run has the
         same ``inputs_key``: then (that run's id, False) and nothing is written; else (new id, True).
@@ -135,29 +138,45 @@ class ResultStore:
                 .order_by(Run.id.desc()).limit(1))
 
     @staticmethod
-    def _insert_run(s: Session, spec: RunSpec, groups: Sequence[GroupInput], farm: bool, model: str | None,
+    def _insert_run(s: Session, spec: RunSpec, groups: Iterable[GroupInput], farm: bool, model: str | None,
                     base_model: str | None, inputs_key: str | None) -> int:
+        """The run row, then its groups and images as they come, ``_REGISTER_CHUNK`` images at a time
+        (COPY on PostgreSQL), then the run's counts: one transaction, so a registration that stops
+        part-way (a scan error, a kill) leaves nothing."""
         run = Run(
             mission=spec.mission, dataset=spec.dataset, prompt_profile=spec.prompt_profile,
             checkpoint=spec.checkpoint, input_root=spec.input_root, sharding_mode=spec.sharding_mode,
-            params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=len(groups),
-            n_images=sum(len(g.images) for g in groups), created_at=utcnow(), farm=farm, model=model,
-            base_model=base_model, inputs_key=inputs_key,
+            params=spec.params_dict(), sampling=spec.sampling_dict(), n_groups=0, n_images=0,
+            created_at=utcnow(), farm=farm, model=model, base_model=base_model, inputs_key=inputs_key,
         )
         s.add(run)
         s.flush()
         run_id = run.id
         conn = s.connection()
-        bulk_insert(conn, GroupRow.__table__, (
-            {"run_id": run_id, "position": pos, "group_id": g.group_id, "label": g.label, "n_images": len(g.images)}
-            for pos, g in enumerate(groups)
-        ))
-        bulk_insert(conn, ImageRow.__table__, (
-            {"run_id": run_id, "group_position": pos, "image_index": i, "rel_path": path,
-             "status": PENDING, "attempts": 0}
-            for pos, g in enumerate(groups)
-            for i, path in enumerate(g.images, start=1)
-        ))
+        n_groups = n_images = 0
+        chunk: list[GroupInput] = []
+        size = 0
+        for g in itertools.chain(groups, [None]):
+            if g is not None:
+                chunk.append(g)
+                size += len(g.images)
+                if size < _REGISTER_CHUNK:
+                    continue
+            bulk_insert(conn, GroupRow.__table__, (
+                {"run_id": run_id, "position": pos, "group_id": g.group_id, "label": g.label,
+                 "n_images": len(g.images)}
+                for pos, g in enumerate(chunk, start=n_groups)
+            ))
+            bulk_insert(conn, ImageRow.__table__, (
+                {"run_id": run_id, "group_position": pos, "image_index": i, "rel_path": path,
+                 "status": PENDING, "attempts": 0}
+                for pos, g in enumerate(chunk, start=n_groups)
+                for i, path in enumerate(g.images, start=1)
+            ))
+            n_groups += len(chunk)
+            n_images += size
+            chunk, size = [], 0
+        conn.execute(update(Run).where(Run.id == run_id).values(n_groups=n_groups, n_images=n_images))
         return run_id
 
     def get_run(self, run_id: int) -> RunInfo:
@@ -208,13 +227,28 @@ class ResultStore:
 
     def unfinished_items(self, run_id: int) -> list[WorkItem]:
         """Images still pending or leased, in output order."""
-        with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
-                .where(ImageRow.run_id == run_id, ImageRow.status.in_(UNFINISHED))
-                .order_by(ImageRow.group_position, ImageRow.image_index)
-            ).all()
-        return [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
+        return list(self.iter_unfinished_items(run_id))
+
+    def iter_unfinished_items(self, run_id: int, page: int = 20_000) -> Iterator[WorkItem]:
+        """``unfinished_items`` as a stream: keyset pages of ``page`` rows in key order, each page its
+        own short read (no transaction or connection is held while the caller publishes)."""
+        after = (-1, 0)
+        key = tuple_(ImageRow.group_position, ImageRow.image_index)
+        while True:
+            with self.engine.connect() as c:
+                if c.dialect.name == "postgresql":
+                    # The primary key's order, whatever the statistics say: on a freshly registered
+                    # (not yet analyzed) run the planner would sort the whole run for every page.
+                    c.execute(text("SET LOCAL enable_sort = off"))
+                rows = c.execute(
+                    select(ImageRow.group_position, ImageRow.image_index, ImageRow.rel_path)
+                    .where(ImageRow.run_id == run_id, ImageRow.status.in_(UNFINISHED), key > tuple_(*after))
+                    .order_by(ImageRow.group_position, ImageRow.image_index).limit(page)
+                ).all()
+            yield from [WorkItem(ImageKey(run_id, p, i), path) for p, i, path in rows]
+            if len(rows) < page:
+                return
+            after = (rows[-1][0], rows[-1][1])
 
     def entries(self, keys: Sequence[ImageKey]) -> dict[ImageKey, LedgerEntry]:
         """The ledger entry (status, delivery attempts, stored path) of each key that exists."""
