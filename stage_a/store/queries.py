@@ -1,8 +1,10 @@
 """Read-only queries of the results store: a run's counts, its pages, the operator views.
 
-Each read of one run costs a fixed number of aggregate queries over that run's rows (index
-ix_images_run_status or the primary key), never a query per image or per group, so they stay fast at
-a million images. Groups are paged by keyset on their position (``iter_export_groups``, ``page_groups``).
+A view of one run reads its counters (run_counts and its neighbours, kept by triggers) and bounded
+queries: a page of groups by keyset on their position, with an index for each filter (failed,
+无关图片, label, and on PostgreSQL a trigram index for text search); the first failures; leases of
+dead workers only. None of them aggregates a run's images, so they cost the same at ten million.
+``iter_export_groups`` streams every group for an export.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, func, literal_column, or_, select
 
 from stage_a.checkpoint import route_of
 from stage_a.store.models import (
@@ -36,6 +38,8 @@ from stage_a.store.models import (
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""
+FAILURE_SAMPLE = 10_000
+"""Failed rows (the first in output order) whose errors a report classifies."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,11 @@ class Queries:
         with self.engine.connect() as c:
             return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
 
+    def recent_run_ids(self, limit: int) -> list[int]:
+        """The newest ``limit`` run ids, oldest first."""
+        with self.engine.connect() as c:
+            return sorted(int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id.desc()).limit(limit)))
+
     def unfinished_run_ids(self) -> list[int]:
         """Runs not cancelled with images pending or leased, oldest first (from the run counters)."""
         with self.engine.connect() as c:
@@ -326,15 +335,15 @@ class Queries:
             models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
         )
 
-    def failure_texts(self, run_id: int, limit: int = 10_000) -> list[tuple[str | None, int]]:
-        """(error text, images) of the run's failed rows, most common first (at most ``limit`` texts)."""
+    def failure_texts(self, run_id: int, rows: int = FAILURE_SAMPLE) -> list[tuple[str | None, int]]:
+        """(error text, images) of the run's first ``rows`` failed rows in output order (index
+        ix_images_failed), most common first: their sum is min(rows, failed images)."""
+        first = (select(ImageRow.error).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                 .order_by(ImageRow.group_position, ImageRow.image_index).limit(rows).subquery())
         n = func.count()
         with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.error, n).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
-                .group_by(ImageRow.error).order_by(n.desc()).limit(limit)
-            ).all()
-        return [(e, int(k)) for e, k in rows]
+            found = c.execute(select(first.c.error, n).group_by(first.c.error).order_by(n.desc())).all()
+        return [(e, int(k)) for e, k in found]
 
     def served_by(self, run_id: int) -> list[tuple[str, int]]:
         """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
@@ -376,17 +385,20 @@ class Queries:
 
     def dead_holders(self, run_id: int, cutoff: datetime) -> list[DeadHolder]:
         """The run's leased images by holder, for holders whose last heartbeat is before ``cutoff`` or that
-        say stopped (oldest heartbeat first)."""
+        say stopped (oldest heartbeat first). The run's leases are counted only when such a worker exists."""
         with self.engine.connect() as c:
+            dead = c.execute(select(WorkerRow.name, WorkerRow.heartbeat_at, WorkerRow.state)
+                             .where(or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))).all()
+            if not dead:
+                return []
+            beat = {str(name): (at, st) for name, at, st in dead}
             rows = c.execute(
-                select(ImageRow.worker, func.count(), WorkerRow.heartbeat_at, WorkerRow.state)
-                .join(WorkerRow, WorkerRow.name == ImageRow.worker)
-                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
-                       or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))
-                .group_by(ImageRow.worker, WorkerRow.heartbeat_at, WorkerRow.state)
-                .order_by(WorkerRow.heartbeat_at)
+                select(ImageRow.worker, func.count())
+                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED, ImageRow.worker.in_(list(beat)))
+                .group_by(ImageRow.worker)
             ).all()
-        return [DeadHolder(str(w), int(n), at, st) for w, n, at, st in rows]
+        out = [DeadHolder(str(w), int(n), *beat[str(w)]) for w, n in rows]
+        return sorted(out, key=lambda d: (d.heartbeat_at, d.worker))
 
     def reclaimer_beats(self) -> list[ReclaimerBeat]:
         """Every host's reclaimer row, by host."""
@@ -409,10 +421,15 @@ class Queries:
                         out[(str(m), str(r), status)] = int(n)
             return out
 
-    def dead_letter_counts(self) -> dict[int | None, int]:
+    def dead_letter_counts(self, run_ids: Sequence[int] | None = None) -> dict[int | None, int]:
+        """{run (None: unknown): dead letters}, of every run or only of ``run_ids`` (index on run_id)."""
+        q = select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id)
+        if run_ids is not None:
+            if not run_ids:
+                return {}
+            q = q.where(DeadLetter.run_id.in_(list(run_ids)))
         with self.engine.connect() as c:
-            rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
-            return {(int(r) if r is not None else None): int(n) for r, n in rows}
+            return {(int(r) if r is not None else None): int(n) for r, n in c.execute(q)}
 
     def dead_letter_rows(self, run_id: int | None = None, limit: int = 1000) -> list[DeadLetterRow]:
         """Newest first; only the run's when ``run_id`` is given."""
@@ -452,7 +469,7 @@ class Queries:
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
         """One page of groups in output order (keyset on position) with their images matching ``flt``:
         ``after`` the next page, ``before`` the previous one; returns them and whether more follow."""
-        img_cond = _image_conditions(run_id, flt)
+        img_cond = _image_conditions(run_id, flt, self.engine.dialect.name)
         backwards = before is not None and after is None
         if img_cond is None:
             pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
@@ -514,7 +531,15 @@ def _unfinished() -> Any:
     return (RunCountsRow.pending + RunCountsRow.leased) > 0
 
 
-def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
+def search_text() -> Any:
+    """What a text search matches: summary, error and path in one expression, the one that PostgreSQL's
+    trigram index ix_images_search covers (revision 0006's SEARCH_TEXT, built the same way)."""
+    blank, space = literal_column("''"), literal_column("' '")
+    return (func.coalesce(ImageRow.summary, blank).concat(space).concat(func.coalesce(ImageRow.error, blank))
+            .concat(space).concat(ImageRow.rel_path))
+
+
+def _image_conditions(run_id: int, flt: ImageFilter, dialect: str = "sqlite") -> list[Any] | None:
     conds: list[Any] = []
     if flt.failed:
         conds.append(ImageRow.status == FAILED)
@@ -522,8 +547,11 @@ def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
         conds.append(ImageRow.summary == IRRELEVANT)
     if flt.text:
         pattern = f"%{_like_escape(flt.text)}%"
-        conds.append(or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
-                         ImageRow.rel_path.like(pattern, escape="\\")))
+        exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
+                    ImageRow.rel_path.like(pattern, escape="\\"))
+        if dialect == "postgresql":  # the indexed expression finds candidates (a match may span two columns)
+            conds.append(search_text().like(pattern, escape="\\"))
+        conds.append(exact)
     return [ImageRow.run_id == run_id, *conds] if conds else None
 
 
