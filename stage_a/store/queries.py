@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, literal_column, or_, select
+from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
 
 from stage_a.checkpoint import route_of
 from stage_a.store.models import (
@@ -38,8 +38,10 @@ from stage_a.store.models import (
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""
-FAILURE_SAMPLE = 10_000
+FAILURE_SAMPLE = 1_000
 """Failed rows (the first in output order) whose errors a report classifies."""
+SEARCH_WINDOW = 2_500
+"""Groups after a page's start that a text search reads in order before it asks the trigram index."""
 
 
 @dataclass(frozen=True)
@@ -469,8 +471,50 @@ class Queries:
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
         """One page of groups in output order (keyset on position) with their images matching ``flt``:
         ``after`` the next page, ``before`` the previous one; returns them and whether more follow."""
-        img_cond = _image_conditions(run_id, flt, self.engine.dialect.name)
         backwards = before is not None and after is None
+        pg = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as c:
+            if flt.text and pg:
+                # A common text fills the page from the next SEARCH_WINDOW groups, read in order by the
+                # primary key; a rarer one is found beyond them by the trigram index (a bitmap of its
+                # matches: small for a rare text, and a common one never gets here).
+                if before is not None and after is None:  # backwards
+                    window, beyond = (before - SEARCH_WINDOW - 1, before), (None, before - SEARCH_WINDOW)
+                else:
+                    start = after if after is not None else -1
+                    window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
+                near = self._positions(c, run_id, flt, "sqlite", *window, backwards, limit + 1)
+                rest = [] if len(near) > limit else \
+                    self._positions(c, run_id, flt, "postgresql", *beyond, backwards, limit + 1 - len(near))
+                positions = near + rest
+            else:
+                positions = self._positions(c, run_id, flt, self.engine.dialect.name, after,
+                                            before if backwards else None, backwards, limit + 1)
+            more = len(positions) > limit
+            positions = sorted(positions[:limit])
+            if not positions:
+                return [], False
+            groups = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
+                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
+            ).all()
+            img_cond = _image_conditions(run_id, flt, "sqlite")  # one page's rows: the exact test is enough
+            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
+                                              ImageRow.group_position.between(positions[0], positions[-1]))
+            if img_cond is not None:
+                iq = iq.where(*img_cond)
+            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
+        by_pos: dict[int, list[PageImage]] = {}
+        for r in images:
+            by_pos.setdefault(int(r[0]), []).append(PageImage(*r))  # type: ignore[call-arg]  # _PAGE_COLUMNS
+        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
+
+    @staticmethod
+    def _positions(c: Any, run_id: int, flt: ImageFilter, dialect: str, after: int | None, before: int | None,
+                   backwards: bool, n: int) -> list[int]:
+        """Up to ``n`` positions of groups showing under ``flt``, strictly between ``after`` and ``before``
+        (None: unbounded), nearest ``after`` first (``backwards``: nearest ``before`` first)."""
+        img_cond = _image_conditions(run_id, flt, dialect)
         if img_cond is None:
             pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
         else:
@@ -482,26 +526,10 @@ class Queries:
         col = pos_q.selected_columns[0]
         if after is not None:
             pos_q = pos_q.where(col > after)
-        pos_q = pos_q.where(col < before).order_by(col.desc()) if backwards else pos_q.order_by(col)
-        with self.engine.connect() as c:
-            positions = [int(p) for (p,) in c.execute(pos_q.limit(limit + 1))]
-            more = len(positions) > limit
-            positions = sorted(positions[:limit])
-            if not positions:
-                return [], False
-            groups = c.execute(
-                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
-                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
-            ).all()
-            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
-                                              ImageRow.group_position.between(positions[0], positions[-1]))
-            if img_cond is not None:
-                iq = iq.where(*img_cond)
-            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
-        by_pos: dict[int, list[PageImage]] = {}
-        for r in images:
-            by_pos.setdefault(int(r[0]), []).append(PageImage(*r))  # type: ignore[call-arg]  # _PAGE_COLUMNS
-        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
+        if before is not None:
+            pos_q = pos_q.where(col < before)
+        pos_q = pos_q.order_by(col.desc()) if backwards else pos_q.order_by(col)
+        return [int(p) for (p,) in c.execute(pos_q.limit(n))]
 
     def failed_images(self, run_id: int, limit: int = 50) -> list[tuple[PageGroup, PageImage]]:
         """The first failed images in output order, with their group."""
@@ -531,6 +559,11 @@ def _unfinished() -> Any:
     return (RunCountsRow.pending + RunCountsRow.leased) > 0
 
 
+_FINISHED_ROW = text("images.status IN ('done', 'failed')")
+"""ix_images_search's predicate, written as the index says it (so the planner sees it implied)."""
+_UNFINISHED_ROW = text("images.status IN ('pending', 'leased')")
+
+
 def search_text() -> Any:
     """What a text search matches: summary, error and path in one expression, the one that PostgreSQL's
     trigram index ix_images_search covers (revision 0006's SEARCH_TEXT, built the same way)."""
@@ -549,8 +582,11 @@ def _image_conditions(run_id: int, flt: ImageFilter, dialect: str = "sqlite") ->
         pattern = f"%{_like_escape(flt.text)}%"
         exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
                     ImageRow.rel_path.like(pattern, escape="\\"))
-        if dialect == "postgresql":  # the indexed expression finds candidates (a match may span two columns)
-            conds.append(search_text().like(pattern, escape="\\"))
+        if dialect == "postgresql":
+            # Finished rows through the trigram index on search_text (the exact test rechecks them: a match
+            # may span two columns); unfinished rows have only a path, read from the run's unfinished rows.
+            exact = or_(and_(_FINISHED_ROW, search_text().like(pattern, escape="\\"), exact),
+                        and_(_UNFINISHED_ROW, ImageRow.rel_path.like(pattern, escape="\\")))
         conds.append(exact)
     return [ImageRow.run_id == run_id, *conds] if conds else None
 

@@ -382,10 +382,11 @@ def _reuse_downgrade() -> None:
 
 # Keyset pages of a run in output order under each filter: failed rows and 无关图片 rows by partial
 # indexes in position order, groups by label; text search by a trigram index (PostgreSQL's pg_trgm)
-# over the one expression the page searches (stage_a.store.queries.search_text).
+# over the one expression the page searches in finished rows (stage_a.store.queries.search_text).
 
 SEARCH_TEXT = "(COALESCE(summary, '') || ' ' || COALESCE(error, '') || ' ' || rel_path)"
 """The text a search matches (queries.search_text builds the same expression, so the index serves it)."""
+FINISHED_ROW = "status IN ('done', 'failed')"
 
 
 def _search_upgrade() -> None:
@@ -404,7 +405,10 @@ def _search_upgrade() -> None:
             bind.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
     except sa.exc.DBAPIError:
         return
-    bind.execute(sa.text(f"CREATE INDEX ix_images_search ON images USING gin ({SEARCH_TEXT} gin_trgm_ops)"))
+    # Finished rows only: registering a run inserts nothing here (a full index doubles create_run's
+    # time); a row enters when its result is written. Unfinished rows are searched by path (queries).
+    bind.execute(sa.text(f"CREATE INDEX ix_images_search ON images USING gin ({SEARCH_TEXT} gin_trgm_ops) "
+                         f"WHERE {FINISHED_ROW}"))
 
 
 def _search_downgrade() -> None:
