@@ -105,13 +105,14 @@ FILTERS = [
 ]
 
 
-@pytest.mark.parametrize("window", [2, 2500], ids=["search-window-2", "search-window-default"])
-@pytest.mark.parametrize("flt", FILTERS, ids=lambda f: repr(f).replace(" ", ""))
+CASES = [(f, 2500) for f in FILTERS] + [(f, 2) for f in FILTERS if f.text]
+"""(filter, search window); a window of 2 groups: PostgreSQL's search reads most pages beyond it through
+the trigram index."""
+
+
+@pytest.mark.parametrize(("flt", "window"), CASES, ids=lambda x: repr(x).replace(" ", ""))
 def test_filters_and_search_page_exactly_the_matching_groups(store: ResultStore, flt: ImageFilter, window: int,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    if window != 2500 and not flt.text:
-        pytest.skip("the window is a search's")
-    # A window of 2 groups: PostgreSQL's search reads most pages beyond it through the trigram index.
     monkeypatch.setattr("stage_a.store.queries.SEARCH_WINDOW", window)
     run, rows = _seed(store)
     want = _expected(rows, flt)
