@@ -479,7 +479,8 @@ class Queries:
                 # primary key; a rarer one is found beyond them by the trigram index (a bitmap of its
                 # matches: small for a rare text, and a common one never gets here).
                 if before is not None and after is None:  # backwards
-                    window, beyond = (before - SEARCH_WINDOW - 1, before), (None, before - SEARCH_WINDOW)
+                    window: tuple[int | None, int | None] = (before - SEARCH_WINDOW - 1, before)
+                    beyond: tuple[int | None, int | None] = (None, before - SEARCH_WINDOW)
                 else:
                     start = after if after is not None else -1
                     window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
@@ -567,7 +568,8 @@ _UNFINISHED_ROW = text("images.status IN ('pending', 'leased')")
 def search_text() -> Any:
     """What a text search matches: summary, error and path in one expression, the one that PostgreSQL's
     trigram index ix_images_search covers (revision 0006's SEARCH_TEXT, built the same way)."""
-    blank, space = literal_column("''"), literal_column("' '")
+    blank: Any = literal_column("''")
+    space: Any = literal_column("' '")
     return (func.coalesce(ImageRow.summary, blank).concat(space).concat(func.coalesce(ImageRow.error, blank))
             .concat(space).concat(ImageRow.rel_path))
 
