@@ -100,7 +100,7 @@ def seed_run(store: ResultStore, input_root: str, n_images: int, per_group: int 
     with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("VACUUM ANALYZE images"))  # what autovacuum does to a table this size
         c.execute(text("VACUUM ANALYZE groups"))
-    _heartbeats(store, run_id, n_images, now)
+    _heartbeats(store, run_id, n_images, utcnow())  # fresh: live workers (no dead holders to count)
     return run_id
 
 

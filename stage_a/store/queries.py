@@ -316,7 +316,7 @@ class Queries:
             if since is not None:
                 bucket = since.replace(second=since.second - since.second % 10, microsecond=0)
                 since_n = int(c.execute(select(func.coalesce(func.sum(RunRecentRow.finished), 0))
-                                        .where(RunRecentRow.run_id == run_id, RunRecentRow.bucket >= bucket)).scalar())
+                                        .where(RunRecentRow.run_id == run_id, RunRecentRow.bucket >= bucket)).scalar() or 0)
             models = c.execute(select(RunModelRow.model, RunModelRow.engine, RunModelRow.images)
                                .where(RunModelRow.run_id == run_id, RunModelRow.images > 0)).all()
             names = c.execute(select(RunWorkerRow.worker).where(RunWorkerRow.run_id == run_id)
