@@ -1,7 +1,8 @@
 """What a run is doing, read from the store (and the broker's queue length): one RunReport.
 
 `status`, `runs`, the web pages, `/api/runs/{id}` and `/metrics` all build their view here, so they
-never disagree; one report costs one `store.queries.counts` plus a few small queries. Every rate
+never disagree; one report costs one `store.queries.counts` (the run's counters) plus a few bounded
+queries, whatever the run's size. Every rate
 divides by a span of at least MIN_SPAN_S from the run's first activity (else its creation).
 """
 
@@ -102,7 +103,10 @@ class RunReport:
     reclaimers_failing: tuple[ReclaimerBeat, ...] = ()
     """Hosts whose reclaimer's last pass failed (with since when and why)."""
     failures_by_class: dict[str, int] = field(default_factory=dict)
-    """Failed images by reason class (stage_a.failures), most first."""
+    """Failed images by reason class (stage_a.failures), most first: of the first ``failures_classified``."""
+    failures_classified: int = 0
+    """Failed images whose reasons ``failures_by_class`` counts: all of them, or the first
+    FAILURE_SAMPLE in output order (a report reads a bounded number of rows)."""
 
     @property
     def finished_images(self) -> int:
@@ -208,7 +212,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
     now = now or utcnow()
     window = settings.rate_window
     agg = store.queries.counts(run_id, now - timedelta(seconds=window), workers=writers)
-    dead = store.queries.dead_letter_counts().get(run_id, 0)
+    dead = store.queries.dead_letter_counts([run_id]).get(run_id, 0)
     workers = store.queries.worker_beats(now, settings.heartbeat_timeout) if beats is None else beats
     relevant = [w for w in workers if (w.run_id == run_id or (w.online and _serves(w, run)))
                 and (w.online or w.heartbeat_age_s <= settings.worker_shown_for)]  # stopped ones age out
@@ -248,7 +252,7 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         throughput=throughput,
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason, dead_holders=tuple(dead_holders), reclaimers_failing=tuple(failing),
-        failures_by_class=by_class,
+        failures_by_class=by_class, failures_classified=sum(by_class.values()),
     )
 
 
@@ -428,7 +432,7 @@ def list_runs(store: ResultStore, limit: int, settings: Settings,
     now = now or utcnow()
     runs = store.queries.run_rows(limit, ids)
     counts = store.queries.status_counts([r.id for r in runs])
-    dead = store.queries.dead_letter_counts()
+    dead = store.queries.dead_letter_counts([r.id for r in runs])
     beats: list[WorkerBeat] | None = None
     out = []
     for r in runs:

@@ -49,7 +49,7 @@ def describe(r: RunReport) -> str:
         f"last result {ago(r.last_result_at, r.now)}",
         f"images {r.finished_images}/{r.images_total} finished (done {r.done}, failed {r.failed}, "
         f"pending {r.pending}, in flight {r.in_flight})",
-        *([f"failures by class: {classes_text(r.failures_by_class)}"] if r.failures_by_class else []),
+        *([f"failures by class{_sampled(r)}: {classes_text(r.failures_by_class)}"] if r.failures_by_class else []),
         f"groups: {r.groups_complete}/{r.groups_total} complete, {r.groups_with_failures} with failures",
         f"dead letters: {r.dead_letters}" + (f" (stage-a dead-letters {r.run_id})" if r.dead_letters else ""),
         "queue: " + (f"{r.queue_length} messages waiting (all runs)" + (f"; {r.queue_note}" if r.queue_note else "")
@@ -146,3 +146,8 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     for r in rows:
         out.append("  ".join(cell + " " * (widths[i] - w(cell)) for i, cell in enumerate(r)).rstrip())
     return "\n".join(out)
+
+
+def _sampled(r: RunReport) -> str:
+    """" (first N failures)" when the classes were read from the first N failed images only."""
+    return f" (first {r.failures_classified} failures)" if r.failures_classified < r.failed else ""

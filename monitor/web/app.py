@@ -24,13 +24,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from monitor.diff import RunDiff, diff_runs, highlight
-from monitor.report import QueueProbe, build_report, human_duration, list_runs, require_run
+from monitor.report import QueueProbe, RunReport, build_report, human_duration, list_runs, require_run
 from monitor.summary import parse_summary
 from monitor.text import fmt_ms, fmt_rate, fmt_time, model_label
 from monitor.web.metrics import metrics_registry, render
 from monitor.web.thumbs import DB_INT_MAX, NotFound, Thumbnails
 from stage_a.errors import UserError
-from stage_a.runstats import run_stats
+from stage_a.runstats import RunStats, run_stats
 from stage_a.settings import Settings
 from stage_a.store.queries import ImageFilter
 
@@ -44,6 +44,9 @@ DIFF_PAGE = 50
 MAX_SEARCH = 1000
 """Characters of search text (SQLite refuses LIKE patterns over 50,000 bytes)."""
 DIFF_CACHE_S = 30.0
+STATS_CACHED = 8
+"""End-of-run reports kept in memory (by run and its counters)."""
+OTHER_RUNS = 20
 
 
 class BasicAuth(BaseHTTPMiddleware):
@@ -94,6 +97,24 @@ def create_app(store: ResultStore, settings: Settings) -> Starlette:
     env.globals.update(parse_summary=parse_summary, highlight=highlight, model_label=model_label)
     diff_cache: dict[tuple[int, int], tuple[float, RunDiff]] = {}
     diff_lock = threading.Lock()
+    stats_cache: dict[tuple[Any, ...], RunStats] = {}
+    stats_lock = threading.Lock()
+
+    def finished_stats(report: RunReport) -> RunStats:
+        """The end-of-run report of a finished or cancelled run: its percentiles read every finished row,
+        so it is computed once per state of the run's counters (a new result moves them) and kept."""
+        key = (report.run_id, report.done, report.failed, report.pending, report.in_flight,
+               report.last_result_at, report.cancelled_at)
+        with stats_lock:
+            stats = stats_cache.get(key)
+            if stats is None:
+                stats = run_stats(store, report.run_id)
+                for old in [k for k in stats_cache if k[0] == report.run_id]:
+                    del stats_cache[old]  # an earlier state of this run
+                while len(stats_cache) >= STATS_CACHED:
+                    del stats_cache[next(iter(stats_cache))]  # the oldest
+                stats_cache[key] = stats
+            return stats
 
     def page(request: Request, name: str, status_code: int = 200, **ctx: Any) -> Response:
         return templates.TemplateResponse(request, name, ctx, status_code=status_code)
@@ -136,11 +157,10 @@ def create_app(store: ResultStore, settings: Settings) -> Starlette:
         params = {k: v for k, v in (("label", flt.label), ("failed", "1" if flt.failed else None),
                                     ("irrelevant", "1" if flt.irrelevant else None), ("q", flt.text),
                                     ("per", str(per) if per != PAGE_GROUPS else None)) if v}
-        # The end-of-run report once nothing moves (its percentiles read every finished row).
-        stats = run_stats(store, run_id) if report.state in ("finished", "cancelled") else None
+        stats = finished_stats(report) if report.state in ("finished", "cancelled") else None
         return page(request, "run.html", title=f"run {run_id}", r=report, groups=groups, flt=flt, stats=stats,
                     failures=failures, has_prev=has_prev and bool(groups), has_next=has_next and bool(groups),
-                    params=params, per=per, other_runs=[x for x in store.queries.run_ids() if x != run_id][-20:])
+                    params=params, per=per, other_runs=[x for x in store.queries.recent_run_ids(OTHER_RUNS + 1) if x != run_id][-OTHER_RUNS:])
 
     def diff_page(request: Request) -> Response:
         a, b = int(request.path_params["a"]), int(request.path_params["b"])

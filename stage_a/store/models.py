@@ -68,7 +68,8 @@ class GroupRow(Base):
     """One group occurrence; (run, position) and never group_id alone, because of resubmissions."""
 
     __tablename__ = "groups"
-    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),)
+    __table_args__ = (ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
+                      Index("ix_groups_label", "run_id", "label", "position"))
 
     run_id: Mapped[int] = mapped_column(primary_key=True)
     position: Mapped[int] = mapped_column(primary_key=True)
@@ -92,6 +93,12 @@ class ImageRow(Base):
         Index("ix_images_run_updated", "run_id", "updated_at"),
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
               sqlite_where=text("reuse_key IS NOT NULL")),
+        # The run page's filters in output order; on PostgreSQL with pg_trgm, also ix_images_search (a
+        # trigram GIN index over queries.search_text, created by the migration when the extension is there).
+        Index("ix_images_failed", "run_id", "group_position", "image_index", postgresql_where=text("status = 'failed'"),
+              sqlite_where=text("status = 'failed'")),
+        Index("ix_images_irrelevant", "run_id", "group_position", postgresql_where=text("summary = '无关图片'"),
+              sqlite_where=text("summary = '无关图片'")),
         CheckConstraint(STATUS_CHECK, name="ck_images_status"),
     )
 

@@ -1,8 +1,10 @@
 """Read-only queries of the results store: a run's counts, its pages, the operator views.
 
-Each read of one run costs a fixed number of aggregate queries over that run's rows (index
-ix_images_run_status or the primary key), never a query per image or per group, so they stay fast at
-a million images. Groups are paged by keyset on their position (``iter_export_groups``, ``page_groups``).
+A view of one run reads its counters (run_counts and its neighbours, kept by triggers) and bounded
+queries: a page of groups by keyset on their position, with an index for each filter (failed,
+无关图片, label, and on PostgreSQL a trigram index for text search); the first failures; leases of
+dead workers only. None of them aggregates a run's images, so they cost the same at ten million.
+``iter_export_groups`` streams every group for an export.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
 
 from stage_a.checkpoint import route_of
 from stage_a.store.models import (
@@ -36,6 +38,10 @@ from stage_a.store.models import (
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""
+FAILURE_SAMPLE = 1_000
+"""Failed rows (the first in output order) whose errors a report classifies."""
+SEARCH_WINDOW = 2_500
+"""Groups after a page's start that a text search reads in order before it asks the trigram index."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,11 @@ class Queries:
         with self.engine.connect() as c:
             return [int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id))]
 
+    def recent_run_ids(self, limit: int) -> list[int]:
+        """The newest ``limit`` run ids, oldest first."""
+        with self.engine.connect() as c:
+            return sorted(int(i) for (i,) in c.execute(select(Run.id).order_by(Run.id.desc()).limit(limit)))
+
     def unfinished_run_ids(self) -> list[int]:
         """Runs not cancelled with images pending or leased, oldest first (from the run counters)."""
         with self.engine.connect() as c:
@@ -326,15 +337,15 @@ class Queries:
             models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
         )
 
-    def failure_texts(self, run_id: int, limit: int = 10_000) -> list[tuple[str | None, int]]:
-        """(error text, images) of the run's failed rows, most common first (at most ``limit`` texts)."""
+    def failure_texts(self, run_id: int, rows: int = FAILURE_SAMPLE) -> list[tuple[str | None, int]]:
+        """(error text, images) of the run's first ``rows`` failed rows in output order (index
+        ix_images_failed), most common first: their sum is min(rows, failed images)."""
+        first = (select(ImageRow.error).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
+                 .order_by(ImageRow.group_position, ImageRow.image_index).limit(rows).subquery())
         n = func.count()
         with self.engine.connect() as c:
-            rows = c.execute(
-                select(ImageRow.error, n).where(ImageRow.run_id == run_id, ImageRow.status == FAILED)
-                .group_by(ImageRow.error).order_by(n.desc()).limit(limit)
-            ).all()
-        return [(e, int(k)) for e, k in rows]
+            found = c.execute(select(first.c.error, n).group_by(first.c.error).order_by(n.desc())).all()
+        return [(e, int(k)) for e, k in found]
 
     def served_by(self, run_id: int) -> list[tuple[str, int]]:
         """(model fingerprint, images) of the run's done rows, most images first: who summarized it."""
@@ -376,17 +387,20 @@ class Queries:
 
     def dead_holders(self, run_id: int, cutoff: datetime) -> list[DeadHolder]:
         """The run's leased images by holder, for holders whose last heartbeat is before ``cutoff`` or that
-        say stopped (oldest heartbeat first)."""
+        say stopped (oldest heartbeat first). The run's leases are counted only when such a worker exists."""
         with self.engine.connect() as c:
+            dead = c.execute(select(WorkerRow.name, WorkerRow.heartbeat_at, WorkerRow.state)
+                             .where(or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))).all()
+            if not dead:
+                return []
+            beat = {str(name): (at, st) for name, at, st in dead}
             rows = c.execute(
-                select(ImageRow.worker, func.count(), WorkerRow.heartbeat_at, WorkerRow.state)
-                .join(WorkerRow, WorkerRow.name == ImageRow.worker)
-                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED,
-                       or_(WorkerRow.heartbeat_at < cutoff, WorkerRow.state == "stopped"))
-                .group_by(ImageRow.worker, WorkerRow.heartbeat_at, WorkerRow.state)
-                .order_by(WorkerRow.heartbeat_at)
+                select(ImageRow.worker, func.count())
+                .where(ImageRow.run_id == run_id, ImageRow.status == LEASED, ImageRow.worker.in_(list(beat)))
+                .group_by(ImageRow.worker)
             ).all()
-        return [DeadHolder(str(w), int(n), at, st) for w, n, at, st in rows]
+        out = [DeadHolder(str(w), int(n), *beat[str(w)]) for w, n in rows]
+        return sorted(out, key=lambda d: (d.heartbeat_at, d.worker))
 
     def reclaimer_beats(self) -> list[ReclaimerBeat]:
         """Every host's reclaimer row, by host."""
@@ -409,10 +423,15 @@ class Queries:
                         out[(str(m), str(r), status)] = int(n)
             return out
 
-    def dead_letter_counts(self) -> dict[int | None, int]:
+    def dead_letter_counts(self, run_ids: Sequence[int] | None = None) -> dict[int | None, int]:
+        """{run (None: unknown): dead letters}, of every run or only of ``run_ids`` (index on run_id)."""
+        q = select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id)
+        if run_ids is not None:
+            if not run_ids:
+                return {}
+            q = q.where(DeadLetter.run_id.in_(list(run_ids)))
         with self.engine.connect() as c:
-            rows = c.execute(select(DeadLetter.run_id, func.count()).group_by(DeadLetter.run_id))
-            return {(int(r) if r is not None else None): int(n) for r, n in rows}
+            return {(int(r) if r is not None else None): int(n) for r, n in c.execute(q)}
 
     def dead_letter_rows(self, run_id: int | None = None, limit: int = 1000) -> list[DeadLetterRow]:
         """Newest first; only the run's when ``run_id`` is given."""
@@ -452,8 +471,51 @@ class Queries:
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
         """One page of groups in output order (keyset on position) with their images matching ``flt``:
         ``after`` the next page, ``before`` the previous one; returns them and whether more follow."""
-        img_cond = _image_conditions(run_id, flt)
         backwards = before is not None and after is None
+        pg = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as c:
+            if flt.text and pg:
+                # A common text fills the page from the next SEARCH_WINDOW groups, read in order by the
+                # primary key; a rarer one is found beyond them by the trigram index (a bitmap of its
+                # matches: small for a rare text, and a common one never gets here).
+                if before is not None and after is None:  # backwards
+                    window: tuple[int | None, int | None] = (before - SEARCH_WINDOW - 1, before)
+                    beyond: tuple[int | None, int | None] = (None, before - SEARCH_WINDOW)
+                else:
+                    start = after if after is not None else -1
+                    window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
+                near = self._positions(c, run_id, flt, "sqlite", *window, backwards, limit + 1)
+                rest = [] if len(near) > limit else \
+                    self._positions(c, run_id, flt, "postgresql", *beyond, backwards, limit + 1 - len(near))
+                positions = near + rest
+            else:
+                positions = self._positions(c, run_id, flt, self.engine.dialect.name, after,
+                                            before if backwards else None, backwards, limit + 1)
+            more = len(positions) > limit
+            positions = sorted(positions[:limit])
+            if not positions:
+                return [], False
+            groups = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
+                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
+            ).all()
+            img_cond = _image_conditions(run_id, flt, "sqlite")  # one page's rows: the exact test is enough
+            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
+                                              ImageRow.group_position.between(positions[0], positions[-1]))
+            if img_cond is not None:
+                iq = iq.where(*img_cond)
+            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
+        by_pos: dict[int, list[PageImage]] = {}
+        for r in images:
+            by_pos.setdefault(int(r[0]), []).append(PageImage(*r))  # type: ignore[call-arg]  # _PAGE_COLUMNS
+        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
+
+    @staticmethod
+    def _positions(c: Any, run_id: int, flt: ImageFilter, dialect: str, after: int | None, before: int | None,
+                   backwards: bool, n: int) -> list[int]:
+        """Up to ``n`` positions of groups showing under ``flt``, strictly between ``after`` and ``before``
+        (None: unbounded), nearest ``after`` first (``backwards``: nearest ``before`` first)."""
+        img_cond = _image_conditions(run_id, flt, dialect)
         if img_cond is None:
             pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
         else:
@@ -465,26 +527,10 @@ class Queries:
         col = pos_q.selected_columns[0]
         if after is not None:
             pos_q = pos_q.where(col > after)
-        pos_q = pos_q.where(col < before).order_by(col.desc()) if backwards else pos_q.order_by(col)
-        with self.engine.connect() as c:
-            positions = [int(p) for (p,) in c.execute(pos_q.limit(limit + 1))]
-            more = len(positions) > limit
-            positions = sorted(positions[:limit])
-            if not positions:
-                return [], False
-            groups = c.execute(
-                select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
-                .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
-            ).all()
-            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
-                                              ImageRow.group_position.between(positions[0], positions[-1]))
-            if img_cond is not None:
-                iq = iq.where(*img_cond)
-            images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
-        by_pos: dict[int, list[PageImage]] = {}
-        for r in images:
-            by_pos.setdefault(int(r[0]), []).append(PageImage(*r))  # type: ignore[call-arg]  # _PAGE_COLUMNS
-        return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
+        if before is not None:
+            pos_q = pos_q.where(col < before)
+        pos_q = pos_q.order_by(col.desc()) if backwards else pos_q.order_by(col)
+        return [int(p) for (p,) in c.execute(pos_q.limit(n))]
 
     def failed_images(self, run_id: int, limit: int = 50) -> list[tuple[PageGroup, PageImage]]:
         """The first failed images in output order, with their group."""
@@ -514,7 +560,21 @@ def _unfinished() -> Any:
     return (RunCountsRow.pending + RunCountsRow.leased) > 0
 
 
-def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
+_FINISHED_ROW = text("images.status IN ('done', 'failed')")
+"""ix_images_search's predicate, written as the index says it (so the planner sees it implied)."""
+_UNFINISHED_ROW = text("images.status IN ('pending', 'leased')")
+
+
+def search_text() -> Any:
+    """What a text search matches: summary, error and path in one expression, the one that PostgreSQL's
+    trigram index ix_images_search covers (revision 0006's SEARCH_TEXT, built the same way)."""
+    blank: Any = literal_column("''")
+    space: Any = literal_column("' '")
+    return (func.coalesce(ImageRow.summary, blank).concat(space).concat(func.coalesce(ImageRow.error, blank))
+            .concat(space).concat(ImageRow.rel_path))
+
+
+def _image_conditions(run_id: int, flt: ImageFilter, dialect: str = "sqlite") -> list[Any] | None:
     conds: list[Any] = []
     if flt.failed:
         conds.append(ImageRow.status == FAILED)
@@ -522,8 +582,14 @@ def _image_conditions(run_id: int, flt: ImageFilter) -> list[Any] | None:
         conds.append(ImageRow.summary == IRRELEVANT)
     if flt.text:
         pattern = f"%{_like_escape(flt.text)}%"
-        conds.append(or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
-                         ImageRow.rel_path.like(pattern, escape="\\")))
+        exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
+                    ImageRow.rel_path.like(pattern, escape="\\"))
+        if dialect == "postgresql":
+            # Finished rows through the trigram index on search_text (the exact test rechecks them: a match
+            # may span two columns); unfinished rows have only a path, read from the run's unfinished rows.
+            exact = or_(and_(_FINISHED_ROW, search_text().like(pattern, escape="\\"), exact),
+                        and_(_UNFINISHED_ROW, ImageRow.rel_path.like(pattern, escape="\\")))
+        conds.append(exact)
     return [ImageRow.run_id == run_id, *conds] if conds else None
 
 

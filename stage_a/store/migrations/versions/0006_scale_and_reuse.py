@@ -383,12 +383,42 @@ def _reuse_downgrade() -> None:
 # ---- search and pages (issue 20) -----------------------------------------------------------------
 
 
+# Keyset pages of a run in output order under each filter: failed rows and 无关图片 rows by partial
+# indexes in position order, groups by label; text search by a trigram index (PostgreSQL's pg_trgm)
+# over the one expression the page searches in finished rows (stage_a.store.queries.search_text).
+
+SEARCH_TEXT = "(COALESCE(summary, '') || ' ' || COALESCE(error, '') || ' ' || rel_path)"
+"""The text a search matches (queries.search_text builds the same expression, so the index serves it)."""
+FINISHED_ROW = "status IN ('done', 'failed')"
+
+
 def _search_upgrade() -> None:
-    pass
+    op.create_index('ix_images_failed', 'images', ['run_id', 'group_position', 'image_index'],
+                    postgresql_where=sa.text("status = 'failed'"), sqlite_where=sa.text("status = 'failed'"))
+    op.create_index('ix_images_irrelevant', 'images', ['run_id', 'group_position'],
+                    postgresql_where=sa.text("summary = '无关图片'"), sqlite_where=sa.text("summary = '无关图片'"))
+    op.create_index('ix_groups_label', 'groups', ['run_id', 'label', 'position'])
+    bind = op.get_bind()
+    if bind.dialect.name != 'postgresql':
+        return  # SQLite searches with LIKE over the run's rows
+    # The extension needs CREATE on the database (or a trusted extension); without it search scans
+    # the run in output order, as SQLite does.
+    try:
+        with bind.begin_nested():
+            bind.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+    except sa.exc.DBAPIError:
+        return
+    # Finished rows only: registering a run inserts nothing here (a full index doubles create_run's
+    # time); a row enters when its result is written. Unfinished rows are searched by path (queries).
+    bind.execute(sa.text(f"CREATE INDEX ix_images_search ON images USING gin ({SEARCH_TEXT} gin_trgm_ops) "
+                         f"WHERE {FINISHED_ROW}"))
 
 
 def _search_downgrade() -> None:
-    pass
+    op.execute("DROP INDEX IF EXISTS ix_images_search")
+    op.drop_index('ix_groups_label', table_name='groups')
+    op.drop_index('ix_images_irrelevant', table_name='images')
+    op.drop_index('ix_images_failed', table_name='images')
 
 
 def upgrade() -> None:
