@@ -1,11 +1,12 @@
 """The end-of-run report (like Ray Data's ``stats()``): one RunStats read from the store, written beside
 the JSONL as ``<mission>_stage_a_report.json`` by `stage-a run` and `stage-a export`, shown on the run page.
 
-Every figure is an SQL aggregate over the run's finished rows (a fixed number of queries, no row read
-into Python): percentiles with ``percentile_cont`` on PostgreSQL and, on SQLite, the same linear
-interpolation from the two ordered values around each rank (ORDER BY .. LIMIT 2 OFFSET k). A batch is
-one results commit: the rows one worker wrote with one ``updated_at``; its latency is the sum of its
-images' shares (which is what each image stores).
+Three reads of the run's finished rows, whatever its size: the totals; per-image percentiles
+(``percentile_cont`` of both stage columns in one scan on PostgreSQL; on SQLite the same linear
+interpolation from the two ordered values around each rank, ORDER BY .. LIMIT 2 OFFSET k); and one
+row per batch, from which the per-batch percentiles and the per-worker figures are computed here. A
+batch is one results commit: the rows one worker wrote with one ``updated_at``; its latency is the sum
+of its images' shares (which is what each image stores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select
-from sqlalchemy.sql import ColumnElement, Select
+from sqlalchemy.sql import Select
 
 from stage_a.failures import FAILURE_CLASSES, failure_class
 from stage_a.store import ResultStore
@@ -110,14 +111,13 @@ def jsonable(value: Any) -> Any:
 
 
 def run_stats(store: ResultStore, run_id: int) -> RunStats:
-    """The run's report, read from the store at this moment."""
+    """The run's report, read from the store at this moment: three reads of the run's finished rows."""
     finished = ImageRow.status.in_((DONE, FAILED))
     of_run = ImageRow.run_id == run_id
-    batch = (
-        select(ImageRow.worker.label("worker"), func.count().label("images"),
-               func.sum(ImageRow.preprocess_ms).label("preprocess_ms"),
-               func.sum(ImageRow.generate_ms).label("generate_ms"))
-        .where(of_run, finished).group_by(ImageRow.worker, ImageRow.updated_at).subquery()
+    batch_rows = (
+        select(ImageRow.worker, func.count(), func.sum(ImageRow.preprocess_ms), func.count(ImageRow.preprocess_ms),
+               func.sum(ImageRow.generate_ms), func.count(ImageRow.generate_ms))
+        .where(of_run, finished).group_by(ImageRow.worker, ImageRow.updated_at)
     )
     with store.engine.connect() as c:
         run = c.execute(select(Run.mission, Run.model, Run.created_at, Run.cancelled_at).where(Run.id == run_id)).one()
@@ -127,23 +127,22 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
             func.coalesce(func.sum(ImageRow.prompt_tokens), 0), func.coalesce(func.sum(ImageRow.completion_tokens), 0),
             func.coalesce(func.sum(ImageRow.vision_tokens), 0),
         ).where(of_run)).one()
-        per_image = {name: _distribution(c, col, [of_run, finished])
-                     for name, col in (("preprocess_ms", ImageRow.preprocess_ms), ("generate_ms", ImageRow.generate_ms))}
-        per_batch = {name: _distribution(c, batch.c[name], [])
-                     for name in ("preprocess_ms", "generate_ms", "images")}
-        n_batches = int(c.execute(select(func.count()).select_from(batch)).scalar() or 0)
-        by_worker = c.execute(
-            select(ImageRow.worker, func.count(), func.avg(ImageRow.generate_ms),
-                   func.sum(func.coalesce(ImageRow.preprocess_ms, 0) + func.coalesce(ImageRow.generate_ms, 0)))
-            .where(of_run, finished).group_by(ImageRow.worker).order_by(func.count().desc(), ImageRow.worker)
-        ).all()
+        per_image = _image_distributions(c, run_id)
+        batches = [_Batch(str(w or "-"), int(n), float(ps or 0), int(pn), float(gs or 0), int(gn))
+                   for w, n, ps, pn, gs, gn in c.execute(batch_rows)]
         errors = c.execute(select(ImageRow.error, func.count()).where(of_run, ImageRow.status == FAILED)
                            .group_by(ImageRow.error)).all()
     total, done, failed, first, last, prompt, completion, vision = totals
     n_finished = int(done) + int(failed)
     wall = (last - run.created_at).total_seconds() if last else None
     active = (last - first).total_seconds() if last and first else None
-    workers = _workers(by_worker, n_finished)
+    workers = _workers(batches, n_finished)
+    per_batch = {
+        # A batch's latency is the sum of its images' shares; batches with no such share are left out.
+        "preprocess_ms": _distribution([b.preprocess_ms for b in batches if b.preprocess_n]),
+        "generate_ms": _distribution([b.generate_ms for b in batches if b.generate_n]),
+        "images": _distribution([float(b.images) for b in batches]),
+    }
     return RunStats(
         run_id=run_id, mission=run.mission, model=run.model,
         state="cancelled" if run.cancelled_at else ("finished" if n_finished == total else "unfinished"),
@@ -152,7 +151,7 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
         unfinished=int(total) - n_finished,
         images_per_s=n_finished / active if active and active > 0 else None,
         prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), vision_tokens=int(vision or 0),
-        per_image=per_image, per_batch=per_batch, batches=n_batches,
+        per_image=per_image, per_batch=per_batch, batches=len(batches),
         workers=workers, stragglers=tuple(w.worker for w in workers if w.straggler),
         failures_by_class=_by_class(errors),
         model_load_s=None, model_load_note="not recorded: the store keeps no model load times "
@@ -161,17 +160,36 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
     )
 
 
-def _workers(rows: Any, n_finished: int) -> tuple[WorkerShare, ...]:
-    means = sorted(float(m) for _, _, m, _ in rows if m is not None)
+@dataclass(frozen=True)
+class _Batch:
+    """One results commit: a worker's rows with one updated_at."""
+
+    worker: str
+    images: int
+    preprocess_ms: float
+    preprocess_n: int
+    generate_ms: float
+    generate_n: int
+
+
+def _workers(batches: list[_Batch], n_finished: int) -> tuple[WorkerShare, ...]:
+    per: dict[str, list[float]] = {}  # worker -> [images, generate_ms sum, generate_ms n, busy ms]
+    for b in batches:
+        acc = per.setdefault(b.worker, [0, 0.0, 0, 0.0])
+        acc[0] += b.images
+        acc[1] += b.generate_ms
+        acc[2] += b.generate_n
+        acc[3] += b.preprocess_ms + b.generate_ms
+    rows = sorted(((w, int(n), g / gn if gn else None, busy) for w, (n, g, gn, busy) in per.items()),
+                  key=lambda r: (-r[1], r[0]))
+    means = sorted(m for _, _, m, _ in rows if m is not None)
     median = _median(means)
     out = []
     for name, n, mean, busy_ms in rows:
-        slow = (len(means) >= 2 and median is not None and mean is not None
-                and float(mean) > STRAGGLER_FACTOR * median)
+        slow = len(means) >= 2 and median is not None and mean is not None and mean > STRAGGLER_FACTOR * median
         out.append(WorkerShare(
-            worker=str(name or "-"), images=int(n), share=int(n) / n_finished if n_finished else 0.0,
-            generate_ms_mean=float(mean) if mean is not None else None,
-            images_per_s=int(n) / (float(busy_ms) / 1000) if busy_ms else None, straggler=slow))
+            worker=name, images=n, share=n / n_finished if n_finished else 0.0, generate_ms_mean=mean,
+            images_per_s=n / (busy_ms / 1000) if busy_ms else None, straggler=slow))
     return tuple(out)
 
 
@@ -190,19 +208,51 @@ def _by_class(errors: Any) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: (-kv[1], FAILURE_CLASSES.index(kv[0]))))
 
 
-def _distribution(c: Connection, col: Any, where: list[ColumnElement[bool]]) -> Distribution:
-    """n, p50, p95, max and mean of ``col`` (NULLs skipped) over the rows matching ``where``."""
-    present = [*where, col.is_not(None)]
-    n, top, mean = c.execute(select(func.count(col), func.max(col), func.avg(col)).where(*present)).one()
-    n = int(n or 0)
-    if n == 0:
+def _distribution(values: list[float]) -> Distribution:
+    """n, p50, p95, max and mean of ``values`` (percentile_cont's interpolation)."""
+    if not values:
         return Distribution(0, None, None, None, None)
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def quantile(q: float) -> float:
+        rank = q * (n - 1)
+        k = math.floor(rank)
+        lo = ordered[k]
+        return lo if rank == k else lo + (ordered[k + 1] - lo) * (rank - k)
+
+    return Distribution(n, quantile(QUANTILES[0]), quantile(QUANTILES[1]), ordered[-1], sum(ordered) / n)
+
+
+def _image_distributions(c: Connection, run_id: int) -> dict[str, Distribution]:
+    """preprocess_ms and generate_ms per finished image: one scan on PostgreSQL (percentile_cont of both
+    columns at once); on SQLite an aggregate and two ordered offsets per quantile."""
+    cols = (("preprocess_ms", ImageRow.preprocess_ms), ("generate_ms", ImageRow.generate_ms))
+    where = [ImageRow.run_id == run_id, ImageRow.status.in_((DONE, FAILED))]
     if c.dialect.name == "postgresql":
-        row = c.execute(select(*[func.percentile_cont(q).within_group(col) for q in QUANTILES]).where(*present)).one()
-        qs = [float(v) for v in row]
-    else:
-        qs = [_quantile_by_offset(c, select(col).where(*present).order_by(col), n, q) for q in QUANTILES]
-    return Distribution(n, qs[0], qs[1], float(top), float(mean))
+        aggs: list[Any] = []
+        for _, col in cols:
+            aggs += [func.count(col), func.max(col), func.avg(col),
+                     *[func.percentile_cont(q).within_group(col) for q in QUANTILES]]
+        row = c.execute(select(*aggs).where(*where)).one()
+        out = {}
+        for i, (name, _) in enumerate(cols):
+            n, top, mean, p50, p95 = row[i * 5:(i + 1) * 5]
+            out[name] = (Distribution(int(n), float(p50), float(p95), float(top), float(mean)) if n
+                         else Distribution(0, None, None, None, None))
+        return out
+    out = {}
+    for name, col in cols:
+        present = [*where, col.is_not(None)]
+        n, top, mean = c.execute(select(func.count(col), func.max(col), func.avg(col)).where(*present)).one()
+        n = int(n or 0)
+        if n == 0:
+            out[name] = Distribution(0, None, None, None, None)
+            continue
+        ordered = select(col).where(*present).order_by(col)
+        qs = [_quantile_by_offset(c, ordered, n, q) for q in QUANTILES]
+        out[name] = Distribution(n, qs[0], qs[1], float(top), float(mean))
+    return out
 
 
 def _quantile_by_offset(c: Connection, ordered: Select[Any], n: int, q: float) -> float:
