@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 from merger.jsonl_io import atomic_files
 from stage_a.records import GroupRecord, image_keys
-from stage_a.runstats import RunStats, run_stats
-from stage_a.store import ExportGroup, ResultStore, RunInfo
+from stage_a.runstats import run_stats
+from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
 
 
@@ -68,8 +73,13 @@ def _failure(group: ExportGroup, cancelled: str | None) -> dict[str, object] | N
     }
 
 
-def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportReport:
-    """Stream the run's groups in order; write complete ones, report the rest. Memory stays flat."""
+def export_run(store: ResultStore, run_id: int, output_dir: Path, processes: int = 1,
+               parallel_min_images: int = 200_000) -> ExportReport:
+    """Stream the run's groups in order; write complete ones, report the rest. Memory stays flat.
+
+    A run of at least ``parallel_min_images`` images is encoded by ``processes`` processes, each over
+    its own contiguous range of groups into a part file; the parts are then copied in order into the
+    output files, so the bytes are the same as from one process."""
     run = store.get_run(run_id)
     output_dir = Path(output_dir)
     jsonl_path, failures_path = output_paths(output_dir, run.spec.mission)
@@ -79,32 +89,71 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path) -> ExportRepor
         when = run.cancelled_at.strftime("%Y-%m-%d %H:%M:%S") + "Z" if run.cancelled_at else "?"
         cancelled = f"not processed: run cancelled at {when}"
     counts = {"written": 0, "failed": 0, "incomplete": 0}
-    # The report's aggregates run in the database while this thread streams the groups (they read
-    # the same rows; on one core each they take about as long).
+    parts = max(1, min(processes, run.n_groups)) if run.n_images >= parallel_min_images else 1
+    # The report's aggregates run in the database while the groups stream (they read the same rows).
     with ThreadPoolExecutor(max_workers=1) as pool:
         stats = pool.submit(run_stats, store, run_id)
-        written = _write(store, run, run_id, jsonl_path, failures_path, stats_path, cancelled, counts, stats)
+        # The files are replaced together or not at all (a new JSONL never sits beside an old report).
+        with atomic_files(jsonl_path, failures_path, stats_path) as (out, failures, stats_file):
+            if parts == 1:
+                _encode_groups(store.queries.iter_export_groups(run_id), run.spec.mission, cancelled, counts,
+                               out.write, failures.write)
+            else:
+                _encode_in_parts(store.url, run_id, run.n_groups, parts, run.spec.mission, cancelled, counts,
+                                 out, failures, output_dir)
+            stats_file.write(json.dumps(stats.result().to_json(), ensure_ascii=False, indent=2) + "\n")
     return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
-                        tuple(store.queries.served_by(run_id)), written)
+                        tuple(store.queries.served_by(run_id)), stats_path)
 
 
-def _write(store: ResultStore, run: RunInfo, run_id: int, jsonl_path: Path, failures_path: Path, stats_path: Path,
-           cancelled: str | None, counts: dict[str, int], stats: Future[RunStats]) -> Path:
-    # The files are replaced together or not at all (a new JSONL never sits beside an old report).
-    with atomic_files(jsonl_path, failures_path, stats_path) as (out, failures, stats_file):
-        for group in store.queries.iter_export_groups(run_id):
-            failure = _failure(group, cancelled)
-            if failure is not None:
-                counts[str(failure["status"])] += 1
-                failures.write(json.dumps(failure, ensure_ascii=False) + "\n")
-                continue
-            record = GroupRecord(
-                group_id=group.group_id, mission=run.spec.mission, label=group.label,
-                images=[img.file_name for img in group.images],
-                per_image=dict(zip(image_keys(len(group.images)), [img.summary or "" for img in group.images],
-                                   strict=True)),
-            )
-            counts["written"] += 1
-            out.write(record.to_json_line())  # validates before anything is written
-        stats_file.write(json.dumps(stats.result().to_json(), ensure_ascii=False, indent=2) + "\n")
-    return stats_path
+def _encode_groups(groups: Iterable[ExportGroup], mission: str, cancelled: str | None, counts: dict[str, int],
+                   write: Callable[[str], Any], write_failure: Callable[[str], Any]) -> None:
+    """Each group as its JSONL record (validated) or its failure record, counted in ``counts``."""
+    for group in groups:
+        failure = _failure(group, cancelled)
+        if failure is not None:
+            counts[str(failure["status"])] += 1
+            write_failure(json.dumps(failure, ensure_ascii=False) + "\n")
+            continue
+        record = GroupRecord(
+            group_id=group.group_id, mission=mission, label=group.label,
+            images=[img.file_name for img in group.images],
+            per_image=dict(zip(image_keys(len(group.images)), [img.summary or "" for img in group.images],
+                               strict=True)),
+        )
+        counts["written"] += 1
+        write(record.to_json_line())  # validates before anything is written
+
+
+def _encode_in_parts(url: str, run_id: int, n_groups: int, parts: int, mission: str, cancelled: str | None,
+                     counts: dict[str, int], out: TextIO, failures: TextIO, output_dir: Path) -> None:
+    bounds = [n_groups * i // parts for i in range(parts + 1)]
+    with tempfile.TemporaryDirectory(prefix=".stage-a-export-", dir=output_dir) as tmp, \
+            ProcessPoolExecutor(max_workers=parts, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_export_part, url, run_id, bounds[i], bounds[i + 1] - 1, mission, cancelled,
+                               Path(tmp) / f"part-{i}") for i in range(parts)]
+        for target, suffix in ((out, "jsonl"), (failures, "failures")):
+            target.flush()
+            for i, future in enumerate(futures):
+                part_counts = future.result()
+                if target is out:
+                    for k, v in part_counts.items():
+                        counts[k] += v
+                with open(Path(tmp) / f"part-{i}.{suffix}", "rb") as src:
+                    shutil.copyfileobj(src, target.buffer, 16 << 20)
+            target.buffer.flush()
+
+
+def _export_part(url: str, run_id: int, first: int, last: int, mission: str, cancelled: str | None,
+                 stem: Path) -> dict[str, int]:
+    """One process's range of groups (positions first..last) into ``stem``.jsonl and ``stem``.failures."""
+    store = ResultStore(url, migrate=False, pool_size=2)
+    counts = {"written": 0, "failed": 0, "incomplete": 0}
+    try:
+        with open(f"{stem}.jsonl", "w", encoding="utf-8", newline="\n") as out, \
+                open(f"{stem}.failures", "w", encoding="utf-8", newline="\n") as failures:
+            _encode_groups(store.queries.iter_export_groups(run_id, first=first, last=last), mission, cancelled,
+                           counts, out.write, failures.write)
+    finally:
+        store.close()
+    return counts

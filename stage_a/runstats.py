@@ -4,7 +4,8 @@ the JSONL as ``<mission>_stage_a_report.json`` by `stage-a run` and `stage-a exp
 Three reads of the run's finished rows, whatever its size: the totals; per-image percentiles
 (``percentile_cont`` of both stage columns in one scan on PostgreSQL; on SQLite the same linear
 interpolation from the two ordered values around each rank, ORDER BY .. LIMIT 2 OFFSET k); and one
-row per batch, from which the per-batch percentiles and the per-worker figures are computed here. A
+row per batch, grouped once more per worker and over all batches (GROUPING SETS on PostgreSQL; on
+SQLite the batch rows are read and summed here). A
 batch is one results commit: the rows one worker wrote with one ``updated_at``; its latency is the sum
 of its images' shares (which is what each image stores).
 """
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, tuple_
 from sqlalchemy.sql import Select
 
 from stage_a.failures import FAILURE_CLASSES, failure_class
@@ -114,11 +115,6 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
     """The run's report, read from the store at this moment: three reads of the run's finished rows."""
     finished = ImageRow.status.in_((DONE, FAILED))
     of_run = ImageRow.run_id == run_id
-    batch_rows = (
-        select(ImageRow.worker, func.count(), func.sum(ImageRow.preprocess_ms), func.count(ImageRow.preprocess_ms),
-               func.sum(ImageRow.generate_ms), func.count(ImageRow.generate_ms))
-        .where(of_run, finished).group_by(ImageRow.worker, ImageRow.updated_at)
-    )
     with store.engine.connect() as c:
         run = c.execute(select(Run.mission, Run.model, Run.created_at, Run.cancelled_at).where(Run.id == run_id)).one()
         totals = c.execute(select(
@@ -128,21 +124,14 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
             func.coalesce(func.sum(ImageRow.vision_tokens), 0),
         ).where(of_run)).one()
         per_image = _image_distributions(c, run_id)
-        batches = [_Batch(str(w or "-"), int(n), float(ps or 0), int(pn), float(gs or 0), int(gn))
-                   for w, n, ps, pn, gs, gn in c.execute(batch_rows)]
+        per_batch, n_batches, by_worker = _batch_figures(c, run_id)
         errors = c.execute(select(ImageRow.error, func.count()).where(of_run, ImageRow.status == FAILED)
                            .group_by(ImageRow.error)).all()
     total, done, failed, first, last, prompt, completion, vision = totals
     n_finished = int(done) + int(failed)
     wall = (last - run.created_at).total_seconds() if last else None
     active = (last - first).total_seconds() if last and first else None
-    workers = _workers(batches, n_finished)
-    per_batch = {
-        # A batch's latency is the sum of its images' shares; batches with no such share are left out.
-        "preprocess_ms": _distribution([b.preprocess_ms for b in batches if b.preprocess_n]),
-        "generate_ms": _distribution([b.generate_ms for b in batches if b.generate_n]),
-        "images": _distribution([float(b.images) for b in batches]),
-    }
+    workers = _workers(by_worker, n_finished)
     return RunStats(
         run_id=run_id, mission=run.mission, model=run.model,
         state="cancelled" if run.cancelled_at else ("finished" if n_finished == total else "unfinished"),
@@ -151,7 +140,7 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
         unfinished=int(total) - n_finished,
         images_per_s=n_finished / active if active and active > 0 else None,
         prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), vision_tokens=int(vision or 0),
-        per_image=per_image, per_batch=per_batch, batches=len(batches),
+        per_image=per_image, per_batch=per_batch, batches=n_batches,
         workers=workers, stragglers=tuple(w.worker for w in workers if w.straggler),
         failures_by_class=_by_class(errors),
         model_load_s=None, model_load_note="not recorded: the store keeps no model load times "
@@ -160,32 +149,69 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
     )
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """One results commit: a worker's rows with one updated_at."""
-
-    worker: str
-    images: int
-    preprocess_ms: float
-    preprocess_n: int
-    generate_ms: float
-    generate_n: int
+_BATCH_STAGES = ("preprocess_ms", "generate_ms", "images")
 
 
-def _workers(batches: list[_Batch], n_finished: int) -> tuple[WorkerShare, ...]:
-    per: dict[str, list[float]] = {}  # worker -> [images, generate_ms sum, generate_ms n, busy ms]
-    for b in batches:
-        acc = per.setdefault(b.worker, [0, 0.0, 0, 0.0])
-        acc[0] += b.images
-        acc[1] += b.generate_ms
-        acc[2] += b.generate_n
-        acc[3] += b.preprocess_ms + b.generate_ms
-    rows = sorted(((w, int(n), g / gn if gn else None, busy) for w, (n, g, gn, busy) in per.items()),
-                  key=lambda r: (-r[1], r[0]))
-    means = sorted(m for _, _, m, _ in rows if m is not None)
+def _batches(run_id: int) -> Any:
+    """One row per batch (a worker's rows with one updated_at): its images and the sums of their stage
+    shares (NULL when none of its images has one, so the batch is left out of that distribution)."""
+    return (
+        select(ImageRow.worker.label("worker"), func.count().label("images"),
+               func.sum(ImageRow.preprocess_ms).label("preprocess_ms"),
+               func.sum(ImageRow.generate_ms).label("generate_ms"),
+               func.count(ImageRow.generate_ms).label("generate_n"))
+        .where(ImageRow.run_id == run_id, ImageRow.status.in_((DONE, FAILED)))
+        .group_by(ImageRow.worker, ImageRow.updated_at).subquery()
+    )
+
+
+def _batch_figures(c: Connection, run_id: int) -> tuple[dict[str, Distribution], int, list[tuple[Any, ...]]]:
+    """Per-batch distributions, the number of batches, and per worker (name, images, generate_ms sum,
+    generate_ms n, busy ms). PostgreSQL: one statement (GROUPING SETS: each worker, and all batches);
+    SQLite: the batch rows read here."""
+    b = _batches(run_id)
+    per_worker = (func.count(), func.sum(b.c.images), func.sum(b.c.generate_ms), func.sum(b.c.generate_n),
+                  func.sum(func.coalesce(b.c.preprocess_ms, 0) + func.coalesce(b.c.generate_ms, 0)))
+    if c.dialect.name == "postgresql":
+        stats: list[Any] = []
+        for name in _BATCH_STAGES:
+            col = b.c[name]
+            stats += [func.count(col), func.max(col), func.avg(col),
+                      *[func.percentile_cont(q).within_group(col) for q in QUANTILES]]
+        rows = c.execute(select(func.grouping(b.c.worker), b.c.worker, *per_worker, *stats)
+                         .group_by(func.grouping_sets(tuple_(b.c.worker), tuple_()))).all()
+        by_worker, per_batch, n_batches = [], {n: Distribution(0, None, None, None, None) for n in _BATCH_STAGES}, 0
+        for row in rows:
+            if not row[0]:
+                by_worker.append((row[1], *row[3:7]))
+                continue
+            n_batches = int(row[2])
+            for i, name in enumerate(_BATCH_STAGES):
+                n, top, mean, p50, p95 = row[7 + i * 5:12 + i * 5]
+                if n:
+                    per_batch[name] = Distribution(int(n), float(p50), float(p95), float(top), float(mean))
+        return per_batch, n_batches, by_worker
+    batches = c.execute(select(b.c.worker, b.c.images, b.c.preprocess_ms, b.c.generate_ms, b.c.generate_n)).all()
+    per: dict[Any, list[float]] = {}
+    for w, n, pre, gen, gen_n in batches:
+        acc = per.setdefault(w, [0, 0.0, 0, 0.0])
+        acc[0] += n
+        acc[1] += gen or 0.0
+        acc[2] += gen_n
+        acc[3] += (pre or 0.0) + (gen or 0.0)
+    per_batch = {name: _distribution([float(r[i]) for r in batches if r[i] is not None])
+                 for i, name in ((2, "preprocess_ms"), (3, "generate_ms"), (1, "images"))}
+    return per_batch, len(batches), [(w, *acc) for w, acc in per.items()]
+
+
+def _workers(rows: list[tuple[Any, ...]], n_finished: int) -> tuple[WorkerShare, ...]:
+    """(name, images, generate_ms sum, generate_ms n, busy ms) per worker, most images first."""
+    shares = sorted(((str(w or "-"), int(n), float(g) / int(gn) if gn else None, float(busy or 0))
+                     for w, n, g, gn, busy in rows), key=lambda r: (-r[1], r[0]))
+    means = sorted(m for _, _, m, _ in shares if m is not None)
     median = _median(means)
     out = []
-    for name, n, mean, busy_ms in rows:
+    for name, n, mean, busy_ms in shares:
         slow = len(means) >= 2 and median is not None and mean is not None and mean > STRAGGLER_FACTOR * median
         out.append(WorkerShare(
             worker=name, images=n, share=n / n_finished if n_finished else 0.0, generate_ms_mean=mean,

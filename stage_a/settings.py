@@ -99,6 +99,11 @@ class Settings:
     db_pool_size: int = 5
     """Most database connections one process opens (no overflow; see README: hosts x GPUs x 2 x this
     <= PostgreSQL max_connections, or pgbouncer in front)."""
+    export_processes: int = min(8, os.cpu_count() or 1)
+    """Processes (default: one per CPU, at most 8) that encode a large run's export (`stage-a export`, the end of `stage-a run`), each
+    over its own range of groups; the output is the same bytes as from one."""
+    export_parallel_min: int = 200_000
+    """Runs of fewer images are exported by one process (starting the others costs more than it saves)."""
     sqlite_busy_timeout: float = 30.0
     """Seconds one SQLite statement waits for another writer's lock before the store retries."""
     cache_dir: str = ""
@@ -142,7 +147,7 @@ class Settings:
     def validate(self) -> None:
         for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
                      "model_load_timeout", "reclaim_interval", "stall_seconds", "heartbeat_timeout", "rate_window",
-                     "worker_shown_for",
+                     "worker_shown_for", "export_processes", "export_parallel_min",
                      "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank",
                      "vllm_max_loras"):
             if getattr(self, name) <= 0:

@@ -60,7 +60,7 @@ def export(run_arg: int | None, run_id: int | None, mission: str | None, output_
             sys.exit(4)
         click.echo(f"stage-a: warning: {printable(msg)}; exporting complete groups only", err=True)
     make_output_dir(output_dir)
-    report = export_run(store, info.id, output_dir)
+    report = export_run(store, info.id, output_dir, settings.export_processes, settings.export_parallel_min)
     for note in apply_post_steps(report.jsonl_path, info.spec.dataset, postprocess, add_gt_fail_reason, excel_path,
                                  settings.data_dir):
         click.echo(f"stage-a: {printable(note)}", err=True)

@@ -270,7 +270,7 @@ def _finish(store: Any, run_id: int, output_dir: Path, processed: int, seconds: 
     from merger.export import export_run
     from merger.post_steps import apply_post_steps
 
-    report = export_run(store, run_id, output_dir)
+    report = export_run(store, run_id, output_dir, settings.export_processes, settings.export_parallel_min)
     for note in apply_post_steps(report.jsonl_path, store.get_run(run_id).spec.dataset, kw.get("postprocess", False),
                                  kw.get("add_gt_fail_reason", False), kw["excel_path"], settings.data_dir):
         click.echo(f"stage-a: {printable(note)}", err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -443,29 +444,45 @@ class Queries:
 
     # ---- pages of a run ---------------------------------------------------------------------
 
-    def iter_export_groups(self, run_id: int, batch_rows: int = 20_000) -> Iterator[ExportGroup]:
-        """Groups in output order with their images, streamed by keyset pages (flat memory)."""
-        last_pos = -1
-        while True:
-            with self.engine.connect() as c:
-                groups = c.execute(
-                    select(GroupRow.position, GroupRow.group_id, GroupRow.label)
-                    .where(GroupRow.run_id == run_id, GroupRow.position > last_pos)
-                    .order_by(GroupRow.position).limit(max(1, batch_rows // 5))
-                ).all()
+    def iter_export_groups(self, run_id: int, batch_rows: int = 20_000, first: int = 0,
+                           last: int | None = None) -> Iterator[ExportGroup]:
+        """Groups in output order (positions ``first``..``last``, default all) with their images, streamed
+        by keyset pages (flat memory: two pages). The next page is read in a thread while the caller works
+        through this one: the database's time and the caller's encoding overlap."""
+        limit = max(1, batch_rows // 5)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-a-export-read") as pool:
+            pending = pool.submit(self._export_page, run_id, first - 1, limit, last)
+            while True:
+                groups, images = pending.result()
                 if not groups:
                     return
-                lo, last_pos = groups[0][0], groups[-1][0]
-                images = c.execute(
-                    select(ImageRow.group_position, ImageRow.rel_path, ImageRow.status, ImageRow.summary,
-                           ImageRow.error, ImageRow.image_index)
-                    .where(ImageRow.run_id == run_id, ImageRow.group_position.between(lo, last_pos))
-                    .order_by(ImageRow.group_position, ImageRow.image_index)
-                ).all()
-            by_pos = {pos: list(rows) for pos, rows in itertools.groupby(images, key=lambda r: r[0])}
-            for pos, gid, label in groups:
-                yield ExportGroup(pos, gid, label, [ExportImage(path.rsplit("/", 1)[-1], st, summ, err, idx)
-                                                    for _, path, st, summ, err, idx in by_pos.get(pos, [])])
+                if len(groups) == limit:
+                    pending = pool.submit(self._export_page, run_id, groups[-1][0], limit, last)
+                else:
+                    pending = _no_more_pages()
+                by_pos = {pos: list(rows) for pos, rows in itertools.groupby(images, key=lambda r: r[0])}
+                for pos, gid, label in groups:
+                    yield ExportGroup(pos, gid, label, [ExportImage(path.rsplit("/", 1)[-1], st, summ, err, idx)
+                                                        for _, path, st, summ, err, idx in by_pos.get(pos, [])])
+
+    def _export_page(self, run_id: int, after: int, limit: int, last: int | None) -> tuple[list[Any], list[Any]]:
+        """Up to ``limit`` groups after position ``after`` (up to ``last``) and their images, in output order."""
+        upto = [GroupRow.position <= last] if last is not None else []
+        with self.engine.connect() as c:
+            groups = c.execute(
+                select(GroupRow.position, GroupRow.group_id, GroupRow.label)
+                .where(GroupRow.run_id == run_id, GroupRow.position > after, *upto)
+                .order_by(GroupRow.position).limit(limit)
+            ).all()
+            if not groups:
+                return [], []
+            images = c.execute(
+                select(ImageRow.group_position, ImageRow.rel_path, ImageRow.status, ImageRow.summary,
+                       ImageRow.error, ImageRow.image_index)
+                .where(ImageRow.run_id == run_id, ImageRow.group_position.between(groups[0][0], groups[-1][0]))
+                .order_by(ImageRow.group_position, ImageRow.image_index)
+            ).all()
+        return list(groups), list(images)
 
     def page_groups(self, run_id: int, flt: ImageFilter, after: int | None = None, before: int | None = None,
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
@@ -553,6 +570,12 @@ class Queries:
                        ImageRow.image_index == image_index)
             ).first()
         return (str(row[0]), str(row[1])) if row else None
+
+
+def _no_more_pages() -> Future[tuple[list[Any], list[Any]]]:
+    done: Future[tuple[list[Any], list[Any]]] = Future()
+    done.set_result(([], []))
+    return done
 
 
 def _unfinished() -> Any:
