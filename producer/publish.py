@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from stage_a.messages import TASK_NAME, payloads_for
@@ -51,10 +51,10 @@ class Publisher(TaskQueue):
                 return self.send(payloads, queue)
             return fast.publish(payloads)
 
-    def publish_items(self, items: Sequence[WorkItem], sharding_mode: str, store_id: str,
+    def publish_items(self, items: Iterable[WorkItem], sharding_mode: str, store_id: str,
                       route: str | None = None) -> int:
-        """The run's items to the queue of its model ``route`` (RunInfo.route), naming their store
-        (ResultStore.store_id)."""
+        """The run's items (any iterable in key order, streamed) to the queue of its model ``route``
+        (RunInfo.route) as chunk messages naming their store (ResultStore.store_id); returns the messages sent."""
         return self.publish(payloads_for(items, sharding_mode, store_id), self.queue_for(route))
 
 
