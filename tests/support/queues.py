@@ -18,3 +18,13 @@ def queued_raw(client: Any, queue: str) -> list[bytes]:
 def clear(client: Any, queue: str) -> None:
     """Drop the messages of ``queue`` and of its per-model queues."""
     client.delete(*queue_names(client, queue))
+
+
+def payload_keys(payload: dict[str, Any]) -> list[tuple[int, int]]:
+    """The (group_position, image_index) of every image a payload carries: a chunk (version 2) or a
+    version-1 message of one image or one group."""
+    if payload.get("v") == 2:
+        return [(p, i) for p, i in payload["keys"]]
+    if "images" in payload:
+        return [(payload["group_position"], img["image_index"]) for img in payload["images"]]
+    return [(payload["group_position"], payload["image_index"])]
