@@ -47,10 +47,10 @@ class ReconnectSafeBatches(Batches):
     - A message is a chunk of images (stage_a/messages.py): the buffer is flushed once it holds
       ``flush_images`` images (celery-batches' own count of messages, ``flush_every``, is set out of
       reach), or by the interval timer.
-    - A flush is cut, between messages, into pool calls of at most ceil(visible / pool processes)
-      images, where visible is the buffer plus the images still waiting on this worker's queues: with
-      plenty waiting it stays one call, at the end of a run every process gets a share (the prefork
-      pool gives a call to an idle process first).
+    - A flush is one pool call while the work visible to this worker (the buffer plus the images
+      waiting on its queues) holds a full flush for every pool process; past that point (a run's
+      end) it is cut, between messages, into one even share per pool process (the prefork pool
+      gives a call to an idle process first), so no process sits idle while another holds the rest.
     - celery-batches 0.11 keeps its flush timer's handle (`_tref`) on the task; a reconnect clears
       the consumer's timer but not the handle, so a partial batch would wait for the visibility
       timeout (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() runs at every
@@ -94,16 +94,19 @@ class ReconnectSafeBatches(Batches):
         requests = list(requests)
         sizes = [image_count(_payload_of(r)) for r in requests]
         result = None
-        for piece in split_flush(requests, sizes, self._share(sum(sizes))):
+        share = self._share(sum(sizes))
+        log.debug("flushing %d messages, %d images, at most %d per pool call", len(requests), sum(sizes), share)
+        for piece in split_flush(requests, sizes, share):
             result = super().flush(piece)
         return result
 
     def _share(self, buffered: int) -> int:
-        """The most images one pool call gets: ceil(visible / pool processes)."""
+        """The most images one pool call gets: the whole buffer while the work visible to this worker (the
+        buffer and its queues) would give every pool process a full flush, else an even share of the buffer."""
         processes = int(getattr(getattr(self._consumer, "controller", None), "concurrency", 1) or 1)
-        if processes <= 1:
+        if processes <= 1 or buffered + self._waiting() >= processes * self.flush_images:
             return buffered
-        return max(1, -(-(buffered + self._waiting()) // processes))
+        return -(-buffered // processes)
 
     def _waiting(self) -> int:
         """Images still on this worker's queues, estimated from their lengths (one round trip) and the
