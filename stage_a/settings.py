@@ -111,8 +111,8 @@ class Settings:
     vllm_gpu_memory_utilization: float = 0.90
     """vLLM engine: fraction of GPU memory vLLM may take (weights + activations + KV cache). GPU only."""
     vllm_max_num_seqs: int = 128
-    """vLLM engine: sequences decoded at once. Keep a worker's flush (STAGE_A_FLUSH_SIZE) several
-    times larger so finished sequences are replaced at once."""
+    """vLLM engine: sequences decoded at once. A worker's default flush is 4 x this (flush_images), so a
+    call can hold several times more rows and a finished sequence is replaced at once."""
     vllm_cpu_kv_cache_gib: float = 1.0
     """vLLM engine on CPU: KV cache size (vLLM's CPU backend would otherwise reserve a share of RAM)."""
     vllm_enforce_eager: bool = False
