@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import re
+from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from stage_a.messages import TASK_NAME, payloads_for
+from stage_a.messages import TASK_NAME, chunk_payload, chunks
 from stage_a.queue import PublishError, TaskQueue
 from stage_a.work import WorkItem
 
@@ -53,10 +54,25 @@ class Publisher(TaskQueue):
 
     def publish_items(self, items: Iterable[WorkItem], sharding_mode: str, store_id: str,
                       route: str | None = None) -> int:
-        """The run's items, in key order, to the queue of its model ``route`` (RunInfo.route), naming
-        their store (ResultStore.store_id). ``items`` is consumed as it is published (a stream from
-        the store: a run of millions is never held)."""
-        return self.publish(payloads_for(items, sharding_mode, store_id), self.queue_for(route))
+        """The run's items (any iterable in key order, streamed) to the queue of its model ``route``
+        (RunInfo.route) as chunk messages naming their store (ResultStore.store_id). Returns the units
+        queued: images (per_image) or groups (per_group); a PublishError's ``sent`` counts them too."""
+        queued = array("q")  # units on the queue once each message is: 8 bytes a message of ~32 images
+
+        def payloads() -> Iterator[dict[str, Any]]:
+            total = 0
+            for chunk in chunks((it.key for it in items), sharding_mode):
+                total += len({k.group_position for k in chunk}) if sharding_mode == "per_group" else len(chunk)
+                queued.append(total)
+                yield chunk_payload(chunk, store_id)
+
+        try:
+            sent = self.publish(payloads(), self.queue_for(route))
+        except PublishError as exc:
+            if exc.sent:
+                exc.sent = queued[exc.sent - 1]
+            raise
+        return queued[sent - 1] if sent else 0
 
 
 class _FastRedisPublish:

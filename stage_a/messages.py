@@ -1,8 +1,16 @@
-"""Task payloads on the broker (JSON only) and their validation: a bad message is poison, not a crash."""
+"""Task payloads on the broker (JSON only) and their validation: a bad message is poison, not a crash.
+
+A message is a chunk of one run's work: the keys of up to CHUNK_IMAGES images (whole groups for
+per_group), never their paths (the worker reads each key's path from the store). Chunks shrink near
+the end of a run (guided self-scheduling), so the last messages spread over every consumer.
+Version-1 payloads (one image, or one group, with paths) queued before chunks are still served.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +19,17 @@ from stage_a.work import ImageKey, WorkItem
 
 TASK_NAME = "stage_a.summarize"
 """The one Celery task every message names."""
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
+LEGACY_VERSION = 1
 MAX_DB_INT = 2**31 - 1
 MAX_IMAGES_PER_MESSAGE = 10_000
 MAX_STORE_ID = 64
+CHUNK_IMAGES = 32
+"""Most images per message (a per_group group larger than this is still one message): ~60 bytes per
+queued image in Redis against ~1,400 for a message per image, while a chunk stays a fraction of a flush."""
+TAIL_SHARES = 16
+"""Near the end of a run each chunk is 1/TAIL_SHARES of the images left (at most CHUNK_IMAGES)."""
+_V2_FIELDS = frozenset({"v", "store", "run_id", "keys"})
 
 
 class PoisonMessage(ValueError):
@@ -34,36 +49,99 @@ def check_store(message: Message, store: str) -> None:
 
 @dataclass(frozen=True)
 class Message:
-    """One payload, read: the store it was enqueued against and its work items."""
+    """One payload, read: the store it was enqueued against and the keys of its images."""
 
     store: str | None
     """The id of the store the run was registered in (ResultStore.store_id); None: a message queued
     before messages named their store."""
-    items: list[WorkItem]
+    keys: list[ImageKey]
+    paths: list[str] | None = None
+    """A version-1 message's path for each key (checked against the store's); None for a chunk."""
+
+
+def chunk_payload(keys: list[ImageKey], store: str) -> dict[str, Any]:
+    """One message for ``keys``, images of one run of store ``store`` (ResultStore.store_id)."""
+    return {"v": PAYLOAD_VERSION, "store": store, "run_id": keys[0].run_id,
+            "keys": [[k.group_position, k.image_index] for k in keys]}
 
 
 def image_payload(item: WorkItem, store: str) -> dict[str, Any]:
-    """One message for one image of a run of store ``store`` (ResultStore.store_id)."""
-    return {"v": PAYLOAD_VERSION, "store": store, **item.to_message()}
+    """A version-1 message for one image (what was queued before chunks)."""
+    return {"v": LEGACY_VERSION, "store": store, **item.to_message()}
 
 
 def group_payload(items: list[WorkItem], store: str) -> dict[str, Any]:
-    """One message for a whole group (per_group sharding)."""
+    """A version-1 message for a whole group (what per_group queued before chunks)."""
     first = items[0].key
     return {
-        "v": PAYLOAD_VERSION, "store": store, "run_id": first.run_id, "group_position": first.group_position,
+        "v": LEGACY_VERSION, "store": store, "run_id": first.run_id, "group_position": first.group_position,
         "images": [{"image_index": it.key.image_index, "path": it.rel_path} for it in items],
     }
 
 
 def payloads_for(items: Iterable[WorkItem], sharding_mode: str, store: str) -> Iterator[dict[str, Any]]:
-    """per_image: one message per image; per_group: one message per group (items in group order)."""
+    """The chunk messages of ``items`` (key order), streamed: see chunks()."""
+    for chunk in chunks((it.key for it in items), sharding_mode):
+        yield chunk_payload(chunk, store)
+
+
+def chunks(keys: Iterable[ImageKey], sharding_mode: str, size: int = CHUNK_IMAGES,
+           shares: int = TAIL_SHARES) -> Iterator[list[ImageKey]]:
+    """Keys (in key order) packed into chunks of one run: ``size`` images each while more than
+    ``shares`` x ``size`` are left of the run, then ceil(left / ``shares``) (guided self-scheduling), so
+    a run ends in small messages every consumer gets a share of. Only ``shares`` x ``size`` keys are
+    held at a time. per_group: a group is never split (a chunk is whole groups, at least one)."""
+    window = shares * size
+    pending: deque[list[ImageKey]] = deque()  # units (an image, or a group) not yet sent, of one run
+    held = 0
+    for unit in _units(keys, sharding_mode):
+        if pending and unit[0].run_id != pending[0][0].run_id:
+            yield from _take(pending, held, size, shares)  # the end of that run's keys
+            held = 0
+        pending.append(unit)
+        held += len(unit)
+        while held >= window:  # at least a window left: ceil(left / shares) >= size
+            chunk = _chunk(pending, size)
+            held -= len(chunk)
+            yield chunk
+    yield from _take(pending, held, size, shares)
+
+
+def _take(pending: deque[list[ImageKey]], held: int, size: int, shares: int) -> Iterator[list[ImageKey]]:
+    """The tail of a run: chunks of ceil(left / shares) images, at most ``size``."""
+    while held > 0:
+        chunk = _chunk(pending, max(1, min(size, math.ceil(held / shares))))
+        held -= len(chunk)
+        yield chunk
+
+
+def _chunk(pending: deque[list[ImageKey]], target: int) -> list[ImageKey]:
+    """Whole units from the front of ``pending``: as many as fit in ``target`` images, at least one."""
+    chunk = list(pending.popleft())
+    while pending and len(chunk) + len(pending[0]) <= target:
+        chunk += pending.popleft()
+    return chunk
+
+
+def _units(keys: Iterable[ImageKey], sharding_mode: str) -> Iterator[list[ImageKey]]:
     if sharding_mode == "per_group":
-        for _, group in itertools.groupby(items, key=lambda it: (it.key.run_id, it.key.group_position)):
-            yield group_payload(list(group), store)
+        for _, group in itertools.groupby(keys, key=lambda k: (k.run_id, k.group_position)):
+            members = list(group)
+            for i in range(0, len(members), MAX_IMAGES_PER_MESSAGE):  # a message's bound (no real group is this big)
+                yield members[i:i + MAX_IMAGES_PER_MESSAGE]
     else:
-        for it in items:
-            yield image_payload(it, store)
+        for k in keys:
+            yield [k]
+
+
+def image_count(payload: Any) -> int:
+    """How many images a payload carries, for sizing buffers; never raises (a malformed one counts 1)."""
+    if isinstance(payload, dict):
+        for name in ("keys", "images"):
+            value = payload.get(name)
+            if isinstance(value, list) and value:
+                return min(len(value), MAX_IMAGES_PER_MESSAGE)
+    return 1
 
 
 def _int(obj: dict[str, Any], name: str) -> int:
@@ -94,10 +172,35 @@ def _store(obj: dict[str, Any]) -> str | None:
 
 
 def parse_payload(payload: Any) -> Message:
-    """The store and work items of one message; raises PoisonMessage naming what is wrong."""
+    """The store and image keys of one message; raises PoisonMessage naming what is wrong."""
     if not isinstance(payload, dict):
         raise PoisonMessage(f"payload must be a JSON object, got {type(payload).__name__}")
-    return Message(_store(payload), _items(payload))
+    version = payload.get("v", LEGACY_VERSION)
+    if version == PAYLOAD_VERSION and type(version) is int:
+        return Message(_store(payload), _keys(payload))
+    if version != LEGACY_VERSION or type(version) is not int:
+        raise PoisonMessage(f"field 'v' must be {LEGACY_VERSION} or {PAYLOAD_VERSION}, got {version!r:.80}")
+    items = _items(payload)
+    return Message(_store(payload), [it.key for it in items], [it.rel_path for it in items])
+
+
+def _keys(payload: dict[str, Any]) -> list[ImageKey]:
+    unknown = sorted(set(payload) - _V2_FIELDS)
+    if unknown:
+        raise PoisonMessage(f"unknown field {unknown[0]!r:.80} in a version-{PAYLOAD_VERSION} message")
+    run_id = _int(payload, "run_id")
+    keys = payload.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise PoisonMessage("field 'keys' must be a non-empty list")
+    if len(keys) > MAX_IMAGES_PER_MESSAGE:
+        raise PoisonMessage(f"field 'keys' lists {len(keys)} images (at most {MAX_IMAGES_PER_MESSAGE})")
+    out = []
+    for entry in keys:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise PoisonMessage(f"each entry of 'keys' must be [group_position, image_index], got {entry!r:.80}")
+        position, index = (_int({"keys[]": v}, "keys[]") for v in entry)
+        out.append(ImageKey(run_id, position, index))
+    return out
 
 
 def _items(payload: dict[str, Any]) -> list[WorkItem]:

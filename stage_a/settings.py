@@ -48,11 +48,11 @@ class Settings:
     """Generation engine of workers: transformers (left-padded static batches) or vllm."""
     queue: str = "stage_a"
     """Queue name on the broker."""
-    flush_size: int = field(default=4 * DEFAULT_BATCH_SIZE, metadata=_env("STAGE_A_FLUSH_SIZE", "STAGE_A_BATCH_SIZE"))
-    """Messages a worker buffers before it flushes them to the engine (also its prefetch). Not the
-    model batch size (a run's --batch-size): several model batches per flush let the worker order by
-    length and prefetch inside it (bench/farm_overhead.py: 72.9% of the engine's images/s at 1 model
-    batch per flush, 82.4% at 4, 92.6% at 8). STAGE_A_BATCH_SIZE is the old name, still read."""
+    flush_size: int = field(default=0, metadata=_env("STAGE_A_FLUSH_SIZE", "STAGE_A_BATCH_SIZE"))
+    """Images a worker buffers before it flushes them to its pool processes (see flush_images; 0: by
+    engine). Not the model batch size (a run's --batch-size): several model batches per flush let the
+    worker order by length and prefetch inside it (bench/farm_overhead.py: 72.9% of the engine's
+    images/s at 1 model batch per flush, 82.4% at 4, 92.6% at 8). STAGE_A_BATCH_SIZE is the old name."""
     flush_interval: float = 1.0
     """Seconds before a partial buffer is flushed."""
     lease_seconds: float = 1800.0
@@ -116,8 +116,8 @@ class Settings:
     vllm_gpu_memory_utilization: float = 0.90
     """vLLM engine: fraction of GPU memory vLLM may take (weights + activations + KV cache). GPU only."""
     vllm_max_num_seqs: int = 128
-    """vLLM engine: sequences decoded at once. Keep a worker's flush (STAGE_A_FLUSH_SIZE) several
-    times larger so finished sequences are replaced at once."""
+    """vLLM engine: sequences decoded at once. A worker's default flush is 4 x this (flush_images), so a
+    call can hold several times more rows and a finished sequence is replaced at once."""
     vllm_cpu_kv_cache_gib: float = 1.0
     """vLLM engine on CPU: KV cache size (vLLM's CPU backend would otherwise reserve a share of RAM)."""
     vllm_enforce_eager: bool = False
@@ -145,14 +145,14 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        for name in ("flush_size", "lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
+        for name in ("lease_seconds", "max_delivery_attempts", "db_pool_size", "flush_interval",
                      "model_load_timeout", "reclaim_interval", "stall_seconds", "heartbeat_timeout", "rate_window",
                      "worker_shown_for", "export_processes", "export_parallel_min",
                      "vllm_max_model_len", "vllm_max_num_seqs", "vllm_cpu_kv_cache_gib", "vllm_max_lora_rank",
                      "vllm_max_loras"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
+        for name in ("flush_size", "heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
             if getattr(self, name) < 0:
                 raise UserError(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:
@@ -172,6 +172,15 @@ class Settings:
                             f"got {','.join(self.gpus)!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()):
             raise UserError(f"STAGE_A_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def flush_images(self) -> int:
+        """Images per flush: STAGE_A_FLUSH_SIZE, else 4 model batches of the default --batch-size
+        (transformers), or 4 x STAGE_A_VLLM_MAX_NUM_SEQS (vllm: a call of max_num_seqs rows leaves
+        slots idle as its rows finish; README, "Batch size, flush size and max_num_seqs")."""
+        if self.flush_size:
+            return self.flush_size
+        return 4 * (self.vllm_max_num_seqs if self.engine == "vllm" else DEFAULT_BATCH_SIZE)
 
     @property
     def orphan_grace_seconds(self) -> float:

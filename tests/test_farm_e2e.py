@@ -27,7 +27,7 @@ import pytest
 from support.cli import base_env, cli
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
 from support.farm import Worker
-from support.queues import clear, queued_raw
+from support.queues import clear, payload_keys, queued_raw
 from support.runreport import check_report
 from support.store import image_rows, store_id_of
 
@@ -299,8 +299,9 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
     env = cli_env(tmp_path, queue, pg_url)
     run_id = run_id_of(stage_a(enqueue_args(tree, tiny_checkpoint, "per_image"), env, tmp_path))
     first = queued_payloads(queue)
-    assert len(first) == 12
-    assert all(set(p) == {"v", "store", "run_id", "group_position", "image_index", "path"} for p in first)
+    keys = [k for p in first for k in payload_keys(p)]
+    assert len(keys) == len(set(keys)) == 12
+    assert all(set(p) == {"v", "store", "run_id", "keys"} and p["v"] == 2 for p in first)  # keys, never paths
     assert {p["store"] for p in first} == {store_id_of(pg_url)}
     assert {p["run_id"] for p in first} == {run_id}
     clear(redis_client(), queue)  # the farm consumed them...
@@ -319,7 +320,7 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
         assert run_id_of(again) == run_id
         assert f"re-enqueue {len(unfinished)} unfinished images" in again.stdout, again.stdout
         requeued = queued_payloads(queue)
-        assert sorted((p["group_position"], p["image_index"]) for p in requeued) == sorted(unfinished)
+        assert sorted(k for p in requeued for k in payload_keys(p)) == sorted(unfinished)
         clear(redis_client(), queue)
 
         # Everything finished: nothing is queued.
@@ -332,17 +333,19 @@ def test_reenqueue_queues_only_unfinished_images(tree: Path, tiny_checkpoint: Pa
         store.close()
 
 
-def test_per_group_enqueue_sends_one_message_per_group(tree: Path, tiny_checkpoint: Path, pg_url: str,
-                                                       queue: str, tmp_path: Path) -> None:
+def test_per_group_enqueue_sends_whole_groups(tree: Path, tiny_checkpoint: Path, pg_url: str,
+                                              queue: str, tmp_path: Path) -> None:
     env = cli_env(tmp_path, queue, pg_url)
     proc = stage_a(enqueue_args(tree, tiny_checkpoint, "per_group"), env, tmp_path)
     run_id = run_id_of(proc)
     assert "5 groups" in proc.stdout and "12 images" in proc.stdout and "5 group tasks queued" in proc.stdout
     payloads = queued_payloads(queue)
-    assert [p["group_position"] for p in payloads] == [0, 1, 2, 3, 4]
-    assert sum(len(p["images"]) for p in payloads) == 12 and {p["run_id"] for p in payloads} == {run_id}
-    for p in payloads:
-        assert [img["image_index"] for img in p["images"]] == list(range(1, len(p["images"]) + 1))
+    keys = [payload_keys(p) for p in payloads]
+    assert sum(len(k) for k in keys) == 12 and {p["run_id"] for p in payloads} == {run_id}
+    # A 12-image run ends at once: every chunk is the smallest, one whole group, in key order.
+    assert [[pos for pos, _ in k] for k in keys] == [[g] * len(k) for g, k in enumerate(keys)]
+    for k in keys:
+        assert [i for _, i in k] == list(range(1, len(k) + 1))
 
 
 def test_status_and_export_of_an_unfinished_run(tree: Path, tiny_checkpoint: Path, pg_url: str, queue: str,

@@ -38,6 +38,19 @@ def test_celery_batches_flush_timer_is_the_one_reconnect_safe_batches_rearms() -
     assert "self._tref" in inspect.getsource(Batches.__init__)
 
 
+def test_celery_batches_flush_is_one_pool_call_that_reconnect_safe_batches_splits() -> None:
+    """workers/tasks.py's ReconnectSafeBatches.flush calls celery-batches 0.11's flush once per share of the
+    buffer: each call must be one pool call acknowledging only its own requests, and _do_flush must hand it
+    every buffered request at once (hashed above), counting messages against flush_every (set out of reach)."""
+    from celery_batches import Batches
+
+    assert _source_hash(Batches.flush) == (
+        "7d92a1e55b831def7c2a85f062aa2787d2377e35a6aaeb0e282f7c8647e9480f"
+    ), "celery-batches' flush changed: is it still one pool call acknowledging its own requests?"
+    source = inspect.getsource(Batches.Strategy)
+    assert "if not next(self._count) % self.flush_every:" in source
+
+
 def test_celery_consumer_hooks_have_the_parameters_workers_consumer_overrides() -> None:
     from celery.worker.consumer import Consumer
 
@@ -91,3 +104,16 @@ def test_the_flush_timer_is_armed_again_when_the_consumer_restarts() -> None:
     second = _Timer()
     task.Strategy(task, task.app, _Consumer(second))
     assert len(second.armed) == 1 and task._tref is second.armed[0]
+
+
+def test_a_flush_is_cut_between_messages_into_shares_of_images() -> None:
+    from types import SimpleNamespace
+
+    from workers.tasks import split_flush, summarize
+
+    assert split_flush(list("abcde"), [10, 9, 9, 8, 7], 20) == [["a", "b"], ["c", "d"], ["e"]]
+    assert split_flush(list("ab"), [40, 1], 20) == [["a"], ["b"]]  # a message of more is a piece alone
+    assert split_flush(list("abc"), [1, 1, 1], 100) == [list("abc")]
+    task: Any = summarize
+    task._consumer = SimpleNamespace(controller=SimpleNamespace(concurrency=1))
+    assert task._share(153) == 153  # one pool process: never split

@@ -27,6 +27,9 @@ PAYLOADS = [
     # a per_group payload (nested)
     {"v": 1, "run_id": 3, "group_position": 4,
      "images": [{"image_index": 1, "path": "m/审核通过/g/1.jpg"}, {"image_index": 2, "path": "m/审核通过/g/2.jpg"}]},
+    # chunks (version 2): keys only; one past saferepr's size limit
+    {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[0, 1], [0, 2], [1, 1]]},
+    {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[p, i] for p in range(100) for i in (1, 2)]},
 ]
 
 
@@ -151,3 +154,22 @@ def test_a_real_celery_worker_runs_fast_published_messages(queue: str, tmp_path:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         client.delete(results)
+
+
+@pytest.mark.parametrize("mode", ["per_image", "per_group"])
+def test_the_broker_holds_under_200_bytes_per_queued_image(queue: str, mode: str) -> None:
+    """Chunks of keys, not a message per image (~1,400 bytes each): measured by Redis itself."""
+    import redis
+
+    from stage_a.work import ImageKey, WorkItem
+
+    n = 20_000
+    items = (WorkItem(ImageKey(12345, i // 3, i % 3 + 1), f"挡风板安装检查/审核通过/QC-{i // 3:06d}/{i}.jpg")
+             for i in range(n))
+    queued = _publisher(queue).publish_items(items, mode, "0123456789abcdef")
+    assert queued == (n if mode == "per_image" else -(-n // 3))  # images, or groups
+    client = redis.Redis.from_url(REDIS_URL)
+    messages = client.llen(queue)
+    assert messages < n / 16
+    per_image = client.memory_usage(queue, samples=0) / n
+    assert per_image < 200, f"{per_image:.0f} bytes per queued image ({messages} messages)"

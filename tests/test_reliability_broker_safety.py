@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support.cli import base_env, cli
 from support.farm import MISSION, Farm, RedisServer, farm_factory, make_tree, wait_for  # noqa: F401
+from support.queues import queued_images
 from test_cli_errors import assert_one_line_error
 
 from stage_a.config import RunSpec
@@ -78,8 +79,8 @@ def test_full_broker_enqueue_is_one_line_and_the_run_resumes(pg_url: str, redis:
     make_tree(tmp_path / "in", groups=1500, per_group=2)
     client = redis.client()
     used = int(client.info("memory")["used_memory"])
-    # Room for the first LPUSH of 1,000 tasks (~1.3 MB, counted twice while in Redis's query buffer), not more.
-    client.config_set("maxmemory", str(used + 2_500_000))
+    # No room: the run's first LPUSH (its ~100 chunk messages of 3,000 images, one command) is refused.
+    client.config_set("maxmemory", str(used - 100_000))
     client.config_set("maxmemory-policy", "noeviction")
     env = base_env(STAGE_A_DATABASE_URL=pg_url, STAGE_A_BROKER_URL=redis.url, STAGE_A_QUEUE=QUEUE)
 
@@ -90,8 +91,8 @@ def test_full_broker_enqueue_is_one_line_and_the_run_resumes(pg_url: str, redis:
     try:
         [run_id] = store.queries.run_ids()
         queued = redis.queued(QUEUE)
-        assert 0 < queued < 3000
-        assert f"run {run_id}: {queued} image tasks queued" in line, line
+        assert queued == 0
+        assert f"run {run_id}: 0 image tasks queued" in line, line
         assert f"stage-a enqueue --run {run_id}" in line, line
         assert len(store.unfinished_items(run_id)) == 3000  # nothing lost: every image still to do
 
@@ -99,14 +100,14 @@ def test_full_broker_enqueue_is_one_line_and_the_run_resumes(pg_url: str, redis:
         resumed = cli(["enqueue", "--run", str(run_id)], env, tmp_path, timeout=180)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "3000 image tasks queued" in resumed.stdout, resumed.stdout
-        assert redis.queued(QUEUE) == queued + 3000
+        assert 0 < redis.queued(QUEUE) < 3000 / 16  # chunks of images, not a message each
     finally:
         store.close()
 
 
 def test_reclaimer_resends_in_bounded_chunks_and_stops_at_a_full_broker(pg_url: str, redis: RedisServer) -> None:
     """2,500 images whose messages were lost: against a full broker a pass sends one chunk of at most
-    1,000 (refused part-way: nothing is recorded as re-sent) and stops; with room, they go 1,000 at a time."""
+    1,000 (refused: nothing is recorded as re-sent) and stops; with room, they go 1,000 at a time."""
     from stage_a.errors import UserError
 
     _farm_run(pg_url, 2500)
@@ -125,17 +126,18 @@ def test_reclaimer_resends_in_bounded_chunks_and_stops_at_a_full_broker(pg_url: 
 
         reclaimer._send = counted  # type: ignore[method-assign]
         reclaimer.queue.length()  # connected (kombu's bindings written) before the broker fills
-        client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) + 300_000))
+        client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) - 100_000))
         with pytest.raises(UserError, match="OOM"):
             reclaimer.once()
-        assert sends == [1000] and 0 < redis.queued(QUEUE) < 1000
+        assert sends == [1000] and redis.queued(QUEUE) == 0
         assert len(store.orphaned_pending(settings.orphan_grace_seconds, now=later)) == 2500  # none claimed
 
         client.config_set("maxmemory", "0")
         client.delete(QUEUE)  # what the refused chunk pushed is gone again: the broker is idle
         sends.clear()
         assert reclaimer.once().orphaned == 2500
-        assert sends == [1000, 1000, 500] and redis.queued(QUEUE) == 2500
+        assert sends == [1000, 1000, 500] and queued_images(client, QUEUE) == 2500
+        assert redis.queued(QUEUE) < 2500 / 16  # in chunks
     finally:
         store.close()
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from support.cli import read_jsonl
 from support.farm import FAILURES, MISSION, make_tree
-from support.queues import clear
+from support.queues import clear, payload_keys
 from support.store import dead_letters, image_rows
 from support.store import store_id_of as sid
 
@@ -176,7 +176,7 @@ def test_a_checkpoint_replaced_while_it_loads_serves_nothing(pg_url: str, tiny_c
     assert all(r["status"] == "pending" and r["model"] is None for r in rows), \
         [(r["status"], r["model"], want) for r in rows]
     assert rt.host.engine is None
-    assert sorted((p["group_position"], p["image_index"]) for p in queued(f"{queue}.{want}")) == [(0, 1), (0, 2)]
+    assert sorted(k for p in queued(f"{queue}.{want}") for k in payload_keys(p)) == [(0, 1), (0, 2)]
     rt.store.close()
 
     # A pinned worker whose folder changes while it loads at start refuses to serve at all.
@@ -322,4 +322,38 @@ def test_bad_payloads_are_each_one_dead_letter_and_the_buffer_goes_on(pg_url: st
         assert hit[1] and "\x00" not in hit[1]
     counts = rt.store.queries.counts(run_id)
     assert counts.finished and counts.done == 4, counts
+    rt.store.close()
+
+
+# ---- chunk messages (version 2): keys the store resolves; version 1 still served ------------------
+
+
+def test_chunks_run_by_the_stored_paths_and_v1_messages_alongside(pg_url: str, tiny_checkpoint: Path,
+                                                                   tmp_path: Path) -> None:
+    from stage_a.messages import chunk_payload, payloads_for
+
+    make_tree(tmp_path / "in", groups=4, per_group=2)
+    run_id, items = register(pg_url, tmp_path / "in", tiny_checkpoint)
+    chunks = list(payloads_for(items[:6], "per_image", sid(pg_url)))
+    assert all("path" not in str(p) for p in chunks)
+    v1 = [image_payload(it, sid(pg_url)) for it in items[6:]]
+    bad = [
+        ({**chunk_payload([items[0].key], sid(pg_url)), "keys": [[0, "1"]]}, "must be a non-negative integer"),
+        ({**chunk_payload([items[0].key], sid(pg_url)), "path": "../../etc/passwd"}, "unknown field 'path'"),
+        (chunk_payload([ImageKey(run_id, 99, 1), ImageKey(run_id, 98, 1)], sid(pg_url)),
+         f"image ImageKey(run_id={run_id}, group_position=99, image_index=1) is not in run {run_id} (nor 1 more"),
+    ]
+    rt = runtime(pg_url, checkpoint=str(tiny_checkpoint))
+    processed = rt.process([*chunks, bad[0][0], *v1, bad[1][0], bad[2][0]])
+    assert processed.admitted.dead == 3 and processed.images == 8
+    assert [o.kind for o in processed.outcomes] == ["done"] * len(chunks) + ["rejected", "done", "done",
+                                                                            "rejected", "rejected"]
+    rows = rows_by_key(rt.store, run_id)
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows.values()), rows
+    letters = [reason for reason, _ in dead_letters(rt.store)]
+    for _, fragment in bad:
+        assert any(fragment in r for r in letters), (fragment, letters)
+    # A chunk delivered again after part of it finished runs only what is left (nothing here).
+    again = rt.process(chunks)
+    assert again.images == 0 and {o.kind for o in again.outcomes} == {"skipped"}
     rt.store.close()

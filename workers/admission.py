@@ -87,7 +87,9 @@ SETTLED = ("rejected", "cancelled")
 @dataclass
 class _Message:
     payload: Any
-    items: list[WorkItem]
+    keys: list[ImageKey]
+    paths: list[str] | None
+    """What a version-1 message says each key's file is (None: a chunk, which names no files)."""
     run: RunInfo
     fate: Fate = field(default_factory=lambda: Fate("work"))
 
@@ -153,13 +155,13 @@ class Admission:
     def _validate(self, payload: Any) -> _Message | None:
         message = parse_payload(payload)
         check_store(message, self.store_id)
-        items = message.items
-        run = self.run(items[0].key.run_id)
+        run_id = message.keys[0].run_id
+        run = self.run(run_id)
         if run is None:
-            raise PoisonMessage(f"unknown run {items[0].key.run_id}")
+            raise PoisonMessage(f"unknown run {run_id}")
         if run.cancelled:
             return None
-        return _Message(payload, items, run)
+        return _Message(payload, message.keys, message.paths, run)
 
     def known_run(self, run_id: int) -> RunInfo | None:
         """The run as this buffer's admission read it (None: not read); never reads the database."""
@@ -184,21 +186,22 @@ class Admission:
     # ---- against the ledger (one query for the whole buffer) --------------------------------
 
     def _against_ledger(self, messages: list[_Message], out: Admitted) -> None:
-        entries = self.store.entries([it.key for m in messages for it in m.items])
+        entries = self.store.entries([k for m in messages for k in m.keys])
         by_run: dict[int, dict[ImageKey, WorkItem]] = {}
         for m in messages:
-            # One dead letter per message whatever is wrong with it (a per_group message listing
-            # thousands of images its group does not have is one rejection, not thousands), and
-            # nothing of a refused message is worked on.
-            missing = [it for it in m.items if it.key not in entries]
+            # One dead letter per message whatever is wrong with it (a message listing thousands of
+            # images its run does not have is one rejection, not thousands), and nothing of a refused
+            # message is worked on.
+            missing = [k for k in m.keys if k not in entries]
             if missing:
-                more = f" (nor {len(missing) - 1} more of its {len(m.items)})" if len(missing) > 1 else ""
-                reason = f"image {missing[0].key} is not in run {m.run.id}{more}"
+                more = f" (nor {len(missing) - 1} more of its {len(m.keys)})" if len(missing) > 1 else ""
+                reason = f"image {missing[0]} is not in run {m.run.id}{more}"
                 self.dead_letter(reason, m.payload, m.run.id)
                 out.dead += 1
                 m.fate.kind, m.fate.reason = "rejected", reason
                 continue
-            moved = [it for it in m.items if it.rel_path != entries[it.key].rel_path]
+            moved = [WorkItem(k, p) for k, p in zip(m.keys, m.paths or (), strict=False)
+                     if p != entries[k].rel_path]
             if moved:
                 # The store decides which file a key is; a message naming another is refused.
                 why = self._path_refusal(moved[0], m.run) or (
@@ -207,7 +210,7 @@ class Admission:
                 out.dead += 1
                 m.fate.kind, m.fate.reason = "rejected", why
                 continue
-            present = m.items
+            present = [WorkItem(k, entries[k].rel_path) for k in m.keys]
             refusal = self._root_refusal(m.run)
             todo = [it for it in present if entries[it.key].status not in (DONE, FAILED)]
             out.skipped += len(present) - len(todo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import NoReturn
 
@@ -10,6 +11,7 @@ from celery import Celery
 
 from stage_a.checkpoint import Checkpoint
 from stage_a.errors import UserError
+from stage_a.messages import CHUNK_IMAGES
 from stage_a.queue import direct_queue, model_queue
 from stage_a.settings import Settings
 
@@ -49,8 +51,10 @@ app.conf.update(
     # Ack after the batch function returned, i.e. after results are committed to the store.
     task_acks_late=True,
     task_reject_on_worker_lost=False,  # the store's leases recover lost work, not redelivery loops
-    # celery-batches can only buffer what is prefetched: at least one batch per process.
-    worker_prefetch_multiplier=max(1, settings.flush_size),
+    # celery-batches can only buffer what is prefetched: per pool process, two flushes of full chunks
+    # (one running, one filling). Counted in messages: at a run's end chunks shrink, and so does what a
+    # worker holds back from other hosts.
+    worker_prefetch_multiplier=max(2, math.ceil(2 * settings.flush_images / CHUNK_IMAGES)),
     worker_max_tasks_per_child=None,
     broker_connection_retry_on_startup=True,
     broker_connection_retry=True,

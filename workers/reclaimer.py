@@ -134,17 +134,20 @@ class Reclaimer:
             raise UserError(broker_error(self.settings.broker_url, exc, "cannot re-enqueue on broker")) from None
 
     def _send(self, items: list[WorkItem]) -> None:
-        """The one place re-sent images go to the broker: each to the queue of its run's model, naming this store."""
-        queues: dict[int, str] = {}
-        by_queue: dict[str, list[WorkItem]] = {}
+        """The one place re-sent images go to the broker: chunks of each run (whole groups for per_group) to the
+        queue of its run's model, naming this store."""
+        runs: dict[int, tuple[str, str]] = {}  # run -> (queue, sharding mode)
+        by_run: dict[int, list[WorkItem]] = {}
         for it in items:
             run_id = it.key.run_id
-            if run_id not in queues:
+            if run_id not in runs:
                 run = self.store.find_run(run_id)
-                queues[run_id] = self.queue.queue_for(run.route if run else None)
-            by_queue.setdefault(queues[run_id], []).append(it)
-        for queue, some in by_queue.items():
-            self.queue.send(payloads_for(some, "per_image", self.store.store_id), queue)
+                runs[run_id] = (self.queue.queue_for(run.route if run else None),
+                                run.spec.sharding_mode if run else "per_image")
+            by_run.setdefault(run_id, []).append(it)
+        for run_id, some in by_run.items():
+            queue, mode = runs[run_id]
+            self.queue.send(payloads_for(sorted(some, key=lambda it: it.key), mode, self.store.store_id), queue)
 
     def _idle_runs(self) -> set[int]:
         """Unfinished runs whose queue has no message waiting and none delivered but unacknowledged: only their

@@ -16,7 +16,7 @@ from engine.hosting import ModelHost, ModelMismatch, WrongModel
 from engine.interface import Engine
 from engine.steploop import BatchDone, LoopHooks, StepLoop, worker_name
 from stage_a.errors import first_line
-from stage_a.messages import image_payload
+from stage_a.messages import payloads_for
 from stage_a.outage import is_outage
 from stage_a.settings import Settings
 from stage_a.store import ResultStore, RunInfo
@@ -239,7 +239,7 @@ class WorkerRuntime:
             except WrongModel as exc:
                 log.error("%s; handing its %d images back to the queue", exc, len(items))
                 self.heartbeats.beat("ready", problem=str(exc))
-                admitted.handed_back += [image_payload(it, self.store.store_id) for it in items]
+                admitted.handed_back += payloads_for(items, run.spec.sharding_mode, self.store.store_id)
                 not_run.update({it.key: "handed_back" for it in items})
                 continue
             served = True

@@ -23,7 +23,7 @@ from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
 from stage_a.errors import EngineDeadError, UserError, first_line
-from stage_a.messages import TASK_NAME
+from stage_a.messages import TASK_NAME, image_count
 from workers import metrics
 from workers.celery import app, refuse_to_start, settings
 from workers.naming import process_name, set_node
@@ -41,13 +41,28 @@ _node: str | None = None
 
 
 class ReconnectSafeBatches(Batches):
-    """Batches whose interval flush survives a broker reconnect, and that refuses malformed bodies.
+    """Batches that flush by images, spread a draining queue's last work over the pool processes,
+    re-arm their interval flush after a broker reconnect, and refuse malformed bodies.
 
-    celery-batches 0.11 keeps its flush timer's handle (`_tref`) on the task; a reconnect clears
-    the consumer's timer but not the handle, so a partial batch would wait for the visibility
-    timeout (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() runs at every
-    (re)connect and re-arms it. Pinned to 0.11; tests/test_library_internals.py checks the shape.
+    - A message is a chunk of images (stage_a/messages.py): the buffer is flushed once it holds
+      ``flush_images`` images (celery-batches' own count of messages, ``flush_every``, is set out of
+      reach), or by the interval timer.
+    - A flush is one pool call while the work visible to this worker (the buffer plus the images
+      waiting on its queues) holds a full flush for every pool process; past that point (a run's
+      end) it is cut, between messages, into one even share per pool process (the prefork pool
+      gives a call to an idle process first), so no process sits idle while another holds the rest.
+    - celery-batches 0.11 keeps its flush timer's handle (`_tref`) on the task; a reconnect clears
+      the consumer's timer but not the handle, so a partial batch would wait for the visibility
+      timeout (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() runs at every
+      (re)connect and re-arms it.
+    Pinned to 0.11; tests/test_library_internals.py checks the shape of what is relied on.
     """
+
+    flush_images = 1
+    """Images that make a full buffer (set from STAGE_A_FLUSH_SIZE on the task)."""
+    _buffered = 0
+    _last_images = 1
+    _consumer: Any = None
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
         handler = super().Strategy(task, app, consumer)
@@ -56,6 +71,7 @@ class ReconnectSafeBatches(Batches):
             stale.cancel()
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        self._consumer = consumer
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
@@ -63,9 +79,77 @@ class ReconnectSafeBatches(Batches):
             # refused here, as one message: workers.poison dead-letters it.
             if body is None:
                 check_task_message(message)
-            return handler(message, body, *args, **kwargs)
+            out = handler(message, body, *args, **kwargs)
+            self._last_images = message_images(message)
+            self._buffered += self._last_images
+            if self._buffered >= self.flush_images:
+                self._do_flush()
+            return out
 
         return checked_handler
+
+    def flush(self, requests: Any) -> Any:
+        """One pool call per share of the buffer (see the class); called by celery-batches' _do_flush."""
+        self._buffered = 0
+        requests = list(requests)
+        sizes = [image_count(_payload_of(r)) for r in requests]
+        result = None
+        share = self._share(sum(sizes))
+        log.debug("flushing %d messages, %d images, at most %d per pool call", len(requests), sum(sizes), share)
+        for piece in split_flush(requests, sizes, share):
+            result = super().flush(piece)
+        return result
+
+    def _share(self, buffered: int) -> int:
+        """The most images one pool call gets: the whole buffer while the work visible to this worker (the
+        buffer and its queues) would give every pool process a full flush, else an even share of the buffer."""
+        processes = int(getattr(getattr(self._consumer, "controller", None), "concurrency", 1) or 1)
+        if processes <= 1 or buffered + self._waiting() >= processes * self.flush_images:
+            return buffered
+        return -(-buffered // processes)
+
+    def _waiting(self) -> int:
+        """Images still on this worker's queues, estimated from their lengths (one round trip) and the
+        latest message's images (chunks only shrink along a run); 0 when the broker does not answer."""
+        try:
+            names = [q.name for q in self._consumer.task_consumer.queues]
+            with app.connection_for_read() as conn:  # the app's pool, not the consumer's connection
+                if getattr(conn.transport, "driver_type", "") != "redis":
+                    return 0
+                pipe = conn.default_channel.client.pipeline(transaction=False)
+                for name in names:
+                    pipe.llen(name)
+                return sum(int(n) for n in pipe.execute()) * self._last_images
+        except Exception as exc:  # the buffer alone decides: shares stay correct, only smaller
+            log.debug("queue lengths unavailable (%s)", first_line(exc))
+            return 0
+
+
+def split_flush(requests: list[Any], sizes: list[int], share: int) -> list[list[Any]]:
+    """``requests`` in order, cut between messages into pieces of at most ``share`` images (a message of
+    more is a piece alone)."""
+    pieces: list[list[Any]] = []
+    images = 0
+    for request, n in zip(requests, sizes, strict=True):
+        if not pieces or images + n > share:
+            pieces.append([])
+            images = 0
+        pieces[-1].append(request)
+        images += n
+    return pieces
+
+
+def _payload_of(request: Any) -> Any:
+    args = getattr(request, "args", None)
+    return args[0] if isinstance(args, list | tuple) and len(args) == 1 else None
+
+
+def message_images(message: Any) -> int:
+    """The images of one received message (1 when its body cannot say)."""
+    payload = message.payload
+    args = payload.get("args") if isinstance(payload, dict) else (
+        payload[0] if isinstance(payload, list | tuple) and payload else None)
+    return image_count(args[0] if isinstance(args, list | tuple) and len(args) == 1 else None)
 
 
 def check_task_message(message: Any) -> None:
@@ -98,10 +182,11 @@ def runtime() -> WorkerRuntime:
     return _runtime
 
 
-@app.task(base=ReconnectSafeBatches, name=TASK_NAME, flush_every=settings.flush_size, flush_interval=settings.flush_interval,
-          acks_late=True, ignore_result=True)
+# flush_every counts messages, which are chunks of images: out of reach, flush_images decides.
+@app.task(base=ReconnectSafeBatches, name=TASK_NAME, flush_every=2**31, flush_images=settings.flush_images,
+          flush_interval=settings.flush_interval, acks_late=True, ignore_result=True)
 def summarize(requests: list[SimpleRequest]) -> int:
-    """Summarize the buffered images (one JSON payload per message) and commit their results."""
+    """Summarize the buffered messages' images (one JSON payload per message) and commit their results."""
     payloads = [r.args[0] if isinstance(r.args, list | tuple) and len(r.args) == 1 else {"bad_args": repr(r.args)[:500]}
                 for r in requests]
     rt = runtime()

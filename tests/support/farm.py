@@ -145,11 +145,12 @@ class RedisServer:
 
 
 class Worker:
-    """`celery -A workers worker` (prefork, one pool process) in its own process group."""
+    """`celery -A workers worker` (prefork, one pool process unless told) in its own process group."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str = "workers") -> None:
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str = "workers", concurrency: int = 1) -> None:
         self.name = name
         self.app = app
+        self.concurrency = concurrency
         self.env = env
         self.log_path = workdir / f"worker-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -157,7 +158,7 @@ class Worker:
     def start(self) -> Worker:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", self.app, "worker", "--loglevel", "INFO", "--concurrency", "1",
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "--loglevel", "INFO", "--concurrency", str(self.concurrency),
              "--pool", "prefork", "-n", f"{self.name}@%h", "--without-gossip", "--without-mingle",
              "--without-heartbeat"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
@@ -233,13 +234,14 @@ class Farm:
                            "STAGE_A_CHECKPOINT": str(self.checkpoint), "STAGE_A_QUEUE": self.queue,
                            "OMP_NUM_THREADS": "1", **self.settings, **extra})
 
-    def worker(self, name: str, app: str = "workers", unpinned: bool = False, **extra: str) -> Worker:
+    def worker(self, name: str, app: str = "workers", unpinned: bool = False, concurrency: int = 1,
+               **extra: str) -> Worker:
         """A started worker, pinned to the farm's checkpoint (or STAGE_A_CHECKPOINT in ``extra``), or
-        ``unpinned`` (no STAGE_A_CHECKPOINT: it serves each run's model)."""
+        ``unpinned`` (no STAGE_A_CHECKPOINT: it serves each run's model), of ``concurrency`` pool processes."""
         env = self.env(**extra)
         if unpinned:
             del env["STAGE_A_CHECKPOINT"]
-        w = Worker(name, env, self.workdir, app).start()
+        w = Worker(name, env, self.workdir, app, concurrency).start()
         self.workers.append(w)
         return w
 

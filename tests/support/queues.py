@@ -18,3 +18,33 @@ def queued_raw(client: Any, queue: str) -> list[bytes]:
 def clear(client: Any, queue: str) -> None:
     """Drop the messages of ``queue`` and of its per-model queues."""
     client.delete(*queue_names(client, queue))
+
+
+def payload_keys(payload: dict[str, Any]) -> list[tuple[int, int]]:
+    """The (group_position, image_index) of every image a payload carries: a chunk (version 2) or a
+    version-1 message of one image or one group."""
+    if payload.get("v") == 2:
+        return [(p, i) for p, i in payload["keys"]]
+    if "images" in payload:
+        return [(payload["group_position"], img["image_index"]) for img in payload["images"]]
+    return [(payload["group_position"], payload["image_index"])]
+
+
+def queued_payloads(client: Any, queue: str) -> list[dict[str, Any]]:
+    """The task payloads waiting on ``queue`` and its per-model queues (decoded kombu envelopes)."""
+    import base64
+    import json
+
+    out = []
+    for raw in queued_raw(client, queue):
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        out.append(json.loads(body)[0][0])
+    return out
+
+
+def queued_images(client: Any, queue: str) -> int:
+    """Images carried by the messages waiting on ``queue`` and its per-model queues."""
+    return sum(len(payload_keys(p)) for p in queued_payloads(client, queue))
