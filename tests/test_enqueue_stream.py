@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from natsort import natsort_keygen
+from support.queues import payload_keys
 
 import producer.register
 import stage_a.store.store as store_module
@@ -164,7 +165,8 @@ def _traced_peak(store: ResultStore, n_images: int) -> int:
     try:
         tracemalloc.reset_peak()
         run_id = store.create_run(spec, _generated(n_images), farm=True)
-        sent = sum(1 for _ in payloads_for(store.iter_unfinished_items(run_id, page=2000), "per_image", "s"))
+        sent = sum(len(payload_keys(p))
+                   for p in payloads_for(store.iter_unfinished_items(run_id, page=2000), "per_image", "s"))
         assert sent == n_images
         return tracemalloc.get_traced_memory()[1]
     finally:

@@ -89,11 +89,11 @@ def test_default_settings_resend_a_dead_holders_images_within_two_minutes(pg_url
         t += timedelta(seconds=interval)
         assert reclaim_at(t) == ReclaimReport(0, 0, len(items))
         assert (t - died).total_seconds() <= 75 < 120
-        assert redis.queued(QUEUE) == len(items)
+        assert redis.queued_images(QUEUE) == len(items)
         rows = image_rows(store, run_id)
         assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {1}
         # Each image is re-sent once, whichever reclaimer wins it.
-        assert reclaim_at(t).dead_holders == 0 and redis.queued(QUEUE) == len(items)
+        assert reclaim_at(t).dead_holders == 0 and redis.queued_images(QUEUE) == len(items)
     finally:
         store.close()
 
@@ -112,7 +112,7 @@ def test_a_stopped_holder_is_dead_at_once_and_no_heartbeats_turn_the_rule_off(pg
         store.heartbeat(HOLDER, "stopped")  # a fresh beat, but it says it stopped while holding leases
         on = Settings(broker_url=redis.url, database_url=pg_url, queue=QUEUE)
         assert Reclaimer(on, store).once() == ReclaimReport(0, 0, len(items))
-        assert redis.queued(QUEUE) == len(items)
+        assert redis.queued_images(QUEUE) == len(items)
     finally:
         store.close()
 
@@ -220,12 +220,12 @@ def test_slow_worker_that_beats_is_never_called_dead(pg_url: str, farm_factory, 
 @pytest.mark.slow
 def test_status_of_a_run_whose_only_worker_was_sigkilled(pg_url: str, farm_factory, tmp_path: Path) -> None:  # noqa: F811
     """The only worker is SIGKILLed holding a batch: status names it (its node:pid, the name on the rows
-    and in Flower's node), claims no ETA, and --exit-code says stalled (5) once its images are all that
-    is left, running (4) before."""
+    and in Flower's node), claims no ETA, and --exit-code says stalled (5) once it is offline: its leased
+    images and the run's last small chunks, which no live worker takes, are all that is left."""
     make_tree(tmp_path / "in", groups=2, per_group=2)
     farm: Farm = farm_factory(pg_url, STAGE_A_LEASE_SECONDS="1800", STAGE_A_HEARTBEAT_INTERVAL="1",
                               STAGE_A_HOLDER_TIMEOUT="4", STAGE_A_TEST_SLOW_BATCH_S="30",
-                              STAGE_A_FLUSH_SIZE="4")
+                              STAGE_A_FLUSH_SIZE="4", STAGE_A_HEARTBEAT_TIMEOUT="4")
     w = farm.worker("solo", app="support.slow_app")
     wait_for(lambda: w.ready(), 90, "the worker ready", on_timeout=farm.logs)
     run_id = farm.enqueue(tmp_path / "in")
@@ -243,7 +243,8 @@ def test_status_of_a_run_whose_only_worker_was_sigkilled(pg_url: str, farm_facto
             js = json.loads(proc.stdout)
             return js if js["dead_holders"] and js["state"] == "stalled" and proc.returncode == 5 else None
 
-        js = wait_for(report, 60, "status to call the run stalled with a dead holder", 1.0)
+        js = wait_for(report, 60, "status to call the run stalled with a dead holder", 1.0,
+                      on_timeout=lambda: cli(["status", str(run_id)], env, tmp_path, timeout=120).stdout)
         assert js["throughput"]["eta_s"] is None
         assert f"leased by offline worker {holder} since" in js["reason"], js["reason"]
         text = cli(["status", str(run_id)], env, tmp_path, timeout=120)

@@ -143,6 +143,12 @@ class RedisServer:
         client = self.client()
         return sum(int(client.llen(n)) for n in queue_names(client, queue))
 
+    def queued_images(self, queue: str) -> int:
+        """Images carried by the messages waiting on ``queue`` and its per-model queues."""
+        from support.queues import queued_images
+
+        return queued_images(self.client(), queue)
+
 
 class Worker:
     """`celery -A workers worker` (prefork, one pool process unless told) in its own process group."""

@@ -30,19 +30,26 @@ def payload_keys(payload: dict[str, Any]) -> list[tuple[int, int]]:
     return [(payload["group_position"], payload["image_index"])]
 
 
-def queued_payloads(client: Any, queue: str) -> list[dict[str, Any]]:
-    """The task payloads waiting on ``queue`` and its per-model queues (decoded kombu envelopes)."""
+def decode(raw: bytes) -> dict[str, Any]:
+    """The task payload of one kombu envelope as Redis holds it."""
     import base64
     import json
 
-    out = []
-    for raw in queued_raw(client, queue):
-        envelope = json.loads(raw)
-        body = envelope["body"]
-        if envelope["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        out.append(json.loads(body)[0][0])
-    return out
+    envelope = json.loads(raw)
+    body = envelope["body"]
+    if envelope["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return dict(json.loads(body)[0][0])
+
+
+def queued_payloads(client: Any, queue: str) -> list[dict[str, Any]]:
+    """The task payloads waiting on ``queue`` and its per-model queues (decoded kombu envelopes)."""
+    return [decode(raw) for raw in queued_raw(client, queue)]
+
+
+def images_on(client: Any, name: str) -> int:
+    """Images carried by the messages of the one Redis list ``name``."""
+    return sum(len(payload_keys(decode(raw))) for raw in client.lrange(name, 0, -1))
 
 
 def queued_images(client: Any, queue: str) -> int:
