@@ -103,6 +103,10 @@ class RunReport:
     """Hosts whose reclaimer's last pass failed (with since when and why)."""
     failures_by_class: dict[str, int] = field(default_factory=dict)
     """Failed images by reason class (stage_a.failures), most first."""
+    reused: int = 0
+    """Done images whose summary was taken from a run that generated it (stage_a.reuse) instead of generated."""
+    reused_from: tuple[tuple[int, int], ...] = ()
+    """(run that generated them, images) of the reused summaries, most first (build_report's ``reuse_sources``)."""
 
     @property
     def finished_images(self) -> int:
@@ -200,10 +204,11 @@ def _no_worker(run: RunRow, workers: Sequence[WorkerBeat]) -> str:
 
 def build_report(store: ResultStore, run_id: int, settings: Settings,
                  queue: QueueProbe | None = None, now: datetime | None = None,
-                 beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
+                 beats: list[WorkerBeat] | None = None, writers: bool = True, reuse_sources: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
     ``queue``: the queue length's source (None: unknown); ``beats``: the workers table already read at
-    ``now``; ``writers``: also the worker names on the run's rows (one more scan of the run)."""
+    ``now``; ``writers``: also the worker names on the run's rows (one more scan of the run); ``reuse_sources``:
+    also which runs its reused summaries come from (a scan of its reused rows)."""
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window
@@ -248,7 +253,8 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         throughput=throughput,
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason, dead_holders=tuple(dead_holders), reclaimers_failing=tuple(failing),
-        failures_by_class=by_class,
+        failures_by_class=by_class, reused=agg.reused,
+        reused_from=tuple(store.queries.reuse_sources(run_id)) if agg.reused and reuse_sources else (),
     )
 
 
@@ -442,7 +448,7 @@ def list_runs(store: ResultStore, limit: int, settings: Settings,
         else:
             if beats is None:
                 beats = store.queries.worker_beats(now, settings.heartbeat_timeout)
-            report = build_report(store, r.id, settings, None, now, beats, writers=False)
+            report = build_report(store, r.id, settings, None, now, beats, writers=False, reuse_sources=False)
             state, rate, reason = report.state, report.throughput.recent_images_per_s, report.reason
         out.append(RunSummary(
             run_id=r.id, mission=r.mission, model=r.model, checkpoint=r.checkpoint, farm=r.farm,

@@ -326,6 +326,18 @@ class Queries:
             models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
         )
 
+    def reuse_sources(self, run_id: int, limit: int = 20) -> list[tuple[int, int]]:
+        """(run that generated them, images) of the run's reused summaries, most images first (issue 21;
+        reads the run's reused rows through their partial index)."""
+        n = func.count()
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(ImageRow.reused_from, n)
+                .where(ImageRow.run_id == run_id, ImageRow.reused_from.is_not(None), ImageRow.status == DONE)
+                .group_by(ImageRow.reused_from).order_by(n.desc(), ImageRow.reused_from).limit(limit)
+            ).all()
+        return [(int(r or 0), int(k)) for r, k in rows]
+
     def failure_texts(self, run_id: int, limit: int = 10_000) -> list[tuple[str | None, int]]:
         """(error text, images) of the run's failed rows, most common first (at most ``limit`` texts)."""
         n = func.count()
