@@ -207,3 +207,26 @@ def test_sampled_runs_reuse_only_when_asked(tmp_path: Path, night) -> None:  # t
     assert greedy.counts.reused == 0
     assert night(root, reuse="off").counts.reused == 0
     assert night(root, temperature=0.00001).counts.reused == len(files)  # still greedy: the same decoding
+
+
+def test_the_choice_is_recorded_with_the_run(tmp_path: Path) -> None:
+    from cli.commands.options import build_spec
+    from stage_a.errors import UserError
+
+    kw = dict(mission=MISSION, prompt_profile="summary_runtime", max_new_tokens=8, temperature=0.0, top_p=1.0,
+              repetition_penalty=1.05, sharding_mode="per_group", batch_size=4, max_pixels=None,
+              pass_group_number=None, fail_group_number=None, sample_seed=42)
+    assert build_spec({**kw, "reuse": None}, "", "").reuse == "auto"
+    assert build_spec({**kw, "reuse": None}, "", "", Settings.from_env({"STAGE_A_REUSE": "off"}).reuse).reuse == "off"
+    assert build_spec({**kw, "reuse": True}, "", "", "off").reuse == "on"  # --reuse
+    assert build_spec({**kw, "reuse": False}, "", "").reuse == "off"  # --no-reuse
+    with pytest.raises(UserError, match="STAGE_A_REUSE"):
+        Settings.from_env({"STAGE_A_REUSE": "sometimes"})
+    root = tmp_path / "in"
+    make_tree(root, groups=1)
+    store = ResultStore(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        run_id = register_run(store, build_spec({**kw, "reuse": False}, "", ""), root).run_id
+        assert store.get_run(run_id).spec.reuse == "off"  # what the workers read
+    finally:
+        store.close()
