@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from blake3 import blake3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stage_a import paths
+from stage_a.reuse import FileSignature
 
 
 class ImageError(Exception):
@@ -31,11 +33,32 @@ def resolve_under_root(rel_path: str, root: str | Path) -> Path:
         raise PathOutsideRoots(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What identifies the bytes read: their BLAKE3 digest, and the file's stat signature when it did not
+    change while they were read (None: it did, or it is too recent to stand for them; stage_a.reuse)."""
+
+    digest: str
+    signature: FileSignature | None
+
+
 @dataclass
 class LoadedImage:
     image: Image.Image  # RGB, EXIF orientation applied
     size_before: tuple[int, int]  # (width, height) as stored in the file
     file_sha256: str
+    facts: FileFacts
+
+
+@dataclass
+class ReadCounters:
+    """Image files this process read (tests and benchmarks observe the reuse pre-check through it)."""
+
+    files: int = 0
+    bytes: int = 0
+
+
+reads = ReadCounters()
 
 
 MAX_FILE_BYTES = 256 * 2**20
@@ -71,17 +94,33 @@ def header_size(path: Path) -> tuple[int, int] | None:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def load_image(path: Path) -> LoadedImage:
-    """Decode fully (truncation is caught here, not inside the model batch) and normalize to RGB."""
+def _read(path: Path) -> tuple[bytes, FileSignature | None]:
+    """The file's bytes (bounded by MAX_FILE_BYTES) and its signature if unchanged while read."""
     try:
         with _open_regular(path) as f:
+            before = FileSignature.of(os.fstat(f.fileno()))
             data = f.read(MAX_FILE_BYTES + 1)
+            after = FileSignature.of(os.fstat(f.fileno()))
     except OSError as exc:
         raise ImageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    reads.files += 1
+    reads.bytes += len(data)
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"file too large: {path.name} (over {MAX_FILE_BYTES // 2**20} MiB)")
     if not data:
         raise ImageError(f"empty file: {path.name}")
+    return data, before if before == after and not before.racy() else None
+
+
+def read_facts(path: Path) -> FileFacts:
+    """Hash the file's bytes without decoding them (the reuse step's content check)."""
+    data, signature = _read(path)
+    return FileFacts(blake3(data).hexdigest(), signature)
+
+
+def load_image(path: Path) -> LoadedImage:
+    """Decode fully (truncation is caught here, not inside the model batch) and normalize to RGB."""
+    data, signature = _read(path)
     import io
 
     try:
@@ -98,7 +137,8 @@ def load_image(path: Path) -> LoadedImage:
         raise ImageError(f"not an image file: {path.name}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt image {path.name}: {exc}") from None
-    return LoadedImage(image=rgb, size_before=size_before, file_sha256=hashlib.sha256(data).hexdigest())
+    return LoadedImage(image=rgb, size_before=size_before, file_sha256=hashlib.sha256(data).hexdigest(),
+                       facts=FileFacts(blake3(data).hexdigest(), signature))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from engine.images import FileFacts
 from stage_a.checkpoint import Checkpoint
 from stage_a.config import RunSpec
-from stage_a.work import ImageResult, WorkItem
+from stage_a.work import ImageKey, ImageResult, WorkItem
 
 InputsT = TypeVar("InputsT")
 
@@ -36,6 +37,8 @@ class PreparedBatch(Generic[InputsT]):
     prompt_tokens: list[int]
     preprocess_ms: float
     failed: list[ImageResult] = field(default_factory=list)
+    files: dict[ImageKey, FileFacts] = field(default_factory=dict)
+    """What identifies the bytes each row decoded (the step loop keys its summary by them)."""
 
 
 class Engine(Protocol):

@@ -112,7 +112,7 @@ class TransformersEngine:
             self.prep.verify(ctx, rows, inputs)
         return PreparedBatch(ctx=ctx, items=[r.item for r in rows], inputs=inputs, vision_tokens=vision,
                              prompt_tokens=prompt_tokens, preprocess_ms=(time.perf_counter() - t0) * 1000,
-                             failed=failed)
+                             failed=failed, files={r.item.key: r.image.facts for r in rows})
 
     def generate(self, batch: PreparedBatch[Any]) -> list[ImageResult]:
         """Results for every row of the batch (failed-before-model rows included), in any order."""

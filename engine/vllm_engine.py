@@ -129,7 +129,8 @@ class VllmEngine:
             self.prep.verify(ctx, rows, self.prep.tensorize(ctx, rows))
         return PreparedBatch(ctx=ctx, items=[r.item for r in rows], inputs=[r.image.image for r in rows] or None,
                              vision_tokens=vision, prompt_tokens=[0] * len(rows),
-                             preprocess_ms=(time.perf_counter() - t0) * 1000, failed=failed)
+                             preprocess_ms=(time.perf_counter() - t0) * 1000, failed=failed,
+                             files={r.item.key: r.image.facts for r in rows})
 
     # ---- device side ------------------------------------------------------------------------
 

@@ -107,6 +107,10 @@ class RunReport:
     failures_classified: int = 0
     """Failed images whose reasons ``failures_by_class`` counts: all of them, or the first
     FAILURE_SAMPLE in output order (a report reads a bounded number of rows)."""
+    reused: int = 0
+    """Done images whose summary was taken from a run that generated it (stage_a.reuse) instead of generated."""
+    reused_from: tuple[tuple[int, int], ...] = ()
+    """(run that generated them, images) of the reused summaries, most first (build_report's ``reuse_sources``)."""
 
     @property
     def finished_images(self) -> int:
@@ -204,10 +208,11 @@ def _no_worker(run: RunRow, workers: Sequence[WorkerBeat]) -> str:
 
 def build_report(store: ResultStore, run_id: int, settings: Settings,
                  queue: QueueProbe | None = None, now: datetime | None = None,
-                 beats: list[WorkerBeat] | None = None, writers: bool = True) -> RunReport:
+                 beats: list[WorkerBeat] | None = None, writers: bool = True, reuse_sources: bool = True) -> RunReport:
     """The RunReport of ``run_id``; UserError (with the nearest ids) when there is no such run.
     ``queue``: the queue length's source (None: unknown); ``beats``: the workers table already read at
-    ``now``; ``writers``: also the worker names on the run's rows (one more scan of the run)."""
+    ``now``; ``writers``: also the worker names on the run's rows (one more scan of the run); ``reuse_sources``:
+    also which runs its reused summaries come from (a scan of its reused rows)."""
     run = require_run(store, run_id)
     now = now or utcnow()
     window = settings.rate_window
@@ -253,6 +258,8 @@ def build_report(store: ResultStore, run_id: int, settings: Settings,
         timings=StageTimings(agg.preprocess_ms_mean, agg.generate_ms_mean, tokens_per_s),
         state=state, reason=reason, dead_holders=tuple(dead_holders), reclaimers_failing=tuple(failing),
         failures_by_class=by_class, failures_classified=sum(by_class.values()),
+        reused=agg.reused,
+        reused_from=tuple(store.queries.reuse_sources(run_id)) if agg.reused and reuse_sources else (),
     )
 
 
@@ -446,7 +453,7 @@ def list_runs(store: ResultStore, limit: int, settings: Settings,
         else:
             if beats is None:
                 beats = store.queries.worker_beats(now, settings.heartbeat_timeout)
-            report = build_report(store, r.id, settings, None, now, beats, writers=False)
+            report = build_report(store, r.id, settings, None, now, beats, writers=False, reuse_sources=False)
             state, rate, reason = report.state, report.throughput.recent_images_per_s, report.reason
         out.append(RunSummary(
             run_id=r.id, mission=r.mission, model=r.model, checkpoint=r.checkpoint, farm=r.farm,

@@ -50,6 +50,7 @@ def describe(r: RunReport) -> str:
         f"images {r.finished_images}/{r.images_total} finished (done {r.done}, failed {r.failed}, "
         f"pending {r.pending}, in flight {r.in_flight})",
         *([f"failures by class{_sampled(r)}: {classes_text(r.failures_by_class)}"] if r.failures_by_class else []),
+        *([reused_line(r)] if r.reused else []),
         f"groups: {r.groups_complete}/{r.groups_total} complete, {r.groups_with_failures} with failures",
         f"dead letters: {r.dead_letters}" + (f" (stage-a dead-letters {r.run_id})" if r.dead_letters else ""),
         "queue: " + (f"{r.queue_length} messages waiting (all runs)" + (f"; {r.queue_note}" if r.queue_note else "")
@@ -66,6 +67,15 @@ def describe(r: RunReport) -> str:
     lines += [reclaimer_line(b) for b in r.reclaimers_failing]
     lines.append(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""))
     return "\n".join(lines)
+
+
+def reused_line(r: RunReport) -> str:
+    """"reused: 19980 of 20000 done images (from run 6: 19980)": summaries taken instead of generated."""
+    sources = ", ".join(f"run {run}: {n}" for run, n in r.reused_from)
+    looked = sum(n for _, n in r.reused_from)
+    if sources and looked < r.reused:
+        sources += f"; of {looked} reused images looked at"
+    return f"reused: {r.reused} of {r.done} done images" + (f" (from {sources})" if sources else "")
 
 
 def classes_text(by_class: dict[str, int]) -> str:

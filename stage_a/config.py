@@ -83,6 +83,9 @@ class RunSpec:
     """Seed of the per-label group sampling."""
     verify_inputs: bool = False
     """Log hashes, sizes, image_grid_thw and token counts of the first batch (each worker process)."""
+    reuse: str = "auto"
+    """Take summaries already made for the same bytes, model, prompt and options (stage_a.reuse): auto
+    under greedy decoding only, on also when sampling, off never."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -93,6 +96,8 @@ class RunSpec:
             raise UserError(f"sharding_mode must be one of {', '.join(SHARDING_MODES)}, got {self.sharding_mode!r}")
         if self.max_pixels == 0:
             object.__setattr__(self, "max_pixels", DEFAULT_MAX_PIXELS.get(self.dataset, DEFAULT_MAX_PIXELS["bbu"]))
+        if self.reuse not in ("auto", "on", "off"):
+            raise UserError(f"reuse must be one of auto, on, off, got {self.reuse!r}")
         for name in ("pass_group_number", "fail_group_number"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -101,7 +106,7 @@ class RunSpec:
     def params_dict(self) -> dict[str, Any]:
         """What the store keeps as the run's generation parameters."""
         return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, "verify_inputs": self.verify_inputs,
-                **self.generation.to_dict()}
+                "reuse": self.reuse, **self.generation.to_dict()}
 
     def sampling_dict(self) -> dict[str, Any]:
         return {

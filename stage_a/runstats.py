@@ -91,6 +91,10 @@ class RunStats:
     model_load_note: str
     device_hours: float | None
     """Workers that wrote results x active_s, in hours (one device per worker process)."""
+    reused: int = 0
+    """Done images whose summary was taken instead of generated (stage_a.reuse)."""
+    reused_from: dict[str, int] | None = None
+    """Run id (as text) -> images whose summary that run generated, most first (at most 20 runs)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -146,6 +150,8 @@ def run_stats(store: ResultStore, run_id: int) -> RunStats:
         model_load_s=None, model_load_note="not recorded: the store keeps no model load times "
                                            "(workers export stage_a_model_load_seconds on their metrics port)",
         device_hours=len(workers) * active / 3600 if active is not None and workers else None,
+        reused=store.queries.counts(run_id, workers=False).reused,
+        reused_from={str(r): n for r, n in store.queries.reuse_sources(run_id)},
     )
 
 

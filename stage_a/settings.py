@@ -110,6 +110,13 @@ class Settings:
     """Where the embedded default keeps its tiny model and sample data (empty: ~/.cache/stage-a)."""
     data_dir: str = ""
     """Folder of mission and prompt data overriding the packaged one (empty: packaged)."""
+    reuse: str = "auto"
+    """Default of `run` and `enqueue`'s --reuse/--no-reuse, recorded with each run (workers obey the run's):
+    auto takes summaries already made for the same image bytes, model, prompt and options under greedy
+    decoding only; on also for sampled runs; off never (every run still records what it generates)."""
+    reuse_precheck: bool = True
+    """Reuse: trust a file whose path and stat signature (size, mtime, ctime, inode) match a summarized one
+    without reading it (any write changes ctime); 0: hash every image's bytes to find its summary."""
     vllm_max_model_len: int = 8192
     """vLLM engine: longest prompt + completion in tokens. A 2 MP image is ~2,150 vision tokens, the
     prompt ~1,100, the completion up to max_new_tokens (1024): 8192 leaves room."""
@@ -165,6 +172,8 @@ class Settings:
             raise UserError("STAGE_A_SERVE_BASIC_AUTH must be user:password, both non-empty")
         if self.log_format not in LOG_FORMATS:
             raise UserError(f"STAGE_A_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.reuse not in ("auto", "on", "off"):
+            raise UserError(f"STAGE_A_REUSE must be one of auto, on, off, got {self.reuse!r}")
         if self.engine not in ENGINES:
             raise UserError(f"STAGE_A_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not all(g.isascii() and g.isdigit() for g in self.gpus):

@@ -44,6 +44,15 @@ class ImageResult:
     vision_tokens: int | None = None
     preprocess_ms: float | None = None
     generate_ms: float | None = None
+    reuse_key: str | None = None
+    """stage_a.reuse content key of the bytes summarized (generated rows)."""
+    stat_key: str | None = None
+    """stage_a.reuse stat key of the file, when this result is the first to record that signature."""
+    reused_from: int | None = None
+    """The run that generated this summary, when it was taken instead of generated."""
+    model: str | None = None
+    engine: str | None = None
+    """What produced a reused summary (None: the model and engine of the batch that records it)."""
 
     @property
     def ok(self) -> bool:

@@ -217,6 +217,8 @@ class WorkerRuntime:
             share = batch.seconds / batch.images if batch.images else 0.0
             for r in batch.results:
                 results[r.key] = (None if r.ok else (r.error or "empty summary"), share)
+            if batch.reused:  # taken from the store: no model ran, no batch to count or time
+                return
             engine = self._loop.engine if self._loop is not None else None
             self.heartbeats.batch(batch, engine)
             run = self.admission.known_run(batch.run_id)
@@ -350,7 +352,8 @@ class WorkerRuntime:
         engine = self.host.engine_for(run)
         self._note_load()
         if self._loop is None or self._loop.engine is not engine:
-            self._loop = StepLoop(engine, self.store, self.name)
+            self._loop = StepLoop(engine, self.store, self.name, data_dir=self.settings.data_dir,
+                                  precheck=self.settings.reuse_precheck)
         return self._loop
 
     def _renewer(self) -> Any:

@@ -58,7 +58,7 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
     if run_id is None:
         # Everything the workers would refuse is refused here, before anything is recorded or queued.
         checkpoint = absolute_path(kw["checkpoint"] or settings.checkpoint)
-        spec = build_spec(kw, checkpoint, settings.data_dir)
+        spec = build_spec(kw, checkpoint, settings.data_dir, settings.reuse)
         input_dir = require_input_dir(kw["input_dir"])
         if not settings.allows_input_root(input_dir):
             raise UserError(f"input dir {input_dir} is outside STAGE_A_INPUT_ROOTS "
@@ -162,7 +162,7 @@ def _dry_run(kw: dict[str, Any], settings: Settings, db: str | None) -> None:
     from stage_a.queue import model_queue
     from stage_a.secrets import redact_url
 
-    spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint, settings.data_dir)
+    spec = build_spec(kw, kw["checkpoint"] or settings.checkpoint, settings.data_dir, settings.reuse)
     plan = plan_run(spec, require_input_dir(kw["input_dir"]))
     route = (Checkpoint.open(spec.checkpoint, settings.cache_path / "identity").base_identity if spec.checkpoint
              else DEMO_MODEL)

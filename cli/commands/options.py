@@ -48,6 +48,7 @@ run_options = _stack(
     click.option("--fail-group-number", type=int, default=None, help="Keep at most this many fail groups (default: all; 0: none)."),
     click.option("--sample-seed", type=int, default=42, show_default=True, help="Seed of the per-label group sampling."),
     click.option("--sharding-mode", type=click.Choice(list(SHARDING_MODES)), default="per_group", show_default=True, help="per_group: a group's images batch together; per_image: batches span groups, ordered by length."),
+    click.option("--reuse/--no-reuse", "reuse", default=None, help="Take summaries already made for the same image bytes, model, prompt and options (from any run in the database) instead of generating them. Default (STAGE_A_REUSE=auto): greedy runs reuse, sampled runs do not; --reuse: sampled runs too; --no-reuse: never."),
     click.option("--db", help="Results database: a file path or SQLAlchemy URL (env STAGE_A_DATABASE_URL). Default: <output-dir>/stage_a_results.db."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False), default="warning", show_default=True, help="Logging verbosity (any case)."),
     click.option("--debug", is_flag=True, help="Debug logging and full tracebacks (the launcher's debug=true)."),
@@ -89,9 +90,10 @@ def absolute_path(path: str | None) -> str:
     return str(Path(path).expanduser().resolve()) if path else ""
 
 
-def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str) -> RunSpec:
+def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str, default_reuse: str = "auto") -> RunSpec:
     """Validate options (mission, dataset, numbers) into a RunSpec; input_root is set at registration.
-    ``checkpoint`` is recorded absolute. ``data_dir``: the mission data folder (Settings.data_dir; empty: packaged)."""
+    ``checkpoint`` is recorded absolute. ``data_dir``: the mission data folder (Settings.data_dir; empty: packaged).
+    ``default_reuse``: STAGE_A_REUSE, for a run given neither --reuse nor --no-reuse."""
     from stage_a.missions import get_mission, get_profile, resolve_dataset
 
     if not kw.get("mission"):
@@ -109,6 +111,7 @@ def build_spec(kw: dict[str, Any], checkpoint: str, data_dir: str) -> RunSpec:
         max_pixels=kw["max_pixels"] or 0, generation=gen, pass_group_number=kw["pass_group_number"],
         fail_group_number=kw["fail_group_number"], sample_seed=kw["sample_seed"],
         verify_inputs=bool(kw.get("verify_inputs")),
+        reuse={True: "on", False: "off"}.get(kw.get("reuse"), default_reuse),  # type: ignore[arg-type]
     )
 
 

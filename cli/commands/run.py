@@ -29,7 +29,7 @@ DEMO_MISSION = "挡风板安装检查"
 # What a run recorded when it was registered: a resume continues with those, whatever is given now.
 _RECORDED_ON_REGISTRATION = ("input_dir", "dataset", "prompt_profile", "batch_size", "max_pixels", "max_new_tokens",
                              "temperature", "top_p", "repetition_penalty", "pass_group_number",
-                             "fail_group_number", "sample_seed", "sharding_mode")
+                             "fail_group_number", "sample_seed", "sharding_mode", "reuse")
 
 
 def _warn_ignored_on_resume(run_id: int) -> None:
@@ -112,7 +112,7 @@ def run(**kw: Any) -> None:
         checkpoint = absolute_path(checkpoint)
         Checkpoint.open(checkpoint, settings.cache_path / "identity")
     if not kw["resume"]:
-        spec = build_spec(kw, checkpoint or "", settings.data_dir)
+        spec = build_spec(kw, checkpoint or "", settings.data_dir, settings.reuse)
         input_dir = kw["input_dir"]
         if input_dir is None and demo:
             from producer.sample_data import make_sample_tree

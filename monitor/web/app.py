@@ -208,7 +208,7 @@ def create_app(store: ResultStore, settings: Settings) -> Starlette:
     def api_run(request: Request) -> Response:
         try:
             return JSONResponse(build_report(store, int(request.path_params["run_id"]), settings, queue,
-                                             writers=False).to_json())
+                                             writers=False, reuse_sources=False).to_json())
         except UserError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
 

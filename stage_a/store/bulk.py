@@ -18,8 +18,10 @@ from stage_a.store.models import DONE, ImageRow
 from stage_a.work import ImageKey
 
 _INSERT_CHUNK = 5000
-_RESULT_COLUMNS = ("status", "summary", "raw_text", "error", "prompt_tokens", "completion_tokens",
-                   "vision_tokens", "preprocess_ms", "generate_ms", "worker", "updated_at", "model", "engine")
+RESULT_COLUMNS = ("status", "summary", "raw_text", "error", "prompt_tokens", "completion_tokens",
+                  "vision_tokens", "preprocess_ms", "generate_ms", "worker", "updated_at", "model", "engine",
+                  "reuse_key", "stat_key", "reused_from")
+"""The columns ResultStore.record_results writes."""
 _PG_COPY_MIN_ROWS = 2
 """From this many rows, one COPY and one joined UPDATE: one statement fires the counters' triggers once
 (executemany would fire them once per row)."""
@@ -87,11 +89,11 @@ def bulk_update_results(conn: Any, rows: list[dict[str, Any]]) -> bool:
     name = prep.format_table(table)
     keys = [(r["k_run"], r["k_pos"], r["k_idx"]) for r in rows]
     if conn.dialect.name == "sqlite":
-        convert = [(i, p) for i, p in enumerate(_bind_processors(conn, table, _RESULT_COLUMNS)) if p]
-        sets = ", ".join(f"{prep.quote(c)} = ?" for c in _RESULT_COLUMNS)
+        convert = [(i, p) for i, p in enumerate(_bind_processors(conn, table, RESULT_COLUMNS)) if p]
+        sets = ", ".join(f"{prep.quote(c)} = ?" for c in RESULT_COLUMNS)
         sql = (f"UPDATE {name} SET {sets}, lease_until = NULL "
                "WHERE run_id = ? AND group_position = ? AND image_index = ? AND status != ?")
-        values = operator.itemgetter(*_RESULT_COLUMNS)
+        values = operator.itemgetter(*RESULT_COLUMNS)
         memo: dict[Any, Any] = {}  # every row of a batch carries the same updated_at: convert it once
         params = []
         for r, k in zip(rows, keys, strict=True):
@@ -109,18 +111,18 @@ def bulk_update_results(conn: Any, rows: list[dict[str, Any]]) -> bool:
     if pg is None or len(rows) < _PG_COPY_MIN_ROWS or len(set(keys)) != len(keys):
         return False  # (duplicate keys: executemany's one-after-the-other semantics are kept)
     # COPY the batch into a session temp table (emptied at commit), then one joined UPDATE.
-    cols = ", ".join(prep.quote(c) for c in _RESULT_COLUMNS)
-    typed = ", ".join(f"{prep.quote(c)} {table.c[c].type.compile(dialect=conn.dialect)}" for c in _RESULT_COLUMNS)
+    cols = ", ".join(prep.quote(c) for c in RESULT_COLUMNS)
+    typed = ", ".join(f"{prep.quote(c)} {table.c[c].type.compile(dialect=conn.dialect)}" for c in RESULT_COLUMNS)
     with pg.cursor() as cur:
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS stage_a_results_in "
             f"(k_run integer, k_pos integer, k_idx integer, {typed}) ON COMMIT DELETE ROWS"
         )
         with cur.copy(f"COPY stage_a_results_in (k_run, k_pos, k_idx, {cols}) FROM STDIN") as copy:
-            values = operator.itemgetter(*_RESULT_COLUMNS)
+            values = operator.itemgetter(*RESULT_COLUMNS)
             for r, k in zip(rows, keys, strict=True):
                 copy.write_row(k + values(r))
-        sets = ", ".join(f"{prep.quote(c)} = r.{prep.quote(c)}" for c in _RESULT_COLUMNS)
+        sets = ", ".join(f"{prep.quote(c)} = r.{prep.quote(c)}" for c in RESULT_COLUMNS)
         # Primary-key lookups whatever the statistics say: on a freshly loaded run (not yet
         # analyzed) the planner would hash-join against a scan of the whole images table per batch.
         cur.execute("SET LOCAL enable_hashjoin = off")

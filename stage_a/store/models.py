@@ -99,6 +99,10 @@ class ImageRow(Base):
               sqlite_where=text("status = 'failed'")),
         Index("ix_images_irrelevant", "run_id", "group_position", postgresql_where=text("summary = '无关图片'"),
               sqlite_where=text("summary = '无关图片'")),
+        Index("ix_images_stat_key", "stat_key", postgresql_where=text("stat_key IS NOT NULL"),
+              sqlite_where=text("stat_key IS NOT NULL")),
+        Index("ix_images_reused_from", "run_id", "reused_from", postgresql_where=text("reused_from IS NOT NULL"),
+              sqlite_where=text("reused_from IS NOT NULL")),
         CheckConstraint(STATUS_CHECK, name="ck_images_status"),
     )
 
@@ -124,10 +128,13 @@ class ImageRow(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     """Engine that produced it: transformers or vllm."""
     reuse_key: Mapped[str | None] = mapped_column(String(64))
-    """Hash of what decides this image's summary (its bytes, the model, prompt and options): a later
-    image with the same key may take this row's summary."""
+    """Hash of what decides this image's summary (its bytes, the model, prompt and options; stage_a.reuse):
+    a later image with the same key may take this row's summary. Set on generated done rows only."""
     reused_from: Mapped[int | None]
-    """The run whose summary this row took instead of generating one (None: generated here)."""
+    """The run that generated the summary this row took instead of generating one (None: generated here)."""
+    stat_key: Mapped[str | None] = mapped_column(String(64))
+    """Hash of the run's scope, the file's path and stat signature when this row learned them (the cheap
+    pre-check: an unchanged file is found without reading it)."""
 
 
 class DeadLetter(Base):

@@ -338,6 +338,17 @@ class Queries:
             models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
         )
 
+    def reuse_sources(self, run_id: int, limit: int = 20, rows: int = 10_000) -> list[tuple[int, int]]:
+        """(run that generated them, images) among the run's first ``rows`` reused rows found (partial index
+        ix_images_reused_from), most images first: a bounded read; their sum says how many were looked at."""
+        n = func.count()
+        sample = (select(ImageRow.reused_from).where(ImageRow.run_id == run_id, ImageRow.reused_from.is_not(None),
+                                                     ImageRow.status == DONE).limit(rows).subquery())
+        with self.engine.connect() as c:
+            found = c.execute(select(sample.c.reused_from, n).group_by(sample.c.reused_from)
+                              .order_by(n.desc(), sample.c.reused_from).limit(limit)).all()
+        return [(int(r or 0), int(k)) for r, k in found]
+
     def failure_texts(self, run_id: int, rows: int = FAILURE_SAMPLE) -> list[tuple[str | None, int]]:
         """(error text, images) of the run's first ``rows`` failed rows in output order (index
         ix_images_failed), most common first: their sum is min(rows, failed images)."""

@@ -67,6 +67,7 @@ def run_info(run: Run) -> RunInfo:
         fail_group_number=run.sampling.get("fail_group_number"),
         sample_seed=int(run.sampling.get("sample_seed", 42)),
         verify_inputs=bool(params.get("verify_inputs", False)),
+        reuse=str(params.get("reuse", "auto")),
     )
     return RunInfo(id=run.id, spec=spec, n_groups=run.n_groups, n_images=run.n_images, created_at=run.created_at,
                    model=run.model, farm=run.farm, cancelled_at=run.cancelled_at,

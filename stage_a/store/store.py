@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from stage_a.config import RunSpec
 from stage_a.errors import UserError
 from stage_a.secrets import redact_url
-from stage_a.store.bulk import bulk_insert, bulk_update_results, by_run
+from stage_a.store.bulk import RESULT_COLUMNS, bulk_insert, bulk_update_results, by_run, chunks
 from stage_a.store.engine import make_engine, retrying, upgrade_schema
 from stage_a.store.models import (
     DONE,
@@ -64,6 +64,18 @@ class LedgerEntry:
     """Deliveries so far (each lease counts one)."""
     rel_path: str
     """The image's path under the run's input root, as registered: the only path a worker reads."""
+
+
+@dataclass(frozen=True)
+class Reusable:
+    """A done summary another image may take (ResultStore.reusable)."""
+
+    summary: str
+    raw_text: str | None
+    run_id: int
+    """The run that generated it (a row that itself reused points at its source)."""
+    model: str | None
+    engine: str | None
 
 
 def _no_nul(text: str | None) -> str | None:
@@ -314,12 +326,14 @@ class ResultStore:
                 "error": None if r.ok else _no_nul(r.error or "empty summary"),
                 "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                 "vision_tokens": r.vision_tokens, "preprocess_ms": r.preprocess_ms,
-                "generate_ms": r.generate_ms, "worker": worker, "updated_at": now, "model": model, "engine": engine,
+                "generate_ms": r.generate_ms, "worker": worker, "updated_at": now,
+                "model": r.model or model, "engine": r.engine or engine,
+                "reuse_key": r.reuse_key if r.ok else None, "stat_key": r.stat_key if r.ok else None,
+                "reused_from": r.reused_from if r.ok else None,
             }
             for r in results
         ]
-        columns = ("status", "summary", "raw_text", "error", "prompt_tokens", "completion_tokens", "vision_tokens",
-                   "preprocess_ms", "generate_ms", "worker", "updated_at", "model", "engine")
+        columns = RESULT_COLUMNS
         stmt = (
             update(ImageRow)
             .where(ImageRow.run_id == bindparam("k_run"), ImageRow.group_position == bindparam("k_pos"),
@@ -333,6 +347,22 @@ class ResultStore:
                     conn.execute(stmt.execution_options(synchronize_session=False), rows)
 
         retrying(op, "storing results")
+
+    def reusable(self, column: str, keys: Collection[str]) -> dict[str, Reusable]:
+        """Done summaries by ``column`` (``reuse_key`` or ``stat_key``, stage_a.reuse) for each key found."""
+        col = {"reuse_key": ImageRow.reuse_key, "stat_key": ImageRow.stat_key}[column]
+        out: dict[str, Reusable] = {}
+        with self.engine.connect() as c:
+            for chunk in chunks(sorted(set(keys)), 500):
+                rows = c.execute(
+                    select(col, ImageRow.summary, ImageRow.raw_text, ImageRow.run_id, ImageRow.reused_from,
+                           ImageRow.model, ImageRow.engine)
+                    .where(col.in_(chunk), ImageRow.status == DONE).order_by(ImageRow.run_id)
+                ).all()
+                for key, summary, raw, run_id, source, model, engine in rows:
+                    if summary and key is not None and key not in out:
+                        out[key] = Reusable(summary, raw, source if source is not None else run_id, model, engine)
+        return out
 
     def dead_letter(self, reason: str, payload: str, worker: str | None, run_id: int | None = None) -> None:
         """Record a rejected message; ``run_id`` when the message named one that fits the column."""

@@ -366,16 +366,23 @@ def _counters_downgrade() -> None:
 
 
 def _reuse_upgrade() -> None:
+    # reuse_key: on generated done rows (the one row that carries a key's summary); stat_key: on the row
+    # that first recorded a file's stat signature; reused_from: the run that generated a reused summary.
     with op.batch_alter_table('images') as batch:
         batch.add_column(sa.Column('reuse_key', sa.String(length=64), nullable=True))
         batch.add_column(sa.Column('reused_from', sa.Integer(), nullable=True))
-    op.create_index('ix_images_reuse_key', 'images', ['reuse_key'],
-                    postgresql_where=sa.text("reuse_key IS NOT NULL"), sqlite_where=sa.text("reuse_key IS NOT NULL"))
+        batch.add_column(sa.Column('stat_key', sa.String(length=64), nullable=True))
+    for name, cols, where in (('ix_images_reuse_key', ['reuse_key'], "reuse_key IS NOT NULL"),
+                              ('ix_images_stat_key', ['stat_key'], "stat_key IS NOT NULL"),
+                              ('ix_images_reused_from', ['run_id', 'reused_from'], "reused_from IS NOT NULL")):
+        op.create_index(name, 'images', cols, postgresql_where=sa.text(where), sqlite_where=sa.text(where))
 
 
 def _reuse_downgrade() -> None:
-    op.drop_index('ix_images_reuse_key', table_name='images')
+    for name in ('ix_images_reused_from', 'ix_images_stat_key', 'ix_images_reuse_key'):
+        op.drop_index(name, table_name='images')
     with op.batch_alter_table('images') as batch:
+        batch.drop_column('stat_key')
         batch.drop_column('reused_from')
         batch.drop_column('reuse_key')
 
