@@ -245,7 +245,9 @@ def wait_queue_drained(queue: str) -> None:
 @pytest.mark.parametrize("mode", ["per_group", "per_image"])
 def test_farm_matches_stage_a_run(mode: str, farm: Farm, tree: Path, tiny_checkpoint: Path,
                                   reference: bytes, tmp_path: Path) -> None:
-    enq = stage_a(enqueue_args(tree, tiny_checkpoint, mode), farm.env, tmp_path)
+    # --no-reuse: both modes share the module's store, and this test is about the farm generating every image
+    # exactly once (reuse on the farm: tests/test_reuse_farm.py).
+    enq = stage_a([*enqueue_args(tree, tiny_checkpoint, mode), "--no-reuse"], farm.env, tmp_path)
     run_id = run_id_of(enq)
     unit = "group" if mode == "per_group" else "image"
     assert f"{5 if mode == 'per_group' else 12} {unit} tasks queued" in enq.stdout, enq.stdout
