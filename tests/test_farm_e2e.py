@@ -64,7 +64,8 @@ stage_a = cli
 
 def enqueue_args(tree: Path, checkpoint: Path, mode: str) -> list[str]:
     return ["enqueue", "--mission", MISSION, "--input-dir", str(tree), "--checkpoint", str(checkpoint),
-            "--max-new-tokens", "12", "--batch-size", "3", "--sharding-mode", mode]
+            "--max-new-tokens", "12", "--batch-size", "3", "--sharding-mode", mode,
+            "--no-reuse"]  # each run generates (reuse has its own farm test, tests/test_reuse.py)
 
 
 def run_id_of(proc: subprocess.CompletedProcess[str]) -> int:

@@ -53,7 +53,7 @@ def test_reclaim_with_redis_down_keeps_leases_expired(pg_url: str, tmp_path: Pat
         up = cli(["reclaim"], _env(pg_url, redis.url), tmp_path, timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"re-enqueued {N_IMAGES} expired" in up.stdout
-        assert redis.queued(QUEUE) == N_IMAGES
+        assert redis.queued_images(QUEUE) == N_IMAGES
         assert store.stale_leases() == []
     finally:
         redis.kill()

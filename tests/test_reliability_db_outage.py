@@ -59,9 +59,11 @@ def test_locked_sqlite_results_are_retried_and_acked_only_after_stored(farm_fact
     try:
         wait_for(lambda: worker.log().count(RETRY_LINE) >= 2, 60, "the worker to retry its result write",
                  0.1, on_timeout=farm.logs)
-        # Generation is over but nothing is stored: every message of the batch is still unacked.
-        assert farm.redis.unacked() == 4
-        assert statuses() == ["leased"] * 4
+        # Generation is over but nothing is stored: every image of the batch is still unacked (the
+        # run's last chunks are small, so the batch may hold only some of the run's 4 images).
+        leased = statuses().count("leased")
+        assert leased >= 1 and farm.redis.unacked_images() == leased
+        assert set(statuses()) <= {"leased", "pending"}
         time.sleep(max(0.0, 4 - (time.monotonic() - locked_at)))  # a few seconds of outage in all
     finally:
         reader.execute("ROLLBACK")

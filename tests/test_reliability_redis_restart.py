@@ -106,7 +106,7 @@ def test_orphan_recovery_ignores_in_flight_messages_and_re_sends_once(pg_url: st
         held.append(foreign.get(timeout=5))  # another queue's unacknowledged message does not count
         assert redis.unacked() == 1
         assert sum(r.once().orphaned for r in reclaimers) == 2
-        assert redis.queued("orphans") == 2
+        assert redis.queued_images("orphans") == 2
         assert all(r.once().orphaned == 0 for r in reclaimers)  # re-sent, queued again: nothing to do
     finally:
         for c in (conn, other):  # closed while Redis is up (kombu hands unacked messages back on close)

@@ -136,6 +136,12 @@ class RedisServer:
     def unacked(self) -> int:
         return int(self.client().hlen("unacked"))
 
+    def unacked_images(self) -> int:
+        """Images carried by the unacknowledged messages (a chunk message carries several)."""
+        from support.queues import unacked_images
+
+        return unacked_images(self.client())
+
     def queued(self, queue: str) -> int:
         """Messages waiting on ``queue`` and on its per-model queues (``queue.<model>``)."""
         from support.queues import queue_names

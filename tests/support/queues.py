@@ -30,12 +30,12 @@ def payload_keys(payload: dict[str, Any]) -> list[tuple[int, int]]:
     return [(payload["group_position"], payload["image_index"])]
 
 
-def decode(raw: bytes) -> dict[str, Any]:
-    """The task payload of one kombu envelope as Redis holds it."""
+def decode(raw: bytes | dict[str, Any]) -> dict[str, Any]:
+    """The task payload of one kombu envelope as Redis holds it (raw, or already parsed)."""
     import base64
     import json
 
-    envelope = json.loads(raw)
+    envelope = json.loads(raw) if isinstance(raw, bytes | str) else raw
     body = envelope["body"]
     if envelope["properties"].get("body_encoding") == "base64":
         body = base64.b64decode(body)
@@ -55,3 +55,11 @@ def images_on(client: Any, name: str) -> int:
 def queued_images(client: Any, queue: str) -> int:
     """Images carried by the messages waiting on ``queue`` and its per-model queues."""
     return sum(len(payload_keys(p)) for p in queued_payloads(client, queue))
+
+
+def unacked_images(client: Any) -> int:
+    """Images carried by the messages delivered and not yet acknowledged (kombu's "unacked" hash of
+    [envelope, exchange, routing key])."""
+    import json
+
+    return sum(len(payload_keys(decode(json.loads(v)[0]))) for v in client.hvals("unacked"))
