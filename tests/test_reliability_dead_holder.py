@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import update
 from support.cli import base_env, cli
 from support.farm import MISSION, Farm, RedisServer, farm_factory, make_tree, wait_for  # noqa: F401
+from support.queues import queued_images
 from support.store import image_rows
 
 from stage_a.config import RunSpec
@@ -89,11 +90,11 @@ def test_default_settings_resend_a_dead_holders_images_within_two_minutes(pg_url
         t += timedelta(seconds=interval)
         assert reclaim_at(t) == ReclaimReport(0, 0, len(items))
         assert (t - died).total_seconds() <= 75 < 120
-        assert redis.queued(QUEUE) == len(items)
+        assert queued_images(redis.client(), QUEUE) == len(items)
         rows = image_rows(store, run_id)
         assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {1}
         # Each image is re-sent once, whichever reclaimer wins it.
-        assert reclaim_at(t).dead_holders == 0 and redis.queued(QUEUE) == len(items)
+        assert reclaim_at(t).dead_holders == 0 and queued_images(redis.client(), QUEUE) == len(items)
     finally:
         store.close()
 
@@ -112,7 +113,7 @@ def test_a_stopped_holder_is_dead_at_once_and_no_heartbeats_turn_the_rule_off(pg
         store.heartbeat(HOLDER, "stopped")  # a fresh beat, but it says it stopped while holding leases
         on = Settings(broker_url=redis.url, database_url=pg_url, queue=QUEUE)
         assert Reclaimer(on, store).once() == ReclaimReport(0, 0, len(items))
-        assert redis.queued(QUEUE) == len(items)
+        assert queued_images(redis.client(), QUEUE) == len(items)
     finally:
         store.close()
 
@@ -228,7 +229,7 @@ def test_status_of_a_run_whose_only_worker_was_sigkilled(pg_url: str, farm_facto
                               STAGE_A_FLUSH_SIZE="4")
     w = farm.worker("solo", app="support.slow_app")
     wait_for(lambda: w.ready(), 90, "the worker ready", on_timeout=farm.logs)
-    run_id = farm.enqueue(tmp_path / "in")
+    run_id = farm.enqueue(tmp_path / "in", "--sharding-mode", "per_group")  # 2 messages: within its prefetch
     store = farm.store()
     try:
         leased = wait_for(lambda: [r for r in image_rows(store, run_id) if r["status"] == "leased"] or None, 120,
