@@ -137,12 +137,13 @@ class ModelRouter(bootsteps.StartStopStep):
         last_problem: list[str | None] = [None]
 
         def report(problem: str | None) -> None:
-            if problem != last_problem[0]:
-                if problem:
-                    log.error("cannot serve: %s", problem)
-                if node:
-                    store.worker_problem(node, problem)
-                last_problem[0] = problem
+            # Logged when it changes; a standing problem is written at every look, since a pool process
+            # that (re)starts after the first write clears its row's problem with its first heartbeat.
+            if problem != last_problem[0] and problem:
+                log.error("cannot serve: %s", problem)
+            if node and (problem or problem != last_problem[0]):
+                store.worker_problem(node, problem)
+            last_problem[0] = problem
 
         chooser = RouteChooser(settings, store, TaskQueue(settings), report, node)
         while not self._stop.is_set():
