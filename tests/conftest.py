@@ -46,3 +46,14 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database on the real server, dropped afterwards."""
     with pg_database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh results store on SQLite and on the real PostgreSQL (each test runs on both)."""
+    from stage_a.store import ResultStore
+
+    url = f"sqlite:///{tmp_path / 'r.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = ResultStore(url)
+    yield s
+    s.close()

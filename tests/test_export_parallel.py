@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from merger.export import export_run
 from stage_a.config import GenerationParams, RunSpec
 from stage_a.store import GroupInput, ResultStore
@@ -13,13 +11,6 @@ from stage_a.work import ImageKey, ImageResult
 
 MISSION = "挡风板安装检查"
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'r.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = ResultStore(url)
-    yield s
-    s.close()
 
 
 def _run(store: ResultStore, n_groups: int = 97) -> int:

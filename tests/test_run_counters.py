@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -19,13 +18,6 @@ from stage_a.work import ImageKey, ImageResult, WorkItem
 
 MISSION = "挡风板安装检查"
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'r.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = ResultStore(url)
-    yield s
-    s.close()
 
 
 def _spec() -> RunSpec:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from sqlalchemy import event, text
@@ -23,13 +22,6 @@ STATS = '{"统计": [{"类别": "BBU设备", "品牌": {"爱立信": 1}}]}'
 SUMMARIES = (IRRELEVANT, STATS, "华为 50% 安装", '{"统计": [{"类别": "挡风板", "安装状态": {"已安装": 1}}]}')
 ERROR = "cannot identify image file 爱立信_x"
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'r.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = ResultStore(url)
-    yield s
-    s.close()
 
 
 def _spec() -> RunSpec:
