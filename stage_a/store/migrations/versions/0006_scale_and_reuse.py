@@ -181,10 +181,6 @@ END $$;
 """
 
 
-def _sqlite_is(side: str, status: str) -> str:
-    return f"({side}.status IS '{status}')"
-
-
 def _sqlite_triggers() -> list[str]:
     """Row-level triggers with the same arithmetic (NULL-safe; SQLite's two-argument min/max return
     NULL when either side is NULL, hence the COALESCEs)."""
