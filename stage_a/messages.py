@@ -184,18 +184,23 @@ def parse_payload(payload: Any) -> Message:
     return Message(_store(payload), [it.key for it in items], [it.rel_path for it in items])
 
 
+def _image_list(payload: dict[str, Any], name: str) -> list[Any]:
+    """Field ``name``: a non-empty list of at most MAX_IMAGES_PER_MESSAGE entries."""
+    entries = payload.get(name)
+    if not isinstance(entries, list) or not entries:
+        raise PoisonMessage(f"field {name!r} must be a non-empty list")
+    if len(entries) > MAX_IMAGES_PER_MESSAGE:
+        raise PoisonMessage(f"field {name!r} lists {len(entries)} images (at most {MAX_IMAGES_PER_MESSAGE})")
+    return entries
+
+
 def _keys(payload: dict[str, Any]) -> list[ImageKey]:
     unknown = sorted(set(payload) - _V2_FIELDS)
     if unknown:
         raise PoisonMessage(f"unknown field {unknown[0]!r:.80} in a version-{PAYLOAD_VERSION} message")
     run_id = _int(payload, "run_id")
-    keys = payload.get("keys")
-    if not isinstance(keys, list) or not keys:
-        raise PoisonMessage("field 'keys' must be a non-empty list")
-    if len(keys) > MAX_IMAGES_PER_MESSAGE:
-        raise PoisonMessage(f"field 'keys' lists {len(keys)} images (at most {MAX_IMAGES_PER_MESSAGE})")
     out = []
-    for entry in keys:
+    for entry in _image_list(payload, "keys"):
         if not isinstance(entry, list) or len(entry) != 2:
             raise PoisonMessage(f"each entry of 'keys' must be [group_position, image_index], got {entry!r:.80}")
         position, index = (_int({"keys[]": v}, "keys[]") for v in entry)
@@ -207,13 +212,8 @@ def _items(payload: dict[str, Any]) -> list[WorkItem]:
     run_id = _int(payload, "run_id")
     position = _int(payload, "group_position")
     if "images" in payload:
-        images = payload["images"]
-        if not isinstance(images, list) or not images:
-            raise PoisonMessage("field 'images' must be a non-empty list")
-        if len(images) > MAX_IMAGES_PER_MESSAGE:
-            raise PoisonMessage(f"field 'images' lists {len(images)} images (at most {MAX_IMAGES_PER_MESSAGE})")
         items = []
-        for entry in images:
+        for entry in _image_list(payload, "images"):
             if not isinstance(entry, dict):
                 raise PoisonMessage("each entry of 'images' must be an object")
             index = _int(entry, "image_index")
