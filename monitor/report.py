@@ -275,7 +275,9 @@ def _throughput(run: RunRow, agg: RunCounts, now: datetime, window: float, state
             span = (agg.last_update - run.created_at).total_seconds()
         overall = finished / span if span >= MIN_SPAN_S else None
     unfinished = agg.pending + agg.leased
-    span_s = max(0.0, min(window, (now - start).total_seconds()))
+    # The counted window starts at its 10-second bucket (RunCounts.recent_from), not at now - window.
+    window_start = agg.recent_from or (now - timedelta(seconds=window))
+    span_s = max(0.0, (now - max(start, window_start)).total_seconds())
     recent = None
     if unfinished and not run.cancelled_at and span_s >= MIN_SPAN_S:
         recent = agg.finished_since / span_s

@@ -75,7 +75,7 @@ class RunCounts:
     first_activity: datetime | None
     """Earliest updated_at of any row (a lease, or the first result)."""
     finished_since: int
-    """Images finished (done or failed) after the ``since`` time the caller passed (0 without one)."""
+    """Images finished (done or failed) from ``recent_from`` on (0 without a ``since``)."""
     preprocess_ms_mean: float | None
     generate_ms_mean: float | None
     completion_tokens: int
@@ -85,6 +85,8 @@ class RunCounts:
     """Who finished the done images, most images first."""
     reused: int = 0
     """Done images whose summary was taken from an earlier run instead of generated."""
+    recent_from: datetime | None = None
+    """Where ``finished_since`` really starts: the caller's ``since`` rounded down to its 10-second bucket."""
 
     @property
     def images_total(self) -> int:
@@ -313,7 +315,7 @@ class Queries:
         with self.engine.connect() as c:
             n_groups = c.execute(select(Run.n_groups).where(Run.id == run_id)).scalar() or 0
             rc: Any = c.execute(select(RunCountsRow.__table__).where(RunCountsRow.run_id == run_id)).first()
-            since_n = 0
+            since_n, bucket = 0, None
             if since is not None:
                 bucket = since.replace(second=since.second - since.second % 10, microsecond=0)
                 since_n = int(c.execute(select(func.sum(RunRecentRow.finished))
@@ -335,7 +337,7 @@ class Queries:
             preprocess_ms_mean=rc.preprocess_ms_sum / rc.preprocess_n if rc.preprocess_n else None,
             generate_ms_mean=rc.generate_ms_sum / rc.generate_n if rc.generate_n else None,
             completion_tokens=int(rc.completion_tokens), generate_ms_with_tokens=float(rc.generate_ms_with_tokens),
-            models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused),
+            models=tuple(ModelShare(m, e, n) for m, e, n in shares), reused=int(rc.reused), recent_from=bucket,
         )
 
     def reuse_sources(self, run_id: int, limit: int = 20, rows: int = 10_000) -> list[tuple[int, int]]:
