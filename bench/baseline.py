@@ -134,7 +134,7 @@ def stage_a_run(checkpoint: str, device: str, input_dir: Path, batch_size: int, 
     work.mkdir(parents=True, exist_ok=True)
     store = ResultStore(f"sqlite:///{work / 'stage_a_results.db'}")
     gen = GenerationParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=checkpoint, sharding_mode=sharding,
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root="", checkpoint=checkpoint, sharding_mode=sharding,
                    batch_size=batch_size, generation=gen)
     batches = 0
 

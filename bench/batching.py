@@ -67,7 +67,7 @@ def main() -> None:
     items = image_set(args.images, root)
     engine = TransformersEngine(load_model(Checkpoint.open(checkpoint), args.device))
     gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(root), checkpoint=checkpoint,
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root=str(root), checkpoint=checkpoint,
                    sharding_mode="per_image", batch_size=max(sizes), generation=gen)
     ctx = engine.context(1, spec)
     print(machine_line())

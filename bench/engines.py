@@ -93,7 +93,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     items = make_items(root, args.images)
     lengths = completion_lengths(2 * args.images, args.max_new_tokens)
     by_key = {it.key: n for it, n in zip(items, lengths, strict=True)}
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(root), sharding_mode="per_image",
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root=str(root), sharding_mode="per_image",
                    generation=GenerationParams(max_new_tokens=args.max_new_tokens))
     t0 = time.perf_counter()
     engine = build_engine(args, by_key)

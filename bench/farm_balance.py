@@ -100,7 +100,8 @@ class Worker:
         run = register(self.store, self.spec, input_dir, farm=True)
         items = self.store.unfinished_items(run.id)
         t0 = time.perf_counter()
-        self.publisher.publish_items(items, self.spec.sharding_mode, self.store.store_id, run.route)
+        self.publisher.publish_items(items, self.spec.sharding_mode, self.store.store_id, run.route,
+                                    self.spec.batch_size)
         t1 = wait_done(self.store, run.id, len(items), self.args.timeout, self.proc, self.log)
         split = sorted(Counter(r["worker"] for r in image_rows(self.store, run.id)).values(), reverse=True)
         print(f"  farm, 1 worker x {self.args.processes} pool processes: {len(items)} images in {t1 - t0:.1f} s = "
@@ -152,7 +153,7 @@ def main() -> None:
     input_dir = make_input(args.images, tmp / "input")
     warm_dir = make_input(args.batch_size, tmp / "warm")
     gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=checkpoint, sharding_mode="per_image",
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root="", checkpoint=checkpoint, sharding_mode="per_image",
                    batch_size=args.batch_size, generation=gen)
     print(f"model: {checkpoint} on {args.device}; {args.images} images, per_image batches of {args.batch_size}, "
           f"{args.max_new_tokens} new tokens per image; worker flush settings: defaults")

@@ -144,7 +144,7 @@ def main() -> None:
     input_dir = make_input(args.images, tmp / "input")
     warm_dir = make_input(args.batch_size, tmp / "warm")
     gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=checkpoint, sharding_mode="per_image",
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root="", checkpoint=checkpoint, sharding_mode="per_image",
                    batch_size=args.batch_size, generation=gen)
     print(machine_line())
     print(f"model: {checkpoint} on {args.device}; {args.images} images, per_image batches of {args.batch_size}, "
@@ -235,7 +235,7 @@ class Worker:
         run = register(self.store, self.spec, input_dir, farm=True)
         items = self.store.unfinished_items(run.id)
         c0, t0 = tree_cpu_seconds(self.proc.pid), time.perf_counter()
-        self.publisher.publish_items(items, "per_image", self.store.store_id, run.route)
+        self.publisher.publish_items(items, "per_image", self.store.store_id, run.route, self.spec.batch_size)
         t1 = wait_done(self.store, run.id, len(items), self.args.timeout, self.proc, self.log)
         cpu = (tree_cpu_seconds(self.proc.pid) - c0) / len(items)
         c = self.store.queries.counts(run.id)

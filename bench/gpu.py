@@ -177,7 +177,7 @@ def main() -> None:
     items = [WorkItem(ImageKey(1, g, i), f"{MISSION}/审核通过/{gid}/{gid}-{i}.jpg")
              for g, (gid, _, s) in enumerate(groups) for i in range(1, len(s) + 1)][:n_img]
     gen = GenerationParams(max_new_tokens=max_new, min_new_tokens=max_new)
-    spec = RunSpec(mission=MISSION, dataset="bbu", input_root=str(root), sharding_mode="per_image",
+    spec = RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root=str(root), sharding_mode="per_image",
                    batch_size=n_img, generation=gen)
     ctx = engine.context(1, spec)
     print(machine_line())

@@ -128,7 +128,7 @@ def main() -> None:
     gen = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
 
     def spec(checkpoint: str) -> Any:
-        return RunSpec(mission=MISSION, dataset="bbu", input_root="", checkpoint=checkpoint,
+        return RunSpec(mission=MISSION, dataset="bbu", reuse="off", input_root="", checkpoint=checkpoint,
                        sharding_mode="per_image", batch_size=args.batch_size, generation=gen)
 
     print(machine_line())

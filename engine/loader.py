@@ -49,6 +49,17 @@ def resolve_device(device: str) -> str:
     raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
+def share_cpus(processes: int, threads: int = 0) -> int:
+    """Set torch's CPU threads for one of ``processes`` model processes on this host: ``threads`` if given,
+    else the CPUs this process may use divided evenly (at least 1). Returns the number set."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or max(1, cpus // max(1, processes))
+    torch.set_num_threads(n)
+    return n
+
+
 def _best_attention(device: str) -> str:
     if device.startswith("cuda"):
         try:

@@ -145,10 +145,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _rank_main(job: LocalJob, gpu: str, rank: int, world: int, parent: int) -> None:
-    from engine.loader import pin_process_to_gpu
+    from engine.loader import pin_process_to_gpu, share_cpus
 
     _die_with_parent(parent)
     pin_process_to_gpu(gpu)
+    share_cpus(world, job.settings.torch_threads)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     device = "cpu" if gpu == "cpu" else job.device  # a pinned GPU is this process's cuda:0
     run_in_process(replace(job, device=device, verify_inputs=job.verify_inputs and rank == 0),

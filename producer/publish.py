@@ -53,15 +53,16 @@ class Publisher(TaskQueue):
             return fast.publish(payloads)
 
     def publish_items(self, items: Iterable[WorkItem], sharding_mode: str, store_id: str,
-                      route: str | None = None) -> int:
+                      route: str | None = None, batch_size: int = 1) -> int:
         """The run's items (any iterable in key order, streamed) to the queue of its model ``route``
-        (RunInfo.route) as chunk messages naming their store (ResultStore.store_id). Returns the units
-        queued: images (per_image) or groups (per_group); a PublishError's ``sent`` counts them too."""
+        (RunInfo.route) as chunk messages naming their store (ResultStore.store_id), none smaller than the
+        run's model ``batch_size`` but the last. Returns the units queued: images (per_image) or groups
+        (per_group); a PublishError's ``sent`` counts them too."""
         queued = array("q")  # units on the queue once each message is: 8 bytes a message of ~32 images
 
         def payloads() -> Iterator[dict[str, Any]]:
             total = 0
-            for chunk in chunks((it.key for it in items), sharding_mode):
+            for chunk in chunks((it.key for it in items), sharding_mode, least=batch_size):
                 total += len({k.group_position for k in chunk}) if sharding_mode == "per_group" else len(chunk)
                 queued.append(total)
                 yield chunk_payload(chunk, store_id)

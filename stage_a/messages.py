@@ -86,17 +86,18 @@ def payloads_for(items: Iterable[WorkItem], sharding_mode: str, store: str) -> I
 
 
 def chunks(keys: Iterable[ImageKey], sharding_mode: str, size: int = CHUNK_IMAGES,
-           shares: int = TAIL_SHARES) -> Iterator[list[ImageKey]]:
+           shares: int = TAIL_SHARES, least: int = 1) -> Iterator[list[ImageKey]]:
     """Keys (in key order) packed into chunks of one run: ``size`` images each while more than
-    ``shares`` x ``size`` are left of the run, then ceil(left / ``shares``) (guided self-scheduling), so
-    a run ends in small messages every consumer gets a share of. Only ``shares`` x ``size`` keys are
-    held at a time. per_group: a group is never split (a chunk is whole groups, at least one)."""
+    ``shares`` x ``size`` are left of the run, then ceil(left / ``shares``) but at least ``least`` (the
+    run's model batch: a smaller piece would only cut one batch across consumers) (guided
+    self-scheduling), so a run ends in small messages every consumer gets a share of. Only ``shares`` x
+    ``size`` keys are held at a time. per_group: a group is never split (a chunk is whole groups, at least one)."""
     window = shares * size
     pending: deque[list[ImageKey]] = deque()  # units (an image, or a group) not yet sent, of one run
     held = 0
     for unit in _units(keys, sharding_mode):
         if pending and unit[0].run_id != pending[0][0].run_id:
-            yield from _take(pending, held, size, shares)  # the end of that run's keys
+            yield from _take(pending, held, size, shares, least)  # the end of that run's keys
             held = 0
         pending.append(unit)
         held += len(unit)
@@ -104,13 +105,13 @@ def chunks(keys: Iterable[ImageKey], sharding_mode: str, size: int = CHUNK_IMAGE
             chunk = _chunk(pending, size)
             held -= len(chunk)
             yield chunk
-    yield from _take(pending, held, size, shares)
+    yield from _take(pending, held, size, shares, least)
 
 
-def _take(pending: deque[list[ImageKey]], held: int, size: int, shares: int) -> Iterator[list[ImageKey]]:
-    """The tail of a run: chunks of ceil(left / shares) images, at most ``size``."""
+def _take(pending: deque[list[ImageKey]], held: int, size: int, shares: int, least: int) -> Iterator[list[ImageKey]]:
+    """The tail of a run: chunks of ceil(left / shares) images, at least ``least``, at most ``size``."""
     while held > 0:
-        chunk = _chunk(pending, max(1, min(size, math.ceil(held / shares))))
+        chunk = _chunk(pending, max(1, min(size, max(least, math.ceil(held / shares)))))
         held -= len(chunk)
         yield chunk
 

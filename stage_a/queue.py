@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 from stage_a.errors import UserError, first_line
-from stage_a.messages import TASK_NAME
+from stage_a.messages import TASK_NAME, image_count
 from stage_a.secrets import broker_error, redact_url
 from stage_a.settings import Settings
 
@@ -178,7 +178,7 @@ class TaskQueue:
     def drop_run(self, run_id: int, store_id: str, queue: str | None = None, chunk: int = 5000) -> int:
         """Remove the run's messages still waiting on ``queue`` (default: the plain queue), each by its exact
         value (LREM): one a worker pops meanwhile is not found and the worker drops it. Another store's run
-        of the same id keeps its messages. Returns how many were removed here."""
+        of the same id keeps its messages. Returns how many images the removed messages carried."""
         removed = 0
         with self.app.connection_for_write() as conn:
             client = conn.default_channel.client
@@ -188,19 +188,20 @@ class TaskQueue:
                 raws = client.lrange(key, start, start + chunk - 1)
                 if not raws:
                     break
-                ours = [raw for raw in raws if message_run(raw, store_id) == run_id]
+                ours = [(raw, payload) for raw in raws
+                        if (payload := queued_payload(raw, store_id)) is not None and payload.get("run_id") == run_id]
                 if ours:
                     pipe = client.pipeline(transaction=False)
-                    for raw in ours:
+                    for raw, _ in ours:
                         pipe.lrem(key, 1, raw)
-                    removed += sum(int(x) for x in pipe.execute())
+                    removed += sum(image_count(p) for (_, p), n in zip(ours, pipe.execute(), strict=True) if int(n))
                 start += len(raws) - len(ours)
         return removed
 
 
-def message_run(raw: bytes, store_id: str) -> int | None:
-    """The run id of one queued kombu envelope of a stage_a.summarize message of store ``store_id``
-    (or naming no store: queued before messages did); None: another store's, or not readable."""
+def queued_payload(raw: bytes, store_id: str) -> dict[str, Any] | None:
+    """The payload of one queued kombu envelope of a stage_a.summarize message of store ``store_id`` (or
+    naming no store: queued before messages did) with an integer run id; None: another store's, or not readable."""
     try:
         envelope = json.loads(raw)
         if envelope.get("headers", {}).get("task") != TASK_NAME:
@@ -210,9 +211,8 @@ def message_run(raw: bytes, store_id: str) -> int | None:
             body = base64.b64decode(body)
         args = json.loads(body)[0]
         payload = args[0] if args and isinstance(args[0], dict) else {}
-        run_id = payload.get("run_id")
         if payload.get("store", store_id) != store_id:
             return None
-        return run_id if type(run_id) is int else None
+        return payload if type(payload.get("run_id")) is int else None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None

@@ -99,6 +99,10 @@ class Settings:
     db_pool_size: int = 5
     """Most database connections one process opens (no overflow; see README: hosts x GPUs x 2 x this
     <= PostgreSQL max_connections, or pgbouncer in front)."""
+    torch_threads: int = 0
+    """CPU threads of torch in each model process (0: this host's CPUs divided evenly among its model
+    processes: a worker's pool processes, `stage-a run --gpus`'s ranks; torch's own default gives every
+    process all CPUs, and N processes then thrash N-fold oversubscribed cores)."""
     export_processes: int = min(8, os.cpu_count() or 1)
     """Processes (default: one per CPU, at most 8) that encode a large run's export (`stage-a export`, the end of `stage-a run`), each
     over its own range of groups; the output is the same bytes as from one."""
@@ -159,7 +163,7 @@ class Settings:
                      "vllm_max_loras"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{_var(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("flush_size", "heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
+        for name in ("flush_size", "torch_threads", "heartbeat_interval", "orphan_grace", "holder_timeout", "sqlite_busy_timeout"):  # 0 has a meaning here
             if getattr(self, name) < 0:
                 raise UserError(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:

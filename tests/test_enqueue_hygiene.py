@@ -19,7 +19,7 @@ from conftest import REDIS_URL
 from support.cli import base_env, cli, cli_popen
 from support.db import pg_database
 from support.farm import MISSION, Farm, farm_factory, make_tree, wait_for  # noqa: F401
-from support.queues import clear, queued_raw
+from support.queues import clear, payload_keys, queued_raw
 from support.store import dead_letters, image_rows
 from test_cli_errors import assert_one_line_error
 
@@ -37,6 +37,11 @@ def queue() -> Iterator[str]:
     name = f"stage_a_hyg_{uuid.uuid4().hex[:8]}"
     yield name
     clear(redis.Redis.from_url(REDIS_URL), name)
+
+
+def _images(queue: str) -> int:
+    """Images carried by the messages waiting on ``queue`` and its per-model queues."""
+    return sum(len(payload_keys(p)) for p in _payloads(queue))
 
 
 def _payloads(queue: str) -> list[dict[str, Any]]:
@@ -87,7 +92,7 @@ def test_a_cancelled_run_is_neither_re_enqueued_nor_resumed(pg_url: str, queue: 
     env = _env(queue, tmp_path, pg_url)
     run_id = _ok(cli(_enqueue(tree), env, tmp_path))
     cancel = cli(["cancel", str(run_id)], env, tmp_path)
-    assert cancel.returncode == 0 and "6 queued messages removed" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert cancel.returncode == 0 and "6 queued images removed" in cancel.stdout, cancel.stdout + cancel.stderr
 
     again = cli(["enqueue", "--run", str(run_id)], env, tmp_path)
     assert again.returncode == 2
@@ -229,7 +234,7 @@ def test_every_sender_names_the_store(pg_url: str, queue: str, tiny_checkpoint: 
     store = ResultStore(pg_url)
     try:
         sent = _payloads(queue)
-        assert len(sent) == 4 + 2 and {p["store"] for p in sent} == {store.store_id}
+        assert sum(len(payload_keys(p)) for p in sent) == 4 + 4 and {p["store"] for p in sent} == {store.store_id}
         import redis
 
         clear(redis.Redis.from_url(REDIS_URL), queue)  # the messages are lost: the reclaimer re-sends
@@ -290,12 +295,12 @@ def test_the_same_enqueue_twice_queues_the_work_once(pg_url: str, queue: str, ti
     # The same root given as its mission folder, relative to another cwd, with a cosmetic option: the same.
     twin_of(cli(_enqueue(Path("in") / MISSION, "--checkpoint", str(tiny_checkpoint), "--verify-inputs"), env,
                 tmp_path), 1, 2)
-    assert len(_payloads(queue)) == 6 and _latest(pg_url) == 1
+    assert _images(queue) == 6 and _latest(pg_url) == 1
     # What changes the output is another run; so is --new-run.
     assert _ok(cli(_enqueue(tree, "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "5"), env, tmp_path)) == 2
     assert _ok(cli(_enqueue(tree, "--checkpoint", str(tiny_checkpoint), "--sample-seed", "7"), env, tmp_path)) == 3
     assert _ok(cli([*args, "--new-run"], env, tmp_path)) == 4
-    assert len(_payloads(queue)) == 4 * 6
+    assert _images(queue) == 4 * 6
     twin_of(cli(args, env, tmp_path), 4, 0)  # the newest unfinished twin
     # A finished or cancelled twin does not block.
     _finish(pg_url, 1)
@@ -354,4 +359,4 @@ def test_of_two_racing_identical_enqueues_one_registers_the_run(pg_url: str, que
     assert sorted("image tasks queued" in log for log in logs) == [False, True], logs
     assert sum("has the same inputs and is unfinished (0 of 6 done)" in log for log in logs) == 1, logs
     assert all("run_id=2" in log for log in logs), logs
-    assert _latest(pg_url) == 2 and len(_payloads(queue)) == 6
+    assert _latest(pg_url) == 2 and _images(queue) == 6

@@ -15,7 +15,7 @@ import pytest
 from conftest import REDIS_URL
 from support.cli import base_env, cli, read_jsonl
 from support.farm import FAILURES, JSONL, MISSION, PASS, image_bytes, make_tree
-from support.queues import clear, queued_raw
+from support.queues import clear, queued_images
 from test_cli_errors import assert_one_line_error
 
 
@@ -30,10 +30,10 @@ def queue() -> Iterator[str]:
 
 
 def _queued(name: str) -> int:
-    """Messages on the queue and its per-model queues."""
+    """Images carried by the messages on the queue and its per-model queues."""
     import redis
 
-    return len(queued_raw(redis.Redis.from_url(REDIS_URL), name))
+    return queued_images(redis.Redis.from_url(REDIS_URL), name)
 
 
 def _runs(pg_url: str) -> int:
@@ -156,7 +156,7 @@ def test_enqueue_without_checkpoint_warns_about_the_demo_model(pg_url: str, queu
     proc = cli(_enqueue(tree), _env(pg_url, queue, tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo model" in proc.stderr and "meaningless" in proc.stderr, proc.stderr
-    assert _queued(queue) == 2
+    assert _queued(queue) == 4  # two groups of two images
 
 
 # ---- run --resume of a farm run (item 10) ---------------------------------------------------

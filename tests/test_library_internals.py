@@ -11,6 +11,8 @@ import hashlib
 import inspect
 from typing import Any
 
+import pytest
+
 
 def _source_hash(obj: Any) -> str:
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
@@ -99,11 +101,11 @@ def test_the_flush_timer_is_armed_again_when_the_consumer_restarts() -> None:
     task: Any = summarize
     first = _Timer()
     task.Strategy(task, task.app, _Consumer(first))
-    assert len(first.armed) == 1
+    assert len(first.armed) == 2  # the interval flush and the idle-process look
     first.armed.clear()  # Celery clears the consumer's timer when the broker connection is lost
     second = _Timer()
     task.Strategy(task, task.app, _Consumer(second))
-    assert len(second.armed) == 1 and task._tref is second.armed[0]
+    assert second.armed == [task._tref, task._idle_tref]
 
 
 def test_a_flush_is_cut_between_messages_into_shares_of_images() -> None:
@@ -117,3 +119,42 @@ def test_a_flush_is_cut_between_messages_into_shares_of_images() -> None:
     task: Any = summarize
     task._consumer = SimpleNamespace(controller=SimpleNamespace(concurrency=1))
     assert task._share(153) == 153  # one pool process: never split
+
+
+class _Call:
+    """A pool call as billiard returns it: ready() once the process returned."""
+
+    def __init__(self, returned: bool) -> None:
+        self.returned = returned
+
+    def ready(self) -> bool:
+        return self.returned
+
+
+@pytest.mark.parametrize(("calls", "can_fetch", "waiting", "flushed"), [
+    ([False, False], False, 0, False),  # both pool processes busy: the buffer waits (it can still grow)
+    ([False], False, 40, True),  # one idle, the prefetch window full: nothing more can come
+    ([False, True], True, 0, True),  # one returned, the queues empty: nothing more will come
+    ([], True, 40, False),  # idle, but more is being fetched: wait for it (a bigger, fuller call)
+])
+def test_a_partial_buffer_goes_at_once_to_an_idle_process_when_waiting_brings_nothing(
+        calls: list[bool], can_fetch: bool, waiting: int, flushed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from workers.tasks import summarize
+
+    task: Any = summarize
+    qos = SimpleNamespace(can_consume=lambda: can_fetch)
+    task._consumer = SimpleNamespace(controller=SimpleNamespace(concurrency=2),
+                                     task_consumer=SimpleNamespace(channel=SimpleNamespace(qos=qos)))
+    task._calls = [_Call(r) for r in calls]
+    done: list[bool] = []
+    monkeypatch.setattr(task, "_waiting", lambda: waiting)
+    monkeypatch.setattr(task, "_do_flush", lambda: done.append(True))
+    monkeypatch.setattr(task, "_buffered", 24)
+    task._flush_if_idle()
+    assert bool(done) == flushed
+    monkeypatch.setattr(task, "_buffered", 0)
+    done.clear()
+    task._flush_if_idle()
+    assert not done  # an empty buffer is never flushed

@@ -39,6 +39,19 @@ def test_per_image_chunks_keep_every_key_once_in_order_and_shrink_to_one(n: int)
         left -= size
 
 
+@pytest.mark.parametrize(("n", "least"), [(153, 8), (5000, 8), (7, 8), (600, 32), (600, 64)])
+def test_tail_chunks_are_never_smaller_than_a_model_batch_but_the_last(n: int, least: int) -> None:
+    got = list(chunks(keys(n), "per_image", least=least))
+    assert [k for c in got for k in c] == keys(n)
+    sizes = [len(c) for c in got]
+    assert max(sizes) <= CHUNK_IMAGES
+    assert all(s >= min(least, CHUNK_IMAGES) for s in sizes[:-1]) and 1 <= sizes[-1] <= max(least, CHUNK_IMAGES)
+    left = n
+    for size in sizes[:-1]:  # 1/TAIL_SHARES of what is left, at least the batch, at most CHUNK_IMAGES
+        assert size == min(CHUNK_IMAGES, max(least, math.ceil(left / TAIL_SHARES)))
+        left -= size
+
+
 def test_chunks_stream_holding_a_bounded_window() -> None:
     """A 10M-key stream is chunked without reading ahead more than TAIL_SHARES full chunks."""
     pulled = 0

@@ -99,7 +99,7 @@ def test_cancel_mid_run(pg_url: str, farm_factory, tmp_path: Path) -> None:  # n
         proc = cli(["cancel", str(big)], farm.env(), tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"run {big}: cancelled at" in proc.stdout, proc.stdout
-        assert re.search(rf"run {big}: \d+ queued messages removed", proc.stdout), proc.stdout
+        assert re.search(rf"run {big}: \d+ queued images removed", proc.stdout), proc.stdout
         at_cancel = store.queries.counts(big)
 
         # The other run is unaffected and finishes; nothing more of the cancelled run is processed

@@ -32,12 +32,17 @@ from workers.runtime import Outcome, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+IDLE_CHECK = 0.05
+"""Seconds between looks for an idle pool process that a partial buffer could feed now."""
+
 _loaded = multiprocessing.Value("i", 0)
 """Pool processes that finished loading their model; WaitForModels waits for all of them."""
 _fatal = multiprocessing.Value("i", 0)
 """The worker's exit status when a pool process cannot serve (a configuration error), else 0."""
 _node: str | None = None
 """This worker's node name (-n), read in the main process before the pool forks."""
+_processes = 1
+"""This worker's pool processes (--concurrency), read in the main process before the pool forks."""
 
 
 class ReconnectSafeBatches(Batches):
@@ -51,6 +56,10 @@ class ReconnectSafeBatches(Batches):
       waiting on its queues) holds a full flush for every pool process; past that point (a run's
       end) it is cut, between messages, into one even share per pool process (the prefork pool
       gives a call to an idle process first), so no process sits idle while another holds the rest.
+    - A partial buffer is flushed at once, not at the interval, when a pool process is idle and waiting
+      would bring nothing more: the prefetch window is full (nothing more is fetched until a running
+      call returns) or this worker's queues are empty. Checked on every message and every IDLE_CHECK
+      seconds (a pool call that returns frees a process; its result marks it in this process).
     - celery-batches 0.11 keeps its flush timer's handle (`_tref`) on the task; a reconnect clears
       the consumer's timer but not the handle, so a partial batch would wait for the visibility
       timeout (clokep/celery-batches#107; the fix, #108, is in no release). Strategy() runs at every
@@ -63,15 +72,20 @@ class ReconnectSafeBatches(Batches):
     _buffered = 0
     _last_images = 1
     _consumer: Any = None
+    _calls: list[Any] = []
+    """Pool calls made by this worker that have not returned (billiard ApplyResults)."""
+    _idle_tref: Any = None
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
         handler = super().Strategy(task, app, consumer)
-        stale: Any = getattr(self, "_tref", None)
-        if stale is not None:
-            stale.cancel()
+        for stale in (getattr(self, "_tref", None), self._idle_tref):
+            if stale is not None:
+                stale.cancel()
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        self._idle_tref = consumer.timer.call_repeatedly(IDLE_CHECK, self._flush_if_idle)
         self._consumer = consumer
+        self._calls = []
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
@@ -84,6 +98,8 @@ class ReconnectSafeBatches(Batches):
             self._buffered += self._last_images
             if self._buffered >= self.flush_images:
                 self._do_flush()
+            else:
+                self._flush_if_idle()
             return out
 
         return checked_handler
@@ -98,12 +114,32 @@ class ReconnectSafeBatches(Batches):
         log.debug("flushing %d messages, %d images, at most %d per pool call", len(requests), sum(sizes), share)
         for piece in split_flush(requests, sizes, share):
             result = super().flush(piece)
+            if result is not None:
+                self._calls.append(result)
         return result
+
+    def _flush_if_idle(self) -> None:
+        """Flush a partial buffer now when a pool process is idle and waiting would bring no more work."""
+        if self._buffered and self._idle() and (not self._can_fetch() or self._waiting() == 0):
+            self._do_flush()
+
+    def _idle(self) -> int:
+        """Pool processes without a call of this worker's (a pool that returns no results counts as idle)."""
+        self._calls = [c for c in self._calls if not _returned(c)]
+        return max(0, _concurrency(self._consumer) - len(self._calls))
+
+    def _can_fetch(self) -> bool:
+        """Whether the consumer may take more messages now (False: its prefetch window is full of unacked
+        ones, and no more arrive until a running call returns and acks its messages)."""
+        try:
+            return bool(self._consumer.task_consumer.channel.qos.can_consume())
+        except AttributeError:  # a transport without kombu's virtual QoS: assume more may come
+            return True
 
     def _share(self, buffered: int) -> int:
         """The most images one pool call gets: the whole buffer while the work visible to this worker (the
         buffer and its queues) would give every pool process a full flush, else an even share of the buffer."""
-        processes = int(getattr(getattr(self._consumer, "controller", None), "concurrency", 1) or 1)
+        processes = _concurrency(self._consumer)
         if processes <= 1 or buffered + self._waiting() >= processes * self.flush_images:
             return buffered
         return -(-buffered // processes)
@@ -123,6 +159,17 @@ class ReconnectSafeBatches(Batches):
         except Exception as exc:  # the buffer alone decides: shares stay correct, only smaller
             log.debug("queue lengths unavailable (%s)", first_line(exc))
             return 0
+
+
+def _concurrency(consumer: Any) -> int:
+    return int(getattr(getattr(consumer, "controller", None), "concurrency", 1) or 1)
+
+
+def _returned(call: Any) -> bool:
+    try:
+        return bool(call.ready())
+    except AttributeError:
+        return True
 
 
 def split_flush(requests: list[Any], sizes: list[int], share: int) -> list[list[Any]]:
@@ -246,11 +293,15 @@ def _send_task_events(requests: list[SimpleRequest], outcomes: list[Outcome]) ->
 
 @signals.worker_process_init.connect
 def _start_process(**_: Any) -> None:
-    """Pin the GPU (before torch touches CUDA), then load the model before taking any batch."""
+    """Pin the GPU (before torch touches CUDA), share the host's CPUs among the pool processes, then load
+    the model before taking any batch."""
     global _runtime
     _runtime = None  # never inherit a parent's engine or DB connections across fork
     try:
         _pin_gpu()
+        from engine.loader import share_cpus
+
+        log.info("torch uses %d CPU threads in this pool process", share_cpus(_processes, settings.torch_threads))
         runtime().start()
     except UserError as exc:
         # A configuration error (no CUDA for STAGE_A_GPUS, a bad checkpoint): no batch could ever
@@ -322,8 +373,9 @@ def _check_services(sender: Any = None, **_: Any) -> None:
     from stage_a.checkpoint import Checkpoint
     from stage_a.queue import TaskQueue
 
-    global _node
+    global _node, _processes
     _node = getattr(sender, "hostname", None)
+    _processes = int(getattr(sender, "concurrency", 1) or 1)
     set_node(_node)  # dead letters written in this process carry the same name as the rows
     try:
         TaskQueue(settings).check()

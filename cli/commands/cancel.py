@@ -58,4 +58,4 @@ def cancel(run_id: int, db: str | None, broker: str | None, keep_queued: bool) -
         click.echo(f"stage-a: warning: could not remove queued messages ({first_line(exc)}); "
                    "workers will acknowledge them without work", err=True)
         return
-    click.echo(f"run {run_id}: {dropped} queued messages removed from {where!r}")
+    click.echo(f"run {run_id}: {dropped} queued images removed from {where!r}")

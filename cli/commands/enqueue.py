@@ -72,7 +72,7 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
         info = store.get_run(run_id)
         if info.cancelled:
             raise UserError(cancelled_refusal(info, "re-enqueued"))
-        sharding, route = info.spec.sharding_mode, info.route
+        sharding, route, batch_size = info.spec.sharding_mode, info.route, info.spec.batch_size
         what = ""  # said once publishing has counted them
     else:
         from producer.register import register_run
@@ -87,13 +87,13 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
                         "this run with the tiny RANDOM-WEIGHT demo model and its summaries will be meaningless",
                         fg="yellow", err=True)
         # discovery warnings were already logged (once) by producer.discovery
-        run_id, sharding, route = reg.run_id, spec.sharding_mode, reg.route
+        run_id, sharding, route, batch_size = reg.run_id, spec.sharding_mode, reg.route, spec.batch_size
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
     unit = "group" if sharding == "per_group" else "image"
     items = _Counting(store.iter_unfinished_items(run_id))  # streamed in key order, never listed
     try:
-        sent = publisher.publish_items(items, sharding, store.store_id, route)
+        sent = publisher.publish_items(items, sharding, store.store_id, route, batch_size)
     except PublishError as exc:
         raise UserError(_stopped(exc, settings, run_id, unit)) from None
     dt = time.perf_counter() - t0
