@@ -89,7 +89,11 @@ class ImageRow(Base):
         ForeignKeyConstraint(
             ["run_id", "group_position"], ["groups.run_id", "groups.position"], ondelete="CASCADE"
         ),
-        Index("ix_images_run_status", "run_id", "status"),
+        # Unfinished rows only (every query by status asks for them; failed rows have ix_images_failed),
+        # carrying the path on PostgreSQL: a text search reads unfinished paths from the index alone.
+        Index("ix_images_unfinished", "run_id", "status", "group_position", "image_index",
+              postgresql_include=["rel_path"], postgresql_where=text("status IN ('pending', 'leased')"),
+              sqlite_where=text("status IN ('pending', 'leased')")),
         Index("ix_images_run_updated", "run_id", "updated_at"),
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
               sqlite_where=text("reuse_key IS NOT NULL")),

@@ -514,12 +514,18 @@ class Queries:
                 else:
                     start = after if after is not None else -1
                     window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
-                near = self._positions(c, run_id, flt, "sqlite", *window, backwards, limit + 1)
-                rest = [] if len(near) > limit else \
-                    self._positions(c, run_id, flt, "postgresql", *beyond, backwards, limit + 1 - len(near))
+                near = self._positions(c, run_id, flt, "exact", *window, backwards, limit + 1)
+                rest: list[int] = []
+                if len(near) <= limit:
+                    # Finished rows by the trigram index, unfinished ones by their paths in ix_images_unfinished
+                    # (an index-only read); two queries, since one with OR would read every unfinished row.
+                    want = limit + 1 - len(near)
+                    found = {p for part in ("finished", "unfinished")
+                             for p in self._positions(c, run_id, flt, part, *beyond, backwards, want)}
+                    rest = sorted(found, reverse=backwards)[:want]
                 positions = near + rest
             else:
-                positions = self._positions(c, run_id, flt, self.engine.dialect.name, after,
+                positions = self._positions(c, run_id, flt, "exact", after,
                                             before if backwards else None, backwards, limit + 1)
             more = len(positions) > limit
             positions = sorted(positions[:limit])
@@ -529,7 +535,7 @@ class Queries:
                 select(GroupRow.position, GroupRow.group_id, GroupRow.label, GroupRow.n_images)
                 .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
             ).all()
-            img_cond = _image_conditions(run_id, flt, "sqlite")  # one page's rows: the exact test is enough
+            img_cond = _image_conditions(run_id, flt)  # one page's rows: the exact test is enough
             iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
                                               ImageRow.group_position.between(positions[0], positions[-1]))
             if img_cond is not None:
@@ -541,11 +547,12 @@ class Queries:
         return [PageGroup(p, g, lab, n, by_pos.get(p, [])) for p, g, lab, n in groups], more
 
     @staticmethod
-    def _positions(c: Any, run_id: int, flt: ImageFilter, dialect: str, after: int | None, before: int | None,
+    def _positions(c: Any, run_id: int, flt: ImageFilter, rows: str, after: int | None, before: int | None,
                    backwards: bool, n: int) -> list[int]:
         """Up to ``n`` positions of groups showing under ``flt``, strictly between ``after`` and ``before``
-        (None: unbounded), nearest ``after`` first (``backwards``: nearest ``before`` first)."""
-        img_cond = _image_conditions(run_id, flt, dialect)
+        (None: unbounded), nearest ``after`` first (``backwards``: nearest ``before`` first); a text is
+        searched in the ``rows`` of _image_conditions."""
+        img_cond = _image_conditions(run_id, flt, rows)
         if img_cond is None:
             pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
         else:
@@ -610,7 +617,11 @@ def search_text() -> Any:
             .concat(space).concat(ImageRow.rel_path))
 
 
-def _image_conditions(run_id: int, flt: ImageFilter, dialect: str = "sqlite") -> list[Any] | None:
+def _image_conditions(run_id: int, flt: ImageFilter, rows: str = "exact") -> list[Any] | None:
+    """The conditions of ``flt`` on a run's image rows. A text is searched, by ``rows``: "exact", every row
+    by the exact test (SQLite, or a bounded range of positions); "finished" (PostgreSQL), finished rows
+    through the trigram index on search_text; "unfinished" (PostgreSQL), unfinished rows, whose text is
+    their path, as ix_images_unfinished carries it."""
     conds: list[Any] = []
     if flt.failed:
         conds.append(ImageRow.status == FAILED)
@@ -618,14 +629,14 @@ def _image_conditions(run_id: int, flt: ImageFilter, dialect: str = "sqlite") ->
         conds.append(ImageRow.summary == IRRELEVANT)
     if flt.text:
         pattern = f"%{_like_escape(flt.text)}%"
-        exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"),
-                    ImageRow.rel_path.like(pattern, escape="\\"))
-        if dialect == "postgresql":
-            # Finished rows through the trigram index on search_text (the exact test rechecks them: a match
-            # may span two columns); unfinished rows have only a path, read from the run's unfinished rows.
-            exact = or_(and_(_FINISHED_ROW, search_text().like(pattern, escape="\\"), exact),
-                        and_(_UNFINISHED_ROW, ImageRow.rel_path.like(pattern, escape="\\")))
-        conds.append(exact)
+        path = ImageRow.rel_path.like(pattern, escape="\\")
+        exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"), path)
+        if rows == "finished":  # the exact test rechecks the index's matches: one may span two columns
+            conds += [_FINISHED_ROW, search_text().like(pattern, escape="\\"), exact]
+        elif rows == "unfinished":
+            conds += [_UNFINISHED_ROW, path]
+        else:
+            conds.append(exact)
     return [ImageRow.run_id == run_id, *conds] if conds else None
 
 

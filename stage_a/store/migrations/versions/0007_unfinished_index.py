@@ -1,0 +1,32 @@
+"""images: one partial index of unfinished rows, covering their paths, instead of (run_id, status) over all
+
+Revision ID: 0007
+Revises: 0006
+
+Every query by status asks for pending or leased rows (failed ones have ix_images_failed), so finished
+rows need no entry: a result write no longer inserts one, and the index shrinks as a run finishes. On
+PostgreSQL it carries rel_path, so a text search reads unfinished rows' paths from the index alone
+(the trigram index covers finished rows only).
+
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0007'
+down_revision = '0006'
+branch_labels = None
+depends_on = None
+
+UNFINISHED = "status IN ('pending', 'leased')"
+
+
+def upgrade() -> None:
+    op.create_index('ix_images_unfinished', 'images', ['run_id', 'status', 'group_position', 'image_index'],
+                    postgresql_include=['rel_path'], postgresql_where=sa.text(UNFINISHED),
+                    sqlite_where=sa.text(UNFINISHED))
+    op.drop_index('ix_images_run_status', table_name='images')
+
+
+def downgrade() -> None:
+    op.create_index('ix_images_run_status', 'images', ['run_id', 'status'])
+    op.drop_index('ix_images_unfinished', table_name='images')
