@@ -149,7 +149,7 @@ def test_unpinned_worker_with_a_gpu_on_a_host_without_cuda_stops(pg_url: str, fa
     log = worker.log()
     assert "cannot serve: device 'cuda:0' requested but no CUDA GPU is visible; stopping this worker" in log, log
     assert "Traceback" not in log, log
-    assert farm.redis.queued(farm.queue) == 2  # its messages are still there for a worker that can serve
+    assert farm.redis.queued_images(farm.queue) == 2  # its messages are still there for a worker that can serve
     store = farm.store()
     try:
         assert store.queries.counts(run_id).pending == 2
