@@ -51,9 +51,12 @@ def resolve_device(device: str) -> str:
 
 def share_cpus(processes: int, threads: int = 0) -> int:
     """Set torch's CPU threads for one of ``processes`` model processes on this host: ``threads`` if given,
-    else the CPUs this process may use divided evenly (at least 1). Returns the number set."""
+    else OMP_NUM_THREADS's if the operator set it, else the CPUs this process may use divided evenly (at
+    least 1). Returns the number in use."""
     import torch
 
+    if not threads and os.environ.get("OMP_NUM_THREADS"):
+        return int(torch.get_num_threads())
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = threads or max(1, cpus // max(1, processes))
     torch.set_num_threads(n)

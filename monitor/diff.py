@@ -110,7 +110,7 @@ def diff_runs(store: ResultStore, run_a: int, run_b: int) -> RunDiff:
             d.changed += 1
             if len(d.changes) < MAX_CHANGES:
                 d.changes.append(ImageChange(g.group_id, g.label, img.file_name, img.summary or "", sum_b or "",
-                                             g.position, img.index))
+                                             g.position, img.image_index))
         pa, pb = parse_summary(img.summary), parse_summary(sum_b)
         for parsed, entries, values in ((pa, entries_a, values_a), (pb, entries_b, values_b)):
             e, v = stat_counts(parsed)

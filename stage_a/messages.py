@@ -111,15 +111,16 @@ def chunks(keys: Iterable[ImageKey], sharding_mode: str, size: int = CHUNK_IMAGE
 def _take(pending: deque[list[ImageKey]], held: int, size: int, shares: int, least: int) -> Iterator[list[ImageKey]]:
     """The tail of a run: chunks of ceil(left / shares) images, at least ``least``, at most ``size``."""
     while held > 0:
-        chunk = _chunk(pending, max(1, min(size, max(least, math.ceil(held / shares)))))
+        chunk = _chunk(pending, max(1, min(size, max(least, math.ceil(held / shares)))), min(least, size))
         held -= len(chunk)
         yield chunk
 
 
-def _chunk(pending: deque[list[ImageKey]], target: int) -> list[ImageKey]:
-    """Whole units from the front of ``pending``: as many as fit in ``target`` images, at least one."""
+def _chunk(pending: deque[list[ImageKey]], target: int, least: int = 1) -> list[ImageKey]:
+    """Whole units from the front of ``pending``: as many as fit in ``target`` images, and more while under
+    ``least`` (a group is never split), at least one."""
     chunk = list(pending.popleft())
-    while pending and len(chunk) + len(pending[0]) <= target:
+    while pending and (len(chunk) + len(pending[0]) <= target or len(chunk) < least):
         chunk += pending.popleft()
     return chunk
 

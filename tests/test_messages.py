@@ -52,6 +52,14 @@ def test_tail_chunks_are_never_smaller_than_a_model_batch_but_the_last(n: int, l
         left -= size
 
 
+def test_per_group_tail_chunks_take_whole_groups_up_to_a_model_batch() -> None:
+    ks = keys(600, per_group=3)
+    got = list(chunks(ks, "per_group", least=8))
+    assert [k for c in got for k in c] == ks
+    assert all(len({k.group_position for k in c}) * 3 == len(c) for c in got)  # whole groups only
+    assert all(len(c) >= 8 for c in got[:-1]) and all(len(c) <= CHUNK_IMAGES for c in got)
+
+
 def test_chunks_stream_holding_a_bounded_window() -> None:
     """A 10M-key stream is chunked without reading ahead more than TAIL_SHARES full chunks."""
     pulled = 0

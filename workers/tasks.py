@@ -84,8 +84,7 @@ class ReconnectSafeBatches(Batches):
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
         self._idle_tref = consumer.timer.call_repeatedly(IDLE_CHECK, self._flush_if_idle)
-        self._consumer = consumer
-        self._calls = []
+        self._consumer = consumer  # _calls stays: calls made before a reconnect still run
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
@@ -120,7 +119,7 @@ class ReconnectSafeBatches(Batches):
 
     def _flush_if_idle(self) -> None:
         """Flush a partial buffer now when a pool process is idle and waiting would bring no more work."""
-        if self._buffered and self._idle() and (not self._can_fetch() or self._waiting() == 0):
+        if self._buffered and self._idle() and (not self._can_fetch() or self._waiting() == 0):  # None: unknown
             self._do_flush()
 
     def _idle(self) -> int:
@@ -140,25 +139,26 @@ class ReconnectSafeBatches(Batches):
         """The most images one pool call gets: the whole buffer while the work visible to this worker (the
         buffer and its queues) would give every pool process a full flush, else an even share of the buffer."""
         processes = _concurrency(self._consumer)
-        if processes <= 1 or buffered + self._waiting() >= processes * self.flush_images:
+        if processes <= 1 or buffered + (self._waiting() or 0) >= processes * self.flush_images:
             return buffered
         return -(-buffered // processes)
 
-    def _waiting(self) -> int:
-        """Images still on this worker's queues, estimated from their lengths (one round trip) and the
-        latest message's images (chunks only shrink along a run); 0 when the broker does not answer."""
+    def _waiting(self) -> int | None:
+        """Images still on this worker's queues, estimated from their lengths (one round trip on a pooled
+        connection) and the latest message's images (chunks only shrink along a run); None when the broker
+        does not say."""
         try:
             names = [q.name for q in self._consumer.task_consumer.queues]
-            with app.connection_for_read() as conn:  # the app's pool, not the consumer's connection
+            with app.pool.acquire(block=True, timeout=1) as conn:  # never the consumer's own connection
                 if getattr(conn.transport, "driver_type", "") != "redis":
-                    return 0
+                    return None
                 pipe = conn.default_channel.client.pipeline(transaction=False)
                 for name in names:
                     pipe.llen(name)
                 return sum(int(n) for n in pipe.execute()) * self._last_images
-        except Exception as exc:  # the buffer alone decides: shares stay correct, only smaller
+        except Exception as exc:  # unknown: shares stay correct, only smaller; no early flush
             log.debug("queue lengths unavailable (%s)", first_line(exc))
-            return 0
+            return None
 
 
 def _concurrency(consumer: Any) -> int:
@@ -166,10 +166,11 @@ def _concurrency(consumer: Any) -> int:
 
 
 def _returned(call: Any) -> bool:
-    try:
+    """Whether a pool call has returned: billiard's ApplyResult (prefork), a future (threads), else yes."""
+    if hasattr(call, "ready"):
         return bool(call.ready())
-    except AttributeError:
-        return True
+    future = getattr(call, "f", None)
+    return bool(future.done()) if future is not None and hasattr(future, "done") else True
 
 
 def split_flush(requests: list[Any], sizes: list[int], share: int) -> list[list[Any]]:

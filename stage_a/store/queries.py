@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
 
@@ -192,17 +192,17 @@ class DeadLetterRow:
     payload: str
 
 
-@dataclass(frozen=True)
-class ExportImage:
+class ExportImage(NamedTuple):
+    """One image as an export writes it (a tuple: an export makes one per image, ten million per run)."""
+
     file_name: str
     status: str
     summary: str | None
     error: str | None
-    index: int
+    image_index: int
 
 
-@dataclass(frozen=True)
-class ExportGroup:
+class ExportGroup(NamedTuple):
     position: int
     group_id: str
     label: str
