@@ -19,7 +19,7 @@ from typing import Any
 
 from stage_a.messages import TASK_NAME, chunk_payload, chunks
 from stage_a.queue import PublishError, TaskQueue
-from stage_a.work import WorkItem
+from stage_a.work import ImageKey, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,12 @@ class Publisher(TaskQueue):
 
     def publish_items(self, items: Iterable[WorkItem], sharding_mode: str, store_id: str,
                       route: str | None = None, batch_size: int = 1) -> int:
-        """The run's items (any iterable in key order, streamed) to the queue of its model ``route``
+        """``publish_keys`` of the items' keys."""
+        return self.publish_keys((it.key for it in items), sharding_mode, store_id, route, batch_size)
+
+    def publish_keys(self, keys: Iterable[ImageKey], sharding_mode: str, store_id: str,
+                     route: str | None = None, batch_size: int = 1) -> int:
+        """The run's image keys (any iterable in key order, streamed) to the queue of its model ``route``
         (RunInfo.route) as chunk messages naming their store (ResultStore.store_id), none smaller than the
         run's model ``batch_size`` but the last. Returns the units queued: images (per_image) or groups
         (per_group); a PublishError's ``sent`` counts them too."""
@@ -62,7 +67,7 @@ class Publisher(TaskQueue):
 
         def payloads() -> Iterator[dict[str, Any]]:
             total = 0
-            for chunk in chunks((it.key for it in items), sharding_mode, least=batch_size):
+            for chunk in chunks(keys, sharding_mode, least=batch_size):
                 total += len({k.group_position for k in chunk}) if sharding_mode == "per_group" else len(chunk)
                 queued.append(total)
                 yield chunk_payload(chunk, store_id)

@@ -267,3 +267,22 @@ def test_an_enqueue_killed_mid_registration_leaves_no_run(tmp_path: Path, pg_url
         assert c.execute(text("SELECT count(*) FROM groups")).scalar() == 0
         assert c.execute(text("SELECT count(*) FROM images")).scalar() == 0
     assert store.latest_run() is None
+
+
+def test_unfinished_keys_of_a_fresh_run_come_from_its_groups_and_after_work_from_its_rows(store: ResultStore) -> None:
+    """`stage-a enqueue` publishes keys only: a fresh run's from its groups' sizes (no image row read), a
+    touched run's from its unfinished rows; both equal the unfinished items' keys."""
+    from stage_a.work import ImageResult
+
+    spec = RunSpec(mission=MISSION, dataset="bbu", input_root="/data", sharding_mode="per_image")
+    groups = [GroupInput(f"QC-K-{g:03d}", "pass", tuple(f"{MISSION}/{PASS}/g{g}/{i}.jpg" for i in range(1 + g % 4)))
+              for g in range(23)]
+    run_id = store.create_run(spec, groups, farm=True)
+    store.create_run(spec, groups[:3], farm=True)  # another run's keys never show
+    items = [it.key for it in store.iter_unfinished_items(run_id)]
+    assert len(items) == sum(len(g.images) for g in groups)
+    assert list(store.iter_unfinished_keys(run_id, page=4)) == items
+    done, leased = items[:5], items[5:9]
+    store.record_results([ImageResult(k, summary="无关图片", raw_text="x") for k in done], "w", "m", "transformers")
+    store.lease(leased, "w", 60)
+    assert list(store.iter_unfinished_keys(run_id, page=4)) == items[5:]  # the leased ones are unfinished too

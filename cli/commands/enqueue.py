@@ -14,7 +14,7 @@ from cli.commands.options import absolute_path, build_spec, require_input_dir, r
 from stage_a.errors import UserError, first_line
 from stage_a.queue import PublishError
 from stage_a.settings import Settings
-from stage_a.work import WorkItem
+from stage_a.work import ImageKey
 
 
 @click.command(context_settings={"show_default": True})
@@ -91,9 +91,9 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
         what = f"run {run_id}: {reg.groups} groups ({reg.discovered_groups} found), {reg.images} images"
     t0 = time.perf_counter()
     unit = "group" if sharding == "per_group" else "image"
-    items = _Counting(store.iter_unfinished_items(run_id))  # streamed in key order, never listed
+    items = _Counting(store.iter_unfinished_keys(run_id))  # streamed in key order, never listed
     try:
-        sent = publisher.publish_items(items, sharding, store.store_id, route, batch_size)
+        sent = publisher.publish_keys(items, sharding, store.store_id, route, batch_size)
     except PublishError as exc:
         raise UserError(_stopped(exc, settings, run_id, unit)) from None
     dt = time.perf_counter() - t0
@@ -103,13 +103,13 @@ def enqueue(run_id: int | None, broker: str | None, new_run: bool, **kw: Any) ->
 
 
 class _Counting:
-    """An iterator of work items that counts what has been taken from it."""
+    """An iterator of image keys that counts what has been taken from it."""
 
-    def __init__(self, items: Iterator[WorkItem]) -> None:
+    def __init__(self, items: Iterator[ImageKey]) -> None:
         self._items = items
         self.count = 0
 
-    def __iter__(self) -> Iterator[WorkItem]:
+    def __iter__(self) -> Iterator[ImageKey]:
         for it in self._items:
             self.count += 1
             yield it

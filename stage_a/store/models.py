@@ -90,11 +90,10 @@ class ImageRow(Base):
             ["run_id", "group_position"], ["groups.run_id", "groups.position"], ondelete="CASCADE"
         ),
         # PostgreSQL: unfinished rows only (every query by status asks for them; failed rows have
-        # ix_images_failed), carrying the path: a text search reads unfinished paths from the index alone.
-        # SQLite uses a partial index only for a query that repeats its predicate literally, not for the
-        # bound `status = ?`: there it covers every row.
+        # ix_images_failed): a result write inserts no entry. SQLite uses a partial index only for a query
+        # that repeats its predicate literally, not for the bound `status = ?`: there it covers every row.
         Index("ix_images_unfinished", "run_id", "status", "group_position", "image_index",
-              postgresql_include=["rel_path"], postgresql_where=text("status IN ('pending', 'leased')")),
+              postgresql_where=text("status IN ('pending', 'leased')")),
         Index("ix_images_run_updated", "run_id", "updated_at"),
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
               sqlite_where=text("reuse_key IS NOT NULL")),

@@ -262,6 +262,28 @@ class ResultStore:
                 return
             after = (rows[-1][0], rows[-1][1])
 
+    def iter_unfinished_keys(self, run_id: int, page: int = 50_000) -> Iterator[ImageKey]:
+        """The keys of ``iter_unfinished_items``, streamed in key order. A run none of whose images was
+        touched yet (its counters: every image pending, as after registration) is read from its groups'
+        sizes: a fraction of the rows, and none of the paths that a chunk message never carries."""
+        counts = self.queries.counts(run_id, workers=False)
+        if counts.leased or counts.done or counts.failed:
+            yield from (it.key for it in self.iter_unfinished_items(run_id, page))
+            return
+        after = -1
+        while True:
+            with self.engine.connect() as c:
+                rows = c.execute(
+                    select(GroupRow.position, GroupRow.n_images)
+                    .where(GroupRow.run_id == run_id, GroupRow.position > after)
+                    .order_by(GroupRow.position).limit(page)
+                ).all()
+            for position, n in rows:
+                yield from (ImageKey(run_id, position, i) for i in range(1, n + 1))
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
     def entries(self, keys: Sequence[ImageKey]) -> dict[ImageKey, LedgerEntry]:
         """The ledger entry (status, delivery attempts, stored path) of each key that exists."""
         out: dict[ImageKey, LedgerEntry] = {}
