@@ -94,7 +94,8 @@ class ImageRow(Base):
         # that repeats its predicate literally, not for the bound `status = ?`: there it covers every row.
         Index("ix_images_unfinished", "run_id", "status", "group_position", "image_index",
               postgresql_where=text("status IN ('pending', 'leased')")),
-        Index("ix_images_run_updated", "run_id", "updated_at"),
+        # Written rows only on PostgreSQL (a registered row has no updated_at: registration inserts nothing here).
+        Index("ix_images_run_updated", "run_id", "updated_at", postgresql_where=text("updated_at IS NOT NULL")),
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
               sqlite_where=text("reuse_key IS NOT NULL")),
         # The run page's filters in output order; on PostgreSQL with pg_trgm, also ix_images_search (a

@@ -412,15 +412,16 @@ class ResultStore:
         cutoff = (now or utcnow()) - timedelta(seconds=grace_seconds)
         out: list[WorkItem] = []
         with self.engine.connect() as c:
-            active = c.execute(
-                select(ImageRow.run_id, func.min(Run.created_at))
-                .join(Run, Run.id == ImageRow.run_id)
-                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), ImageRow.status == PENDING,
-                       *([ImageRow.run_id.in_(list(runs))] if runs is not None else []))
-                .group_by(ImageRow.run_id)
+            active = c.execute(  # farm runs with pending images, by their counters (not their rows)
+                select(Run.id, Run.created_at)
+                .join(RunCountsRow, RunCountsRow.run_id == Run.id)
+                .where(Run.farm.is_(True), Run.cancelled_at.is_(None), RunCountsRow.pending > 0,
+                       *([Run.id.in_(list(runs))] if runs is not None else []))
+                .order_by(Run.id)
             ).all()
             for run_id, created in active:
-                last = c.execute(select(func.max(ImageRow.updated_at)).where(ImageRow.run_id == run_id)).scalar()
+                last = c.execute(select(func.max(ImageRow.updated_at))
+                                 .where(ImageRow.run_id == run_id, ImageRow.updated_at.is_not(None))).scalar()
                 if (last or created) > cutoff:
                     continue
                 rows = c.execute(
