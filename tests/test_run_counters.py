@@ -146,3 +146,17 @@ def test_concurrent_writers_of_one_run_keep_counters_exact(pg_url: str, backend:
     c = store.queries.counts(run)
     assert c.done + c.failed == len(keys) and c.finished
     store.close()
+
+
+def test_deleting_a_run_deletes_its_groups_and_images(store: ResultStore) -> None:
+    """A run deleted by hand (DELETE FROM runs) takes its groups and images with it, and no other run's: a
+    foreign key's cascade on SQLite, a statement trigger on PostgreSQL (revision 0007 dropped that key)."""
+    keep = store.create_run(_spec(), _groups(4, 2), farm=True)
+    gone = store.create_run(_spec(), _groups(5, 3), farm=True)
+    store.record_results([_result(ImageKey(gone, 0, 0))], "w", "m", "transformers")
+    with store.engine.begin() as c:
+        c.execute(text("DELETE FROM runs WHERE id = :r"), {"r": gone})
+    with store.engine.connect() as c:
+        left = dict(c.execute(text("SELECT run_id, count(*) FROM images GROUP BY run_id")).all())
+        groups = dict(c.execute(text("SELECT run_id, count(*) FROM groups GROUP BY run_id")).all())
+    assert left == {keep: 8} and groups == {keep: 4}

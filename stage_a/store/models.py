@@ -86,9 +86,8 @@ class ImageRow(Base):
 
     __tablename__ = "images"
     __table_args__ = (
-        ForeignKeyConstraint(
-            ["run_id", "group_position"], ["groups.run_id", "groups.position"], ondelete="CASCADE"
-        ),
+        # No foreign key to groups on PostgreSQL (revision 0007: its per-row check was ~45% of registering a
+        # run); rows are inserted with their group only, and deleting groups deletes their images by trigger.
         # PostgreSQL: unfinished rows only (every query by status asks for them; failed rows have
         # ix_images_failed): a result write inserts no entry. SQLite uses a partial index only for a query
         # that repeats its predicate literally, not for the bound `status = ?`: there it covers every row.
