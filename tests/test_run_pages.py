@@ -235,7 +235,7 @@ def test_postgres_plans_use_the_filter_and_search_indexes(pg_url: str) -> None:
         cases = [(ImageFilter(failed=True), "exact", "ix_images_failed", ""),
                  (ImageFilter(irrelevant=True), "exact", "ix_images_irrelevant", ""),
                  (ImageFilter(text="爱立信"), "finished", "ix_images_search", ""),
-                 (ImageFilter(text="g07/"), "unfinished", "ix_images_unfinished", "")]
+                 (ImageFilter(text="g07/"), "unfinished", "ix_images_run_status", "")]
         from sqlalchemy import select
 
         from stage_a.store.models import ImageRow
@@ -250,7 +250,7 @@ def test_postgres_plans_use_the_filter_and_search_indexes(pg_url: str) -> None:
                 # transaction: the plan uses it exactly when its expression and predicate match the query's.
                 c.execute(text("SET LOCAL enable_seqscan = off"))
                 c.execute(text("ALTER TABLE images DROP CONSTRAINT images_pkey CASCADE"))
-                for other in ("ix_images_run_updated", "ix_images_unfinished", "ix_images_failed",
+                for other in ("ix_images_run_updated", "ix_images_run_status", "ix_images_failed",
                               "ix_images_irrelevant", "ix_images_search"):
                     if other != index:
                         c.execute(text(f"DROP INDEX {other}"))

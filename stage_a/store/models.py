@@ -88,11 +88,9 @@ class ImageRow(Base):
     __table_args__ = (
         # No foreign key to groups on PostgreSQL (revision 0007: its per-row check was ~45% of registering a
         # run); rows are inserted with their group only, and deleting groups deletes their images by trigger.
-        # PostgreSQL: unfinished rows only (every query by status asks for them; failed rows have
-        # ix_images_failed): a result write inserts no entry. SQLite uses a partial index only for a query
-        # that repeats its predicate literally, not for the bound `status = ?`: there it covers every row.
-        Index("ix_images_unfinished", "run_id", "status", "group_position", "image_index",
-              postgresql_where=text("status IN ('pending', 'leased')")),
+        # A run's rows of one status in output order (unfinished ones for publishing, leases, search). Not
+        # partial: a query's bound `status = $1` does not prove a partial index's predicate.
+        Index("ix_images_run_status", "run_id", "status", "group_position", "image_index"),
         # Written rows only on PostgreSQL (a registered row has no updated_at: registration inserts nothing here).
         Index("ix_images_run_updated", "run_id", "updated_at", postgresql_where=text("updated_at IS NOT NULL")),
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),

@@ -518,7 +518,7 @@ class Queries:
                 rest: list[int] = []
                 if len(near) <= limit:
                     # Finished rows by the trigram index, unfinished ones (whose text is their path) through
-                    # ix_images_unfinished: two queries, each planned for its own index.
+                    # ix_images_run_status: two queries, each planned for its own index.
                     want = limit + 1 - len(near)
                     found = {p for part in ("finished", "unfinished")
                              for p in self._positions(c, run_id, flt, part, *beyond, backwards, want)}
@@ -621,7 +621,7 @@ def _image_conditions(run_id: int, flt: ImageFilter, rows: str = "exact") -> lis
     """The conditions of ``flt`` on a run's image rows. A text is searched, by ``rows``: "exact", every row
     by the exact test (SQLite, or a bounded range of positions); "finished" (PostgreSQL), finished rows
     through the trigram index on search_text; "unfinished" (PostgreSQL), unfinished rows, whose text is
-    their path, through ix_images_unfinished."""
+    their path, through ix_images_run_status."""
     conds: list[Any] = []
     if flt.failed:
         conds.append(ImageRow.status == FAILED)
