@@ -89,7 +89,7 @@ class ImageRow(Base):
         # No foreign key to groups on PostgreSQL (revision 0007: its per-row check was ~45% of registering a
         # run); rows are inserted with their group only, and deleting groups deletes their images by trigger.
         # A run's rows of one status in output order (unfinished ones for publishing, leases, search). Not
-        # partial: a query's bound `status = $1` does not prove a partial index's predicate.
+        # partial: a generic plan's `status = $1` does not prove a partial index's predicate.
         Index("ix_images_run_status", "run_id", "status", "group_position", "image_index"),
         # Written rows only on PostgreSQL (a registered row has no updated_at: registration inserts nothing here).
         Index("ix_images_run_updated", "run_id", "updated_at", postgresql_where=text("updated_at IS NOT NULL")),

@@ -4,8 +4,8 @@ Revision ID: 0007
 Revises: 0006
 
 - (run_id, status) becomes (run_id, status, group_position, image_index): a run's rows of one status in
-  output order (publishing, leases, the search of unfinished paths). Not partial: a query's bound
-  `status = $1` does not prove a partial index's predicate (measured: every view 250 ms at 10M images).
+  output order (publishing, leases, the search of unfinished paths). Not partial: a generic plan's
+  `status = $1` (a prepared statement) does not prove a partial index's predicate, nor does SQLite's `?`.
 - (run_id, updated_at) holds written rows only on PostgreSQL (a registered row has no updated_at; the
   last-activity read asks for the largest non-null one): registration inserts nothing there.
 - PostgreSQL drops the images -> groups foreign key: its check is a trigger per inserted row, ~45% of
