@@ -201,7 +201,7 @@ def test_a_worker_refuses_messages_enqueued_against_another_store(pg_url: str, f
     worker = farm.worker("b")
     with pg_database() as a_url:
         env = dict(farm.env(), STAGE_A_DATABASE_URL=a_url)
-        a_run = _ok(cli(_enqueue(tmp_path / "in", "--checkpoint", str(tiny_checkpoint), "--batch-size", "4"),
+        a_run = _ok(cli(_enqueue(tmp_path / "in", "--checkpoint", str(tiny_checkpoint), "--batch-size", "1"),
                         env, tmp_path))
         assert a_run == b_run == 1
         store = farm.store()

@@ -343,10 +343,12 @@ def test_per_group_enqueue_sends_whole_groups(tree: Path, tiny_checkpoint: Path,
     payloads = queued_payloads(queue)
     keys = [payload_keys(p) for p in payloads]
     assert sum(len(k) for k in keys) == 12 and {p["run_id"] for p in payloads} == {run_id}
-    # A 12-image run ends at once: every chunk is the smallest, one whole group, in key order.
-    assert [[pos for pos, _ in k] for k in keys] == [[g] * len(k) for g, k in enumerate(keys)]
+    # Whole groups in key order: each group's images in one chunk, all of them, in order.
+    flat = [key for k in keys for key in k]
+    assert flat == sorted(flat)
     for k in keys:
-        assert [i for _, i in k] == list(range(1, len(k) + 1))
+        for pos in {p for p, _ in k}:
+            assert [i for p, i in k if p == pos] == list(range(1, 1 + sum(1 for p, _ in flat if p == pos)))
 
 
 def test_status_and_export_of_an_unfinished_run(tree: Path, tiny_checkpoint: Path, pg_url: str, queue: str,

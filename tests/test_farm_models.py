@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def enqueue(farm: Farm, input_dir: Path, checkpoint: Path) -> int:
     proc = cli(["enqueue", "--mission", MISSION, "--input-dir", str(input_dir), "--max-new-tokens", "4",
-                "--batch-size", "4", "--sharding-mode", "per_image", "--checkpoint", str(checkpoint)],
+                "--batch-size", "1", "--sharding-mode", "per_image", "--checkpoint", str(checkpoint)],
                farm.env(), farm.workdir, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(proc.stdout.rsplit("run_id=", 1)[1].split()[0])

@@ -115,7 +115,7 @@ def test_commands_never_print_a_password(pg_url: str, redis_pw: RedisServer, tmp
         _check(cli(["export", "999", "--output-dir", str(tmp_path / "out")], env, tmp_path), ok=False)
         _check(cli(["status", "999"], env, tmp_path), ok=False)
         _check(cli(["reclaim"], env, tmp_path))
-    assert redis_pw.queued("stage_a_secrets") == 8
+    assert redis_pw.queued_images("stage_a_secrets") == 8
     # Unreachable services: the one-line errors name the URL, redacted.
     dead_db = f"postgresql+psycopg://postgres:{PW}@127.0.0.1:{free_port()}/x"
     dead_sentinel = f"sentinel://:{PW}@127.0.0.1:{free_port()};sentinel://:{QPW}@127.0.0.1:{free_port()}"

@@ -72,7 +72,7 @@ def test_worker_metrics_after_a_run_and_every_dashboard_series_exported(pg_url: 
     assert values(before, "stage_a_worker_model_load_seconds_count") == 1
     make_tree(tmp_path / "in", groups=3, per_group=2)
     next((tmp_path / "in").rglob("*.jpg")).write_bytes(b"not a JPEG")  # one failure, by class
-    run_id = farm.enqueue(tmp_path / "in")
+    run_id = farm.enqueue(tmp_path / "in", "--batch-size", "1")  # a message per image: counted below
     counts = farm.wait_finished(run_id, 240)
     n = counts.done + counts.failed
     assert n == 6 and counts.failed == 1
