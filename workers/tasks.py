@@ -84,7 +84,9 @@ class ReconnectSafeBatches(Batches):
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
         self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
         self._idle_tref = consumer.timer.call_repeatedly(IDLE_CHECK, self._flush_if_idle)
-        self._consumer = consumer  # _calls stays: calls made before a reconnect still run
+        self._consumer = consumer
+        if "_calls" not in vars(self):  # this task's own list, kept across reconnects (those calls still run)
+            self._calls = []
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
