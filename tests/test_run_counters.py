@@ -94,6 +94,28 @@ def test_every_write_path_keeps_counters_exact(store: ResultStore) -> None:
     assert store.queries.unfinished_run_ids() == [other]
 
 
+def test_inserted_rows_carrying_results_move_every_counter(store: ResultStore) -> None:
+    """Registration's plain pending rows take PostgreSQL's shortcut (revision 0008); one statement that also
+    inserts a finished row, or a pending row already holding a worker, takes the general path."""
+    groups = _groups(3, 2)
+    run = store.create_run(_spec(), groups[:1], farm=True)
+    assert store.queries.counts(run).pending == 2
+    with store.engine.begin() as c:
+        c.execute(text("INSERT INTO groups (run_id, position, group_id, label, n_images, n_done, n_failed) "
+                       "VALUES (:r, 1, 'g1', 'pass', 2, 0, 0), (:r, 2, 'g2', 'pass', 2, 0, 0)"), {"r": run})
+        insert = ("INSERT INTO images (run_id, group_position, image_index, rel_path, status, attempts, summary, "
+                  "generate_ms, completion_tokens, worker, model, engine, updated_at) VALUES ")
+        c.execute(text(insert + "(:r, 1, 1, 'a.jpg', 'pending', 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL), "
+                       "(:r, 2, 1, 'c.jpg', 'pending', 0, NULL, NULL, NULL, 'w:2', NULL, NULL, NULL)"), {"r": run})
+        c.execute(text(insert + "(:r, 1, 2, 'b.jpg', 'done', 1, 's', 5.0, 7, 'w:1', 'm-a', 'vllm', :now)"),
+                  {"r": run, "now": utcnow()})
+    assert_counters_exact(store.engine)
+    c = store.queries.counts(run)
+    assert (c.pending, c.done, c.completion_tokens) == (4, 1, 7)
+    assert {(m.model, m.engine, m.images) for m in c.models} == {("m-a", "vllm", 1)}
+    assert set(c.workers) == {"w:1", "w:2"}
+
+
 def test_recent_window_counts_results_after_since(store: ResultStore) -> None:
     groups = _groups(2, 2)
     run = store.create_run(_spec(), groups)

@@ -79,7 +79,9 @@ def _pg_pairs(op_name: str) -> str:
     return f"new_rows n JOIN old_rows o ON {keys}"
 
 
-def _pg_function(op_name: str) -> str:
+def _pg_function(op_name: str, plain_insert: str = "") -> str:
+    """The statement trigger function of ``op_name``; ``plain_insert``: statements that open the INSERT
+    function's body (revision 0008's shortcut for registered rows)."""
     pairs = _pg_pairs(op_name)
     run = "COALESCE(n.run_id, o.run_id)"
     pos = "COALESCE(n.group_position, o.group_position)"
@@ -107,7 +109,7 @@ CREATE OR REPLACE FUNCTION stage_a_images_{op_name.lower()}_counts() RETURNS tri
   -- The results' bulk UPDATE turns hash and merge joins off for its transaction; the transition
   -- tables are joined here and need them (restored when the function returns).
   SET enable_hashjoin = on SET enable_mergejoin = on AS $$
-BEGIN
+BEGIN{plain_insert}
   {ensure}
   -- Lock the counter rows first, in run order: every other lock this statement takes on a run's
   -- groups and models is taken under it, so concurrent writers of one run cannot deadlock.
