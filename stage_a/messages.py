@@ -62,7 +62,7 @@ class Message:
 def chunk_payload(keys: list[ImageKey], store: str) -> dict[str, Any]:
     """One message for ``keys``, images of one run of store ``store`` (ResultStore.store_id)."""
     return {"v": PAYLOAD_VERSION, "store": store, "run_id": keys[0].run_id,
-            "keys": [[k.group_position, k.image_index] for k in keys]}
+            "keys": [[position, index] for _, position, index in keys]}
 
 
 def image_payload(item: WorkItem, store: str) -> dict[str, Any]:

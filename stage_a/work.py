@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, order=True)
-class ImageKey:
-    """Identity of one image in one run: the store's primary key."""
+class ImageKey(NamedTuple):
+    """Identity of one image in one run: the store's primary key. A named tuple: a run's keys are made
+    by the million when it is queued (a quarter of the time a frozen dataclass takes)."""
 
     run_id: int
     group_position: int

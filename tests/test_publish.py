@@ -30,6 +30,11 @@ PAYLOADS = [
     # chunks (version 2): keys only; one past saferepr's size limit
     {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[0, 1], [0, 2], [1, 1]]},
     {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[p, i] for p in range(100) for i in (1, 2)]},
+    # the shape of an earlier chunk (its rendered argsrepr is reused), then other runs, stores and sizes
+    {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[9, 4], [12, 1], [4000, 77]]},
+    {"v": 2, "store": "0123456789abcdef", "run_id": 31, "keys": [[9, 4], [12, 1], [4000, 77]]},
+    {"v": 2, "store": "fedcba9876543210", "run_id": 3, "keys": [[0, 1], [0, 2], [1, 1]]},
+    {"v": 2, "store": "0123456789abcdef", "run_id": 3, "keys": [[p, 1] for p in range(32)]},
 ]
 
 
