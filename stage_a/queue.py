@@ -175,6 +175,16 @@ class TaskQueue:
                     break
         return found
 
+    def restore_dead_holders(self) -> int:
+        """Put back on their queues, at once, the unacknowledged messages of worker processes that died holding
+        them (stage_a.held); returns how many. 0 on a broker other than Redis (its own redelivery applies)."""
+        from stage_a.held import restore_dead_holders
+
+        with self.app.connection_for_write() as conn:
+            if getattr(conn.transport, "driver_type", "") != "redis":
+                return 0
+            return restore_dead_holders(conn.default_channel, self.settings.queue)
+
     def drop_run(self, run_id: int, store_id: str, queue: str | None = None, chunk: int = 5000) -> int:
         """Remove the run's messages still waiting on ``queue`` (default: the plain queue), each by its exact
         value (LREM): one a worker pops meanwhile is not found and the worker drops it. Another store's run

@@ -163,9 +163,9 @@ def test_sigkilled_worker_images_are_done_well_within_two_minutes(pg_url: str, f
                               STAGE_A_HOLDER_TIMEOUT="4", STAGE_A_TEST_SLOW_BATCH_S="1.5")
     a, b = farm.worker("a", app="support.slow_app"), farm.worker("b", app="support.slow_app")
     wait_for(lambda: a.ready() and b.ready(), 90, "both workers ready", on_timeout=farm.logs)
-    # A message per image, so what the victim holds is leased (the rule under test). A prefetched flush it
-    # never leased (messages unacked on the broker, images pending) is not recovered by this rule: known gap.
-    run_id = farm.enqueue(tmp_path / "in", "--batch-size", "1")
+    # What the victim holds leased is re-sent by the dead-holder rule; a chunk it prefetched and never leased
+    # is restored from the broker (the next test isolates that case).
+    run_id = farm.enqueue(tmp_path / "in")
     store = farm.store()
 
     def holder_pids(w) -> set[int]:  # type: ignore[no-untyped-def]
@@ -187,7 +187,9 @@ def test_sigkilled_worker_images_are_done_well_within_two_minutes(pg_url: str, f
     took = time.monotonic() - killed
     assert counts.done == 12 and counts.failed == 0
     assert took < 120, took
-    assert "leased by offline workers" in survivor.log(), survivor.log()[-3000:]
+    # Whichever comes first brings the chunk back: its message restored from the broker, or its leases released.
+    log = survivor.log()
+    assert "leased by offline workers" in log or "held unacknowledged by offline worker" in log, log[-3000:]
     by_key = {(r["group_position"], r["image_index"]): r for r in image_rows(store, run_id)}
     for key in lost:
         assert by_key[key]["status"] == "done" and by_key[key]["attempts"] >= 2
@@ -253,3 +255,36 @@ def test_status_of_a_run_whose_only_worker_was_sigkilled(pg_url: str, farm_facto
         assert f"leased by offline worker {holder}" in text.stdout and "ETA -" in text.stdout, text.stdout
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_sigkilled_workers_prefetched_unleased_messages_are_restored_at_once(pg_url: str, farm_factory,  # noqa: F811
+                                                                            tmp_path: Path) -> None:
+    """The victim runs one chunk (leased) and holds the next, prefetched and not yet leased: its images are
+    pending and its message unacknowledged, which neither the dead-holder rule (no lease) nor orphan recovery
+    (the queue is busy while kombu holds it) can see. The victim named it on the broker (stage_a.held), so a
+    reclaimer restores it once the victim's alive key expires, not after the 1,860 s visibility timeout."""
+    make_tree(tmp_path / "in", groups=6, per_group=2)  # 12 images: 3 chunks of 4 (the flush size)
+    farm: Farm = farm_factory(pg_url, STAGE_A_LEASE_SECONDS="1800", STAGE_A_HEARTBEAT_INTERVAL="1",
+                              STAGE_A_HOLDER_TIMEOUT="4", STAGE_A_TEST_SLOW_BATCH_S="5")
+    victim = farm.worker("victim", app="support.slow_app")
+    wait_for(victim.ready, 90, "the victim ready", on_timeout=farm.logs)
+    run_id = farm.enqueue(tmp_path / "in")
+    store = farm.store()
+
+    def holds_a_prefetched_chunk() -> bool:
+        rows = image_rows(store, run_id)
+        return sum(r["status"] == "leased" for r in rows) == 4 and farm.redis.unacked() >= 2
+
+    wait_for(holds_a_prefetched_chunk, 60, "the victim running one chunk and holding the next", 0.05,
+             on_timeout=farm.logs)
+    victim.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    assert farm.redis.unacked() >= 2  # the running chunk's message and the prefetched one
+    survivor = farm.worker("survivor", app="support.slow_app")
+    counts = farm.wait_finished(run_id, 90)
+    assert counts.done == 12 and counts.failed == 0
+    assert time.monotonic() - killed < 90
+    assert "held unacknowledged by offline worker processes" in survivor.log(), survivor.log()[-3000:]
+    assert farm.redis.unacked() == 0
+    store.close()

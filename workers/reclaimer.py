@@ -42,6 +42,8 @@ class ReclaimReport:
     orphaned: int
     dead_holders: int = 0
     """Images re-sent because their holder stopped beating."""
+    restored: int = 0
+    """Messages put back on their queue because the worker process holding them unacknowledged died."""
 
 
 class Reclaimer:
@@ -84,6 +86,7 @@ class Reclaimer:
 
     def _pass(self) -> ReclaimReport:
         now = self.clock()
+        restored = self._restore_held()
         dead = self._release_dead_holders(now)
         expired = 0
         stale = self.store.stale_leases(now)
@@ -100,7 +103,17 @@ class Reclaimer:
             orphaned = self._in_chunks(lost, lambda chunk: self.store.claiming_orphans(chunk, self.orphan_grace, now))
             if orphaned:
                 log.warning("re-enqueued %d pending images with no message on the broker", orphaned)
-        return ReclaimReport(expired, orphaned, dead)
+        return ReclaimReport(expired, orphaned, dead, restored)
+
+    def _restore_held(self) -> int:
+        """Messages a dead worker process held unacknowledged (its buffer, not yet leased) back on their queues."""
+        try:
+            restored = self.queue.restore_dead_holders()
+        except Exception as exc:
+            raise UserError(broker_error(self.settings.broker_url, exc, "cannot restore held messages on broker")) from None
+        if restored:
+            log.warning("restored %d messages held unacknowledged by offline worker processes", restored)
+        return restored
 
     def _release_dead_holders(self, now: datetime) -> int:
         """Re-send the images leased by workers whose heartbeat is older than the holder timeout."""

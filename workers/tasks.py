@@ -23,6 +23,7 @@ from celery import bootsteps, signals
 from celery_batches import Batches, SimpleRequest
 
 from stage_a.errors import EngineDeadError, UserError, first_line
+from stage_a.held import HeldMessages
 from stage_a.messages import TASK_NAME, image_count
 from workers import metrics
 from workers.celery import app, refuse_to_start, settings
@@ -75,10 +76,15 @@ class ReconnectSafeBatches(Batches):
     _calls: list[Any] = []
     """Pool calls made by this worker that have not returned (billiard ApplyResults)."""
     _idle_tref: Any = None
+    _held_tref: Any = None
+    _holding: dict[str, Any]
+    """Delivery tag -> message of what this process named as held and has not seen acknowledged."""
+    _held: HeldMessages | None = None
+    """This process's delivered, unacknowledged messages named on the broker (stage_a.held); None: off."""
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
         handler = super().Strategy(task, app, consumer)
-        for stale in (getattr(self, "_tref", None), self._idle_tref):
+        for stale in (getattr(self, "_tref", None), self._idle_tref, self._held_tref):
             if stale is not None:
                 stale.cancel()
         # An empty buffer cancels this timer on its first tick; the next message re-arms it.
@@ -87,6 +93,12 @@ class ReconnectSafeBatches(Batches):
         self._consumer = consumer
         if "_calls" not in vars(self):  # this task's own list, kept across reconnects (those calls still run)
             self._calls = []
+            self._holding = {}
+            ttl = settings.holder_timeout_seconds
+            if ttl is not None and getattr(consumer.connection.transport, "driver_type", "") == "redis":
+                self._held = HeldMessages(settings.queue, process_name(), ttl)
+        if self._held is not None:
+            self._held_tref = consumer.timer.call_repeatedly(max(0.5, self._held.ttl_ms / 4000), self._beat_held)
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
             # celery-batches unpacks the body as [args, kwargs, embed] when it flushes, in the
@@ -94,6 +106,7 @@ class ReconnectSafeBatches(Batches):
             # refused here, as one message: workers.poison dead-letters it.
             if body is None:
                 check_task_message(message)
+            self._hold(message)
             out = handler(message, body, *args, **kwargs)
             self._last_images = message_images(message)
             self._buffered += self._last_images
@@ -118,6 +131,32 @@ class ReconnectSafeBatches(Batches):
             if result is not None:
                 self._calls.append(result)
         return result
+
+    def _hold(self, message: Any) -> None:
+        """Name the message on the broker as this process's, so a reclaimer restores it if the process dies."""
+        tag = getattr(message, "delivery_tag", None)
+        if self._held is None or not isinstance(tag, str):
+            return
+        self._holding[tag] = message
+        try:
+            with app.pool.acquire(block=True, timeout=1) as conn:
+                self._held.received(conn.default_channel.client, tag)
+        except Exception as exc:  # unnamed: kombu restores it after the visibility timeout, as before
+            log.warning("could not name a held message on the broker (%s)", first_line(exc))
+
+    def _beat_held(self) -> None:
+        """Keep this process's held messages alive on the broker; forget those acknowledged."""
+        if self._held is None:
+            return
+        acked = [tag for tag, m in self._holding.items() if m.acknowledged]
+        try:
+            with app.pool.acquire(block=True, timeout=1) as conn:
+                self._held.beat(conn.default_channel.client, acked)
+        except Exception as exc:
+            log.warning("could not refresh the held messages on the broker (%s)", first_line(exc))
+            return
+        for tag in acked:
+            del self._holding[tag]
 
     def _flush_if_idle(self) -> None:
         """Flush a partial buffer now when a pool process is idle and waiting would bring no more work."""

@@ -1,0 +1,93 @@
+"""A worker process's unacknowledged messages are named on the broker (stage_a.held), so a reclaimer restores
+them at once when that process dies, instead of kombu's restore after the visibility timeout.
+
+Messages here are delivered by kombu's own Redis consumer and left unacknowledged, as a worker's prefetched
+buffer is; the holder "dies" by its alive key expiring (a short TTL, waited for on the key itself)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.farm import RedisServer, wait_for
+
+from stage_a.held import HeldMessages, alive_key, registry_key, tags_key
+from stage_a.queue import TaskQueue, direct_queue
+from stage_a.settings import Settings
+
+QUEUE = "stage_a_held_test"
+ROUTED = f"{QUEUE}.m-0123456789abcdef01234567"
+
+
+@pytest.fixture()
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def _deliver(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
+    """Send ``n`` messages to the routed queue and take them with kombu's consumer, unacknowledged."""
+    tq.send(({"v": 2, "store": "s", "run_id": 1, "keys": [[i, 1]]} for i in range(n)), ROUTED)
+    conn = tq.app.connection_for_read()
+    got: list[Any] = []
+    consumer = conn.Consumer(direct_queue(ROUTED), callbacks=[lambda body, message: got.append(message)],
+                             accept=["json"])
+    consumer.qos(prefetch_count=n)
+    with consumer:
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            conn.drain_events(timeout=1)
+    assert len(got) == n
+    return conn, got
+
+
+def _keys_of(payload_raw: bytes) -> list[Any]:
+    import base64
+
+    envelope = json.loads(payload_raw)
+    return json.loads(base64.b64decode(envelope["body"]))[0][0]["keys"]
+
+
+def test_a_dead_holders_unacknowledged_messages_are_restored_once(redis: RedisServer) -> None:
+    tq = TaskQueue(Settings(broker_url=redis.url, queue=QUEUE))
+    client = redis.client()
+    conn, messages = _deliver(tq, 5)
+    assert client.llen(ROUTED) == 0 and client.hlen("unacked") == 5
+    dead = HeldMessages(QUEUE, "w1@host:100", ttl=1.0)
+    alive = HeldMessages(QUEUE, "w2@host:200", ttl=60.0)
+    for m in messages[:3]:
+        dead.received(client, m.delivery_tag)
+    alive.received(client, messages[3].delivery_tag)  # messages[4] is named by no one: left to kombu
+    messages[0].ack()  # acknowledged before its holder died: never restored
+    dead.beat(client, [])
+    assert tq.restore_dead_holders() == 0  # everyone alive: nothing moves
+    wait_for(lambda: not client.exists(alive_key(QUEUE, "w1@host:100")), 10, "the dead holder's key to expire")
+
+    assert tq.restore_dead_holders() == 2
+    restored = [_keys_of(raw) for raw in client.lrange(ROUTED, 0, -1)]
+    assert sorted(restored) == [[[1, 1]], [[2, 1]]]
+    assert client.hlen("unacked") == 2  # the live holder's and the unnamed one stay delivered
+    assert not client.exists(tags_key(QUEUE, "w1@host:100"))
+    assert {m.decode() for m in client.smembers(registry_key(QUEUE))} == {"w2@host:200"}
+    assert tq.restore_dead_holders() == 0 and client.llen(ROUTED) == 2  # never twice
+    conn.release()
+
+
+def test_a_live_holder_forgets_what_it_acknowledged(redis: RedisServer) -> None:
+    tq = TaskQueue(Settings(broker_url=redis.url, queue=QUEUE))
+    client = redis.client()
+    conn, messages = _deliver(tq, 2)
+    held = HeldMessages(QUEUE, "w3@host:300", ttl=30.0)
+    for m in messages:
+        held.received(client, m.delivery_tag)
+    messages[1].ack()
+    held.beat(client, [messages[1].delivery_tag])
+    assert {t.decode() for t in client.smembers(tags_key(QUEUE, "w3@host:300"))} == {messages[0].delivery_tag}
+    assert 0 < client.pttl(alive_key(QUEUE, "w3@host:300")) <= 30_000
+    conn.release()
