@@ -27,6 +27,17 @@ def test_kombu_redis_brpop_read_is_the_one_workers_transport_copies() -> None:
     ), "kombu's Channel._brpop_read changed: re-copy it into workers/poison.py"
 
 
+def test_kombu_redis_restore_by_tag_is_the_one_the_reclaimer_calls() -> None:
+    """stage_a/held.py restores one dead holder's message with kombu 5.7.0's QoS.restore_by_tag: under a WATCH
+    on the unacked hash, removed from it and pushed back to its queue, or nothing when already gone."""
+    from kombu.transport import redis as kombu_redis
+
+    assert list(inspect.signature(kombu_redis.QoS.restore_by_tag).parameters) == ["self", "tag", "client", "leftmost"]
+    assert _source_hash(kombu_redis.QoS.restore_by_tag) == (
+        "58e161d81b6fe18d1fe73d53d13e6359271bcc249d0da58ee737c6775d51ceb8"
+    ), "kombu's QoS.restore_by_tag changed: re-check stage_a/held.py's restore_dead_holders"
+
+
 def test_celery_batches_flush_timer_is_the_one_reconnect_safe_batches_rearms() -> None:
     """workers/tasks.py's ReconnectSafeBatches replaces `_tref` and calls `_do_flush` of celery-batches 0.11."""
     from celery_batches import Batches

@@ -95,7 +95,8 @@ class ReconnectSafeBatches(Batches):
             self._calls = []
             self._holding = {}
             ttl = settings.holder_timeout_seconds
-            if ttl is not None and getattr(consumer.connection.transport, "driver_type", "") == "redis":
+            transport = getattr(getattr(consumer, "connection", None), "transport", None)
+            if ttl is not None and getattr(transport, "driver_type", "") == "redis":
                 self._held = HeldMessages(settings.queue, process_name(), ttl)
         if self._held is not None:
             self._held_tref = consumer.timer.call_repeatedly(max(0.5, self._held.ttl_ms / 4000), self._beat_held)
