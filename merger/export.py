@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -17,6 +18,10 @@ from stage_a.records import GroupRecord, image_keys
 from stage_a.runstats import run_stats
 from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
+
+
+WRITE_GROUPS = 2000
+"""Records joined into one write."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path, processes: int
                 _encode_groups(store.queries.iter_export_groups(run_id), run.spec.mission, cancelled, counts,
                                out.write, failures.write)
             else:
-                _encode_in_parts(store.url, run_id, run.n_groups, parts, run.spec.mission, cancelled, counts,
+                _encode_in_parts(store, run_id, run.n_groups, parts, run.spec.mission, cancelled, counts,
                                  out, failures, output_dir)
             stats_file.write(json.dumps(stats.result().to_json(), ensure_ascii=False, indent=2) + "\n")
     return ExportReport(jsonl_path, failures_path, counts["written"], counts["failed"], counts["incomplete"],
@@ -108,12 +113,18 @@ def export_run(store: ResultStore, run_id: int, output_dir: Path, processes: int
 
 def _encode_groups(groups: Iterable[ExportGroup], mission: str, cancelled: str | None, counts: dict[str, int],
                    write: Callable[[str], Any], write_failure: Callable[[str], Any]) -> None:
-    """Each group as its JSONL record (validated) or its failure record, counted in ``counts``."""
+    """Each group as its JSONL record (validated) or its failure record, counted in ``counts``; written
+    WRITE_GROUPS lines at a time (one write of many lines costs less than many writes)."""
+    lines: list[str] = []
+    failed: list[str] = []
     for group in groups:
         failure = _failure(group, cancelled)
         if failure is not None:
             counts[str(failure["status"])] += 1
-            write_failure(json.dumps(failure, ensure_ascii=False) + "\n")
+            failed.append(json.dumps(failure, ensure_ascii=False) + "\n")
+            if len(failed) >= WRITE_GROUPS:
+                write_failure("".join(failed))
+                failed.clear()
             continue
         record = GroupRecord(
             group_id=group.group_id, mission=mission, label=group.label,
@@ -122,25 +133,53 @@ def _encode_groups(groups: Iterable[ExportGroup], mission: str, cancelled: str |
                                strict=True)),
         )
         counts["written"] += 1
-        write(record.to_json_line())  # validates before anything is written
+        lines.append(record.to_json_line())  # validates before anything is written
+        if len(lines) >= WRITE_GROUPS:
+            write("".join(lines))
+            lines.clear()
+    if lines:
+        write("".join(lines))
+    if failed:
+        write_failure("".join(failed))
 
 
-def _encode_in_parts(url: str, run_id: int, n_groups: int, parts: int, mission: str, cancelled: str | None,
+def _encode_in_parts(store: ResultStore, run_id: int, n_groups: int, parts: int, mission: str, cancelled: str | None,
                      counts: dict[str, int], out: TextIO, failures: TextIO, output_dir: Path) -> None:
+    """The first range of groups is encoded here, straight into the output files, while ``parts`` - 1 spawned
+    processes encode the others into part files, which are then appended in order (in the kernel)."""
     bounds = [n_groups * i // parts for i in range(parts + 1)]
     with tempfile.TemporaryDirectory(prefix=".stage-a-export-", dir=output_dir) as tmp, \
-            ProcessPoolExecutor(max_workers=parts, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_export_part, url, run_id, bounds[i], bounds[i + 1] - 1, mission, cancelled,
-                               Path(tmp) / f"part-{i}") for i in range(parts)]
+            ProcessPoolExecutor(max_workers=parts - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_export_part, store.url, run_id, bounds[i], bounds[i + 1] - 1, mission, cancelled,
+                               Path(tmp) / f"part-{i}") for i in range(1, parts)]
+        _encode_groups(store.queries.iter_export_groups(run_id, first=0, last=bounds[1] - 1), mission, cancelled,
+                       counts, out.write, failures.write)
         for target, suffix in ((out, "jsonl"), (failures, "failures")):
             target.flush()
-            for i, future in enumerate(futures):
+            for i, future in enumerate(futures, start=1):
                 part_counts = future.result()
                 if target is out:
                     for k, v in part_counts.items():
                         counts[k] += v
-                with open(Path(tmp) / f"part-{i}.{suffix}", "rb") as src:
-                    shutil.copyfileobj(src, target.buffer, 16 << 20)
+                _append(Path(tmp) / f"part-{i}.{suffix}", target)
+
+
+def _append(path: Path, target: TextIO) -> None:
+    """Append the file at ``path`` to ``target`` (flushed): copy_file_range where the kernel offers it."""
+    with open(path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(src.fileno(), target.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except (AttributeError, OSError):  # no copy_file_range (or not between these files): copy through here
+            pass
+        if done < size:
+            src.seek(done)
+            shutil.copyfileobj(src, target.buffer, 16 << 20)
             target.buffer.flush()
 
 

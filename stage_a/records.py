@@ -6,6 +6,7 @@ caught where it is produced, with a message that names the offending field.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,22 @@ GT_KEYS = ("gt_fail_reason_texts", "gt_fail_reason_text")
 REASON_SEPARATOR = " | "
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)
+"""json.dumps(d, ensure_ascii=False) without building an encoder per line."""
+
+
 class RecordError(ValueError):
     """A record that breaks the output contract."""
 
 
 def image_keys(n: int) -> list[str]:
-    return [f"image_{i}" for i in range(1, n + 1)]
+    return list(_image_keys(n))
+
+
+@functools.lru_cache(maxsize=1024)
+def _image_keys(n: int) -> tuple[str, ...]:
+    """image_1..image_n (an export asks for the same few group sizes millions of times)."""
+    return tuple(f"image_{i}" for i in range(1, n + 1))
 
 
 def _image_index(key: str) -> tuple[int, str]:
@@ -30,7 +41,15 @@ def _image_index(key: str) -> tuple[int, str]:
 
 
 def _non_empty_str(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() != ""
+    return isinstance(value, str) and value != "" and not value.isspace()  # (value.strip() != "", no copy)
+
+
+def _all_non_empty_str(values: Any) -> bool:
+    """Every item a string with a non-space character (C-level loops: an export checks millions)."""
+    try:
+        return all(values) and not any(map(str.isspace, values))
+    except TypeError:  # an item that is not a string
+        return False
 
 
 def validate_record(d: Any) -> None:
@@ -54,26 +73,28 @@ def validate_record(d: Any) -> None:
     images = d["images"]
     if not isinstance(images, list) or not images:
         raise RecordError(f"group {gid}: images must be a non-empty list")
-    for i, name in enumerate(images):
-        if not _non_empty_str(name):
-            raise RecordError(f"group {gid}: images[{i}] must be a non-empty string, got {name!r}")
+    if not _all_non_empty_str(images):
+        for i, name in enumerate(images):
+            if not _non_empty_str(name):
+                raise RecordError(f"group {gid}: images[{i}] must be a non-empty string, got {name!r}")
     if len(set(images)) != len(images):
         raise RecordError(f"group {gid}: images contains duplicate file names")
 
     per_image = d["per_image"]
     if not isinstance(per_image, dict):
         raise RecordError(f"group {gid}: per_image must be an object")
-    expected = image_keys(len(images))
-    if set(per_image) != set(expected):
+    expected = _image_keys(len(images))
+    if list(per_image) != list(expected) and set(per_image) != set(expected):  # (in order: the usual case)
         extra = sorted(set(per_image) - set(expected))
         lacking = [k for k in expected if k not in per_image]
         raise RecordError(
             f"group {gid}: per_image keys must be exactly {expected[0]}..{expected[-1]} "
             f"({len(images)} images); missing {lacking}, unexpected {extra}"
         )
-    for key, summary in per_image.items():
-        if not _non_empty_str(summary):
-            raise RecordError(f"group {gid}: per_image.{key} must be a non-empty string, got {summary!r}")
+    if not _all_non_empty_str(per_image.values()):
+        for key, summary in per_image.items():
+            if not _non_empty_str(summary):
+                raise RecordError(f"group {gid}: per_image.{key} must be a non-empty string, got {summary!r}")
 
     _validate_gt(d, gid)
 
@@ -114,13 +135,16 @@ class GroupRecord:
         self.gt_fail_reason_text = REASON_SEPARATOR.join(texts) if texts else None
 
     def to_dict(self) -> dict[str, Any]:
+        per_image = self.per_image
+        if list(per_image) != list(_image_keys(len(per_image))):
+            # Canonical image order whatever order the dict was built in.
+            per_image = {k: per_image[k] for k in sorted(per_image, key=_image_index)}
         d: dict[str, Any] = {
             "group_id": self.group_id,
             "mission": self.mission,
             "label": self.label,
             "images": list(self.images),
-            # Canonical image order whatever order the dict was built in.
-            "per_image": {k: self.per_image[k] for k in sorted(self.per_image, key=_image_index)},
+            "per_image": dict(per_image),
         }
         if self.gt_fail_reason_texts is not None:
             d["gt_fail_reason_texts"] = list(self.gt_fail_reason_texts)
@@ -131,7 +155,7 @@ class GroupRecord:
         """Validated JSON line (with trailing newline); raises RecordError on a bad record."""
         d = self.to_dict()
         validate_record(d)
-        return json.dumps(d, ensure_ascii=False) + "\n"
+        return _JSON.encode(d) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GroupRecord:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+
+import pytest
 
 from merger.export import export_run
 from stage_a.config import GenerationParams, RunSpec
@@ -42,6 +46,22 @@ def test_parts_equal_one_process(store: ResultStore, tmp_path: Path) -> None:
     for name in (one.jsonl_path.name, one.failures_path.name, one.report_path.name if one.report_path else ""):
         assert (tmp_path / "three" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert not [p for p in (tmp_path / "three").iterdir() if p.name.startswith(".")]  # no part files left
+
+
+def test_parts_equal_one_process_where_the_kernel_cannot_copy(store: ResultStore, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without copy_file_range (another OS, or a file system that refuses it) the parts are copied through
+    the process: the same bytes."""
+    run = _run(store, n_groups=41)
+    one = export_run(store, run, tmp_path / "one", processes=1, parallel_min_images=1)
+
+    def refuse(*_: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    two = export_run(store, run, tmp_path / "two", processes=2, parallel_min_images=1)
+    for a, b in ((one.jsonl_path, two.jsonl_path), (one.failures_path, two.failures_path)):
+        assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 0
 
 
 def test_small_runs_stay_in_one_process(store: ResultStore, tmp_path: Path) -> None:

@@ -79,6 +79,19 @@ def bulk_insert(conn: Any, table: Any, rows: Iterator[dict[str, Any]]) -> None:
         conn.execute(insert(table), chunk)
 
 
+def fetch_rows(conn: Any, stmt: Any) -> list[tuple[Any, ...]]:
+    """All rows of a SELECT as plain tuples: on psycopg through its own cursor (SQLAlchemy's result rows
+    cost about as much client CPU again as the driver's: an export reads millions), else SQLAlchemy's.
+    Only for columns the driver returns as the model's Python types (ints, text)."""
+    pg = _psycopg_connection(conn) if conn.dialect.name == "postgresql" else None
+    if pg is None:
+        return [tuple(r) for r in conn.execute(stmt)]
+    compiled = stmt.compile(dialect=conn.dialect)
+    with pg.cursor() as cur:
+        cur.execute(str(compiled), compiled.params)
+        return cur.fetchall()
+
+
 def bulk_update_results(conn: Any, rows: list[dict[str, Any]]) -> bool:
     """record_results' UPDATE done by the driver; False when the caller must use the SQLAlchemy path.
 

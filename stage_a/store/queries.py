@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
 
 from stage_a.checkpoint import route_of
+from stage_a.store.bulk import fetch_rows
 from stage_a.store.models import (
     DONE,
     FAILED,
@@ -482,20 +483,17 @@ class Queries:
         """Up to ``limit`` groups after position ``after`` (up to ``last``) and their images, in output order."""
         upto = [GroupRow.position <= last] if last is not None else []
         with self.engine.connect() as c:
-            groups = c.execute(
-                select(GroupRow.position, GroupRow.group_id, GroupRow.label)
-                .where(GroupRow.run_id == run_id, GroupRow.position > after, *upto)
-                .order_by(GroupRow.position).limit(limit)
-            ).all()
+            groups = fetch_rows(c, select(GroupRow.position, GroupRow.group_id, GroupRow.label)
+                                .where(GroupRow.run_id == run_id, GroupRow.position > after, *upto)
+                                .order_by(GroupRow.position).limit(limit))
             if not groups:
                 return [], []
-            images = c.execute(
-                select(ImageRow.group_position, ImageRow.rel_path, ImageRow.status, ImageRow.summary,
-                       ImageRow.error, ImageRow.image_index)
-                .where(ImageRow.run_id == run_id, ImageRow.group_position.between(groups[0][0], groups[-1][0]))
-                .order_by(ImageRow.group_position, ImageRow.image_index)
-            ).all()
-        return list(groups), list(images)
+            images = fetch_rows(c, select(ImageRow.group_position, ImageRow.rel_path, ImageRow.status,
+                                          ImageRow.summary, ImageRow.error, ImageRow.image_index)
+                                .where(ImageRow.run_id == run_id,
+                                       ImageRow.group_position.between(groups[0][0], groups[-1][0]))
+                                .order_by(ImageRow.group_position, ImageRow.image_index))
+        return groups, images
 
     def page_groups(self, run_id: int, flt: ImageFilter, after: int | None = None, before: int | None = None,
                     limit: int = 20) -> tuple[list[PageGroup], bool]:
