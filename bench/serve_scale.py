@@ -298,6 +298,9 @@ def one_size(args: argparse.Namespace, n_images: int) -> None:
             return
         if args.run:
             run_id = args.run
+            # Fresh heartbeats, as after seeding: stale ones make every leased row a dead holder's, which
+            # the views then count (the reclaimer would have released them within a minute).
+            _heartbeats(store, run_id, store.get_run(run_id).n_images, utcnow())
         else:
             t0 = time.perf_counter()
             run_id = seed_run(store, "/nonexistent/photos", n_images)
