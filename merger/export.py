@@ -19,7 +19,6 @@ from stage_a.runstats import run_stats
 from stage_a.store import ExportGroup, ResultStore
 from stage_a.store.models import DONE, FAILED
 
-
 WRITE_GROUPS = 2000
 """Records joined into one write."""
 

@@ -12,9 +12,12 @@ restored meanwhile is not touched), and forgets that holder.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def registry_key(queue: str) -> str:
@@ -67,9 +70,14 @@ def restore_dead_holders(channel: Any, queue: str) -> int:
             continue
         for tag in client.smembers(tags_key(queue, holder)):
             tag = tag.decode() if isinstance(tag, bytes) else str(tag)
-            if client.hexists(channel.unacked_key, tag):
+            if not client.hexists(channel.unacked_key, tag):
+                continue  # acknowledged, or restored already
+            try:
                 channel.qos.restore_by_tag(tag, client=client)  # WATCHes the hash: restored at most once
-                restored += 1
+            except (ValueError, TypeError, KeyError) as exc:  # an entry kombu cannot read: left to kombu
+                log.warning("cannot restore held message %s of %s (%s)", tag, holder, exc)
+                continue
+            restored += 1
         client.delete(tags_key(queue, holder))
         client.srem(registry_key(queue), holder)
     return restored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.db import PG_ADMIN_URL, pg_database  # noqa: F401  (PG_ADMIN_URL: re-exported)
@@ -46,6 +47,17 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database on the real server, dropped afterwards."""
     with pg_database() as url:
         yield url
+
+
+@pytest.fixture()
+def redis(tmp_path: Path) -> Iterator[Any]:
+    """A Redis of the test's own, on its own port, without persistence (support.farm.RedisServer)."""
+    from support.farm import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

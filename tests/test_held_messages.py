@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from support.farm import RedisServer, wait_for
 
 from stage_a.held import HeldMessages, alive_key, registry_key, tags_key
@@ -21,14 +18,6 @@ from stage_a.settings import Settings
 
 QUEUE = "stage_a_held_test"
 ROUTED = f"{QUEUE}.m-0123456789abcdef01234567"
-
-
-@pytest.fixture()
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def _deliver(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
@@ -90,4 +79,19 @@ def test_a_live_holder_forgets_what_it_acknowledged(redis: RedisServer) -> None:
     held.beat(client, [messages[1].delivery_tag])
     assert {t.decode() for t in client.smembers(tags_key(QUEUE, "w3@host:300"))} == {messages[0].delivery_tag}
     assert 0 < client.pttl(alive_key(QUEUE, "w3@host:300")) <= 30_000
+    conn.release()
+
+
+def test_an_unreadable_held_entry_is_left_to_kombu_and_the_rest_restored(redis: RedisServer) -> None:
+    tq = TaskQueue(Settings(broker_url=redis.url, queue=QUEUE))
+    client = redis.client()
+    conn, messages = _deliver(tq, 2)
+    client.hset("unacked", "garbled-tag", "not json")
+    dead = HeldMessages(QUEUE, "w4@host:400", ttl=1.0)
+    dead.received(client, "garbled-tag")
+    dead.received(client, messages[0].delivery_tag)
+    client.delete(alive_key(QUEUE, "w4@host:400"))  # died
+    assert tq.restore_dead_holders() == 1
+    assert [_keys_of(raw) for raw in client.lrange(ROUTED, 0, -1)] == [[[0, 1]]]
+    assert client.hexists("unacked", "garbled-tag")  # kombu's own restore decides about it
     conn.release()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -42,14 +41,6 @@ def _farm_run(store: ResultStore, n_groups: int = 3) -> tuple[int, list[WorkItem
 def _set_heartbeat(store: ResultStore, name: str, at: datetime, state: str = "busy") -> None:
     with store.engine.begin() as c:
         c.execute(update(WorkerRow).where(WorkerRow.name == name).values(heartbeat_at=at, state=state))
-
-
-@pytest.fixture()
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_default_settings_resend_a_dead_holders_images_within_two_minutes(pg_url: str, redis: RedisServer) -> None:

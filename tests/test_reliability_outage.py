@@ -36,14 +36,6 @@ def role_db() -> Iterator[RoleDatabase]:
         yield db
 
 
-@pytest.fixture()
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 def _register(db_url: str, input_dir: Path, checkpoint: Path) -> tuple[int, list[dict[str, Any]], str]:
     """The run id, its messages' payloads and its model's queue suffix (the route)."""
     from producer.register import register_run
