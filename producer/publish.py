@@ -175,7 +175,7 @@ class _FastRedisPublish:
                 if len(text) <= self.argsrepr_maxsize:
                     return text
             else:
-                shape = (tuple((k, v) for k, v in payload.items() if type(v) is not list), tuple(counts))
+                shape = tuple((k, True, len(v)) if type(v) is list else (k, False, v) for k, v in payload.items())
                 known = self._shapes.get(shape)
                 if known is None:
                     if len(self._shapes) >= 4096:  # a run has a handful of shapes; stay bounded anyway

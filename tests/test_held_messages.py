@@ -95,3 +95,37 @@ def test_an_unreadable_held_entry_is_left_to_kombu_and_the_rest_restored(redis: 
     assert [_keys_of(raw) for raw in client.lrange(ROUTED, 0, -1)] == [[[0, 1]]]
     assert client.hexists("unacked", "garbled-tag")  # kombu's own restore decides about it
     conn.release()
+
+
+def _take(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
+    conn = tq.app.connection_for_read()
+    got: list[Any] = []
+    consumer = conn.Consumer(direct_queue(ROUTED), callbacks=[lambda body, message: got.append(message)],
+                             accept=["json"])
+    consumer.qos(prefetch_count=n)
+    with consumer:
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            conn.drain_events(timeout=1)
+    return conn, got
+
+
+def test_a_message_put_back_and_taken_by_another_holder_is_not_restored(redis: RedisServer) -> None:
+    """kombu keeps a message's delivery tag when it puts it back (a holder's channel closing: shutdown or
+    reconnect); the next holder's copy is never restored on behalf of the first, nor by a second reclaimer."""
+    tq = TaskQueue(Settings(broker_url=redis.url, queue=QUEUE))
+    client = redis.client()
+    conn_a, (first,) = _deliver(tq, 1)
+    tag = first.delivery_tag
+    HeldMessages(QUEUE, "a@host:1", ttl=60.0).received(client, tag)
+    conn_a.release()  # A's channel closes: kombu puts the message back, same tag
+    assert client.llen(ROUTED) == 1 and client.hlen("unacked") == 0
+    conn_b, (again,) = _take(tq, 1)
+    assert again.delivery_tag == tag and client.hlen("unacked") == 1
+    HeldMessages(QUEUE, "b@host:2", ttl=60.0).received(client, tag)
+    client.delete(alive_key(QUEUE, "a@host:1"))  # A is gone; B is alive and holds the message
+    assert tq.restore_dead_holders() == 0
+    assert client.llen(ROUTED) == 0 and client.hlen("unacked") == 1
+    assert not client.sismember(registry_key(QUEUE), "a@host:1")  # claimed: a second reclaimer skips it
+    assert tq.restore_dead_holders() == 0
+    conn_b.release()

@@ -99,6 +99,9 @@ class ReconnectSafeBatches(Batches):
             if ttl is not None and getattr(transport, "driver_type", "") == "redis":
                 self._held = HeldMessages(settings.queue, process_name(), ttl)
         if self._held is not None:
+            # A (re)connect: kombu put back what the old channel held unacknowledged; name none of it.
+            self._holding.clear()
+            self._forget_held()
             self._held_tref = consumer.timer.call_repeatedly(max(0.5, self._held.ttl_ms / 4000), self._beat_held)
 
         def checked_handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
@@ -158,6 +161,15 @@ class ReconnectSafeBatches(Batches):
             return
         for tag in acked:
             del self._holding[tag]
+
+    def _forget_held(self) -> None:
+        if self._held is None:
+            return
+        try:
+            with app.pool.acquire(block=True, timeout=1) as conn:
+                self._held.forget(conn.default_channel.client)
+        except Exception as exc:
+            log.warning("could not clear the held messages on the broker (%s)", first_line(exc))
 
     def _flush_if_idle(self) -> None:
         """Flush a partial buffer now when a pool process is idle and waiting would bring no more work."""
