@@ -76,6 +76,25 @@ def main(argv: list[str] | None = None) -> Any:
     except KeyboardInterrupt:
         click.echo("stage-a: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if not interrupted(exc):
+            raise
+        # Ctrl-C inside a driver call: the library's clean-up raised in its place (a psycopg connection
+        # interrupted mid-ping cannot be reset); it is still the user's interrupt.
+        click.echo("stage-a: interrupted", err=True)
+        sys.exit(130)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions ``exc`` was raised while handling."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return False
 
 
 if __name__ == "__main__":

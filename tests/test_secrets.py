@@ -184,3 +184,25 @@ def test_interrupt_hint_points_to_the_environment_variable(pg_url: str, tiny_che
                   tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert not leaks(resumed.stdout + resumed.stderr)
+
+
+def test_an_error_raised_while_handling_ctrl_c_still_counts_as_the_interrupt() -> None:
+    """SQLAlchemy's reset of a psycopg connection interrupted mid-ping raises its own error in place of the
+    KeyboardInterrupt (seen in CI): the CLI treats the chain as the user's interrupt, not a crash."""
+    from cli.main import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("can't change 'autocommit' now") from None
+    except RuntimeError as exc:
+        assert not interrupted(exc)  # `from None` hides the context: not an interrupt
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("can't change 'autocommit' now")  # noqa: B904 - the chain under test
+    except RuntimeError as exc:
+        assert interrupted(exc)
+    assert not interrupted(ValueError("plain"))
