@@ -158,19 +158,19 @@ class _FastRedisPublish:
         saferepr's depth limit, each shown as ``[...]``: its text depends only on the other fields and the
         number of keys, so it is rendered once per such shape (tests/test_publish.py)."""
         payload = args[0]
-        counts: list[Any] = []  # (field, number of items) of list fields
-        for name, value in payload.items():
+        nested = False  # a field is a list (of lists)
+        for value in payload.values():
             if type(value) is str:
                 if "\\" in value or not value.isprintable():
                     break
             elif type(value) is list:
                 if not all(type(k) is list for k in value):
                     break
-                counts += (name, len(value))
+                nested = True
             elif type(value) is not int:
                 break
         else:
-            if not counts:
+            if not nested:
                 text = repr(args)
                 if len(text) <= self.argsrepr_maxsize:
                     return text

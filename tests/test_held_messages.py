@@ -23,6 +23,13 @@ ROUTED = f"{QUEUE}.m-0123456789abcdef01234567"
 def _deliver(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
     """Send ``n`` messages to the routed queue and take them with kombu's consumer, unacknowledged."""
     tq.send(({"v": 2, "store": "s", "run_id": 1, "keys": [[i, 1]]} for i in range(n)), ROUTED)
+    conn, got = _take(tq, n)
+    assert len(got) == n
+    return conn, got
+
+
+def _take(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
+    """Up to ``n`` messages of the routed queue, taken with kombu's consumer and left unacknowledged."""
     conn = tq.app.connection_for_read()
     got: list[Any] = []
     consumer = conn.Consumer(direct_queue(ROUTED), callbacks=[lambda body, message: got.append(message)],
@@ -32,7 +39,6 @@ def _deliver(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
         deadline = time.monotonic() + 10
         while len(got) < n and time.monotonic() < deadline:
             conn.drain_events(timeout=1)
-    assert len(got) == n
     return conn, got
 
 
@@ -95,19 +101,6 @@ def test_an_unreadable_held_entry_is_left_to_kombu_and_the_rest_restored(redis: 
     assert [_keys_of(raw) for raw in client.lrange(ROUTED, 0, -1)] == [[[0, 1]]]
     assert client.hexists("unacked", "garbled-tag")  # kombu's own restore decides about it
     conn.release()
-
-
-def _take(tq: TaskQueue, n: int) -> tuple[Any, list[Any]]:
-    conn = tq.app.connection_for_read()
-    got: list[Any] = []
-    consumer = conn.Consumer(direct_queue(ROUTED), callbacks=[lambda body, message: got.append(message)],
-                             accept=["json"])
-    consumer.qos(prefetch_count=n)
-    with consumer:
-        deadline = time.monotonic() + 10
-        while len(got) < n and time.monotonic() < deadline:
-            conn.drain_events(timeout=1)
-    return conn, got
 
 
 def test_a_message_put_back_and_taken_by_another_holder_is_not_restored(redis: RedisServer) -> None:
