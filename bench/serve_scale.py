@@ -14,7 +14,7 @@ request builds its full RunReport. Requests go through the real app in-process (
 TestClient): the figures are server time without the network; `status --json` and `runs` are timed
 as the functions their commands call (build_report + to_json, list_runs), without the interpreter's
 start. `--export` runs `stage-a export` as a subprocess (its time and peak RSS); `--writes` times
-create_run and record_results batches with and without the trigram search index.
+create_run and record_results batches with and without the trigram search indexes.
 """
 
 from __future__ import annotations
@@ -136,6 +136,10 @@ def _heartbeats(store: ResultStore, run_id: int, n_images: int, now) -> None:  #
                 last_batch_seconds=4.1, images_per_s=7.8, tokens_per_s=512.0, images_total=n_images // 3))
 
 
+GROUP_SECTION = '<section class="group"'
+"""How the run page opens each group it shows (monitor/web/templates/run.html)."""
+
+
 def timed(fn, repeat: int) -> tuple[float, float, str]:  # type: ignore[no-untyped-def]
     """Median and worst milliseconds of ``fn()`` over ``repeat`` calls, and what the last one said."""
     times = []
@@ -169,16 +173,24 @@ def views(store: ResultStore, run_id: int, repeat: int) -> None:
         ("run page, 无关图片 only, fail label", f"/runs/{run_id}?irrelevant=1&label=fail"),
         ("run page, label pass, middle", f"/runs/{run_id}?label=pass&after={mid}"),
         ("run page, search 爱立信 (1 in 6)", f"/runs/{run_id}?q=%E7%88%B1%E7%AB%8B%E4%BF%A1"),
+        ("run page, search 爱立信, middle", f"/runs/{run_id}?q=%E7%88%B1%E7%AB%8B%E4%BF%A1&after={mid}"),
         ("run page, search one group id", f"/runs/{run_id}?q=QC-BENCH-20250101-{mid:07d}"),
+        ("run page, search a group id's number", f"/runs/{run_id}?q={mid:07d}"),
+        ("run page, search one file name", f"/runs/{run_id}?q=QC-BENCH-20250101-{mid:07d}-2.jpg"),
         ("run page, search, no match", f"/runs/{run_id}?q=nowhere-to-be-found"),
         ("/metrics", "/metrics"),
         ("/api/runs/{id}", f"/api/runs/{run_id}"),
         ("/ (runs)", "/"),
     ]
-    print(f"{'request':40s} {'median ms':>10s} {'max ms':>8s}  status")
+    print(f"{'request':40s} {'median ms':>10s} {'max ms':>8s}  status, groups shown")
+
+    def get(u: str) -> str:
+        res = client.get(u)
+        return f"{res.status_code}, {res.text.count(GROUP_SECTION)}"
+
     for label, u in pages:
-        med, worst, status = timed(lambda u=u: client.get(u).status_code, repeat)
-        print(f"{label:40s} {med:10.1f} {worst:8.0f}  {status}", flush=True)
+        med, worst, said = timed(lambda u=u: get(u), repeat)
+        print(f"{label:40s} {med:10.1f} {worst:8.0f}  {said}", flush=True)
     for label, fn in (("stage-a status RUN --json (in-process)",
                        lambda: len(build_report(store, run_id, settings, None, writers=False).to_json())),
                       ("stage-a runs (in-process)", lambda: len(list_runs(store, 50, settings)))):
@@ -205,7 +217,7 @@ def export(url: str, run_id: int) -> None:
 
 
 def writes(store: ResultStore, rounds: int = 20, batch: int = 128) -> None:
-    """record_results of model batches (and create_run of 100k images) with and without the search index."""
+    """record_results of model batches (and create_run of 100k images) with and without the search indexes."""
     from stage_a.work import ImageKey, ImageResult
 
     def record_batches(run_id: int) -> float:
@@ -227,24 +239,26 @@ def writes(store: ResultStore, rounds: int = 20, batch: int = 128) -> None:
         run_id = store.create_run(spec, BenchGroups(25_000, 4, None), farm=True)
         return time.perf_counter() - t0, run_id
 
+    names = ("ix_groups_search", "ix_images_search")
     with store.engine.connect() as c:
-        has = c.execute(text("SELECT 1 FROM pg_indexes WHERE indexname = 'ix_images_search'")).first() is not None
-        definition = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_images_search'")).scalar()
-    if not has:
-        print("writes: no ix_images_search (pg_trgm missing): nothing to compare")
+        definitions = {n: c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"), {"n": n}).scalar()
+                       for n in names}
+    if None in definitions.values():
+        print(f"writes: a search index is missing (pg_trgm?): {definitions}; nothing to compare")
         return
-    figures = {}
-    for state in ("with", "without"):
+    # Each state drops one more index: both, then without the group ids' index, then without either.
+    for state, drop in (("with both search indexes", None), ("without ix_groups_search", names[0]),
+                        ("without either search index", names[1])):
+        if drop:
+            with store.engine.begin() as c:
+                c.execute(text(f"DROP INDEX {drop}"))
         secs, run_id = create()
         ms = record_batches(run_id)
-        figures[state] = (secs, ms)
-        print(f"writes {state} the search index: create_run 100k images {secs:.1f} s, "
+        print(f"writes {state}: create_run 100k images {secs:.1f} s, "
               f"record_results {batch} images {ms:.1f} ms (median of {rounds})", flush=True)
-        if state == "with":
-            with store.engine.begin() as c:
-                c.execute(text("DROP INDEX ix_images_search"))
     with store.engine.begin() as c:
-        c.execute(text(definition))
+        for definition in definitions.values():
+            c.execute(text(definition))
 
 
 def check_counters(store: ResultStore, run_id: int) -> None:

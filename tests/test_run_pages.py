@@ -43,7 +43,7 @@ def _seed(store: ResultStore, n_groups: int = 17) -> tuple[int, dict[tuple[int, 
             status = "failed" if k == 3 else "pending" if k in (5, 8) else "done"
             summary = SUMMARIES[(p + i) % len(SUMMARIES)] if status == "done" else None
             rows[(p, i)] = {"status": status, "summary": summary, "error": ERROR if status == "failed" else None,
-                            "rel_path": path, "label": g.label}
+                            "rel_path": path, "label": g.label, "group_id": g.group_id}
             key = ImageKey(run, p, i)
             if status == "done":
                 done.append(ImageResult(key, summary=summary, raw_text="x"))
@@ -60,7 +60,10 @@ def _matches(row: dict[str, str | None], flt: ImageFilter) -> bool:
         return False
     if flt.irrelevant and row["summary"] != IRRELEVANT:
         return False
-    if flt.text and not any(flt.text in (row[c] or "") for c in ("summary", "error", "rel_path")):
+    # A search's rule (stage_a.store.search): the group id, or a finished image's own text.
+    finished = row["status"] in ("done", "failed")
+    if flt.text and not (flt.text in str(row["group_id"])
+                         or finished and any(flt.text in (row[c] or "") for c in ("summary", "error", "rel_path"))):
         return False
     return True
 
@@ -88,7 +91,11 @@ FILTERS = [
     ImageFilter(label="pass", irrelevant=True),
     ImageFilter(label="fail", failed=True),
     ImageFilter(text="爱立信"),  # summaries and errors
-    ImageFilter(text="g07/"),  # a path: done, failed and pending rows
+    ImageFilter(text="g07/"),  # a path: done and failed rows (a pending row is found by its group id)
+    ImageFilter(text="0000007"),  # a group id: every row of the group, pending ones too
+    ImageFilter(text="QC-T-20240101-0000011"),  # a whole group id: its common words are not asked of the index
+    ImageFilter(text="20240101-000001"),  # a fragment common to ten group ids
+    ImageFilter(text="g07/7-1.jpg"),  # a finished image's file, one pending image of its group not found
     ImageFilter(text="50%"),  # LIKE's wildcard taken literally
     ImageFilter(text="_x"),
     ImageFilter(text=f"_x {MISSION}"),  # spans the error and the path: no column holds it
@@ -231,31 +238,49 @@ def test_postgres_plans_use_the_filter_and_search_indexes(pg_url: str) -> None:
         with store.engine.connect() as c:
             has_trgm = c.execute(text("SELECT 1 FROM pg_indexes WHERE indexname = 'ix_images_search'")).first()
         assert has_trgm, "pg_trgm is available on the test server: the migration creates the search index"
-        # (filter, which rows a text is searched in, the index, how it is read)
-        cases = [(ImageFilter(failed=True), "exact", "ix_images_failed", ""),
-                 (ImageFilter(irrelevant=True), "exact", "ix_images_irrelevant", ""),
-                 (ImageFilter(text="爱立信"), "finished", "ix_images_search", ""),
-                 (ImageFilter(text="g07/"), "unfinished", "ix_images_run_status", "")]
+        # (filter, which rows a text is searched in, the index, what its condition asks for, what it must not)
+        cases = [(ImageFilter(failed=True), "exact", "ix_images_failed", "", None),
+                 (ImageFilter(irrelevant=True), "exact", "ix_images_irrelevant", "", None),
+                 (ImageFilter(text="爱立信"), "finished", "ix_images_search", "爱立信", None),
+                 # Every sampled group id holds 20240101: only the rare word is asked of the index.
+                 (ImageFilter(text="QC-T-20240101-0000011"), "groups", "ix_groups_search", "'%0000011%'", "20240101")]
         from sqlalchemy import select
 
-        from stage_a.store.models import ImageRow
+        from stage_a.store.models import GroupRow, ImageRow
+        from stage_a.store.queries import _GROUP_JOIN
+        from stage_a.store.search import rare_words
 
-        for flt, rows, index, how in cases:
-            conds = _image_conditions(run, flt, rows)
+        for flt, rows, index, asked, not_asked in cases:
+            with store.engine.connect() as c:
+                rare = rare_words(c, run, flt.text) if flt.text else None
+            conds = _image_conditions(run, flt, rows, rare)
             assert conds is not None
             q = select(ImageRow.group_position).where(*conds).distinct().order_by(ImageRow.group_position).limit(21)
+            if flt.text:
+                q = q.join(GroupRow, _GROUP_JOIN)
             compiled = q.compile(store.engine)  # with its parameters bound as the page sends them
             with store.engine.begin() as c:
                 # Only this index left, in a rolled-back
                 # transaction: the plan uses it exactly when its expression and predicate match the query's.
                 c.execute(text("SET LOCAL enable_seqscan = off"))
                 c.execute(text("ALTER TABLE images DROP CONSTRAINT images_pkey CASCADE"))
+                c.execute(text("ALTER TABLE groups DROP CONSTRAINT groups_pkey CASCADE"))
                 for other in ("ix_images_run_updated", "ix_images_run_status", "ix_images_failed",
-                              "ix_images_irrelevant", "ix_images_search"):
+                              "ix_images_irrelevant", "ix_images_search", "ix_groups_search", "ix_groups_label"):
                     if other != index:
                         c.execute(text(f"DROP INDEX {other}"))
                 plan = "\n".join(r[0] for r in c.exec_driver_sql(f"EXPLAIN {compiled}", compiled.params))
                 c.rollback()
-            assert index in plan and how in plan, (flt, plan)
+            assert index in plan, (flt, plan)
+            cond = " ".join(line for line in plan.splitlines() if "Index Cond" in line)
+            assert asked in cond and (not_asked is None or not_asked not in cond), (flt, plan)
     finally:
         store.close()
+
+
+def test_a_search_asks_the_index_for_its_whole_words_only() -> None:
+    from stage_a.store.search import words
+
+    assert words("QC-T-20240101-0000011") == ["20240101", "0000011"]  # "QC" and "T" give no trigram
+    assert words("两台BBU上下堆叠 timeout timeout") == ["两台BBU上下堆叠", "timeout"]
+    assert words("50% _x g07/") == ["g07"]

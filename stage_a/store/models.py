@@ -96,7 +96,7 @@ class ImageRow(Base):
         Index("ix_images_reuse_key", "reuse_key", postgresql_where=text("reuse_key IS NOT NULL"),
               sqlite_where=text("reuse_key IS NOT NULL")),
         # The run page's filters in output order; on PostgreSQL with pg_trgm, also ix_images_search (a
-        # trigram GIN index over queries.search_text, created by the migration when the extension is there).
+        # trigram GIN index over search.search_text, created by the migration when the extension is there).
         Index("ix_images_failed", "run_id", "group_position", "image_index", postgresql_where=text("status = 'failed'"),
               sqlite_where=text("status = 'failed'")),
         Index("ix_images_irrelevant", "run_id", "group_position", postgresql_where=text("summary = '无关图片'"),

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
 
 from stage_a.checkpoint import route_of
 from stage_a.store.bulk import fetch_rows
+from stage_a.store.search import RareWords, index_conditions, like_pattern, rare_words, text_match
 from stage_a.store.models import (
     DONE,
     FAILED,
@@ -515,11 +516,13 @@ class Queries:
                 near = self._positions(c, run_id, flt, "exact", *window, backwards, limit + 1)
                 rest: list[int] = []
                 if len(near) <= limit:
-                    # Finished rows by the trigram index, unfinished ones (whose text is their path) through
-                    # ix_images_run_status: two queries, each planned for its own index.
+                    # Finished rows by ix_images_search, groups by ix_groups_search, each asked for the
+                    # text's words that are rare in the run (stage_a.store.search): two queries, each
+                    # planned for its own index.
                     want = limit + 1 - len(near)
-                    found = {p for part in ("finished", "unfinished")
-                             for p in self._positions(c, run_id, flt, part, *beyond, backwards, want)}
+                    rare = rare_words(c, run_id, flt.text)
+                    found = {p for part in ("finished", "groups")
+                             for p in self._positions(c, run_id, flt, part, *beyond, backwards, want, rare)}
                     rest = sorted(found, reverse=backwards)[:want]
                 positions = near + rest
             else:
@@ -538,6 +541,8 @@ class Queries:
                                               ImageRow.group_position.between(positions[0], positions[-1]))
             if img_cond is not None:
                 iq = iq.where(*img_cond)
+            if flt.text:
+                iq = iq.join(GroupRow, _GROUP_JOIN)
             images = c.execute(iq.order_by(ImageRow.group_position, ImageRow.image_index)).all()
         by_pos: dict[int, list[PageImage]] = {}
         for r in images:
@@ -546,16 +551,16 @@ class Queries:
 
     @staticmethod
     def _positions(c: Any, run_id: int, flt: ImageFilter, rows: str, after: int | None, before: int | None,
-                   backwards: bool, n: int) -> list[int]:
+                   backwards: bool, n: int, rare: RareWords | None = None) -> list[int]:
         """Up to ``n`` positions of groups showing under ``flt``, strictly between ``after`` and ``before``
         (None: unbounded), nearest ``after`` first (``backwards``: nearest ``before`` first); a text is
-        searched in the ``rows`` of _image_conditions."""
-        img_cond = _image_conditions(run_id, flt, rows)
+        searched by ``rows`` (see _image_conditions)."""
+        img_cond = _image_conditions(run_id, flt, rows, rare)
         if img_cond is None:
             pos_q = select(GroupRow.position).where(GroupRow.run_id == run_id)
         else:
             pos_q = select(ImageRow.group_position).where(*img_cond).distinct()
-            if flt.label:
+            if flt.label or flt.text:
                 pos_q = pos_q.join(GroupRow, _GROUP_JOIN)
         if flt.label:
             pos_q = pos_q.where(GroupRow.label == flt.label)
@@ -601,44 +606,21 @@ def _unfinished() -> Any:
     return (RunCountsRow.pending + RunCountsRow.leased) > 0
 
 
-_FINISHED_ROW = text("images.status IN ('done', 'failed')")
-"""ix_images_search's predicate, written as the index says it (so the planner sees it implied)."""
-_UNFINISHED_ROW = text("images.status IN ('pending', 'leased')")
-
-
-def search_text() -> Any:
-    """What a text search matches: summary, error and path in one expression, the one that PostgreSQL's
-    trigram index ix_images_search covers (revision 0006's SEARCH_TEXT, built the same way)."""
-    blank: Any = literal_column("''")
-    space: Any = literal_column("' '")
-    return (func.coalesce(ImageRow.summary, blank).concat(space).concat(func.coalesce(ImageRow.error, blank))
-            .concat(space).concat(ImageRow.rel_path))
-
-
-def _image_conditions(run_id: int, flt: ImageFilter, rows: str = "exact") -> list[Any] | None:
-    """The conditions of ``flt`` on a run's image rows. A text is searched, by ``rows``: "exact", every row
-    by the exact test (SQLite, or a bounded range of positions); "finished" (PostgreSQL), finished rows
-    through the trigram index on search_text; "unfinished" (PostgreSQL), unfinished rows, whose text is
-    their path, through ix_images_run_status."""
+def _image_conditions(run_id: int, flt: ImageFilter, rows: str = "exact",
+                      rare: RareWords | None = None) -> list[Any] | None:
+    """The conditions of ``flt`` on a run's image rows (a text's also on their group, joined). A text is
+    searched, by ``rows``: "exact", the rule of stage_a.store.search tested on every row (SQLite, a bounded
+    range of positions); on PostgreSQL "finished" or "groups", the candidates of one trigram index, asked for
+    the ``rare`` words, rechecked by that rule's part the index covers."""
     conds: list[Any] = []
     if flt.failed:
         conds.append(ImageRow.status == FAILED)
     if flt.irrelevant:
         conds.append(ImageRow.summary == IRRELEVANT)
     if flt.text:
-        pattern = f"%{_like_escape(flt.text)}%"
-        path = ImageRow.rel_path.like(pattern, escape="\\")
-        exact = or_(ImageRow.summary.like(pattern, escape="\\"), ImageRow.error.like(pattern, escape="\\"), path)
-        if rows == "finished":  # the exact test rechecks the index's matches: one may span two columns
-            conds += [_FINISHED_ROW, search_text().like(pattern, escape="\\"), exact]
-        elif rows == "unfinished":
-            conds += [_UNFINISHED_ROW, path]
+        pattern = like_pattern(flt.text)
+        if rows == "exact":
+            conds.append(text_match(pattern))
         else:
-            conds.append(exact)
+            conds += index_conditions(pattern, rare or RareWords((), ()), rows)
     return [ImageRow.run_id == run_id, *conds] if conds else None
-
-
-def _like_escape(text: str) -> str:
-    """The LIKE pattern (ESCAPE '\\') that matches ``text`` literally; NUL as the U+FFFD stored in its place."""
-    text = text.replace("\x00", "\ufffd")
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

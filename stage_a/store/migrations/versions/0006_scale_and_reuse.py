@@ -390,10 +390,10 @@ def _reuse_downgrade() -> None:
 
 # Keyset pages of a run in output order under each filter: failed rows and 无关图片 rows by partial
 # indexes in position order, groups by label; text search by a trigram index (PostgreSQL's pg_trgm)
-# over the one expression the page searches in finished rows (stage_a.store.queries.search_text).
+# over the one expression the page searches in finished rows (stage_a.store.search.search_text).
 
 SEARCH_TEXT = "(COALESCE(summary, '') || ' ' || COALESCE(error, '') || ' ' || rel_path)"
-"""The text a search matches (queries.search_text builds the same expression, so the index serves it)."""
+"""The text a search matches (search.search_text builds the same expression, so the index serves it)."""
 FINISHED_ROW = "status IN ('done', 'failed')"
 
 
