@@ -242,8 +242,8 @@ def test_postgres_plans_use_the_filter_and_search_indexes(pg_url: str) -> None:
         cases = [(ImageFilter(failed=True), "exact", "ix_images_failed", "", None),
                  (ImageFilter(irrelevant=True), "exact", "ix_images_irrelevant", "", None),
                  (ImageFilter(text="爱立信"), "finished", "ix_images_search", "爱立信", None),
-                 # Every sampled group id holds 20240101: only the rare word is asked of the index.
-                 (ImageFilter(text="QC-T-20240101-0000011"), "groups", "ix_groups_search", "'%0000011%'", "20240101")]
+                 # Every sampled group id holds 20240101 and "000": only the rest of the rare word is asked.
+                 (ImageFilter(text="QC-T-20240101-0000011"), "groups", "ix_groups_search", "'%0011%'", "20240101")]
         from sqlalchemy import select
 
         from stage_a.store.models import GroupRow, ImageRow
@@ -284,3 +284,13 @@ def test_a_search_asks_the_index_for_its_whole_words_only() -> None:
     assert words("QC-T-20240101-0000011") == ["20240101", "0000011"]  # "QC" and "T" give no trigram
     assert words("两台BBU上下堆叠 timeout timeout") == ["两台BBU上下堆叠", "timeout"]
     assert words("50% _x g07/") == ["g07"]
+
+
+def test_a_rare_word_is_asked_without_the_trigrams_half_the_run_holds() -> None:
+    from stage_a.store.search import index_parts
+
+    sample = [f"qc-bench-20250101-{n:07d}" for n in range(0, 3_000_000, 30_001)]
+    assert index_parts("1250000", sample) == ["125", "50000"]  # "250" is in every date
+    assert index_parts("20250102", sample) == ["20250102"]  # one trigram left ("102"): asked whole
+    assert index_parts("QXZY", sample) == ["QXZY"]  # nothing common
+    assert index_parts("1250000", []) == ["1250000"]  # no sample (no finished row yet)

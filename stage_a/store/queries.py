@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, func, literal_column, or_, select, text
+from sqlalchemy import Engine, and_, func, or_, select
 
 from stage_a.checkpoint import route_of
 from stage_a.store.bulk import fetch_rows
-from stage_a.store.search import RareWords, index_conditions, like_pattern, rare_words, text_match
 from stage_a.store.models import (
     DONE,
     FAILED,
@@ -38,6 +37,7 @@ from stage_a.store.models import (
     RunWorkerRow,
     WorkerRow,
 )
+from stage_a.store.search import RareWords, index_conditions, like_pattern, rare_words, text_match
 
 IRRELEVANT = "无关图片"
 """The whole cleaned summary of an irrelevant image (SPEC section 5)."""

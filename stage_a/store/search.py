@@ -12,8 +12,9 @@ summary, error and path (revision 0006), ix_groups_search over group ids (revisi
 reads every posting list the pattern names, and in a run every path shares its mission and folders and
 every group id its prefix and date: a whole group id asked whole read ~100,000 index pages at ten million
 images. So an index is asked only for the words of the text that are rare in a sample of the run
-(SEARCH_SAMPLE groups spread over it): any part of the text finds a superset of its matches, and the recheck
-with the whole text keeps the answer exact; a text with no rare word is asked whole.
+(SEARCH_SAMPLE groups spread over it), each cut around its trigrams that half the sample holds (the date
+inside a group number): any part of the text finds a superset of its matches, and the recheck with the
+whole text keeps the answer exact; a text with no rare word is asked whole.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ COMMON_IN = 3
 """A word found in this many of the sampled groups (3%) is common: its posting lists are long."""
 MIN_WORD = 3
 """Characters a word needs to give the trigram index a whole trigram."""
+UNIVERSAL = 0.5
+"""A trigram in this share of the sample is not asked (when two others of its word are): its posting list
+holds half the run, and it can remove at most half the candidates the others leave."""
 
 FINISHED_ROW = text("images.status IN ('done', 'failed')")
 """ix_images_search's predicate, written as the index says it (so the planner sees it implied)."""
@@ -77,9 +81,27 @@ def words(text_: str) -> list[str]:
     return found
 
 
+def index_parts(word: str, sample: list[str]) -> list[str]:
+    """The parts of ``word`` to ask a trigram index for: the word cut around its trigrams that at least
+    UNIVERSAL of the (lowercased) ``sample`` holds, when two others remain; else the whole word."""
+    low = word.lower()
+    universal = [sum(low[i:i + 3] in t for t in sample) >= UNIVERSAL * len(sample) for i in range(len(low) - 2)]
+    if not sample or not any(universal) or universal.count(False) < 2:
+        return [word]
+    parts: list[str] = []
+    start: int | None = None
+    for i, common in enumerate([*universal, True]):  # a sentinel closes the last run
+        if not common and start is None:
+            start = i
+        elif common and start is not None:
+            parts.append(word[start:i + 2])  # trigrams start..i-1 span characters start..i+1
+            start = None
+    return parts
+
+
 @dataclass(frozen=True)
 class RareWords:
-    """The words of a search to ask each trigram index for (empty: ask for the whole text)."""
+    """The parts of a search's rare words to ask each trigram index for (empty: ask for the whole text)."""
 
     images: tuple[str, ...]
     groups: tuple[str, ...]
@@ -106,7 +128,8 @@ def rare_words(c: Any, run_id: int, text_: str) -> RareWords:
     texts = [" ".join((s or "", e or "", p or "")).lower() for _, st, s, e, p in rows if st in ("done", "failed")]
 
     def rare(sample: list[str]) -> tuple[str, ...]:
-        return tuple(w for w in candidates if sum(w.lower() in t for t in sample) < COMMON_IN)
+        return tuple(part for w in candidates if sum(w.lower() in t for t in sample) < COMMON_IN
+                     for part in index_parts(w, sample))
 
     return RareWords(rare(texts), rare(ids))
 
