@@ -20,6 +20,7 @@ whole text keeps the answer exact; a text with no rare word is asked whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import and_, func, literal_column, or_, select, text
@@ -32,6 +33,8 @@ COMMON_IN = 3
 """A word found in this many of the sampled groups (3%) is common: its posting lists are long."""
 MIN_WORD = 3
 """Characters a word needs to give the trigram index a whole trigram."""
+MAX_ASKED = 16
+"""Parts of a text an index is asked for at most (a pasted paragraph): any of them keeps the answer exact."""
 UNIVERSAL = 0.5
 """A trigram in this share of the sample is not asked (when two others of its word are): its posting list
 holds half the run, and it can remove at most half the candidates the others leave."""
@@ -69,16 +72,14 @@ def text_match(pattern: str) -> Any:
 
 def words(text_: str) -> list[str]:
     """The runs of letters and digits in ``text_`` long enough to give a trigram (pg_trgm's words), once each."""
-    found: list[str] = []
-    current: list[str] = []
-    for ch in text_ + " ":
-        if ch.isalnum():
-            current.append(ch)
-            continue
-        if len(current) >= MIN_WORD and "".join(current) not in found:
-            found.append("".join(current))
-        current = []
-    return found
+    found: dict[str, None] = {}
+    start = 0
+    for i, ch in enumerate(text_ + " "):
+        if not ch.isalnum():
+            if i - start >= MIN_WORD:
+                found[text_[start:i]] = None
+            start = i + 1
+    return list(found)
 
 
 def index_parts(word: str, sample: list[str]) -> list[str]:
@@ -128,8 +129,8 @@ def rare_words(c: Any, run_id: int, text_: str) -> RareWords:
     texts = [" ".join((s or "", e or "", p or "")).lower() for _, st, s, e, p in rows if st in ("done", "failed")]
 
     def rare(sample: list[str]) -> tuple[str, ...]:
-        return tuple(part for w in candidates if sum(w.lower() in t for t in sample) < COMMON_IN
-                     for part in index_parts(w, sample))
+        rare_ones = (w for w in candidates if sum(w.lower() in t for t in sample) < COMMON_IN)
+        return tuple(islice((part for w in rare_ones for part in index_parts(w, sample)), MAX_ASKED))
 
     return RareWords(rare(texts), rare(ids))
 
