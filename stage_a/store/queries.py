@@ -537,8 +537,8 @@ class Queries:
                 .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).order_by(GroupRow.position)
             ).all()
             img_cond = _image_conditions(run_id, flt)  # one page's rows: the exact test is enough
-            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id,
-                                              ImageRow.group_position.between(positions[0], positions[-1]))
+            # The page's positions, not the range they span: a filter's matches may lie far apart.
+            iq = select(*_PAGE_COLUMNS).where(ImageRow.run_id == run_id, ImageRow.group_position.in_(positions))
             if img_cond is not None:
                 iq = iq.where(*img_cond)
             if flt.text:

@@ -85,8 +85,9 @@ def words(text_: str) -> list[str]:
 def index_parts(word: str, sample: list[str]) -> list[str]:
     """The parts of ``word`` to ask a trigram index for: the word cut around its trigrams that at least
     UNIVERSAL of the (lowercased) ``sample`` holds, when two others remain; else the whole word."""
-    low = word.lower()
-    universal = [sum(low[i:i + 3] in t for t in sample) >= UNIVERSAL * len(sample) for i in range(len(low) - 2)]
+    # Positions in the word itself (lowercasing may change a length: "İ" becomes two characters).
+    trigrams = [word[i:i + 3].lower() for i in range(len(word) - 2)]
+    universal = [sum(t3 in t for t in sample) >= UNIVERSAL * len(sample) for t3 in trigrams]
     if not sample or not any(universal) or universal.count(False) < 2:
         return [word]
     parts: list[str] = []
