@@ -1,7 +1,7 @@
 """Text search over a run's images: what a search matches, and what PostgreSQL's trigram indexes are asked.
 
 An image matches a text when its group id contains it, or, once the image has a result, when its summary,
-error or path does; letter case aside (ILIKE on PostgreSQL; SQLite folds ASCII letters only). An image still waiting for its result is found by its group id only: its path is all
+error or path does. An image still waiting for its result is found by its group id only: its path is all
 the text it has, and finding a fragment of every waiting path would read the whole unfinished part of a run
 (a nightly run is mostly unfinished while it is watched). Its file name usually begins with the group id.
 The test is the same wherever it runs (``text_match``): over a window of groups read in order, on a page's
@@ -60,14 +60,14 @@ def search_text() -> Any:
 
 def row_match(pattern: str) -> Any:
     """A finished image's own text holds the pattern (one column holds it whole)."""
-    return and_(FINISHED_ROW, or_(ImageRow.summary.ilike(pattern, escape="\\"),
-                                  ImageRow.error.ilike(pattern, escape="\\"),
-                                  ImageRow.rel_path.ilike(pattern, escape="\\")))
+    return and_(FINISHED_ROW, or_(ImageRow.summary.like(pattern, escape="\\"),
+                                  ImageRow.error.like(pattern, escape="\\"),
+                                  ImageRow.rel_path.like(pattern, escape="\\")))
 
 
 def text_match(pattern: str) -> Any:
     """What a search matches (the module's rule); the image's group is joined."""
-    return or_(row_match(pattern), GroupRow.group_id.ilike(pattern, escape="\\"))
+    return or_(row_match(pattern), GroupRow.group_id.like(pattern, escape="\\"))
 
 
 def words(text_: str) -> list[str]:
@@ -141,9 +141,9 @@ def index_conditions(pattern: str, rare: RareWords, part: str) -> list[Any]:
     "finished", finished rows by ix_images_search; "groups", rows of groups whose id holds the text, by
     ix_groups_search (GroupRow joined)."""
     if part == "finished":
-        asked = [search_text().ilike(f"%{w}%") for w in rare.images] or [search_text().ilike(pattern, escape="\\")]
+        asked = [search_text().like(f"%{w}%") for w in rare.images] or [search_text().like(pattern, escape="\\")]
         return [FINISHED_ROW, *asked, row_match(pattern)]
-    asked = [GroupRow.group_id.ilike(f"%{w}%") for w in rare.groups] or [GroupRow.group_id.ilike(pattern, escape="\\")]
+    asked = [GroupRow.group_id.like(f"%{w}%") for w in rare.groups] or [GroupRow.group_id.like(pattern, escape="\\")]
     # The recheck goes through an expression the index does not cover, so the planner asks the index for
     # the rare words alone and tests the whole text on the rows they find.
-    return [*asked, func.concat(GroupRow.group_id, "").ilike(pattern, escape="\\")]
+    return [*asked, func.concat(GroupRow.group_id, "").like(pattern, escape="\\")]
