@@ -174,6 +174,7 @@ def views(store: ResultStore, run_id: int, repeat: int) -> None:
         ("run page, label pass, middle", f"/runs/{run_id}?label=pass&after={mid}"),
         ("run page, search 爱立信 (1 in 6)", f"/runs/{run_id}?q=%E7%88%B1%E7%AB%8B%E4%BF%A1"),
         ("run page, search 爱立信, middle", f"/runs/{run_id}?q=%E7%88%B1%E7%AB%8B%E4%BF%A1&after={mid}"),
+        ("run page, search 爱立信, last page", f"/runs/{run_id}?q=%E7%88%B1%E7%AB%8B%E4%BF%A1&after={2 * mid - 8}"),
         ("run page, search one group id", f"/runs/{run_id}?q=QC-BENCH-20250101-{mid:07d}"),
         ("run page, search a group id's number", f"/runs/{run_id}?q={mid:07d}"),
         ("run page, search one file name", f"/runs/{run_id}?q=QC-BENCH-20250101-{mid:07d}-2.jpg"),

@@ -253,7 +253,7 @@ def test_postgres_plans_use_the_filter_and_search_indexes(pg_url: str) -> None:
 
         for flt, rows, index, asked, not_asked in cases:
             with store.engine.connect() as c:
-                rare = rare_words(c, run, flt.text) if flt.text else None
+                rare = rare_words(c, run, flt.text, 16) if flt.text else None  # positions 0..16
             conds = _image_conditions(run, flt, rows, rare)
             assert conds is not None
             q = select(ImageRow.group_position).where(*conds).distinct().order_by(ImageRow.group_position).limit(21)

@@ -506,7 +506,8 @@ class Queries:
             if flt.text and pg:
                 # A common text fills the page from the next SEARCH_WINDOW groups, read in order by the
                 # primary key; a rarer one is found beyond them by the trigram index (a bitmap of its
-                # matches: small for a rare text, and a common one never gets here).
+                # matches: small for a rare text). A window that reaches the run's end leaves nothing
+                # beyond it: a common text's last page never asks the index for its millions of matches.
                 if before is not None and after is None:  # backwards
                     window: tuple[int | None, int | None] = (before - SEARCH_WINDOW - 1, before)
                     beyond: tuple[int | None, int | None] = (None, before - SEARCH_WINDOW)
@@ -515,12 +516,14 @@ class Queries:
                     window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
                 near = self._positions(c, run_id, flt, "exact", *window, backwards, limit + 1)
                 rest: list[int] = []
-                if len(near) <= limit:
+                last = c.execute(select(func.max(GroupRow.position)).where(GroupRow.run_id == run_id)).scalar()
+                lo, hi = beyond
+                if len(near) <= limit and last is not None and (lo is None or lo < last) and (hi is None or hi > 0):
                     # Finished rows by ix_images_search, groups by ix_groups_search, each asked for the
                     # text's words that are rare in the run (stage_a.store.search): two queries, each
                     # planned for its own index.
                     want = limit + 1 - len(near)
-                    rare = rare_words(c, run_id, flt.text)
+                    rare = rare_words(c, run_id, flt.text, last)
                     found = {p for part in ("finished", "groups")
                              for p in self._positions(c, run_id, flt, part, *beyond, backwards, want, rare)}
                     rest = sorted(found, reverse=backwards)[:want]

@@ -109,15 +109,12 @@ class RareWords:
     groups: tuple[str, ...]
 
 
-def rare_words(c: Any, run_id: int, text_: str) -> RareWords:
-    """The words of ``text_`` found in fewer than COMMON_IN of SEARCH_SAMPLE groups spread over the run: in
-    finished rows' text (for ix_images_search) and in group ids (for ix_groups_search). One bounded read: the
-    first image of each sampled group, by the primary keys."""
+def rare_words(c: Any, run_id: int, text_: str, last: int) -> RareWords:
+    """The words of ``text_`` found in fewer than COMMON_IN of SEARCH_SAMPLE groups spread over the run (its
+    positions 0..``last``): in finished rows' text (for ix_images_search) and in group ids (for
+    ix_groups_search). One bounded read: the first image of each sampled group, by the primary keys."""
     candidates = words(text_)
     if not candidates:
-        return RareWords((), ())
-    last = c.execute(select(func.max(GroupRow.position)).where(GroupRow.run_id == run_id)).scalar()
-    if last is None:
         return RareWords((), ())
     positions = sorted({round(k * last / (SEARCH_SAMPLE - 1)) for k in range(SEARCH_SAMPLE)})
     rows = c.execute(
