@@ -83,13 +83,13 @@ def restore_dead_holders(channel: Any, queue: str) -> int:
     client = channel.client
     restored = 0
     for raw in client.smembers(registry_key(queue)):
-        holder = raw.decode() if isinstance(raw, bytes) else str(raw)
+        holder = _text(raw)
         if client.exists(alive_key(queue, holder)) or not client.srem(registry_key(queue), holder):
             continue  # alive, or claimed by another reclaimer
         for tag in client.smembers(tags_key(queue, holder)):
-            tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+            tag = _text(tag)
             owner = client.hget(owner_key(queue), tag)
-            if owner is None or owner.decode() != holder or not client.hexists(channel.unacked_key, tag):
+            if owner is None or _text(owner) != holder or not client.hexists(channel.unacked_key, tag):
                 continue  # received by another holder since, acknowledged, or restored already
             try:
                 channel.qos.restore_by_tag(tag, client=client)  # WATCHes the hash: restored at most once
@@ -100,3 +100,8 @@ def restore_dead_holders(channel: Any, queue: str) -> int:
             restored += 1
         client.delete(tags_key(queue, holder))
     return restored
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text (bytes unless the client decodes responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -516,9 +516,10 @@ class Queries:
                     window, beyond = (start, start + SEARCH_WINDOW + 1), (start + SEARCH_WINDOW, None)
                 near = self._positions(c, run_id, flt, "exact", *window, backwards, limit + 1)
                 rest: list[int] = []
-                last = c.execute(select(func.max(GroupRow.position)).where(GroupRow.run_id == run_id)).scalar()
+                last = None if len(near) > limit else c.execute(
+                    select(func.max(GroupRow.position)).where(GroupRow.run_id == run_id)).scalar()
                 lo, hi = beyond
-                if len(near) <= limit and last is not None and (lo is None or lo < last) and (hi is None or hi > 0):
+                if last is not None and (lo is None or lo < last) and (hi is None or hi > 0):
                     # Finished rows by ix_images_search, groups by ix_groups_search, each asked for the
                     # text's words that are rare in the run (stage_a.store.search): two queries, each
                     # planned for its own index.

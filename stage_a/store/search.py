@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, literal_column, or_, select, text
 
-from stage_a.store.models import GroupRow, ImageRow
+from stage_a.store.models import DONE, FAILED, GroupRow, ImageRow
 
 SEARCH_SAMPLE = 100
 """Groups, spread evenly over a run, whose texts say which words of a search are common in it."""
@@ -124,7 +124,7 @@ def rare_words(c: Any, run_id: int, text_: str, last: int) -> RareWords:
         .where(GroupRow.run_id == run_id, GroupRow.position.in_(positions)).limit(SEARCH_SAMPLE)
     ).all()
     ids = [str(gid).lower() for gid, *_ in rows]
-    texts = [" ".join((s or "", e or "", p or "")).lower() for _, st, s, e, p in rows if st in ("done", "failed")]
+    texts = [" ".join((s or "", e or "", p or "")).lower() for _, st, s, e, p in rows if st in (DONE, FAILED)]
 
     def rare(sample: list[str]) -> tuple[str, ...]:
         rare_ones = (w for w in candidates if sum(w.lower() in t for t in sample) < COMMON_IN)
